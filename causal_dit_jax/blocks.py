@@ -1,0 +1,115 @@
+"""One Wan DiT block (adaLN modulation, self-attention with Causal-RoPE, cross-attention, FFN).
+
+The self-attention kernel is an argument (`attention_fn`), so the same block runs on one device and
+under `shard_map` with Ulysses or ring attention. Letters: B batch, F frames, L tokens, S cached
+keys, K text tokens, N heads, D head dim, C model width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from causal_dit_jax.attention import LayerCache, SelfAttentionFn, dot_product_attention
+from causal_dit_jax.config import ModelConfig, dtype_from_name
+from causal_dit_jax.kv_cache import CacheWrite
+from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm
+from causal_dit_jax.rope import apply_rope
+
+
+def _dtypes(config: ModelConfig):
+    return dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+
+
+class SelfAttention(nnx.Module):
+    """q/k/v from one fused matmul, q/k RMSNorm over the full width, Causal-RoPE, pluggable attention."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = _dtypes(config)
+        c = config.dim
+        self.num_heads = config.num_heads
+        self.qkv = nnx.Linear(c, 3 * c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.o = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.norm_q = RMSNorm(c, config.eps, pdtype)
+        self.norm_k = RMSNorm(c, config.eps, pdtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layer_cache: LayerCache,
+                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
+                 ) -> tuple[jax.Array, LayerCache]:
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # each [B, L, C]
+        q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (rearrange(a, "b l (n d) -> b l n d", n=self.num_heads) for a in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, layer_cache = attention_fn(q, k, v, layer_cache, write)
+        out = rearrange(out.astype(x.dtype), "b l n d -> b l (n d)")
+        return self.o(out), layer_cache
+
+
+class CrossAttention(nnx.Module):
+    """Attention of the video tokens to the text; no RoPE, no mask (as Wan). Text K/V come precomputed."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = _dtypes(config)
+        c = config.dim
+        self.num_heads = config.num_heads
+        self.q = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.kv = nnx.Linear(c, 2 * c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.o = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.norm_q = RMSNorm(c, config.eps, pdtype)
+        self.norm_k = RMSNorm(c, config.eps, pdtype)
+
+    def text_kv(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of the embedded text [B, K, C] -> two [B, K, N, D]."""
+        k, v = jnp.split(self.kv(text), 2, axis=-1)
+        k = self.norm_k(k)
+        return (rearrange(k, "b k (n d) -> b k n d", n=self.num_heads),
+                rearrange(v, "b k (n d) -> b k n d", n=self.num_heads))
+
+    def __call__(self, x: jax.Array, text_k: jax.Array, text_v: jax.Array,
+                 implementation: str | None = None) -> jax.Array:
+        q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads)
+        out = dot_product_attention(q, text_k, text_v, implementation=implementation)
+        return self.o(rearrange(out.astype(x.dtype), "b l n d -> b l (n d)"))
+
+
+class WanBlock(nnx.Module):
+    """x += SelfAttn(mod(LN(x))) * gate1; x += CrossAttn(LN3(x), text); x += FFN(mod(LN(x))) * gate2."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = _dtypes(config)
+        self.config = config
+        c = config.dim
+        init = jax.random.normal(rngs.params(), (6, c), jnp.float32) / c**0.5
+        self.modulation = nnx.Param(init.astype(pdtype))
+        self.self_attn = SelfAttention(config, rngs=rngs)
+        self.norm3 = AffineLayerNorm(c, config.eps, pdtype)
+        self.cross_attn = CrossAttention(config, rngs=rngs)
+        self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: jax.Array, cos: jax.Array,
+                 sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: LayerCache,
+                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
+                 ) -> tuple[jax.Array, LayerCache]:
+        """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each token."""
+        cfg = self.config
+        dtype = dtype_from_name(cfg.dtype)
+        res_dtype = x.dtype
+        mod = time_mod + self.modulation[...].astype(jnp.float32)  # b f 6 c
+        mod = jnp.take(mod, frame_ids, axis=1)  # b l 6 c
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
+
+        h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(dtype)
+        y, layer_cache = self.self_attn(h, cos, sin, layer_cache, write, attention_fn)
+        x = (x.astype(jnp.float32) + y.astype(jnp.float32) * gate1).astype(res_dtype)
+
+        h = self.norm3(x).astype(dtype)
+        x = (x.astype(jnp.float32) + self.cross_attn(h, text_k, text_v).astype(jnp.float32)).astype(res_dtype)
+
+        h = (layer_norm(x, cfg.eps) * (1 + scale2) + shift2).astype(dtype)
+        y = self.ffn(h)
+        x = (x.astype(jnp.float32) + y.astype(jnp.float32) * gate2).astype(res_dtype)
+        return x, layer_cache

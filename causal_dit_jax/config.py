@@ -1,0 +1,191 @@
+"""Model shapes and Self-Forcing inference settings: the one source of every shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str):
+    """'bfloat16' -> jnp.bfloat16, with a clear error for unknown names."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the causal Wan2.1 DiT (names follow Wan's `WanModel` arguments).
+
+    Precision: `param_dtype` is how weights are stored, `dtype` the matmul/activation dtype,
+    `residual_dtype` the dtype of the residual stream. Norms, modulation, the time embedding and
+    RoPE always run in float32 (as Wan2.1 does). The default keeps a float32 residual stream around
+    bf16 matmuls (Wan2.1's own precision); `residual_dtype='bfloat16'` is Self-Forcing's all-bf16 cast.
+    """
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    param_dtype: str = "bfloat16"
+    dtype: str = "bfloat16"
+    residual_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.patch_size[0] != 1:
+            raise ValueError(f"temporal patch size must be 1, got {self.patch_size}")
+        if len(self.rope_split) != 3 or min(self.rope_split) <= 0:
+            raise ValueError(f"head_dim {self.head_dim} too small for a 3-axis RoPE split")
+        for name in ("param_dtype", "dtype", "residual_dtype"):
+            dtype_from_name(getattr(self, name))
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Complex pairs rotated by (time, row, column): (22, 21, 21) for head_dim 128."""
+        half = self.head_dim // 2
+        hw = half // 3
+        return (half - 2 * hw, hw, hw)
+
+    @property
+    def patch_features(self) -> int:
+        """Values per input token: pt*ph*pw*in_dim (64 for Wan)."""
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * self.in_dim
+
+    @property
+    def out_features(self) -> int:
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * self.out_dim
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        """Tokens of one latent frame: (H/ph)*(W/pw) (1560 at 60x104)."""
+        _, ph, pw = self.patch_size
+        if latent_height % ph or latent_width % pw:
+            raise ValueError(
+                f"latent size {latent_height}x{latent_width} is not divisible by the patch "
+                f"size {ph}x{pw} (pixel sizes must be multiples of 16)"
+            )
+        return (latent_height // ph) * (latent_width // pw)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if "patch_size" in d:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The published Wan2.1-T2V-1.3B (1,418,996,800 parameters).
+    "wan2.1-t2v-1.3b": ModelConfig(),
+    # Small presets: 12 heads and every code path of the real model, at a fraction of the size.
+    # `demo` runs the embedded default video on a 2-core CPU; `tiny` is for tests.
+    "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=32,
+                        freq_dim=64),
+    "tiny": ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8,
+                        freq_dim=32, param_dtype="float32", dtype="float32", residual_dtype="float32"),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Self-Forcing few-step inference settings (`configs/self_forcing_dmd.yaml`).
+
+    local_attn_size / sink_size are in latent frames (-1 = attend to the whole history). They must
+    be multiples of `frames_per_chunk` here: the cache rolls by whole chunks.
+    """
+
+    frames_per_chunk: int = 3
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    num_train_timesteps: int = 1000
+    context_noise: float = 0.0
+    local_attn_size: int = -1
+    sink_size: int = 0
+    cache_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        object.__setattr__(self, "denoising_steps", tuple(self.denoising_steps))
+        if self.frames_per_chunk <= 0:
+            raise ValueError("frames_per_chunk must be positive")
+        if not self.denoising_steps:
+            raise ValueError("denoising_steps must not be empty")
+        if self.local_attn_size != -1:
+            c = self.frames_per_chunk
+            if self.local_attn_size <= 0 or self.local_attn_size % c:
+                raise ValueError(
+                    f"local_attn_size={self.local_attn_size} must be -1 or a positive multiple "
+                    f"of frames_per_chunk={c}")
+            if self.sink_size < 0 or self.sink_size % c:
+                raise ValueError(f"sink_size={self.sink_size} must be a multiple of frames_per_chunk={c}")
+            if self.sink_size + c > self.local_attn_size:
+                raise ValueError(
+                    f"local_attn_size={self.local_attn_size} leaves no room for a chunk of {c} frames "
+                    f"after a sink of {self.sink_size}")
+        elif self.sink_size:
+            raise ValueError("sink_size needs a local_attn_size (a rolling cache)")
+        dtype_from_name(self.cache_dtype)
+
+    def num_chunks(self, num_frames: int) -> int:
+        """Chunks for `num_frames` latent frames; errors if they do not fit the chunking."""
+        c = self.frames_per_chunk
+        if num_frames <= 0 or num_frames % c:
+            raise ValueError(
+                f"{num_frames} latent frames do not fit chunks of {c} frames "
+                f"(use a multiple of {c}; 21 latent frames = 81 video frames)")
+        return num_frames // c
+
+    def cache_chunks(self, num_frames: int) -> int:
+        """Chunk slots of the self-attention KV cache for a video of `num_frames` latent frames."""
+        n = self.num_chunks(num_frames)
+        if self.local_attn_size == -1:
+            return n
+        return min(n, self.local_attn_size // self.frames_per_chunk)
+
+    def replace(self, **kw) -> "InferenceConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def as_tuple(x: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in x)

@@ -1,0 +1,204 @@
+"""The causal Wan2.1 DiT as pure functions of (params, inputs).
+
+`CausalWanDiT` holds only static things (the config, the graph definitions of its Flax NNX modules,
+the self-attention function); parameters are a plain pytree:
+
+    {'stem': {...}, 'blocks': {... every leaf stacked over layers ...}, 'head': {...}}
+
+and every method is a pure function of params and arrays, safe under `jax.jit`, `jax.grad` and
+`jax.shard_map`. Layers run in a `lax.scan` over the stacked block parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from causal_dit_jax.attention import SelfAttentionFn, make_local_self_attention
+from causal_dit_jax.blocks import WanBlock
+from causal_dit_jax.config import ModelConfig, dtype_from_name
+from causal_dit_jax.kv_cache import KVCache, TextKV, cache_write_index
+from causal_dit_jax.layers import MLP, layer_norm, sinusoidal_embedding
+from causal_dit_jax.patchify import patchify, unpatchify
+from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
+
+Params = dict[str, Any]
+
+
+class Stem(nnx.Module):
+    """Patch embedding, text embedding and the per-frame time embedding / projection."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+        c = config.dim
+        self.dim = c
+        self.freq_dim = config.freq_dim
+        self.patch_embedding = nnx.Linear(config.patch_features, c, dtype=dtype, param_dtype=pdtype,
+                                          rngs=rngs)
+        self.text_embedding = MLP(config.text_dim, c, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype,
+                                  rngs=rngs)
+        # The time path runs in float32, as in Wan2.1.
+        self.time_embedding = MLP(config.freq_dim, c, c, "silu", dtype=jnp.float32, param_dtype=pdtype,
+                                  rngs=rngs)
+        self.time_projection = nnx.Linear(c, 6 * c, dtype=jnp.float32, param_dtype=pdtype, rngs=rngs)
+
+    def embed_time(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """t [B, F] -> e [B, F, C] (for the head) and the block modulation e0 [B, F, 6, C]; float32."""
+        e = self.time_embedding(sinusoidal_embedding(t, self.freq_dim))
+        e0 = self.time_projection(jax.nn.silu(e))
+        return e, e0.reshape(*e0.shape[:-1], 6, self.dim)  # b f (6 c) -> b f 6 c
+
+
+class Head(nnx.Module):
+    """Final modulated LayerNorm and projection to patch values."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        pdtype = dtype_from_name(config.param_dtype)
+        c = config.dim
+        self.eps = config.eps
+        init = jax.random.normal(rngs.params(), (2, c), jnp.float32) / c**0.5
+        self.modulation = nnx.Param(init.astype(pdtype))
+        self.head = nnx.Linear(c, config.out_features, dtype=dtype_from_name(config.dtype),
+                               param_dtype=pdtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, e: jax.Array, frame_ids: jax.Array) -> jax.Array:
+        """x [B, L, C], e [B, F, C] -> [B, L, out_features] (float32)."""
+        mod = e[:, :, None, :] + self.modulation[...].astype(jnp.float32)  # b f 2 c
+        mod = jnp.take(mod, frame_ids, axis=1)  # b l 2 c
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        return self.head(h.astype(self.head.dtype)).astype(jnp.float32)
+
+
+class CausalWanDiT:
+    """Causal, KV-cached Wan DiT. Build from a `ModelConfig`; params come from `init` or `convert`.
+
+    attention_fn: the self-attention kernel (see `attention.local_self_attention`); sequence
+    parallelism passes its own. attention_impl: 'xla', 'cudnn' or None (auto) for the default kernel.
+    """
+
+    def __init__(self, config: ModelConfig, attention_fn: Optional[SelfAttentionFn] = None,
+                 attention_impl: str | None = None):
+        self.config = config
+        self.attention_fn = attention_fn or make_local_self_attention(attention_impl)
+        self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
+        self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, rngs=nnx.Rngs(0))))
+        self._head_def = nnx.graphdef(nnx.eval_shape(lambda: Head(config, rngs=nnx.Rngs(0))))
+
+    def with_attention(self, attention_fn: SelfAttentionFn) -> "CausalWanDiT":
+        """The same model with another self-attention kernel (used by `sharding`)."""
+        return CausalWanDiT(self.config, attention_fn)
+
+    # ----------------------------------------------------------------- parameters
+    def init(self, rng: jax.Array) -> Params:
+        """Random parameters: {'stem', 'blocks' (stacked over layers), 'head'}."""
+        cfg = self.config
+        k_stem, k_blocks, k_head = jax.random.split(rng, 3)
+
+        def one_block(key):
+            return nnx.state(WanBlock(cfg, rngs=nnx.Rngs(key))).to_pure_dict()
+
+        return {
+            "stem": nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem))).to_pure_dict(),
+            "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.num_layers)),
+            "head": nnx.state(Head(cfg, rngs=nnx.Rngs(k_head))).to_pure_dict(),
+        }
+
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs of the parameter tree (no memory)."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def rope_tables(self, max_frames: int, latent_height: int, latent_width: int) -> RopeTables:
+        """RoPE tables for global frames [0, max_frames) at this latent size (compute once per stream)."""
+        _, ph, pw = self.config.patch_size
+        self.config.tokens_per_frame(latent_height, latent_width)
+        return rope_tables(self.config, max_frames, latent_height // ph, latent_width // pw)
+
+    # ----------------------------------------------------------------- text
+    def encode_text(self, params: Params, context: jax.Array) -> TextKV:
+        """Text encoder states [B, K, text_dim] -> per-layer cross-attention K/V (once per prompt)."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text context must be [batch, tokens, {cfg.text_dim}], got {context.shape}")
+        stem = nnx.merge(self._stem_def, params["stem"])
+        text = stem.text_embedding(context.astype(dtype_from_name(cfg.dtype)))
+
+        def body(_, block_params):
+            block = nnx.merge(self._block_def, block_params)
+            return None, block.cross_attn.text_kv(text)
+
+        _, (k, v) = jax.lax.scan(body, None, params["blocks"])
+        return TextKV(k=k, v=v)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
+                cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables
+                ) -> tuple[jax.Array, Optional[KVCache]]:
+        """One chunk: latents x [B, F, H, W, C_in], per-frame timesteps t [B, F], the prompt's TextKV,
+        the KV cache (or None: the chunk attends to itself only) and the chunk's global start frame.
+
+        Returns the flow prediction [B, F, H, W, C_out] (float32) and the updated cache.
+        """
+        cfg = self.config
+        b, f, h, w, c = x.shape
+        if c != cfg.in_dim:
+            raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
+        _, ph, pw = cfg.patch_size
+        cfg.tokens_per_frame(h, w)
+        grid = (f, h // ph, w // pw)
+        tokens = patchify(x, cfg.patch_size)
+        out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
+        return unpatchify(out, *grid, cfg.patch_size), cache
+
+    def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
+                       cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
+                       grid: tuple[int, int, int], token_offset: jax.Array | int = 0
+                       ) -> tuple[jax.Array, Optional[KVCache]]:
+        """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
+
+        `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
+        `token_offset` (0 on one device); positions, frames and RoPE rows are derived from it locally.
+        """
+        cfg = self.config
+        frames, gh, gw = grid
+        if text.k.shape[0] != cfg.num_layers:
+            raise ValueError(f"TextKV has {text.k.shape[0]} layers, the model {cfg.num_layers}")
+        res_dtype = dtype_from_name(cfg.residual_dtype)
+        index = jnp.asarray(token_offset, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        time, row, col = causal_rope_positions(index, gh, gw, start_frame)
+        cos, sin = rope_cos_sin(rope, time, row, col)
+        frame_ids = jnp.clip(index // (gh * gw), 0, frames - 1)
+
+        stem = nnx.merge(self._stem_def, params["stem"])
+        x = stem.patch_embedding(tokens.astype(dtype_from_name(cfg.dtype))).astype(res_dtype)
+        e, e0 = stem.embed_time(t)
+
+        write = None if cache is None else cache_write_index(cache, start_frame)
+        cache_kv = None if cache is None else (cache.k, cache.v)
+
+        def body(x, layer):
+            block_params, layer_cache, tk, tv = layer
+            block = nnx.merge(self._block_def, block_params)
+            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write,
+                                   self.attention_fn)
+            return x, layer_cache
+
+        x, new_kv = jax.lax.scan(body, x, (params["blocks"], cache_kv, text.k, text.v))
+        head = nnx.merge(self._head_def, params["head"])
+        out = head(x, e, frame_ids)
+        if cache is not None:
+            cache = cache.replace(k=new_kv[0], v=new_kv[1])
+        return out, cache
+
+
+@functools.lru_cache(maxsize=None)
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters of the model described by `config`."""
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(CausalWanDiT(config).abstract_params()))

@@ -1,0 +1,68 @@
+"""Small Flax NNX layers of the Wan DiT: norms, a two-layer MLP, the sinusoidal timestep embedding."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with no affine parameters, in float32 (Wan's norm1/norm2/head.norm)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class AffineLayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (Wan's norm3, the cross-attention input norm); float32 math."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x, self.eps)
+        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis (the full model width for q/k), float32 math."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """fc2(act(fc1(x))): Wan's text_embedding (GELU-tanh), time_embedding (SiLU) and ffn (GELU-tanh)."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, activation: str, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if activation not in ("gelu_tanh", "silu"):
+            raise ValueError(f"unknown activation {activation!r}")
+        self.activation = activation
+        self.fc1 = nnx.Linear(d_in, d_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(d_hidden, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.fc1(x)
+        h = jax.nn.gelu(h, approximate=True) if self.activation == "gelu_tanh" else jax.nn.silu(h)
+        return self.fc2(h)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """[cos(t w), sin(t w)] with w_i = 10000^(-i/(dim/2)) (cos first, as Wan); float32 [..., dim]."""
+    half = dim // 2
+    inv_freq = jnp.asarray([math.pow(10000.0, -i / half) for i in range(half)], jnp.float32)
+    arg = t.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)

@@ -1,0 +1,125 @@
+"""Self-Forcing few-step sampling, chunk by chunk, with the KV cache and the cache-fill pass.
+
+Per chunk of `frames_per_chunk` latent frames: for each timestep t_k of the warped schedule, predict
+the flow v, take x0 = x - sigma_k v, and (except after the last step) re-noise x = (1 - sigma_{k+1})
+x0 + sigma_{k+1} eps. Then one forward of the clean x0 at timestep `context_noise` overwrites the
+chunk's cache slot with clean keys/values. All steps of a chunk run in one jitted call; every chunk
+reuses the same executable (the start frame is traced).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+
+from causal_dit_jax.config import InferenceConfig
+from causal_dit_jax.dit import CausalWanDiT, Params
+from causal_dit_jax.kv_cache import KVCache, TextKV, init_kv_cache
+from causal_dit_jax.rope import RopeTables
+from causal_dit_jax.scheduler import denoising_timesteps, sigma_for_timestep
+
+
+def step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...],
+               num_steps: int) -> jax.Array:
+    """The fresh noise of one chunk's re-noising steps: [num_steps - 1, *shape] float32."""
+    return jax.random.normal(jax.random.fold_in(key, chunk_index), (max(num_steps - 1, 1), *shape),
+                             jnp.float32)
+
+
+class SelfForcingSampler:
+    """Streams latents of a video chunk by chunk.
+
+    dit: the model (its attention function decides single-device or sequence-parallel execution).
+    inference: schedule, chunking, cache window. Latents are channels-last [B, F, H, W, C].
+    """
+
+    def __init__(self, dit: CausalWanDiT, inference: InferenceConfig = InferenceConfig()):
+        self.dit = dit
+        self.inference = inference
+        self.timesteps = denoising_timesteps(inference.denoising_steps, inference.timestep_shift,
+                                             inference.num_train_timesteps, inference.warp_denoising_step)
+        self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift,
+                                         inference.num_train_timesteps)
+        self._chunk_fn = jax.jit(self.denoise_chunk, donate_argnums=(3,))
+
+    # ------------------------------------------------------------------ one chunk
+    def denoise_chunk(self, params: Params, noise: jax.Array, eps: jax.Array, cache: KVCache,
+                      text: TextKV, start_frame: jax.Array, rope: RopeTables
+                      ) -> tuple[jax.Array, KVCache]:
+        """Denoise one chunk from pure noise [B, c, H, W, C] and fill its cache slot with the result.
+
+        eps: [steps - 1, B, c, H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache.
+        """
+        b, c = noise.shape[:2]
+        ts = jnp.asarray(self.timesteps, jnp.float32)
+        sig = jnp.asarray(self.sigmas, jnp.float32)
+        n = len(self.timesteps)
+        sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
+        eps = jnp.concatenate([eps[: n - 1], jnp.zeros((1, *noise.shape), jnp.float32)], axis=0)[:n]
+
+        def step(carry, xs):
+            x, cache = carry
+            t_k, s_k, s_next, e, last = xs
+            flow, cache = self.dit.forward(params, x, jnp.full((b, c), t_k), text, cache, start_frame, rope)
+            x0 = x - s_k * flow
+            x_next = jnp.where(last, x0, (1 - s_next) * x0 + s_next * e)
+            return (x_next, cache), None
+
+        is_last = jnp.arange(n) == n - 1
+        (x0, cache), _ = jax.lax.scan(step, (noise.astype(jnp.float32), cache),
+                                      (ts, sig, sig_next, eps, is_last))
+        t_ctx = jnp.full((b, c), self.inference.context_noise, jnp.float32)
+        _, cache = self.dit.forward(params, x0, t_ctx, text, cache, start_frame, rope)
+        return x0, cache
+
+    # ------------------------------------------------------------------ whole video
+    def init_cache(self, batch: int, num_frames: int, latent_height: int, latent_width: int,
+                   start_frame: int = 0) -> KVCache:
+        """A zero KV cache for a stream of `num_frames` latent frames starting at `start_frame`."""
+        tpf = self.dit.config.tokens_per_frame(latent_height, latent_width)
+        return init_kv_cache(self.dit.config, self.inference, batch, num_frames,
+                             tpf * self.inference.frames_per_chunk, origin_frame=start_frame)
+
+    def stream(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
+               start_frame: int = 0, rope: Optional[RopeTables] = None) -> Iterator[jax.Array]:
+        """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
+
+        noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
+        key: seeds the re-noising draws; start_frame: the global latent frame of the first chunk.
+        """
+        b, f, h, w, ch = noise.shape
+        if ch != self.dit.config.in_dim:
+            raise ValueError(f"noise must be [B, F, H, W, {self.dit.config.in_dim}], got {noise.shape}")
+        if text.k.shape[1] != b:
+            raise ValueError(f"text batch {text.k.shape[1]} does not match the noise batch {b}")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        chunks = self.inference.num_chunks(f)
+        c = self.inference.frames_per_chunk
+        if rope is None:
+            rope = self.dit.rope_tables(start_frame + f, h, w)
+        elif rope.max_frames < start_frame + f:
+            raise ValueError(f"RoPE tables cover {rope.max_frames} frames, the stream needs {start_frame + f}")
+        cache = self.init_cache(b, f, h, w, start_frame)
+        n = len(self.timesteps)
+        for i in range(chunks):
+            eps = step_noise(key, i, (b, c, h, w, ch), n)
+            x0, cache = self._chunk_fn(params, noise[:, i * c:(i + 1) * c], eps, cache, text,
+                                       jnp.asarray(start_frame + i * c, jnp.int32), rope)
+            yield x0
+
+    def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
+                 start_frame: int = 0) -> jax.Array:
+        """All latents of the video [B, F, H, W, C] (float32)."""
+        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame)), axis=1)
+
+
+def initial_noise(key: jax.Array, batch: int, num_frames: int, latent_height: int, latent_width: int,
+                  channels: int = 16) -> jax.Array:
+    """Seeded starting noise [B, F, H, W, C] (float32)."""
+    return jax.random.normal(key, (batch, num_frames, latent_height, latent_width, channels), jnp.float32)
+
+
+__all__ = ["SelfForcingSampler", "initial_noise", "step_noise"]
