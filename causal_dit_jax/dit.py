@@ -202,3 +202,14 @@ class CausalWanDiT:
 def param_count(config: ModelConfig) -> int:
     """Number of parameters of the model described by `config`."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(CausalWanDiT(config).abstract_params()))
+
+
+def load_dit(ckpt_dir, sharding=None) -> tuple[CausalWanDiT, Params]:
+    """Model and params from a converted checkpoint folder; `sharding` places params (e.g. replicated)."""
+    from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
+
+    meta = read_checkpoint_config(ckpt_dir)
+    if "dit" not in meta:
+        raise ValueError(f"{ckpt_dir}: config.json has no 'dit' section")
+    dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
+    return dit, restore_component(ckpt_dir, "dit", dit.abstract_params(), sharding)
