@@ -21,8 +21,8 @@ from flax import nnx
 
 from causal_dit_jax.attention import SelfAttentionFn, make_local_self_attention
 from causal_dit_jax.blocks import WanBlock
-from causal_dit_jax.config import ModelConfig, dtype_from_name
-from causal_dit_jax.kv_cache import KVCache, TextKV, cache_write_index
+from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.kv_cache import KVCache, TextKV, cache_write_index, init_kv_cache
 from causal_dit_jax.layers import MLP, layer_norm, sinusoidal_embedding
 from causal_dit_jax.patchify import patchify, unpatchify
 from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
@@ -119,6 +119,13 @@ class CausalWanDiT:
         self.config.tokens_per_frame(latent_height, latent_width)
         return rope_tables(self.config, max_frames, latent_height // ph, latent_width // pw)
 
+    def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
+                   latent_width: int, origin_frame: int = 0) -> KVCache:
+        """Zero KV cache for a stream of `num_frames` latent frames starting at global frame `origin_frame`."""
+        tpf = self.config.tokens_per_frame(latent_height, latent_width)
+        return init_kv_cache(self.config, inference, batch, num_frames, tpf * inference.frames_per_chunk,
+                             origin_frame=origin_frame)
+
     # ----------------------------------------------------------------- text
     def encode_text(self, params: Params, context: jax.Array) -> TextKV:
         """Text encoder states [B, K, text_dim] -> per-layer cross-attention K/V (once per prompt)."""
@@ -159,13 +166,17 @@ class CausalWanDiT:
 
     def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
                        cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
-                       grid: tuple[int, int, int], token_offset: jax.Array | int = 0
+                       grid: tuple[int, int, int], token_offset: jax.Array | int = 0,
+                       attention_fn: Optional[SelfAttentionFn] = None
                        ) -> tuple[jax.Array, Optional[KVCache]]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
         `token_offset` (0 on one device); positions, frames and RoPE rows are derived from it locally.
+        attention_fn overrides the model's self-attention kernel (sequence parallelism binds one per
+        chunk shape).
         """
+        attention_fn = attention_fn or self.attention_fn
         cfg = self.config
         frames, gh, gw = grid
         if text.k.shape[0] != cfg.num_layers:
@@ -187,7 +198,7 @@ class CausalWanDiT:
             block_params, layer_cache, tk, tv = layer
             block = nnx.merge(self._block_def, block_params)
             x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write,
-                                   self.attention_fn)
+                                   attention_fn)
             return x, layer_cache
 
         x, new_kv = jax.lax.scan(body, x, (params["blocks"], cache_kv, text.k, text.v))

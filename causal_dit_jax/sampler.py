@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from causal_dit_jax.config import InferenceConfig
 from causal_dit_jax.dit import CausalWanDiT, Params
-from causal_dit_jax.kv_cache import KVCache, TextKV, init_kv_cache
+from causal_dit_jax.kv_cache import KVCache, TextKV
 from causal_dit_jax.rope import RopeTables
 from causal_dit_jax.scheduler import denoising_timesteps, sigma_for_timestep
 
@@ -78,9 +78,8 @@ class SelfForcingSampler:
     def init_cache(self, batch: int, num_frames: int, latent_height: int, latent_width: int,
                    start_frame: int = 0) -> KVCache:
         """A zero KV cache for a stream of `num_frames` latent frames starting at `start_frame`."""
-        tpf = self.dit.config.tokens_per_frame(latent_height, latent_width)
-        return init_kv_cache(self.dit.config, self.inference, batch, num_frames,
-                             tpf * self.inference.frames_per_chunk, origin_frame=start_frame)
+        return self.dit.init_cache(self.inference, batch, num_frames, latent_height, latent_width,
+                                   start_frame)
 
     def stream(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
                start_frame: int = 0, rope: Optional[RopeTables] = None) -> Iterator[jax.Array]:

@@ -1,0 +1,68 @@
+"""Ring attention over the 'ring' mesh axis: queries stay local, K/V blocks circulate (ppermute).
+
+Each ring member holds one segment of the chunk's tokens and the KV cache of the segments it
+computed (sequence-sharded). Per layer it attends its queries to its own block, passes the block to
+the next member, and merges the partial results with an online softmax (log-sum-exp), R steps in all.
+Padded tokens (the tail of the last segment) are masked as keys.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from causal_dit_jax.attention import LayerCache, attention_with_lse
+from causal_dit_jax.kv_cache import CacheWrite, write_chunk
+from sharding.mesh import RING
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Combine two partial attentions over disjoint key sets. out [B, L, N, D] f32, lse [B, N, L]."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    wa = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
+    wb = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)
+
+    def w(x):  # b n l -> b l n 1
+        return jnp.transpose(x, (0, 2, 1))[..., None]
+
+    return out_a * w(wa) + out_b * w(wb), lse
+
+
+def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache,
+                        write: Optional[CacheWrite], *, true_len: int, axis: str = RING
+                        ) -> tuple[jax.Array, LayerCache]:
+    """q/k/v [B, Lseg, N, D]: this member's segment of the chunk (segment r covers flattened tokens
+    [r*Lseg, (r+1)*Lseg)); true_len: real tokens in the chunk (the rest is padding).
+
+    With a cache [B, cap*Lseg, N, D] the segment's k/v are written to its slot first, and every
+    valid slot of every member is attended. Returns out [B, Lseg, N, D] (q's dtype) and the cache.
+    """
+    ring = jax.lax.axis_size(axis)
+    me = jax.lax.axis_index(axis)
+    seg = k.shape[1]
+    if layer_cache is None:
+        keys, values, valid_slots = k, v.astype(k.dtype), 1
+    else:
+        keys, values = write_chunk(*layer_cache, k, v, write)
+        valid_slots = write.valid_slots
+        layer_cache = (keys, values)
+    s = keys.shape[1]
+    slot = jnp.arange(s, dtype=jnp.int32) // seg
+    token = jnp.arange(s, dtype=jnp.int32) % seg
+    b = q.shape[0]
+
+    out = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full((b, q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
+    block = jnp.stack([keys, values])  # 2 b s n d
+    perm = [(i, (i + 1) % ring) for i in range(ring)]
+    for step in range(ring):
+        owner = (me - step) % ring  # whose segment `block` holds
+        mask = (slot < valid_slots) & (owner * seg + token < true_len)
+        o, l = attention_with_lse(q, block[0], block[1], jnp.broadcast_to(mask, (b, s)))
+        out, lse = merge_partials(out, lse, o, l)
+        if step < ring - 1:
+            block = jax.lax.ppermute(block, axis, perm)
+    return out.astype(q.dtype), layer_cache

@@ -1,0 +1,188 @@
+"""The causal DiT under `jax.shard_map` with the chunk's tokens partitioned over a mesh.
+
+`SequenceParallelDiT` wraps the one `CausalWanDiT` (no second copy of the blocks): it pads and shards
+the patch tokens, runs `forward_tokens` inside shard_map with a Ulysses / ring / hybrid self-attention
+and the shard's token offset (from `lax.axis_index`), and drops the padding on the way out. It has
+the interface the sampler needs (config, init, rope_tables, encode_text, init_cache, forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from causal_dit_jax.attention import local_self_attention
+from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.dit import CausalWanDiT, Params
+from causal_dit_jax.kv_cache import KVCache, TextKV
+from causal_dit_jax.patchify import patchify, unpatchify
+from causal_dit_jax.rope import RopeTables
+from sharding.mesh import make_mesh, mesh_sizes
+from sharding.partition_specs import SPECS
+from sharding.ring import ring_self_attention
+from sharding.rope_sp import shard_token_offset
+from sharding.ulysses import check_heads, heads_to_seq, qkv_seq_to_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How one chunk's tokens lie on the mesh."""
+
+    true_len: int  # real tokens of a chunk (frames * rows * cols)
+    local_len: int  # tokens per device (the padded sequence / sequence devices)
+    segment_len: int  # tokens per ring member after the all-to-all (ulysses * local_len)
+    padded_len: int  # local_len * sequence devices
+
+
+class SequenceParallelDiT:
+    """Sequence-parallel execution of `dit` over `mesh` (axes data, ring, ulysses from `make_mesh`)."""
+
+    def __init__(self, dit: CausalWanDiT | ModelConfig, mesh: Mesh):
+        self.dit = dit if isinstance(dit, CausalWanDiT) else CausalWanDiT(dit)
+        self.config = self.dit.config
+        self.mesh = mesh
+        self.data_size, self.ring_size, self.ulysses_size = mesh_sizes(mesh)
+        check_heads(self.config.num_heads, self.ulysses_size)
+        self.seq_devices = self.ring_size * self.ulysses_size
+
+    # the single-device model's pure pieces are used as they are
+    def init(self, rng):
+        return self.dit.init(rng)
+
+    def abstract_params(self):
+        return self.dit.abstract_params()
+
+    def rope_tables(self, max_frames: int, latent_height: int, latent_width: int) -> RopeTables:
+        return self.dit.rope_tables(max_frames, latent_height, latent_width)
+
+    def encode_text(self, params: Params, context: jax.Array) -> TextKV:
+        return self.dit.encode_text(params, context)
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, frames: int, latent_height: int, latent_width: int) -> ChunkLayout:
+        true_len = frames * self.config.tokens_per_frame(latent_height, latent_width)
+        local = math.ceil(true_len / self.seq_devices)
+        return ChunkLayout(true_len, local, self.ulysses_size * local, local * self.seq_devices)
+
+    def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
+                   latent_width: int, origin_frame: int = 0) -> KVCache:
+        """Zero cache placed on the mesh: heads split over 'ulysses'; with a ring, the sequence stays
+        on the ring member that computed it (each member holds its segment of every cached chunk)."""
+        if batch % self.data_size:
+            raise ValueError(f"batch {batch} is not divisible by the mesh's data axis {self.data_size}")
+        cfg = self.config
+        lay = self.layout(inference.frames_per_chunk, latent_height, latent_width)
+        cap = inference.cache_chunks(num_frames)
+        seq = cap * lay.true_len if self.ring_size == 1 else self.ring_size * cap * lay.segment_len
+        shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
+        dtype = dtype_from_name(inference.cache_dtype)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype),
+                        out_shardings=NamedSharding(self.mesh, SPECS.cache_lbsnd))
+        return KVCache(k=zeros(), v=zeros(), origin_frame=jnp.asarray(origin_frame, jnp.int32),
+                       capacity=cap, sink_chunks=inference.sink_size // inference.frames_per_chunk,
+                       frames_per_chunk=inference.frames_per_chunk)
+
+    # ------------------------------------------------------------------ attention
+    def self_attention(self, layout: ChunkLayout):
+        """The per-shard self-attention: all-to-all to heads, then local (ring size 1) or ring
+        attention over the segment, then all-to-all back."""
+        true_len = layout.true_len
+        ring = self.ring_size
+
+        def attention(q, k, v, layer_cache, write):
+            q, k, v = qkv_seq_to_heads(q, k, v)  # b l n d -> b (u l) (n/u) d
+            if ring == 1:  # the whole (padded) chunk is here: cache only real tokens
+                out, layer_cache = local_self_attention(q, k[:, :true_len], v[:, :true_len],
+                                                        layer_cache, write)
+            else:
+                out, layer_cache = ring_self_attention(q, k, v, layer_cache, write, true_len=true_len)
+            return heads_to_seq(out), layer_cache
+
+        return attention
+
+    # ------------------------------------------------------------------ forward
+    def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
+                       cache: Optional[KVCache], start_frame, rope: RopeTables, *,
+                       grid: tuple[int, int, int]) -> tuple[jax.Array, Optional[KVCache]]:
+        """Patch tokens [B, true_len, P] -> [B, true_len, P_out] through the sharded transformer."""
+        frames, gh, gw = grid
+        lay = self.layout(frames, gh * self.config.patch_size[1], gw * self.config.patch_size[2])
+        if tokens.shape[1] != lay.true_len:
+            raise ValueError(f"expected {lay.true_len} tokens, got {tokens.shape[1]}")
+        if tokens.shape[0] % self.data_size:
+            raise ValueError(f"batch {tokens.shape[0]} is not divisible by the data axis {self.data_size}")
+        pad = lay.padded_len - lay.true_len
+        tokens = jnp.pad(tokens, ((0, 0), (0, pad), (0, 0)))  # b l p -> b (l + pad) p
+        attention = self.self_attention(lay)
+        dit = self.dit
+
+        def shard(params, tokens, t, text, cache, start_frame, rope):
+            offset = shard_token_offset(lay.local_len)
+            return dit.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid,
+                                      token_offset=offset, attention_fn=attention)
+
+        cache_spec = None if cache is None else cache.replace(
+            k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
+        text_spec = TextKV(SPECS.text_lbknd, SPECS.text_lbknd)
+        out, cache = jax.shard_map(
+            shard, mesh=self.mesh,
+            in_specs=(P(), SPECS.tokens_blp, SPECS.time_bf, text_spec, cache_spec, P(), P()),
+            out_specs=(SPECS.tokens_blp, cache_spec),
+        )(params, tokens, t, text, cache, jnp.asarray(start_frame, jnp.int32), rope)
+        return out[:, :lay.true_len], cache
+
+    def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
+                cache: Optional[KVCache], start_frame, rope: RopeTables
+                ) -> tuple[jax.Array, Optional[KVCache]]:
+        """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
+        cfg = self.config
+        b, f, h, w, c = x.shape
+        if c != cfg.in_dim:
+            raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
+        cfg.tokens_per_frame(h, w)
+        _, ph, pw = cfg.patch_size
+        grid = (f, h // ph, w // pw)
+        out, cache = self.forward_tokens(params, patchify(x, cfg.patch_size), t, text, cache,
+                                         start_frame, rope, grid=grid)
+        return unpatchify(out, *grid, cfg.patch_size), cache
+
+    # ------------------------------------------------------------------ accounting
+    def comm_bytes_per_forward(self, frames: int, latent_height: int, latent_width: int,
+                               cache_slots: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+        """Bytes each device sends per chunk forward in self-attention (all layers).
+
+        all-to-all: q/k/v in (3 tensors) and the output back (1), each sending (U-1)/U of the local
+        [B, L_loc, N, D] block. ring: (R-1) steps, each sending this member's K and V block
+        ([B, cap*Lseg, N/U, D] each, or [B, Lseg, ...] without a cache).
+        """
+        cfg = self.config
+        lay = self.layout(frames, latent_height, latent_width)
+        u, r = self.ulysses_size, self.ring_size
+        local = batch * lay.local_len * cfg.num_heads * cfg.head_dim * dtype_bytes
+        a2a = 4 * local * (u - 1) // u if u > 1 else 0
+        kv_block = 2 * batch * max(cache_slots, 1) * lay.segment_len * (cfg.num_heads // u) * cfg.head_dim * dtype_bytes
+        ring = (r - 1) * kv_block
+        return cfg.num_layers * (a2a + ring)
+
+
+def sequence_parallel_dit(config: ModelConfig, num_devices: int, strategy: str, *, height: int, width: int,
+                          frames_per_chunk: int = 3, num_chunks: int = 3
+                          ) -> tuple[SequenceParallelDiT, int]:
+    """A SequenceParallelDiT on the first `num_devices` devices, plus its self-attention bytes per
+    chunk (4 denoising forwards + the cache fill, averaged over `num_chunks` chunks of cache growth)."""
+    mesh = make_mesh(num_devices, strategy=strategy, num_heads=config.num_heads)
+    sp = SequenceParallelDiT(config, mesh)
+    lh, lw = height // 8, width // 8
+    per_chunk = [5 * sp.comm_bytes_per_forward(frames_per_chunk, lh, lw, i + 1) for i in range(num_chunks)]
+    return sp, sum(per_chunk) // len(per_chunk)
