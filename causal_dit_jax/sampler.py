@@ -90,7 +90,7 @@ class SelfForcingSampler:
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
-            raise ValueError(f"noise must be [B, F, H, W, {self.dit.config.in_dim}], got {noise.shape}")
+            raise ValueError(f"noise must be [B, F, H, W, C] with {self.dit.config.in_dim} channels, got {noise.shape}")
         if text.k.shape[1] != b:
             raise ValueError(f"text batch {text.k.shape[1]} does not match the noise batch {b}")
         if start_frame < 0:

@@ -1,0 +1,60 @@
+"""KV cache slots: append in global mode, sink + ring in local-window mode, bad settings refused."""
+
+import jax.numpy as jnp
+import pytest
+
+from causal_dit_jax import InferenceConfig, init_kv_cache
+from causal_dit_jax.config import get_preset
+from causal_dit_jax.kv_cache import cache_write_index, write_chunk
+
+CFG = get_preset("tiny")
+
+
+def slots(inference, frames, origin=0):
+    cache = init_kv_cache(CFG, inference, 1, frames, 4, origin_frame=origin)
+    return cache, [tuple(int(v) for v in cache_write_index(cache, origin + 3 * j))
+                   for j in range(frames // 3)]
+
+
+def test_global_cache_appends_and_is_sized_from_frames():
+    cache, idx = slots(InferenceConfig(cache_dtype="float32"), 12, origin=5)
+    assert cache.k.shape == (CFG.num_layers, 1, 4 * 4, CFG.num_heads, CFG.head_dim)
+    assert cache.k.dtype == jnp.float32
+    assert idx == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_default_cache_dtype_is_bf16():
+    assert init_kv_cache(CFG, InferenceConfig(), 1, 3, 4).k.dtype == jnp.bfloat16
+
+
+def test_rolling_cache_keeps_sink_and_recent_chunks():
+    # window 12 frames = 4 slots, sink 3 frames = slot 0; ring of 3 slots for the rest.
+    _, idx = slots(InferenceConfig(local_attn_size=12, sink_size=3), 24)
+    assert [s for s, _ in idx] == [0, 1, 2, 3, 1, 2, 3, 1]
+    assert [v for _, v in idx] == [1, 2, 3, 4, 4, 4, 4, 4]
+
+
+def test_write_chunk_overwrites_one_slot():
+    ck = jnp.zeros((1, 12, 2, 4))
+    k = jnp.ones((1, 4, 2, 4))
+    from causal_dit_jax.kv_cache import CacheWrite
+    nk, nv = write_chunk(ck, ck, k, 2 * k, CacheWrite(jnp.int32(1), jnp.int32(2)))
+    assert float(nk[:, 4:8].min()) == 1 and float(nk[:, :4].max()) == 0 and float(nk[:, 8:].max()) == 0
+    assert float(nv[:, 4:8].min()) == 2
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(local_attn_size=7), "multiple of frames_per_chunk"),
+    (dict(local_attn_size=6, sink_size=1), "sink_size=1"),
+    (dict(local_attn_size=6, sink_size=6), "leaves no room"),
+    (dict(sink_size=3), "needs a local_attn_size"),
+    (dict(cache_dtype="int8"), "unknown dtype"),
+])
+def test_bad_inference_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        InferenceConfig(**kw)
+
+
+def test_frames_must_fit_chunks():
+    with pytest.raises(ValueError, match="do not fit chunks of 3"):
+        InferenceConfig().num_chunks(20)
