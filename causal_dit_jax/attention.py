@@ -12,32 +12,37 @@ from typing import Callable, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.kv_cache import CacheWrite, write_chunk
-
-LayerCache = Optional[tuple[jax.Array, jax.Array]]
+from causal_dit_jax.kv_cache import CacheWrite, LayerCache, write_chunk
 
 
 class SelfAttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache,
-                 write: Optional[CacheWrite]) -> tuple[jax.Array, LayerCache]:
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Optional[LayerCache],
+                 write: Optional[CacheWrite]) -> tuple[jax.Array, Optional[LayerCache]]:
         ...
+
+
+def default_implementation(dtype) -> str:
+    """cuDNN flash attention on GPUs for 16-bit inputs (5-7x faster than XLA's there), else XLA."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           kv_length: jax.Array | None = None,
                           implementation: str | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(D)) v for q [B, L, N, D], k/v [B, S, N, D]; keys past kv_length are ignored.
+    """softmax(q k^T / sqrt(D)) v for q [B, L, N, D], k/v [B, S, N, D]; keys past kv_length are ignored
+    (cuDNN skips them; XLA masks them).
 
-    implementation: None (cuDNN where it applies, else XLA), 'xla' or 'cudnn'.
+    implementation: None (cuDNN on GPU for bf16/f16, else XLA), 'xla' or 'cudnn'.
     """
     b = q.shape[0]
     kv_len = None
     if kv_length is not None:
         kv_len = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (b,))
-    if implementation is None and (jax.default_backend() != "gpu" or q.dtype == jnp.float32):
-        implementation = "xla"
     k = k.astype(q.dtype)
     v = v.astype(q.dtype)
+    implementation = implementation or default_implementation(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
                                         implementation=implementation)
 
@@ -59,9 +64,9 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.A
     return out, lse
 
 
-def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache = None,
-                         write: Optional[CacheWrite] = None, implementation: str | None = None
-                         ) -> tuple[jax.Array, LayerCache]:
+def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         layer_cache: Optional[LayerCache] = None, write: Optional[CacheWrite] = None,
+                         implementation: str | None = None) -> tuple[jax.Array, Optional[LayerCache]]:
     """Self-attention of a chunk on one device, with or without the KV cache.
 
     Without a cache the chunk attends to itself. With one, the chunk's (rotated) k/v are written to
@@ -70,10 +75,11 @@ def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: 
     """
     if layer_cache is None:
         return dot_product_attention(q, k, v, implementation=implementation), None
-    cache_k, cache_v = write_chunk(*layer_cache, k, v, write)
+    layer_cache = write_chunk(layer_cache, k, v, write)
+    cache_k, cache_v = layer_cache.read()
     kv_length = write.valid_slots * k.shape[1]
     out = dot_product_attention(q, cache_k, cache_v, kv_length=kv_length, implementation=implementation)
-    return out, (cache_k, cache_v)
+    return out, layer_cache
 
 
 def make_local_self_attention(implementation: str | None = None) -> Callable:

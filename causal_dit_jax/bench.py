@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.dit import CausalWanDiT, param_count
+from causal_dit_jax.flops import rollout_flops
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 
 
@@ -37,6 +38,11 @@ class BenchResult:
     total_s: float
     frames_per_second: float
     comm_bytes_per_chunk: Optional[int] = None
+    dit_tflops: float = 0.0  # analytic FLOPs of all forwards (causal_dit_jax.flops)
+    matmul_peak_tflops: Optional[float] = None  # bf16 8192^3 matmul measured in the same run
+    mfu: Optional[float] = None
+    compilations: Optional[int] = None  # backend compilations during the timed rollouts
+    peak_memory_gb: Optional[float] = None
     date: str = ""
     host: str = ""
 
@@ -51,6 +57,14 @@ class BenchResult:
             ("DiT total", f"{self.total_s:.3f} s"),
             ("video frames / s (DiT only)", f"{self.frames_per_second:.2f}"),
         ]
+        rows.append(("DiT TFLOP (analytic)", f"{self.dit_tflops:.1f}"))
+        if self.matmul_peak_tflops:
+            rows.append(("bf16 matmul peak", f"{self.matmul_peak_tflops:.0f} TFLOP/s"))
+            rows.append(("MFU", f"{100 * self.mfu:.1f}%"))
+        if self.compilations is not None:
+            rows.append(("compilations in timed rollouts", str(self.compilations)))
+        if self.peak_memory_gb is not None:
+            rows.append(("peak device memory", f"{self.peak_memory_gb:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
         w = max(len(r[0]) for r in rows)
@@ -85,6 +99,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     first.block_until_ready()
     compile_s = time.perf_counter() - t0
 
+    counter = CompileCounter()
+    counter.active = True
     best: Optional[list[float]] = None
     for _ in range(max(repeats, 1)):
         times = []
@@ -96,18 +112,61 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
             t_prev = now
         if best is None or sum(times) < sum(best):
             best = times
+    counter.active = False
     total = sum(best) / 1e3
     dev = jax.devices()[0]
     n_chunks = len(best)
+    tpc = inference.frames_per_chunk * config.tokens_per_frame(lh, lw)
+    window = None if inference.local_attn_size == -1 else inference.local_attn_size // inference.frames_per_chunk
+    flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
+    peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
     return BenchResult(
         preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
         num_devices=1 if strategy == "single" else jax.device_count(), strategy=strategy,
         latent_shape=tuple(noise.shape), video_frames=video_frames(latent_frames),
         forwards=n_chunks * (len(sampler.timesteps) + 1), compile_s=compile_s, chunk_ms=best,
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
-        comm_bytes_per_chunk=comm_bytes_per_chunk,
+        comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
+        mfu=None if peak is None else flops / total / 1e12 / peak, compilations=counter.count,
+        peak_memory_gb=peak_memory_gb(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node())
+
+
+def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
+    """Measured bf16 n^3 matmul rate (random data), the MFU denominator."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, *_args, **_kw):
+        if self.active and name == self.EVENT:
+            self.count += 1
+
+
+def peak_memory_gb() -> Optional[float]:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
 
 
 def write_json(result: BenchResult, path: str) -> None:

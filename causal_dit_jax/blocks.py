@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from causal_dit_jax.attention import LayerCache, SelfAttentionFn, dot_product_attention
+from causal_dit_jax.attention import SelfAttentionFn, dot_product_attention
 from causal_dit_jax.config import ModelConfig, dtype_from_name
-from causal_dit_jax.kv_cache import CacheWrite
+from causal_dit_jax.kv_cache import CacheWrite, LayerCache
 from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm
 from causal_dit_jax.rope import apply_rope
 
@@ -37,9 +37,9 @@ class SelfAttention(nnx.Module):
         self.norm_q = RMSNorm(c, config.eps, pdtype)
         self.norm_k = RMSNorm(c, config.eps, pdtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layer_cache: LayerCache,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layer_cache: Optional[LayerCache],
                  write: Optional[CacheWrite], attention_fn: SelfAttentionFn
-                 ) -> tuple[jax.Array, LayerCache]:
+                 ) -> tuple[jax.Array, Optional[LayerCache]]:
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # each [B, L, C]
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (rearrange(a, "b l (n d) -> b l n d", n=self.num_heads) for a in (q, k, v))
@@ -91,9 +91,9 @@ class WanBlock(nnx.Module):
         self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: jax.Array, cos: jax.Array,
-                 sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: LayerCache,
+                 sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: Optional[LayerCache],
                  write: Optional[CacheWrite], attention_fn: SelfAttentionFn
-                 ) -> tuple[jax.Array, LayerCache]:
+                 ) -> tuple[jax.Array, Optional[LayerCache]]:
         """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each token."""
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)

@@ -22,7 +22,7 @@ from flax import nnx
 from causal_dit_jax.attention import SelfAttentionFn, make_local_self_attention
 from causal_dit_jax.blocks import WanBlock
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
-from causal_dit_jax.kv_cache import KVCache, TextKV, cache_write_index, init_kv_cache
+from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
 from causal_dit_jax.layers import MLP, layer_norm, sinusoidal_embedding
 from causal_dit_jax.patchify import patchify, unpatchify
 from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
@@ -192,20 +192,23 @@ class CausalWanDiT:
         e, e0 = stem.embed_time(t)
 
         write = None if cache is None else cache_write_index(cache, start_frame)
-        cache_kv = None if cache is None else (cache.k, cache.v)
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
-        def body(x, layer):
-            block_params, layer_cache, tk, tv = layer
+        def body(carry, layer):
+            x, cache_kv = carry
+            block_params, tk, tv, index = layer
             block = nnx.merge(self._block_def, block_params)
-            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write,
-                                   attention_fn)
-            return x, layer_cache
+            layer_cache = None if cache_kv is None else LayerCache(*cache_kv, index)
+            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn)
+            return (x, None if layer_cache is None else (layer_cache.k, layer_cache.v)), None
 
-        x, new_kv = jax.lax.scan(body, x, (params["blocks"], cache_kv, text.k, text.v))
+        # The cache rides in the carry: each layer updates its chunk slot in place.
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers))
         head = nnx.merge(self._head_def, params["head"])
         out = head(x, e, frame_ids)
         if cache is not None:
-            cache = cache.replace(k=new_kv[0], v=new_kv[1])
+            cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
         return out, cache
 
 

@@ -84,13 +84,25 @@ def cache_write_index(cache: KVCache, start_frame: jax.Array | int) -> CacheWrit
     return CacheWrite(slot=slot.astype(jnp.int32), valid_slots=valid.astype(jnp.int32))
 
 
-def write_chunk(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
-                write: CacheWrite) -> tuple[jax.Array, jax.Array]:
-    """Write one layer's chunk keys/values k, v [B, L, N, D] into slot `write.slot` of [B, S, N, D]."""
+class LayerCache(NamedTuple):
+    """One layer's view of the stacked cache. The whole [layers, B, S, N, D] buffers travel through
+    the layer loop as its carry, so a chunk's write is an in-place update of [layer, :, slot] (no copy
+    of the cache per layer or per forward)."""
+
+    k: jax.Array  # [layers, B, S, N, D]
+    v: jax.Array
+    layer: jax.Array  # int32 scalar
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values, each [B, S, N, D]."""
+        return self.k[self.layer], self.v[self.layer]
+
+
+def write_chunk(cache: LayerCache, k: jax.Array, v: jax.Array, write: CacheWrite) -> LayerCache:
+    """Write one layer's chunk keys/values k, v [B, L, N, D] into slot `write.slot`."""
     length = k.shape[1]
-    start = write.slot * length
     zero = jnp.zeros((), jnp.int32)
-    idx = (zero, start, zero, zero)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
-    return cache_k, cache_v
+    idx = (jnp.asarray(cache.layer, jnp.int32), zero, write.slot * length, zero, zero)
+    new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], idx)
+    new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], idx)
+    return cache._replace(k=new_k, v=new_v)

@@ -13,8 +13,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.attention import LayerCache, attention_with_lse
-from causal_dit_jax.kv_cache import CacheWrite, write_chunk
+from causal_dit_jax.attention import attention_with_lse
+from causal_dit_jax.kv_cache import CacheWrite, LayerCache, write_chunk
 from sharding.mesh import RING
 
 
@@ -31,9 +31,9 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out_a * w(wa) + out_b * w(wb), lse
 
 
-def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache,
+def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Optional[LayerCache],
                         write: Optional[CacheWrite], *, true_len: int, axis: str = RING
-                        ) -> tuple[jax.Array, LayerCache]:
+                        ) -> tuple[jax.Array, Optional[LayerCache]]:
     """q/k/v [B, Lseg, N, D]: this member's segment of the chunk (segment r covers flattened tokens
     [r*Lseg, (r+1)*Lseg)); true_len: real tokens in the chunk (the rest is padding).
 
@@ -46,9 +46,9 @@ def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: L
     if layer_cache is None:
         keys, values, valid_slots = k, v.astype(k.dtype), 1
     else:
-        keys, values = write_chunk(*layer_cache, k, v, write)
+        layer_cache = write_chunk(layer_cache, k, v, write)
+        keys, values = layer_cache.read()
         valid_slots = write.valid_slots
-        layer_cache = (keys, values)
     s = keys.shape[1]
     slot = jnp.arange(s, dtype=jnp.int32) // seg
     token = jnp.arange(s, dtype=jnp.int32) % seg

@@ -38,7 +38,9 @@ def test_write_chunk_overwrites_one_slot():
     ck = jnp.zeros((1, 12, 2, 4))
     k = jnp.ones((1, 4, 2, 4))
     from causal_dit_jax.kv_cache import CacheWrite
-    nk, nv = write_chunk(ck, ck, k, 2 * k, CacheWrite(jnp.int32(1), jnp.int32(2)))
+    from causal_dit_jax.kv_cache import LayerCache
+    out = write_chunk(LayerCache(ck[None], ck[None], jnp.int32(0)), k, 2 * k, CacheWrite(jnp.int32(1), jnp.int32(2)))
+    nk, nv = out.read()
     assert float(nk[:, 4:8].min()) == 1 and float(nk[:, :4].max()) == 0 and float(nk[:, 8:].max()) == 0
     assert float(nv[:, 4:8].min()) == 2
 
