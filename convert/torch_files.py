@@ -31,6 +31,19 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.contiguous().numpy()
 
 
+def _looks_like_torch_file(path) -> bool:
+    """torch.save writes a zip archive (or, in the legacy format, a pickle starting with 0x80)."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
 def load_torch_pickle(path: str | pathlib.Path) -> dict:
     """torch.load with weights_only=True; a pickle that would execute code is refused with a clear error."""
     try:
@@ -43,9 +56,14 @@ def load_torch_pickle(path: str | pathlib.Path) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (neither a zip archive "
+                                  "nor a pickle)") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (unpickling it would run code "
-            f"or build objects that weights_only=True forbids). Details: {str(e).splitlines()[0]}") from e
+            f"or build objects that weights_only=True forbids). Details: {detail}") from e
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {path}") from e
     except Exception as e:  # zip errors, truncated files
