@@ -43,6 +43,7 @@ class BenchResult:
     mfu: Optional[float] = None
     compilations: Optional[int] = None  # backend compilations during the timed rollouts
     peak_memory_gb: Optional[float] = None
+    forward_breakdown_ms: Optional[dict] = None  # one chunk forward (last chunk's cache), from a profile
     date: str = ""
     host: str = ""
 
@@ -65,6 +66,10 @@ class BenchResult:
             rows.append(("compilations in timed rollouts", str(self.compilations)))
         if self.peak_memory_gb is not None:
             rows.append(("peak device memory", f"{self.peak_memory_gb:.2f} GB"))
+        if self.forward_breakdown_ms:
+            b = self.forward_breakdown_ms
+            rows.append(("one forward, profiled (ms)", f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
+                                                       f"other {b['other']:.1f}  total {b['total']:.1f}"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
         w = max(len(r[0]) for r in rows)
@@ -79,7 +84,8 @@ def video_frames(latent_frames: int) -> int:
 def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, height: int = 128,
                   width: int = 128, inference: InferenceConfig = InferenceConfig(),
                   dit: Optional[CausalWanDiT] = None, strategy: str = "single", seed: int = 0,
-                  comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1) -> BenchResult:
+                  comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1,
+                  profile: bool = False) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else "custom"
@@ -120,6 +126,18 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     window = None if inference.local_attn_size == -1 else inference.local_attn_size // inference.frames_per_chunk
     flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
+    breakdown = None
+    if profile and jax.default_backend() == "gpu":
+        from causal_dit_jax.profile_breakdown import profile_breakdown
+
+        cache = sampler.init_cache(1, latent_frames, lh, lw)
+        rope = dit.rope_tables(latent_frames, lh, lw)
+        fwd = jax.jit(dit.forward)
+        x = noise[:, :inference.frames_per_chunk]
+        t = jnp.full(x.shape[:2], 937.5)
+        start = latent_frames - inference.frames_per_chunk
+        jax.block_until_ready(fwd(params, x, t, text, cache, start, rope))
+        breakdown = profile_breakdown(lambda: fwd(params, x, t, text, cache, start, rope))
     return BenchResult(
         preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
         num_devices=1 if strategy == "single" else jax.device_count(), strategy=strategy,
@@ -128,7 +146,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
         mfu=None if peak is None else flops / total / 1e12 / peak, compilations=counter.count,
-        peak_memory_gb=peak_memory_gb(),
+        peak_memory_gb=peak_memory_gb(), forward_breakdown_ms=breakdown,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node())
 

@@ -31,6 +31,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--strategy", default="ulysses", choices=["ulysses", "ring", "hybrid"],
                    help="sequence-parallel attention (with --mesh)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
     p.add_argument("--json", default=None, help="write the result as JSON here")
 
 
@@ -64,7 +65,8 @@ def cmd_bench(args) -> int:
                                           height=args.height, width=args.width)
         strategy = args.strategy
     result = run_dit_bench(args.preset, args.frames, args.height, args.width, InferenceConfig(),
-                           dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats)
+                           dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
+                           profile=args.profile)
     print(result.table())
     if args.json:
         write_json(result, args.json)

@@ -1,0 +1,55 @@
+"""Where a jitted call's device time goes: matmul / attention / other, read from a JAX profiler trace."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from typing import Callable
+
+import jax
+
+MATMUL_MARKERS = ("gemm", "cublas", "nvjet", "xmma", "cutlass", "matmul", "dot")
+ATTENTION_MARKERS = ("cudnn", "fmha", "flash", "attention", "sdpa")
+
+
+def classify(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    if any(m in name for m in ATTENTION_MARKERS):
+        return "attention"
+    if any(m in name for m in MATMUL_MARKERS):
+        return "matmul"
+    return "other"
+
+
+def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
+    """Run `fn` (already compiled and warmed up) `repeats` times under the profiler and return the
+    device kernel time per call in ms: {'matmul', 'attention', 'other', 'total', 'kernels'}."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(repeats):
+                jax.block_until_ready(fn())
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError("the profiler wrote no trace")
+        data = ProfileData.from_file(files[0])
+    sums = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = 0
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue
+            for ev in line.events:
+                sums[classify(ev.name)] += ev.duration_ns / 1e6
+                kernels += 1
+    if kernels == 0:
+        seen = [(p.name, [ln.name for ln in p.lines][:8]) for p in data.planes]
+        raise RuntimeError(f"no GPU kernel events in the trace; planes/lines seen: {seen}")
+    out = {k: v / repeats for k, v in sums.items()}
+    out["total"] = sum(out.values())
+    out["kernels"] = kernels / repeats
+    return out
