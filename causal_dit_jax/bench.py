@@ -70,6 +70,8 @@ class BenchResult:
             b = self.forward_breakdown_ms
             rows.append(("one forward, profiled (ms)", f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
                                                        f"other {b['other']:.1f}  total {b['total']:.1f}"))
+            for name, ms in list(b.get("top_kernels", {}).items())[:8]:
+                rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
         w = max(len(r[0]) for r in rows)

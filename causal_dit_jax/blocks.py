@@ -17,7 +17,7 @@ from flax import nnx
 from causal_dit_jax.attention import SelfAttentionFn, dot_product_attention
 from causal_dit_jax.config import ModelConfig, dtype_from_name
 from causal_dit_jax.kv_cache import CacheWrite, LayerCache
-from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm
+from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm, per_token
 from causal_dit_jax.rope import apply_rope
 
 
@@ -90,16 +90,17 @@ class WanBlock(nnx.Module):
         self.cross_attn = CrossAttention(config, rngs=rngs)
         self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: jax.Array, cos: jax.Array,
+    def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: Optional[jax.Array], cos: jax.Array,
                  sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: Optional[LayerCache],
                  write: Optional[CacheWrite], attention_fn: SelfAttentionFn
                  ) -> tuple[jax.Array, Optional[LayerCache]]:
-        """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each token."""
+        """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each
+        token, or None when the tokens are whole frames in order."""
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
         res_dtype = x.dtype
         mod = time_mod + self.modulation[...].astype(jnp.float32)  # b f 6 c
-        mod = jnp.take(mod, frame_ids, axis=1)  # b l 6 c
+        mod = per_token(mod, frame_ids, x.shape[1])  # b f 6 c -> b l 6 c
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
 
         h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(dtype)

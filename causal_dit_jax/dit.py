@@ -23,7 +23,7 @@ from causal_dit_jax.attention import SelfAttentionFn, make_local_self_attention
 from causal_dit_jax.blocks import WanBlock
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
-from causal_dit_jax.layers import MLP, layer_norm, sinusoidal_embedding
+from causal_dit_jax.layers import MLP, layer_norm, per_token, sinusoidal_embedding
 from causal_dit_jax.patchify import patchify, unpatchify
 from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
 
@@ -66,10 +66,10 @@ class Head(nnx.Module):
         self.head = nnx.Linear(c, config.out_features, dtype=dtype_from_name(config.dtype),
                                param_dtype=pdtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, e: jax.Array, frame_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, e: jax.Array, frame_ids: Optional[jax.Array]) -> jax.Array:
         """x [B, L, C], e [B, F, C] -> [B, L, out_features] (float32)."""
         mod = e[:, :, None, :] + self.modulation[...].astype(jnp.float32)  # b f 2 c
-        mod = jnp.take(mod, frame_ids, axis=1)  # b l 2 c
+        mod = per_token(mod, frame_ids, x.shape[1])  # b f 2 c -> b l 2 c
         shift, scale = mod[:, :, 0], mod[:, :, 1]
         h = layer_norm(x, self.eps) * (1 + scale) + shift
         return self.head(h.astype(self.head.dtype)).astype(jnp.float32)
@@ -185,7 +185,8 @@ class CausalWanDiT:
         index = jnp.asarray(token_offset, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         time, row, col = causal_rope_positions(index, gh, gw, start_frame)
         cos, sin = rope_cos_sin(rope, time, row, col)
-        frame_ids = jnp.clip(index // (gh * gw), 0, frames - 1)
+        whole_frames = isinstance(token_offset, int) and token_offset == 0 and tokens.shape[1] == frames * gh * gw
+        frame_ids = None if whole_frames else jnp.clip(index // (gh * gw), 0, frames - 1)
 
         stem = nnx.merge(self._stem_def, params["stem"])
         x = stem.patch_embedding(tokens.astype(dtype_from_name(cfg.dtype))).astype(res_dtype)

@@ -66,3 +66,17 @@ def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
     inv_freq = jnp.asarray([math.pow(10000.0, -i / half) for i in range(half)], jnp.float32)
     arg = t.astype(jnp.float32)[..., None] * inv_freq
     return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+def per_token(per_frame: jax.Array, frame_ids: jax.Array | None, num_tokens: int) -> jax.Array:
+    """A per-frame tensor [B, F, k, C] seen per token: [B, L, k, C].
+
+    frame_ids None means the tokens are whole frames in order (L = F * tokens per frame): a broadcast
+    that XLA fuses into its consumers. Otherwise (a sequence shard that cuts frames) a gather by the
+    frame of each token.
+    """
+    if frame_ids is None:
+        b, f, k, c = per_frame.shape
+        per_frame_tokens = num_tokens // f
+        return jnp.broadcast_to(per_frame[:, :, None], (b, f, per_frame_tokens, k, c)).reshape(b, num_tokens, k, c)
+    return jnp.take(per_frame, frame_ids, axis=1)

@@ -24,7 +24,7 @@ def classify(kernel_name: str) -> str:
 
 def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
     """Run `fn` (already compiled and warmed up) `repeats` times under the profiler and return the
-    device kernel time per call in ms: {'matmul', 'attention', 'other', 'total', 'kernels'}."""
+    device kernel time per call in ms: {'matmul', 'attention', 'other', 'total', 'kernels', 'top_kernels'}."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as d:
@@ -36,6 +36,7 @@ def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, f
             raise RuntimeError("the profiler wrote no trace")
         data = ProfileData.from_file(files[0])
     sums = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    per_kernel: dict[str, float] = {}
     kernels = 0
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -45,6 +46,7 @@ def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, f
                 continue
             for ev in line.events:
                 sums[classify(ev.name)] += ev.duration_ns / 1e6
+                per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.duration_ns / 1e6
                 kernels += 1
     if kernels == 0:
         seen = [(p.name, [ln.name for ln in p.lines][:8]) for p in data.planes]
@@ -52,4 +54,6 @@ def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, f
     out = {k: v / repeats for k, v in sums.items()}
     out["total"] = sum(out.values())
     out["kernels"] = kernels / repeats
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    out["top_kernels"] = {name[:120]: round(ms / repeats, 3) for name, ms in top}
     return out
