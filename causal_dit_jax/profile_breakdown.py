@@ -54,6 +54,6 @@ def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, f
     out = {k: v / repeats for k, v in sums.items()}
     out["total"] = sum(out.values())
     out["kernels"] = kernels / repeats
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
     out["top_kernels"] = {name[:120]: round(ms / repeats, 3) for name, ms in top}
     return out
