@@ -101,12 +101,12 @@ class CausalWanDiT:
         k_stem, k_blocks, k_head = jax.random.split(rng, 3)
 
         def one_block(key):
-            return nnx.state(WanBlock(cfg, rngs=nnx.Rngs(key))).to_pure_dict()
+            return nnx.to_pure_dict(nnx.state(WanBlock(cfg, rngs=nnx.Rngs(key))))
 
         return {
-            "stem": nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem))).to_pure_dict(),
+            "stem": nnx.to_pure_dict(nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem)))),
             "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.num_layers)),
-            "head": nnx.state(Head(cfg, rngs=nnx.Rngs(k_head))).to_pure_dict(),
+            "head": nnx.to_pure_dict(nnx.state(Head(cfg, rngs=nnx.Rngs(k_head)))),
         }
 
     def abstract_params(self) -> Params:
