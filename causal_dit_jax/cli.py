@@ -1,4 +1,4 @@
-"""The `causal-dit` command line: convert, bench (and generate, see pipeline)."""
+"""The `causal-dit` command line: generate, convert, bench."""
 
 from __future__ import annotations
 
@@ -35,11 +35,31 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", default=None, help="write the result as JSON here")
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text to video: write an mp4 while the stream runs")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the prompt (repeat for a batch: one video per prompt, OUT_0.mp4, OUT_1.mp4, ...)")
+    p.add_argument("--out", required=True, help="output .mp4 path")
+    p.add_argument("--checkpoint", default=None,
+                   help="folder from `causal-dit convert` (default: the embedded untrained demo model)")
+    p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k with k+1 a multiple of 3 "
+                   "(default 81; 33 for the embedded demo)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default 480; demo 128)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 832; demo 192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
+    p.add_argument("--strategy", default="hybrid", choices=["ulysses", "ring", "hybrid"])
+    p.add_argument("--local-attn-size", type=int, default=-1,
+                   help="rolling KV cache window in latent frames (multiple of 3; -1: whole video)")
+    p.add_argument("--sink-size", type=int, default=0, help="attention-sink latent frames kept in the window")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="causal-dit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_bench(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -73,10 +93,79 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _out_paths(out: str, count: int) -> list:
+    import pathlib
+
+    p = pathlib.Path(out)
+    if count == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(count)]
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+    import time
+
+    from tqdm import tqdm
+
+    from causal_dit_jax.pipeline import TextToVideoPipeline, video_spec
+    from causal_dit_jax.video import Mp4Writer, check_writable
+
+    demo = args.checkpoint is None
+    frames = args.frames or (33 if demo else 81)
+    height = args.height or (128 if demo else 480)
+    width = args.width or (192 if demo else 832)
+    inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+    spec = video_spec(frames, height, width, inference.frames_per_chunk)  # bad sizes fail before model work
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("the prompt is empty")
+    outs = _out_paths(args.out, len(args.prompt))
+    for o in outs:
+        check_writable(o)
+    mesh = None
+    if args.mesh:
+        from sharding import make_mesh
+
+        from causal_dit_jax.config import get_preset
+        heads = get_preset("demo").num_heads if demo else None
+        if heads is None:
+            from causal_dit_jax.checkpoint import read_checkpoint_config
+            heads = read_checkpoint_config(args.checkpoint)["dit"]["num_heads"]
+        mesh = make_mesh(args.mesh, strategy=args.strategy, num_heads=heads)
+    t_load = time.perf_counter()
+    if demo:
+        print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
+              "the video shows the pipeline working, not a picture of the prompt.")
+        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh)
+    else:
+        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh)
+    print(f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
+          f"({spec.latent_frames} latent frames, {spec.latent_frames // inference.frames_per_chunk} chunks)")
+    stats: dict = {}
+    written = 0
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(Mp4Writer(o)) for o in outs]
+        t0 = time.perf_counter()
+        bar = tqdm(total=spec.latent_frames // inference.frames_per_chunk, unit="chunk", desc="generating")
+        for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats):
+            for w, video in zip(writers, chunk):
+                w.write(video)
+            written += chunk.shape[1]
+            bar.update(1)
+        bar.close()
+        total = time.perf_counter() - t0
+    for o in outs:
+        print(f"wrote {o} ({written} frames, 16 fps)")
+    print(f"first frames after {stats.get('first_frame_s', float('nan')):.2f} s (prompt encoded in "
+          f"{stats.get('encode_s', float('nan')):.2f} s); {written / total:.2f} frames per second "
+          f"end to end ({total:.1f} s, including compilation)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": cmd_convert, "bench": cmd_bench}[args.command](args)
+        return {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate}[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"causal-dit {args.command}: error: {e}", file=sys.stderr)
         return 2

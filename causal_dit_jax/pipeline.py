@@ -1,0 +1,187 @@
+"""Text to video, end to end: tokenizer -> umT5 -> causal DiT (Self-Forcing) -> Wan VAE, streaming.
+
+Each latent chunk is decoded as soon as it is denoised, with the VAE's causal conv caches carried
+between chunks, so the first frames exist long before the video is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
+from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
+from causal_dit_jax.dit import CausalWanDiT, Params
+from causal_dit_jax.kv_cache import TextKV
+from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
+from causal_dit_jax.text_encoder import T5Config, UMT5Encoder, get_t5_preset
+from causal_dit_jax.tokenizer import ByteTokenizer, PromptTokenizer
+from causal_dit_jax.vae import VAEConfig, WanVAE, get_vae_preset, to_uint8
+
+COMPONENTS = ("dit", "t5", "vae")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSpec:
+    """A request's size: video frames, pixel height/width, and the matching latent shape."""
+
+    frames: int
+    height: int
+    width: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+
+
+def video_spec(frames: int, height: int, width: int, frames_per_chunk: int = 3) -> VideoSpec:
+    """Validate a frame count and resolution: frames = 1 + 4 (T - 1) with T latent frames a multiple
+    of the chunk size (81 frames = 21 latents = 7 chunks); height and width multiples of 16."""
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"{frames} frames do not fit the VAE: use 1 + 4k frames (e.g. 33, 81)")
+    latent = (frames - 1) // 4 + 1
+    if latent % frames_per_chunk:
+        ok = [1 + 4 * (frames_per_chunk * k - 1) for k in range(1, 8)]
+        raise ValueError(f"{frames} frames are {latent} latent frames, not a multiple of the chunk size "
+                         f"{frames_per_chunk}; valid frame counts: {ok} ...")
+    return VideoSpec(frames, height, width, latent, height // 8, width // 8)
+
+
+class TextToVideoPipeline:
+    """Holds the converted params (DiT, umT5, VAE), the tokenizer and optionally a mesh.
+
+    mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
+    """
+
+    def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
+                 tokenizer, vae: WanVAE, vae_params: Params, inference: InferenceConfig = InferenceConfig(),
+                 mesh=None, untrained: bool = False):
+        if text_encoder.config.dim != dit.config.text_dim:
+            raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
+        self.dit, self.text_encoder, self.tokenizer, self.vae = dit, text_encoder, tokenizer, vae
+        self.dit_params, self.t5_params, self.vae_params = dit_params, t5_params, vae_params
+        self.inference = inference
+        self.untrained = untrained
+        self.mesh = mesh
+        model = dit
+        if mesh is not None:
+            from sharding import SequenceParallelDiT
+
+            model = SequenceParallelDiT(dit, mesh)
+            self.dit_params = jax.device_put(dit_params, model.replicated())
+        self.model = model
+        self.sampler = SelfForcingSampler(model, inference)
+        text_len = dit.config.text_len
+        self._encode = jax.jit(lambda p, ids, mask: text_encoder.text_context(p, ids[:, :text_len],
+                                                                               mask[:, :text_len]))
+        self._text_kv = jax.jit(model.encode_text)
+        self._decode = jax.jit(vae.decode_chunk, donate_argnums=(2,))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def embedded_default(cls, inference: InferenceConfig = InferenceConfig(), mesh=None,
+                         seed: int = 0) -> "TextToVideoPipeline":
+        """Small presets with deterministic random weights (untrained: the video is noise-like).
+        Runs on a laptop CPU in about a minute; every code path is the real model's."""
+        key = jax.random.key(seed)
+        dit = CausalWanDiT(get_preset("demo"))
+        t5 = UMT5Encoder(get_t5_preset("demo"))
+        vae = WanVAE(get_vae_preset("tiny"))
+        k1, k2, k3 = jax.random.split(key, 3)
+        return cls(dit, jax.jit(dit.init)(k1), t5, jax.jit(t5.init)(k2),
+                   ByteTokenizer(max_length=t5.config.text_len), vae, jax.jit(vae.init)(k3), inference,
+                   mesh, untrained=True)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),
+                        mesh=None) -> "TextToVideoPipeline":
+        """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer)."""
+        d = pathlib.Path(ckpt_dir).expanduser()
+        meta = read_checkpoint_config(d)
+        missing = [c for c in COMPONENTS if c not in meta.get("components", [])]
+        if missing:
+            raise ValueError(f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
+                             "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
+        dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
+        t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
+        vae = WanVAE(VAEConfig(**meta["vae"]))
+        sharding = None
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            sharding = NamedSharding(mesh, PartitionSpec())
+        dit_params = restore_component(d, "dit", dit.abstract_params(), sharding)
+        t5_params = restore_component(d, "t5", t5.abstract_params())
+        vae_params = restore_component(d, "vae", vae.abstract_params())
+        tok_dir = d / "tokenizer"
+        if tok_dir.exists():
+            tokenizer = PromptTokenizer.from_folder(tok_dir, max_length=t5.config.text_len)
+        elif meta.get("tokenizer") == "bytes":
+            tokenizer = ByteTokenizer(max_length=t5.config.text_len)
+        else:
+            raise ValueError(f"checkpoint {d} has no tokenizer/ folder")
+        return cls(dit, dit_params, t5, t5_params, tokenizer, vae, vae_params, inference, mesh,
+                   untrained=bool(meta.get("untrained", False)))
+
+    # ------------------------------------------------------------------ pieces
+    def encode_prompts(self, prompts: str | Sequence[str]) -> TextKV:
+        """Tokenize, run umT5 once, and build the DiT's cross-attention K/V for the prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompt given")
+        tokens = self.tokenizer(prompts)
+        context = self._encode(self.t5_params, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
+        return self._text_kv(self.dit_params, context)
+
+    def stream(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
+               seed: int = 0, stats: Optional[dict] = None) -> Iterator[np.ndarray]:
+        """Yield uint8 frames [B, n, H, W, 3] chunk by chunk as they are decoded (9 frames, then 12 each).
+
+        stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
+        'encode_s'.
+        """
+        spec = video_spec(frames, height, width, self.inference.frames_per_chunk)
+        t0 = time.perf_counter()
+        text = self.encode_prompts(prompts)
+        batch = text.k.shape[1]
+        jax.block_until_ready(text)
+        t1 = time.perf_counter()
+        key = jax.random.key(seed)
+        noise = initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames, spec.latent_height,
+                              spec.latent_width, self.dit.config.in_dim)
+        vae_cache = self.vae.init_decode_cache(batch, spec.latent_height, spec.latent_width)
+        for i, latents in enumerate(self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1))):
+            pixels, vae_cache = self._decode(self.vae_params, latents, vae_cache)
+            out = np.asarray(to_uint8(pixels))
+            if stats is not None and i == 0:
+                stats["encode_s"] = t1 - t0
+                stats["first_frame_s"] = time.perf_counter() - t1
+            yield out
+
+    def generate(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
+                 seed: int = 0) -> np.ndarray:
+        """The whole video: uint8 [B, frames, H, W, 3]."""
+        return np.concatenate(list(self.stream(prompts, frames, height, width, seed)), axis=1)
+
+
+def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.Path,
+                             overwrite: bool = False) -> pathlib.Path:
+    """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
+    from causal_dit_jax.checkpoint import save_checkpoint
+
+    configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),
+               "vae": dataclasses.asdict(pipe.vae.config), "untrained": pipe.untrained}
+    if isinstance(pipe.tokenizer, ByteTokenizer):
+        configs["tokenizer"] = "bytes"
+    return save_checkpoint(out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, "vae": pipe.vae_params},
+                           configs, overwrite=overwrite)
+
+
+__all__ = ["TextToVideoPipeline", "VideoSpec", "video_spec", "save_pipeline_checkpoint"]

@@ -1,0 +1,439 @@
+"""The Wan2.1 VAE decoder in Flax NNX, channels-last, with functional causal-conv caches.
+
+Video tensors are [B, T, H, W, C]. Parameters are a plain pytree (see `WanVAE.init`):
+
+    {'conv2': {kernel [1,1,1,z,z], bias},
+     'decoder': {'conv1', 'middle': {'res0', 'attn', 'res1'}, 'stage0'..'stage3': {'res0'..'res2',
+                 'upsample'?: {'resample', 'time_conv'?}}, 'head': {'norm', 'conv'}}}
+
+Conv3d kernels are [t, h, w, C_in, C_out], Conv2d kernels [h, w, C_in, C_out], norm scales [C].
+
+Streaming: every causal 3x3x3 conv (and each upsample3d time conv) keeps the last CACHE_T = 2 frames
+of its input in a `VAEDecodeCache` (static shapes, zeros at the start). A chunk of latent frames is
+decoded in one pass with each conv's cache prepended, which is exactly Wan's one-latent-at-a-time
+decode. With `wan_first_frame=True` (Wan's `decode`), the first chunk skips the time conv for the
+video's first frame ('Rep'), so T latents give 1 + 4 (T - 1) frames (21 -> 81) and chunks of 3 give
+9, 12, 12, ... frames. With `wan_first_frame=False` (Self-Forcing `demo_utils/vae_block3.py`) every
+latent gives 4 frames and the caller drops the first 3 frames of the video.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from causal_dit_jax.config import dtype_from_name
+
+Params = dict[str, Any]
+CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
+# Wan2.1 VAE latent statistics (facts §8): z_raw = z * std + mean.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+               0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+              1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Shapes and precision of the Wan VAE decoder (names follow Wan's `WanVAE_` arguments).
+
+    dtype: compute dtype of convs and activations (norms and softmax run in float32 regardless);
+    param_dtype: how weights are stored.
+    """
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_upsample: tuple[bool, ...] = (True, True, False)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
+        object.__setattr__(self, "temporal_upsample", tuple(bool(t) for t in self.temporal_upsample))
+        if len(self.temporal_upsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"temporal_upsample needs {len(self.dim_mult) - 1} entries (one per upsample), "
+                             f"got {self.temporal_upsample}")
+        if self.z_dim != len(LATENT_MEAN):
+            raise ValueError(f"z_dim must be {len(LATENT_MEAN)} (Wan2.1's latent mean/std), got {self.z_dim}")
+        dtype_from_name(self.dtype)
+        dtype_from_name(self.param_dtype)
+
+    @property
+    def decoder_dims(self) -> tuple[int, ...]:
+        """Channels entering each decoder stage, then the output width: (384, 384, 384, 192, 96) for Wan."""
+        return tuple(self.dim * m for m in (self.dim_mult[-1],) + self.dim_mult[::-1])
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_upsample)
+
+    def num_frames(self, latent_frames: int, first_chunk: bool = True) -> int:
+        """Video frames from `latent_frames` latents: 1 + 4 (T - 1) for a video's start, else 4 T."""
+        f = self.temporal_factor
+        return 1 + f * (latent_frames - 1) if first_chunk else f * latent_frames
+
+    def replace(self, **kw) -> "VAEConfig":
+        return dataclasses.replace(self, **kw)
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "wan2.1": VAEConfig(),  # Wan2.1_VAE.pth; Wan decodes in float32
+    "tiny": VAEConfig(dim=8),  # same structure at 1/12 of the width, for tests and the CPU demo
+}
+
+
+def get_vae_preset(name: str) -> VAEConfig:
+    if name not in VAE_PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; available: {sorted(VAE_PRESETS)}")
+    return VAE_PRESETS[name]
+
+
+@struct.dataclass
+class VAEDecodeCache:
+    """Causal-conv caches of the decoder: a dict tree (mirroring the decoder's modules) of
+    [B, CACHE_T, H_l, W_l, C_l] arrays, one per cached conv (32 for Wan2.1).
+
+    first_chunk (static): the next chunk starts the video and gets Wan's first-frame rule.
+    """
+
+    convs: dict
+    first_chunk: bool = struct.field(pytree_node=False, default=True)
+
+
+# --------------------------------------------------------------------------------------------- layers
+def _precision(dtype):
+    """Full float32 convs for float32 (no TF32 on GPU); the default for bf16."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _fan_in_normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+    fan_in = math.prod(shape[:-1])
+    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) / fan_in ** 0.5).astype(dtype))
+
+
+class Conv(nnx.Module):
+    """A stride-1 convolution over the trailing axes before C: kernel [*window, C_in, C_out].
+
+    Conv3d layers (window (t, h, w)) see [B, T, H, W, C] with no time padding (the caller prepends
+    the cache); Conv2d layers (window (h, w)) run per frame. Space is zero-padded by k // 2.
+    """
+
+    def __init__(self, c_in: int, c_out: int, window: tuple[int, ...], *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.window = tuple(window)
+        self.dtype = dtype
+        self.kernel = _fan_in_normal(rngs, (*window, c_in, c_out), param_dtype)
+        self.bias = nnx.Param(jnp.zeros((c_out,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        if all(k == 1 for k in self.window):  # pointwise: a matmul over channels
+            y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]),
+                           precision=_precision(self.dtype))
+        elif len(self.window) == 3:
+            spatial = [(k // 2, k // 2) for k in self.window[1:]]
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), [(0, 0), *spatial],
+                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                             precision=_precision(self.dtype))
+        else:
+            b, t = x.shape[:2]
+            y = jax.lax.conv_general_dilated(x.reshape(b * t, *x.shape[2:]), kernel, (1, 1),  # (b t) h w c
+                                             [(k // 2, k // 2) for k in self.window],
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             precision=_precision(self.dtype))
+            y = y.reshape(b, t, *y.shape[1:])  # (b t) h w c -> b t h w c
+        return y + self.bias[...].astype(self.dtype)
+
+
+def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, H, W, C] with the last CACHE_T input frames before it -> (conv output [B, T, ...],
+    the new cache: the last CACHE_T frames of [cache, x])."""
+    xin = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # b (2 + t) h w c
+    return conv(xin), xin[:, -CACHE_T:]
+
+
+class RMSNorm(nnx.Module):
+    """Wan's RMS_norm: x / max(||x||_2 over C, 1e-12) * sqrt(C) * scale, in float32."""
+
+    def __init__(self, dim: int, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
+        y = xf / jnp.maximum(norm, 1e-12) * math.sqrt(x.shape[-1]) * self.scale[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def zeros_cache(batch: int, height: int, width: int, channels: int, dtype) -> jax.Array:
+    return jnp.zeros((batch, CACHE_T, height, width, channels), dtype)
+
+
+# --------------------------------------------------------------------------------------------- blocks
+class ResidualBlock(nnx.Module):
+    """norm1, SiLU, conv1 (3x3x3 causal), norm2, SiLU, conv2 (3x3x3 causal), plus a 1x1x1 shortcut
+    when the width changes. Dropout is inference-off. Cache: {'conv1', 'conv2'}."""
+
+    def __init__(self, c_in: int, c_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_in, self.c_out = c_in, c_out
+        self.norm1 = RMSNorm(c_in, param_dtype)
+        self.conv1 = Conv(c_in, c_out, (3, 3, 3), **kw)
+        self.norm2 = RMSNorm(c_out, param_dtype)
+        self.conv2 = Conv(c_out, c_out, (3, 3, 3), **kw)
+        self.shortcut = Conv(c_in, c_out, (1, 1, 1), **kw) if c_in != c_out else None
+
+    def __call__(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"])
+        h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"])
+        skip = self.shortcut(x) if self.shortcut is not None else x
+        return skip + h, {"conv1": c1, "conv2": c2}
+
+    def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
+        return {"conv1": zeros_cache(batch, height, width, self.c_in, dtype),
+                "conv2": zeros_cache(batch, height, width, self.c_out, dtype)}
+
+
+class AttentionBlock(nnx.Module):
+    """Single-head self-attention over the pixels of each frame (Wan's middle block); no cache."""
+
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(dim, param_dtype)
+        self.to_qkv = Conv(dim, 3 * dim, (1, 1), **kw)
+        self.proj = Conv(dim, dim, (1, 1), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, h, w, c = x.shape
+        qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)  # b t h w 3c -> (b t) (h w) 3c
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # each [(b t), (h w), c]
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32,
+                            precision=_precision(q.dtype)) / math.sqrt(c)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bqk,bkc->bqc", probs, v, precision=_precision(v.dtype))
+        return x + self.proj(out.reshape(b, t, h, w, c))  # (b t) (h w) c -> b t h w c
+
+
+class Upsample(nnx.Module):
+    """Wan's Resample 'upsample3d' (time_conv C -> 2C making 2 frames per frame, then spatial) or
+    'upsample2d' (spatial only): nearest x2 in H and W, then a 3x3 Conv2d C -> C/2 per frame."""
+
+    def __init__(self, dim: int, temporal: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dim = dim
+        self.resample = Conv(dim, dim // 2, (3, 3), **kw)
+        self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
+
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+        new_cache = {}
+        if self.time_conv is not None:
+            b, t, h, w, c = x.shape
+            # Wan's 'Rep': the video's first frame skips the time conv and is never in its history.
+            x_in = x.at[:, 0].set(0) if first_chunk else x
+            y, new_cache["time_conv"] = causal_conv(self.time_conv, x_in, cache["time_conv"])  # b t h w (2 c)
+            # b t h w (2 c) -> b t 2 h w c -> b (t 2) h w c: the two halves become consecutive frames
+            y = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
+            x = jnp.concatenate([x[:, :1].astype(y.dtype), y[:, 2:]], axis=1) if first_chunk else y
+        x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest x2: b t (h 2) (w 2) c
+        return self.resample(x), new_cache
+
+    def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
+        if self.time_conv is None:
+            return {}
+        return {"time_conv": zeros_cache(batch, height, width, self.dim, dtype)}
+
+
+class Stage(nnx.Module):
+    """num_res_blocks + 1 residual blocks (res0, res1, ...) and, except in the last stage, an upsample."""
+
+    def __init__(self, c_in: int, c_out: int, num_blocks: int, upsample: str | None, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_blocks = num_blocks
+        for j in range(num_blocks):
+            setattr(self, f"res{j}", ResidualBlock(c_in if j == 0 else c_out, c_out, **kw))
+        self.upsample = Upsample(c_out, upsample == "3d", **kw) if upsample else None
+
+    def blocks(self) -> list[tuple[str, ResidualBlock]]:
+        return [(f"res{j}", getattr(self, f"res{j}")) for j in range(self.num_blocks)]
+
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+        new_cache = {}
+        for name, block in self.blocks():
+            x, new_cache[name] = block(x, cache[name])
+        if self.upsample is not None:
+            x, new_cache["upsample"] = self.upsample(x, cache["upsample"], first_chunk)
+        return x, new_cache
+
+    def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
+        cache = {name: blk.init_cache(batch, height, width, dtype) for name, blk in self.blocks()}
+        if self.upsample is not None:
+            cache["upsample"] = self.upsample.init_cache(batch, height, width, dtype)
+        return cache
+
+
+class Middle(nnx.Module):
+    """Residual block, per-frame attention, residual block at the latent resolution."""
+
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.res0 = ResidualBlock(dim, dim, **kw)
+        self.attn = AttentionBlock(dim, **kw)
+        self.res1 = ResidualBlock(dim, dim, **kw)
+
+    def __call__(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        x, c0 = self.res0(x, cache["res0"])
+        x, c1 = self.res1(self.attn(x), cache["res1"])
+        return x, {"res0": c0, "res1": c1}
+
+    def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
+        return {"res0": self.res0.init_cache(batch, height, width, dtype),
+                "res1": self.res1.init_cache(batch, height, width, dtype)}
+
+
+class Head(nnx.Module):
+    """RMS norm, SiLU, causal 3x3x3 conv to RGB."""
+
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dim = dim
+        self.norm = RMSNorm(dim, param_dtype)
+        self.conv = Conv(dim, 3, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache)
+
+
+class Decoder3d(nnx.Module):
+    """conv1 (z -> dims[0]), middle, stage0..stage{n-1}, head. Input/output [B, T, H, W, C]."""
+
+    def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        dims = config.decoder_dims
+        self.z_dim = config.z_dim
+        self.num_stages = len(config.dim_mult)
+        self.conv1 = Conv(config.z_dim, dims[0], (3, 3, 3), **kw)
+        self.middle = Middle(dims[0], **kw)
+        for i in range(self.num_stages):
+            c_in = dims[i] if i == 0 else dims[i] // 2  # every upsample halves the width
+            up = None if i == self.num_stages - 1 else ("3d" if config.temporal_upsample[i] else "2d")
+            setattr(self, f"stage{i}", Stage(c_in, dims[i + 1], config.num_res_blocks + 1, up, **kw))
+        self.head = Head(dims[-1], **kw)
+
+    def stages(self) -> list[tuple[str, Stage]]:
+        return [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(self.num_stages)]
+
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+        new_cache = {}
+        x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"])
+        x, new_cache["middle"] = self.middle(x, cache["middle"])
+        for name, stage in self.stages():
+            x, new_cache[name] = stage(x, cache[name], first_chunk)
+        x, new_cache["head"] = self.head(x, cache["head"])
+        return x, new_cache
+
+    def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
+        """Zero caches for latents of height x width; each upsample doubles the resolution after it."""
+        cache = {"conv1": zeros_cache(batch, height, width, self.z_dim, dtype),
+                 "middle": self.middle.init_cache(batch, height, width, dtype)}
+        for name, stage in self.stages():
+            cache[name] = stage.init_cache(batch, height, width, dtype)
+            if stage.upsample is not None:
+                height, width = 2 * height, 2 * width
+        cache["head"] = zeros_cache(batch, height, width, self.head.dim, dtype)
+        return cache
+
+
+class WanVAEDecoder(nnx.Module):
+    """Wan's `conv2` (1x1x1 on the un-normalised latent) followed by the decoder."""
+
+    def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+        # conv2 runs in float32 on the float32 latent, before the cast to the compute dtype.
+        self.conv2 = Conv(config.z_dim, config.z_dim, (1, 1, 1), dtype=jnp.float32, param_dtype=pdtype,
+                          rngs=rngs)
+        self.decoder = Decoder3d(config, rngs=rngs)
+
+
+# --------------------------------------------------------------------------------------------- API
+class WanVAE:
+    """The Wan2.1 VAE decoder as pure functions of (params, inputs). Build from a `VAEConfig`;
+    params come from `init` or `convert.vae_convert.load_vae_params`."""
+
+    def __init__(self, config: VAEConfig):
+        self.config = config
+        self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanVAEDecoder(config, rngs=nnx.Rngs(0))))
+
+    def init(self, rng: jax.Array) -> Params:
+        """Random parameters {'conv2', 'decoder'} (fan-in normal kernels, zero biases, unit scales)."""
+        return nnx.to_pure_dict(nnx.state(WanVAEDecoder(self.config, rngs=nnx.Rngs(rng))))
+
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStructs of the parameter tree (no memory)."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def init_decode_cache(self, batch: int, latent_height: int, latent_width: int,
+                          wan_first_frame: bool = True) -> VAEDecodeCache:
+        """Zero caches for a new video. wan_first_frame=True: Wan's decode (latent 0 gives 1 frame);
+        False: Self-Forcing's demo decoder (every latent gives 4 frames; drop the first 3 yourself)."""
+        model = nnx.eval_shape(lambda: WanVAEDecoder(self.config, rngs=nnx.Rngs(0)))
+        dtype = dtype_from_name(self.config.dtype)
+        convs = model.decoder.init_cache(batch, latent_height, latent_width, dtype)
+        return VAEDecodeCache(convs=convs, first_chunk=wan_first_frame)
+
+    def decode_chunk(self, params: Params, z: jax.Array, cache: VAEDecodeCache
+                     ) -> tuple[jax.Array, VAEDecodeCache]:
+        """Normalised latents z [B, T, h, w, z_dim] (the chunk after those already in `cache`) ->
+        (frames [B, T', 8h, 8w, 3] float32 in [-1, 1], the updated cache).
+
+        T' = 1 + 4 (T - 1) for the first chunk of a Wan decode, 4 T otherwise. Pure and jittable
+        (the cache's `first_chunk` flag is static: the first chunk compiles once more).
+        """
+        cfg = self.config
+        if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
+            raise ValueError(f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), "
+                             f"got {z.shape}")
+        model = nnx.merge(self._graphdef, params)
+        mean = jnp.asarray(LATENT_MEAN, jnp.float32)
+        std = jnp.asarray(LATENT_STD, jnp.float32)
+        x = model.conv2(z.astype(jnp.float32) * std + mean)
+        x, convs = model.decoder(x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk)
+        return jnp.clip(x.astype(jnp.float32), -1.0, 1.0), VAEDecodeCache(convs=convs, first_chunk=False)
+
+    @functools.cached_property
+    def jit_decode_chunk(self):
+        """`decode_chunk` under `jax.jit`, kept on the instance (one compile per chunk shape and flag)."""
+        return jax.jit(self.decode_chunk)
+
+    def decode(self, params: Params, z: jax.Array, frames_per_chunk: int | None = 3) -> jax.Array:
+        """A whole latent video z [B, T, h, w, z_dim] -> frames [B, 1 + 4 (T - 1), 8h, 8w, 3] in [-1, 1].
+
+        Decoded `frames_per_chunk` latents at a time with the caches carried (the same frames as one
+        pass, with bounded memory: one pass over 21 latents at 480x832 holds 81-frame activations);
+        None decodes in one pass.
+        """
+        b, t, h, w, _ = z.shape
+        cache = self.init_decode_cache(b, h, w)
+        step = frames_per_chunk or t
+        outs = []
+        for start in range(0, t, step):
+            frames, cache = self.jit_decode_chunk(params, z[:, start:start + step], cache)
+            outs.append(frames)
+        return jnp.concatenate(outs, axis=1)
+
+
+def to_uint8(frames: jax.Array) -> jax.Array:
+    """Frames in [-1, 1] -> uint8 [0, 255]: round((v * 0.5 + 0.5).clip(0, 1) * 255)."""
+    return jnp.round(jnp.clip(frames * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)

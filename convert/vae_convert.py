@@ -1,0 +1,68 @@
+"""`Wan2.1_VAE.pth` (a plain PyTorch state dict) -> our VAE decoder params, checked key by key.
+
+Only the decoder half is read (`conv2.*`, `decoder.*`); the encoder half (`encoder.*`, `conv1.*`) is
+expected in the file and ignored. Any other key, a missing decoder key or a tensor of the wrong shape
+is reported by name in one `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+from causal_dit_jax.config import dtype_from_name
+from causal_dit_jax.vae import Params, VAEConfig, WanVAE, get_vae_preset
+from convert.torch_files import CheckpointError, _torch_to_numpy, load_torch_pickle, select_state_dict
+from convert.vae_keys import IGNORED_PREFIXES, vae_decoder_key_map
+
+
+def check_vae_state_dict(state: Mapping[str, object], config: VAEConfig) -> None:
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped decoder key."""
+    expected = {rule.torch: rule.torch_shape for rule in vae_decoder_key_map(config)}
+    present = {k for k in state if not k.startswith(IGNORED_PREFIXES)}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    shapes = {k: tuple(getattr(state[k], "shape", ("not a tensor",))) for k in set(expected) & present}
+    wrong = sorted(f"{k}: {shapes[k]} (expected {expected[k]})" for k in shapes if shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        lines = [f"the checkpoint does not match the VAE decoder config (dim={config.dim}, "
+                 f"dim_mult={config.dim_mult}, num_res_blocks={config.num_res_blocks}):"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("wrong shapes", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                             + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig) -> Params:
+    """Map a Wan VAE state dict (torch tensors or numpy arrays) onto our decoder params tree."""
+    check_vae_state_dict(state, config)
+    dtype = np.dtype(dtype_from_name(config.param_dtype))
+    params: dict = {}
+    for rule in vae_decoder_key_map(config):
+        value = state[rule.torch]
+        value = _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
+        _set(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
+    want = jax.tree.map(lambda a: tuple(a.shape), WanVAE(config).abstract_params())
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if got != want:  # a bug guard on the key table
+        raise AssertionError(f"VAE key table produced a different tree: {got} vs {want}")
+    return params
+
+
+def load_vae_params(path: str | pathlib.Path, config: Optional[VAEConfig] = None) -> Params:
+    """Read `Wan2.1_VAE.pth` (torch.load weights_only=True) and return the decoder params for `config`
+    (default: the 'wan2.1' preset), in config.param_dtype."""
+    state = select_state_dict(load_torch_pickle(path))
+    return vae_params_from_state_dict(state, config or get_vae_preset("wan2.1"))
