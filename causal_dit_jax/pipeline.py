@@ -17,6 +17,7 @@ import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
+from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.dit import CausalWanDiT, Params
 from causal_dit_jax.kv_cache import TextKV
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
@@ -90,14 +91,12 @@ class TextToVideoPipeline:
                          seed: int = 0) -> "TextToVideoPipeline":
         """Small presets with deterministic random weights (untrained: the video is noise-like).
         Runs on a laptop CPU in about a minute; every code path is the real model's."""
-        key = jax.random.key(seed)
         dit = CausalWanDiT(get_preset("demo"))
         t5 = UMT5Encoder(get_t5_preset("demo"))
         vae = WanVAE(get_vae_preset("tiny"))
-        k1, k2, k3 = jax.random.split(key, 3)
-        return cls(dit, jax.jit(dit.init)(k1), t5, jax.jit(t5.init)(k2),
-                   ByteTokenizer(max_length=t5.config.text_len), vae, jax.jit(vae.init)(k3), inference,
-                   mesh, untrained=True)
+        return cls(dit, random_params(dit.abstract_params(), seed), t5, random_params(t5.abstract_params(), seed + 1),
+                   ByteTokenizer(max_length=t5.config.text_len), vae, random_params(vae.abstract_params(), seed + 2),
+                   inference, mesh, untrained=True)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),

@@ -80,7 +80,7 @@ def select_state_dict(obj: Mapping, which: str = "generator_ema") -> dict:
     if wrappers:
         if which in obj and isinstance(obj[which], Mapping):
             return dict(obj[which])
-        if which in ("generator_ema", "generator") and wrappers:
+        if which in ("generator_ema", "generator") and {"generator_ema", "generator"} & set(wrappers):
             raise CheckpointError(f"checkpoint has no {which!r} entry; it has {sorted(wrappers)}")
         return dict(obj[wrappers[0]])
     return dict(obj)
