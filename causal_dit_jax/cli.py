@@ -11,9 +11,12 @@ from causal_dit_jax.config import PRESETS, InferenceConfig
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert PyTorch checkpoints to an Orbax checkpoint folder")
-    p.add_argument("--checkpoint", required=True,
-                   help="Self-Forcing .pt, or Wan2.1 diffusion_pytorch_model.safetensors (file, index json "
-                        "or the model folder)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the DiT: Self-Forcing .pt, or Wan2.1 diffusion_pytorch_model.safetensors (file, index "
+                        "json or folder); default with --wan-dir: the Wan folder's own DiT")
+    p.add_argument("--wan-dir", default=None,
+                   help="Wan2.1-T2V-1.3B folder: adds the umT5 encoder, the VAE and the tokenizer, so the "
+                        "checkpoint runs `causal-dit generate`")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="expected model shapes (default: inferred from the weights)")
@@ -65,10 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_convert(args) -> int:
     from causal_dit_jax.config import get_preset
-    from convert import convert_dit_checkpoint
+    from convert import convert_dit_checkpoint, convert_pipeline_checkpoint
 
     config = get_preset(args.preset) if args.preset else None
-    out = convert_dit_checkpoint(args.checkpoint, args.out, config, args.which, args.overwrite)
+    if args.wan_dir:
+        out = convert_pipeline_checkpoint(args.wan_dir, args.out, args.checkpoint, config, args.which,
+                                          overwrite=args.overwrite)
+    elif args.checkpoint:
+        out = convert_dit_checkpoint(args.checkpoint, args.out, config, args.which, args.overwrite)
+    else:
+        raise ValueError("give --checkpoint (the DiT alone) and/or --wan-dir (DiT, text encoder, VAE, tokenizer)")
     print(f"wrote {out}")
     return 0
 

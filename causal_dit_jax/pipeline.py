@@ -137,7 +137,11 @@ class TextToVideoPipeline:
             raise ValueError("no prompt given")
         tokens = self.tokenizer(prompts)
         context = self._encode(self.t5_params, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
-        return self._text_kv(self.dit_params, context)
+        return self._text_kv(self.dit_params, self._to_dit(context))
+
+    def _to_dit(self, x):
+        """Place an input of the DiT where its params live (replicated over the mesh, if any)."""
+        return x if self.mesh is None else jax.device_put(x, self.model.replicated())
 
     def stream(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
                seed: int = 0, stats: Optional[dict] = None) -> Iterator[np.ndarray]:
@@ -153,10 +157,13 @@ class TextToVideoPipeline:
         jax.block_until_ready(text)
         t1 = time.perf_counter()
         key = jax.random.key(seed)
-        noise = initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames, spec.latent_height,
-                              spec.latent_width, self.dit.config.in_dim)
+        noise = self._to_dit(initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames,
+                                           spec.latent_height, spec.latent_width, self.dit.config.in_dim))
+        vae_device = jax.tree.leaves(self.vae_params)[0].sharding
         vae_cache = self.vae.init_decode_cache(batch, spec.latent_height, spec.latent_width)
         for i, latents in enumerate(self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1))):
+            if self.mesh is not None:  # the VAE runs on one device: bring the chunk's latents there
+                latents = jax.device_put(latents, vae_device)
             pixels, vae_cache = self._decode(self.vae_params, latents, vae_cache)
             out = np.asarray(to_uint8(pixels))
             if stats is not None and i == 0:

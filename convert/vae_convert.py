@@ -63,6 +63,11 @@ def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig) -
 
 def load_vae_params(path: str | pathlib.Path, config: Optional[VAEConfig] = None) -> Params:
     """Read `Wan2.1_VAE.pth` (torch.load weights_only=True) and return the decoder params for `config`
-    (default: the 'wan2.1' preset), in config.param_dtype."""
+    (default: the 'wan2.1' preset at the width read off `decoder.conv1.weight`), in config.param_dtype."""
     state = select_state_dict(load_torch_pickle(path))
-    return vae_params_from_state_dict(state, config or get_vae_preset("wan2.1"))
+    if config is None:
+        config = get_vae_preset("wan2.1")
+        conv1 = state.get("decoder.conv1.weight")
+        if conv1 is not None and conv1.shape[0] % config.dim_mult[-1] == 0:
+            config = config.replace(dim=int(conv1.shape[0]) // config.dim_mult[-1])
+    return vae_params_from_state_dict(state, config)

@@ -1,0 +1,72 @@
+"""Self-Forcing DiT + a Wan2.1 model folder -> one checkpoint with DiT, umT5, VAE and the tokenizer.
+
+    Wan2.1-T2V-1.3B/
+      diffusion_pytorch_model.safetensors (+ config.json)   the base DiT (used when no .pt is given)
+      models_t5_umt5-xxl-enc-bf16.pth                        umT5-XXL encoder
+      Wan2.1_VAE.pth                                         VAE
+      google/umt5-xxl/                                       tokenizer files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+from typing import Optional
+
+from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
+from causal_dit_jax.config import ModelConfig
+from causal_dit_jax.text_encoder import T5Config
+from causal_dit_jax.tokenizer import PromptTokenizer
+from causal_dit_jax.vae import VAEConfig
+from convert.dit_convert import load_dit_params
+from convert.t5_convert import load_t5_params
+from convert.torch_files import CheckpointError
+from convert.vae_convert import load_vae_params
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+TOKENIZER_DIR = ("google", "umt5-xxl")
+
+
+def wan_folder_files(wan_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """The T5, VAE and tokenizer paths in a Wan2.1 model folder; one error lists everything missing."""
+    d = pathlib.Path(wan_dir).expanduser()
+    if not d.is_dir():
+        raise CheckpointError(f"Wan model folder not found: {d}")
+    files = {"t5": d / T5_FILE, "vae": d / VAE_FILE, "tokenizer": d.joinpath(*TOKENIZER_DIR)}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise CheckpointError(f"{d} is missing: {', '.join(missing)}")
+    return files
+
+
+def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
+                                dit_checkpoint: Optional[str | pathlib.Path] = None,
+                                dit_config: Optional[ModelConfig] = None, which: str = "generator_ema",
+                                vae_config: Optional[VAEConfig] = None, t5_config: Optional[T5Config] = None,
+                                overwrite: bool = False) -> pathlib.Path:
+    """Convert everything a `TextToVideoPipeline` needs into one Orbax checkpoint folder.
+
+    dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).
+    All inputs are read and checked before anything is written; the folder appears complete or not at all.
+    """
+    check_output_dir(out_dir, overwrite)
+    files = wan_folder_files(wan_dir)
+    tokenizer_dir = files["tokenizer"]
+    PromptTokenizer.from_folder(tokenizer_dir)  # fails now, not after the conversion, if unreadable
+    config, dit_params = load_dit_params(dit_checkpoint or wan_dir, dit_config, which)
+    t5_config, t5_params = load_t5_params(files["t5"], t5_config)
+    if t5_config.dim != config.text_dim:
+        raise CheckpointError(f"text encoder width {t5_config.dim} does not match the DiT's text_dim {config.text_dim}")
+    vae_params = load_vae_params(files["vae"], vae_config)
+    if vae_config is None:  # the width was read off the file
+        vae_config = VAEConfig(dim=vae_params["decoder"]["conv1"]["kernel"].shape[-1] // VAEConfig().dim_mult[-1])
+
+    def copy_tokenizer(tmp: pathlib.Path) -> None:
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+
+    return save_checkpoint(out_dir, {"dit": dit_params, "t5": t5_params, "vae": vae_params},
+                           {"dit": config.to_dict(), "t5": t5_config.to_dict(),
+                            "vae": dataclasses.asdict(vae_config)},
+                           overwrite=overwrite, extra_files=copy_tokenizer)

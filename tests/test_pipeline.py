@@ -1,0 +1,217 @@
+"""Text to video end to end: a Wan-style model folder made of small PyTorch references is converted
+with the real converter, and the JAX pipeline's frames are checked against the PyTorch chain
+(tokenizer -> umT5 -> Self-Forcing rollout -> Wan VAE). Plus the CLI's main command and bad input.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from causal_dit_jax.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
+from causal_dit_jax.sampler import initial_noise, step_noise
+from causal_dit_jax.text_encoder import get_t5_preset
+from causal_dit_jax.video import read_mp4
+from causal_dit_jax.vae import get_vae_preset
+from convert import convert_pipeline_checkpoint
+from convert.torch_files import CheckpointError
+from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
+from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
+from torch_reference.umt5 import T5Encoder, randomize_parameters_ as randomize_t5_
+from torch_reference.wan_vae import WanVAEDecoder, randomize_vae_
+
+HEIGHT, WIDTH = 8 * LATENT_H, 8 * LATENT_W  # 64 x 96 pixels
+T5_CFG = get_t5_preset("tiny").replace(vocab_size=64)
+VAE_CFG = get_vae_preset("tiny")
+
+
+def _tokenizer_folder(folder: pathlib.Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a red fox runs through deep snow", "the sea at night"],
+                            trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """A Wan2.1-style folder (T5, VAE, tokenizer) and a Self-Forcing .pt, from the PyTorch references."""
+    root = tmp_path_factory.mktemp("wan")
+    wan = root / "Wan2.1-T2V-tiny"
+    _tokenizer_folder(wan / "google" / "umt5-xxl")
+    t5 = randomize_t5_(T5Encoder(vocab=T5_CFG.vocab_size, dim=T5_CFG.dim, dim_attn=T5_CFG.dim_attn,
+                                 dim_ffn=T5_CFG.dim_ffn, num_heads=T5_CFG.num_heads,
+                                 num_layers=T5_CFG.num_layers), seed=1).eval()
+    torch.save(t5.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    vae = randomize_vae_(WanVAEDecoder(dim=VAE_CFG.dim), seed=2).eval()
+    torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
+    dit = torch_model(seed=3)
+    pt = save_self_forcing_pt(dit, root / "self_forcing_dmd.pt")
+    return wan, pt, (t5, dit, vae)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(wan_folder, tmp_path_factory):
+    wan, pt, _ = wan_folder
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return convert_pipeline_checkpoint(wan, out, pt, dit_config=SMALL, vae_config=VAE_CFG, t5_config=T5_CFG)
+
+
+def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
+    """float32 everywhere: the uint8 frames agree with the PyTorch chain to within one level."""
+    from causal_dit_jax import InferenceConfig
+
+    _, _, (t5, dit, vae) = wan_folder
+    pipe = TextToVideoPipeline.from_checkpoint(checkpoint, InferenceConfig(cache_dtype="float32"))
+    prompt, frames, seed = "a red fox runs through deep snow", 21, 4
+    ours = pipe.generate(prompt, frames, HEIGHT, WIDTH, seed)
+    assert ours.shape == (1, 21, HEIGHT, WIDTH, 3) and ours.dtype == np.uint8
+
+    tokens = pipe.tokenizer([prompt])
+    ids, mask = torch.from_numpy(tokens.ids).long(), torch.from_numpy(tokens.mask)
+    with torch.no_grad():
+        context = t5(ids, mask) * mask[:, :, None]  # Self-Forcing zeroes the padded rows
+        key = jax.random.key(seed)
+        noise = initial_noise(jax.random.fold_in(key, 0), 1, 6, LATENT_H, LATENT_W)
+        shape = (1, 3, LATENT_H, LATENT_W, 16)
+
+        def noise_fn(j, k):
+            eps = step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
+            return torch.from_numpy(np.asarray(eps)).permute(0, 1, 4, 2, 3)
+
+        latents = self_forcing_rollout(dit, torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3),
+                                       context, warped_denoising_steps(), noise_fn)
+        video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))  # b f c h w -> b c f h w
+    ref = torch.round((video * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_stream_chunks_and_batch(checkpoint):
+    pipe = TextToVideoPipeline.from_checkpoint(checkpoint)
+    chunks = list(pipe.stream(["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
+    assert [c.shape[1] for c in chunks] == [9, 12, 12]
+    assert all(c.shape[0] == 2 for c in chunks)
+    assert not np.array_equal(chunks[0][0], chunks[0][1])  # two prompts, two videos
+
+
+def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
+    from causal_dit_jax import InferenceConfig
+    from sharding import make_mesh
+
+    inference = InferenceConfig(cache_dtype="float32")
+    one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
+    mesh = make_mesh(8, strategy="hybrid")
+    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate("a red fox", 21, HEIGHT,
+                                                                                          WIDTH, 2)
+    assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
+
+
+def test_checkpoint_missing_a_model(checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    meta = json.loads((broken / "config.json").read_text())
+    meta["components"] = ["dit", "t5"]
+    (broken / "config.json").write_text(json.dumps(meta))
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match="missing the vae model"):
+        TextToVideoPipeline.from_checkpoint(broken)
+
+
+def test_convert_refuses_an_incomplete_wan_folder(wan_folder, tmp_path):
+    import shutil
+
+    wan, pt, _ = wan_folder
+    partial = tmp_path / "wan"
+    shutil.copytree(wan, partial)
+    (partial / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth"):
+        convert_pipeline_checkpoint(partial, tmp_path / "out", pt, dit_config=SMALL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedded_default_round_trips_through_a_checkpoint(tmp_path):
+    pipe = TextToVideoPipeline.embedded_default()
+    a = pipe.generate("a lighthouse", 9, 64, 64, seed=3)
+    out = save_pipeline_checkpoint(pipe, tmp_path / "demo")
+    b = TextToVideoPipeline.from_checkpoint(out).generate("a lighthouse", 9, 64, 64, seed=3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_long_prompt_is_truncated_with_a_warning():
+    pipe = TextToVideoPipeline.embedded_default()
+    with pytest.warns(UserWarning, match="dropped"):
+        pipe.encode_prompts("snow " * 200)
+    with pytest.raises(ValueError, match="empty"):
+        pipe.encode_prompts("   ")
+
+
+@pytest.mark.parametrize("frames,height,width,msg", [
+    (20, 128, 192, "1 \\+ 4k frames"), (17, 128, 192, "not a multiple of the chunk size"),
+    (33, 100, 192, "multiples of 16"), (33, 128, 0, "multiples of 16")])
+def test_video_spec_errors(frames, height, width, msg):
+    with pytest.raises(ValueError, match=msg):
+        video_spec(frames, height, width)
+    assert video_spec(81, 480, 832).latent_frames == 21
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_readme_main_command_writes_a_playable_mp4(tmp_path):
+    """The README's main job: the embedded default model, 33 frames at 128x192, 16 fps."""
+    out = tmp_path / "fox.mp4"
+    proc = _cli("generate", "--prompt", "a red fox running through snow", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "UNTRAINED" in proc.stdout and "first frames after" in proc.stdout
+    video = read_mp4(out)
+    assert video.shape == (33, 128, 192, 3)
+    assert video.std() > 1.0  # not a blank video
+    assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"]  # no partial files left
+
+
+def test_generate_from_a_converted_checkpoint(wan_folder, tmp_path):
+    wan, pt, _ = wan_folder
+    ckpt = tmp_path / "ckpt"
+    proc = _cli("convert", "--checkpoint", str(pt), "--wan-dir", str(wan), "--out", str(ckpt), "--preset", "tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "v.mp4"
+    proc = _cli("generate", "--checkpoint", str(ckpt), "--prompt", "the sea at night", "--out", str(out),
+                "--frames", "21", "--height", "64", "--width", "96", "--mesh", "2", "--strategy", "ulysses")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_mp4(out).shape == (21, 64, 96, 3)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "x", "--frames", "20"], "1 + 4k frames"),
+    (["--prompt", "x", "--height", "100"], "multiples of 16"),
+    (["--prompt", "x", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+    (["--prompt", "x", "--out", "video.avi"], ".mp4"),
+])
+def test_generate_bad_input_fails_before_model_work(args, msg, tmp_path, capsys, monkeypatch):
+    from causal_dit_jax import cli
+
+    def no_models(*a, **k):
+        raise AssertionError("models were built before the input was checked")
+
+    monkeypatch.setattr(TextToVideoPipeline, "embedded_default", no_models)
+    argv = ["generate", "--out", str(tmp_path / "x.mp4")] + args
+    assert cli.main(argv) == 2
+    assert msg in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
