@@ -44,6 +44,7 @@ class BenchResult:
     compilations: Optional[int] = None  # backend compilations during the timed rollouts
     peak_memory_gb: Optional[float] = None
     forward_breakdown_ms: Optional[dict] = None  # one chunk forward (last chunk's cache), from a profile
+    vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
     date: str = ""
     host: str = ""
 
@@ -72,6 +73,14 @@ class BenchResult:
                                                        f"other {b['other']:.1f}  total {b['total']:.1f}"))
             for name, ms in list(b.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
+        if self.vae:
+            v = self.vae
+            rows.append(("VAE decode, streaming (ms/chunk)", " ".join(f"{t:.1f}" for t in v["decode_ms"])))
+            rows.append(("VAE decode total", f"{v['decode_total_s']:.3f} s ({v['vae_dtype']})"))
+            rows.append(("first frame (encoded prompt -> host)", f"{1e3 * v['first_frame_s']:.1f} ms"))
+            rows.append(("end to end, DiT + VAE", f"{v['e2e_s']:.3f} s = {v['e2e_fps']:.1f} frames/s"))
+            if v.get("peak_memory_gb") is not None:
+                rows.append(("peak device memory, DiT + VAE", f"{v['peak_memory_gb']:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
         w = max(len(r[0]) for r in rows)
@@ -87,7 +96,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
                   width: int = 128, inference: InferenceConfig = InferenceConfig(),
                   dit: Optional[CausalWanDiT] = None, strategy: str = "single", seed: int = 0,
                   comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1,
-                  profile: bool = False) -> BenchResult:
+                  profile: bool = False, e2e_vae: Optional[str] = None) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else "custom"
@@ -121,6 +130,9 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         if best is None or sum(times) < sum(best):
             best = times
     counter.active = False
+    vae_result = None
+    if e2e_vae:
+        vae_result = run_e2e(sampler, params, text, noise, key, e2e_vae)
     total = sum(best) / 1e3
     dev = jax.devices()[0]
     n_chunks = len(best)
@@ -154,9 +166,46 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
         mfu=None if peak is None else flops / total / 1e12 / peak, compilations=counter.count,
-        peak_memory_gb=peak_memory_gb(), forward_breakdown_ms=breakdown,
+        peak_memory_gb=peak_memory_gb(), forward_breakdown_ms=breakdown, vae=vae_result,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node())
+
+
+def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",
+            vae_dtype: str = "bfloat16") -> dict:
+    """The product's loop: each latent chunk decoded by the Wan VAE as soon as it is denoised, frames
+    copied to the host. Random VAE weights; one warm-up stream, then one timed."""
+    import numpy as np
+
+    from causal_dit_jax.demo_weights import random_params
+    from causal_dit_jax.vae import WanVAE, get_vae_preset, to_uint8
+
+    vae = WanVAE(get_vae_preset(vae_preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
+    vae_params = random_params(vae.abstract_params(), 7)
+    decode = jax.jit(lambda p, z, c: (lambda f, c2: (to_uint8(f), c2))(*vae.decode_chunk(p, z, c)),
+                     donate_argnums=(2,))
+    b, f, h, w, _ = noise.shape
+
+    def one_stream():
+        cache = vae.init_decode_cache(b, h, w)
+        t0 = time.perf_counter()
+        first, dec, frames = None, [], 0
+        for latents in sampler.stream(params, text, noise, key):
+            jax.block_until_ready(latents)
+            td = time.perf_counter()
+            pixels, cache = decode(vae_params, latents, cache)
+            host = np.asarray(pixels)
+            dec.append((time.perf_counter() - td) * 1e3)
+            frames += host.shape[1]
+            if first is None:
+                first = time.perf_counter() - t0
+        return first, dec, time.perf_counter() - t0, frames
+
+    one_stream()  # compile
+    first, dec, total, frames = one_stream()
+    return {"vae_preset": vae_preset, "vae_dtype": vae_dtype, "decode_ms": dec, "decode_total_s": sum(dec) / 1e3,
+            "first_frame_s": first, "e2e_s": total, "e2e_fps": frames / total, "frames": frames,
+            "peak_memory_gb": peak_memory_gb()}
 
 
 def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:

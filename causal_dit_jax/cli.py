@@ -35,6 +35,9 @@ def _add_bench(sub) -> None:
                    help="sequence-parallel attention (with --mesh)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
+    p.add_argument("--e2e", action="store_true",
+                   help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
+    p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
 
 
@@ -95,7 +98,7 @@ def cmd_bench(args) -> int:
         strategy = args.strategy
     result = run_dit_bench(args.preset, args.frames, args.height, args.width, InferenceConfig(),
                            dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
-                           profile=args.profile)
+                           profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None)
     print(result.table())
     if args.json:
         write_json(result, args.json)

@@ -34,13 +34,14 @@ def test_convert_cli_reports_bad_checkpoint(tmp_path, capsys):
 def test_bench_cli_prints_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", "bench", "--preset", "tiny", "--frames", "6",
-                           "--height", "64", "--width", "96", "--json", str(out)],
+                           "--height", "64", "--width", "96", "--json", str(out), "--e2e", "--vae-preset", "tiny"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "first-chunk latency" in proc.stdout and "video frames / s" in proc.stdout
     result = json.loads(out.read_text())
     assert len(result["chunk_ms"]) == 2 and result["forwards"] == 10 and result["video_frames"] == 21
     assert np.isclose(result["first_chunk_ms"], result["chunk_ms"][0])
+    assert result["vae"]["frames"] == 21 and len(result["vae"]["decode_ms"]) == 2 and result["vae"]["e2e_fps"] > 0
 
 
 def test_bench_cli_sequence_parallel(tmp_path):
