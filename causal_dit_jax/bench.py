@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
+from causal_dit_jax.config import PRESETS, InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.dit import CausalWanDiT, param_count
 from causal_dit_jax.flops import rollout_flops
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
@@ -99,7 +99,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
                   profile: bool = False, e2e_vae: Optional[str] = None) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
-    name = preset if isinstance(preset, str) else "custom"
+    name = preset if isinstance(preset, str) else next(
+        (k for k, v in PRESETS.items() if v == config), f"custom (residual {config.residual_dtype})")
     if height % 16 or width % 16:
         raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
     lh, lw = height // 8, width // 8

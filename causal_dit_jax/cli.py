@@ -38,6 +38,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--e2e", action="store_true",
                    help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
+    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
 
 
@@ -88,15 +90,18 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from causal_dit_jax.bench import run_dit_bench, write_json
 
+    from causal_dit_jax.config import get_preset
+
+    config = get_preset(args.preset)
+    if args.residual_dtype:
+        config = config.replace(residual_dtype=args.residual_dtype)
     dit, strategy, comm = None, "single", None
     if args.mesh:
-        from causal_dit_jax.config import get_preset
         from sharding.sequence_parallel import sequence_parallel_dit
 
-        dit, comm = sequence_parallel_dit(get_preset(args.preset), args.mesh, args.strategy,
-                                          height=args.height, width=args.width)
+        dit, comm = sequence_parallel_dit(config, args.mesh, args.strategy, height=args.height, width=args.width)
         strategy = args.strategy
-    result = run_dit_bench(args.preset, args.frames, args.height, args.width, InferenceConfig(),
+    result = run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
                            dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
                            profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None)
     print(result.table())

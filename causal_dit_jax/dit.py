@@ -151,18 +151,7 @@ class CausalWanDiT:
 
         Returns the flow prediction [B, F, H, W, C_out] (float32) and the updated cache.
         """
-        cfg = self.config
-        b, f, h, w, c = x.shape
-        if c != cfg.in_dim:
-            raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
-        if t.shape != (b, f):
-            raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
-        _, ph, pw = cfg.patch_size
-        cfg.tokens_per_frame(h, w)
-        grid = (f, h // ph, w // pw)
-        tokens = patchify(x, cfg.patch_size)
-        out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
-        return unpatchify(out, *grid, cfg.patch_size), cache
+        return forward_latents(self, params, x, t, text, cache, start_frame, rope)
 
     def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
                        cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
@@ -211,6 +200,23 @@ class CausalWanDiT:
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
         return out, cache
+
+
+def forward_latents(model, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
+                    cache: Optional[KVCache], start_frame, rope: RopeTables) -> tuple[jax.Array, Optional[KVCache]]:
+    """Check a latent chunk, patchify it, run `model.forward_tokens` (one device or a mesh), unpatchify."""
+    cfg = model.config
+    b, f, h, w, c = x.shape
+    if c != cfg.in_dim:
+        raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
+    if t.shape != (b, f):
+        raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
+    cfg.tokens_per_frame(h, w)
+    _, ph, pw = cfg.patch_size
+    grid = (f, h // ph, w // pw)
+    out, cache = model.forward_tokens(params, patchify(x, cfg.patch_size), t, text, cache, start_frame, rope,
+                                      grid=grid)
+    return unpatchify(out, *grid, cfg.patch_size), cache
 
 
 @functools.lru_cache(maxsize=None)

@@ -360,7 +360,7 @@ class WanVAEDecoder(nnx.Module):
     """Wan's `conv2` (1x1x1 on the un-normalised latent) followed by the decoder."""
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
-        dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+        pdtype = dtype_from_name(config.param_dtype)
         # conv2 runs in float32 on the float32 latent, before the cast to the compute dtype.
         self.conv2 = Conv(config.z_dim, config.z_dim, (1, 1, 1), dtype=jnp.float32, param_dtype=pdtype,
                           rngs=rngs)

@@ -12,6 +12,7 @@ import numpy as np
 from causal_dit_jax.config import ModelConfig, dtype_from_name
 from causal_dit_jax.dit import CausalWanDiT, Params
 from convert.dit_keys import DIT_KEY_MAP, source_keys, torch_dit_shapes
+from convert.state_dict_check import check_keys_and_shapes, set_path
 from convert.torch_files import CheckpointError, read_state_dict
 
 HEAD_DIM = 128  # Wan's head width; num_heads = dim / 128 when a checkpoint does not say
@@ -65,27 +66,8 @@ def infer_dit_config(state: Mapping[str, np.ndarray], base: Optional[ModelConfig
 
 def check_dit_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig) -> None:
     """Raise one CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = torch_dit_shapes(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: {tuple(state[k].shape)} (expected {expected[k]})"
-                   for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        lines = ["the checkpoint does not match the DiT config "
-                 f"(dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+    check_keys_and_shapes(state, torch_dit_shapes(config), "the DiT config "
+                          f"(dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim})")
 
 
 def dit_params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig,
@@ -102,7 +84,7 @@ def dit_params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelCon
         else:
             value = rule.transform(*(np.asarray(state[t]) for t in rule.torch))
         value = value.astype(dtype)
-        _set(params, rule.ours, value if as_numpy else jax.numpy.asarray(value))
+        set_path(params, rule.ours, value if as_numpy else jax.numpy.asarray(value))
     _check_tree(params, config)
     return params
 

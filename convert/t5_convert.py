@@ -12,6 +12,7 @@ from causal_dit_jax.config import dtype_from_name
 from causal_dit_jax.text_encoder import Params, T5Config, UMT5Encoder
 from convert.dit_keys import source_keys
 from convert.t5_keys import t5_key_map, torch_t5_shapes
+from convert.state_dict_check import check_keys_and_shapes, set_path
 from convert.torch_files import CheckpointError, read_pt_state_dict
 
 
@@ -35,28 +36,9 @@ def infer_t5_config(state: Mapping[str, np.ndarray], base: Optional[T5Config] = 
 
 def check_t5_state_dict(state: Mapping[str, np.ndarray], config: T5Config) -> None:
     """Raise one CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = torch_t5_shapes(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: {tuple(state[k].shape)} (expected {expected[k]})"
-                   for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        lines = ["the checkpoint does not match the text encoder config "
-                 f"(vocab={config.vocab_size}, dim={config.dim}, heads={config.num_heads}, "
-                 f"layers={config.num_layers}, ffn={config.dim_ffn}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+    check_keys_and_shapes(state, torch_t5_shapes(config), "the text encoder config "
+                          f"(vocab={config.vocab_size}, dim={config.dim}, heads={config.num_heads}, "
+                          f"layers={config.num_layers}, ffn={config.dim_ffn})")
 
 
 def t5_params_from_state_dict(state: Mapping[str, np.ndarray], config: T5Config,
@@ -78,7 +60,7 @@ def _consume_state_dict(state: dict, config: T5Config, as_numpy: bool) -> Params
         else:
             value = rule.transform(*(np.asarray(state.pop(t)) for t in rule.torch))
         value = value.astype(dtype, copy=False)
-        _set(params, rule.ours, value if as_numpy else jax.numpy.asarray(value))
+        set_path(params, rule.ours, value if as_numpy else jax.numpy.asarray(value))
     _check_tree(params, config)
     return params
 

@@ -15,34 +15,18 @@ import numpy as np
 
 from causal_dit_jax.config import dtype_from_name
 from causal_dit_jax.vae import Params, VAEConfig, WanVAE, get_vae_preset
-from convert.torch_files import CheckpointError, _torch_to_numpy, load_torch_pickle, select_state_dict
+from convert.state_dict_check import check_keys_and_shapes, set_path
+from convert.torch_files import _torch_to_numpy, load_torch_pickle, select_state_dict
 from convert.vae_keys import IGNORED_PREFIXES, vae_decoder_key_map
 
 
 def check_vae_state_dict(state: Mapping[str, object], config: VAEConfig) -> None:
-    """Raise one CheckpointError naming every missing, unexpected and mis-shaped decoder key."""
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped decoder key
+    (the encoder half of the file is ignored)."""
     expected = {rule.torch: rule.torch_shape for rule in vae_decoder_key_map(config)}
-    present = {k for k in state if not k.startswith(IGNORED_PREFIXES)}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    shapes = {k: tuple(getattr(state[k], "shape", ("not a tensor",))) for k in set(expected) & present}
-    wrong = sorted(f"{k}: {shapes[k]} (expected {expected[k]})" for k in shapes if shapes[k] != expected[k])
-    if missing or unexpected or wrong:
-        lines = [f"the checkpoint does not match the VAE decoder config (dim={config.dim}, "
-                 f"dim_mult={config.dim_mult}, num_res_blocks={config.num_res_blocks}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+    decoder_part = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    check_keys_and_shapes(decoder_part, expected, f"the VAE decoder config (dim={config.dim}, "
+                          f"dim_mult={config.dim_mult}, num_res_blocks={config.num_res_blocks})")
 
 
 def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig) -> Params:
@@ -53,7 +37,7 @@ def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig) -
     for rule in vae_decoder_key_map(config):
         value = state[rule.torch]
         value = _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
-        _set(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
+        set_path(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
     want = jax.tree.map(lambda a: tuple(a.shape), WanVAE(config).abstract_params())
     got = jax.tree.map(lambda a: tuple(a.shape), params)
     if got != want:  # a bug guard on the key table

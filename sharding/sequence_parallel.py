@@ -19,9 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax.attention import local_self_attention
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
-from causal_dit_jax.dit import CausalWanDiT, Params
+from causal_dit_jax.dit import CausalWanDiT, Params, forward_latents
 from causal_dit_jax.kv_cache import KVCache, TextKV
-from causal_dit_jax.patchify import patchify, unpatchify
 from causal_dit_jax.rope import RopeTables
 from sharding.mesh import make_mesh, mesh_sizes
 from sharding.partition_specs import SPECS
@@ -144,18 +143,7 @@ class SequenceParallelDiT:
                 cache: Optional[KVCache], start_frame, rope: RopeTables
                 ) -> tuple[jax.Array, Optional[KVCache]]:
         """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
-        cfg = self.config
-        b, f, h, w, c = x.shape
-        if c != cfg.in_dim:
-            raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
-        if t.shape != (b, f):
-            raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
-        cfg.tokens_per_frame(h, w)
-        _, ph, pw = cfg.patch_size
-        grid = (f, h // ph, w // pw)
-        out, cache = self.forward_tokens(params, patchify(x, cfg.patch_size), t, text, cache,
-                                         start_frame, rope, grid=grid)
-        return unpatchify(out, *grid, cfg.patch_size), cache
+        return forward_latents(self, params, x, t, text, cache, start_frame, rope)
 
     # ------------------------------------------------------------------ accounting
     def comm_bytes_per_forward(self, frames: int, latent_height: int, latent_width: int,

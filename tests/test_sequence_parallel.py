@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler, causal_rope_positions
 from causal_dit_jax.config import get_preset
-from sharding import RING, SEQ_AXES, ULYSSES, SequenceParallelDiT, make_mesh, split_sequence_devices
+from sharding import SEQ_AXES, SequenceParallelDiT, make_mesh, split_sequence_devices
 from sharding.rope_sp import shard_positions
 
 SP_TOL = 1e-5
