@@ -132,6 +132,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
             now = time.perf_counter()
             times.append((now - t_prev) * 1e3)
             t_prev = now
+        times[-1] += (time.perf_counter() - t_prev) * 1e3  # the last chunk's cache fill
         if best is None or sum(times) < sum(best):
             best = times
     counter.active = False

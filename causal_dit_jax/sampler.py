@@ -125,6 +125,7 @@ class SelfForcingSampler:
             # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0
             cache = self._fill_fn(params, x0, cache, text, start, rope)
+        jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
     def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
                  start_frame: int = 0) -> jax.Array:
