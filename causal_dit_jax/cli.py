@@ -31,7 +31,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument("--strategy", default="ulysses", choices=["ulysses", "ring", "hybrid"],
+    p.add_argument("--strategy", default="hybrid", choices=["ulysses", "ring", "hybrid"],
                    help="sequence-parallel attention (with --mesh)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
@@ -39,6 +39,7 @@ def _add_bench(sub) -> None:
                    help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
     p.add_argument("--vae-latents-per-call", type=int, default=1, help="latent frames per VAE decode call (--e2e)")
+    p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
@@ -96,11 +97,13 @@ def cmd_bench(args) -> int:
     config = get_preset(args.preset)
     if args.residual_dtype:
         config = config.replace(residual_dtype=args.residual_dtype)
-    dit, strategy, comm = None, "single", None
+    from causal_dit_jax.dit import CausalWanDiT
+
+    dit, strategy, comm = CausalWanDiT(config, scan_unroll=args.scan_unroll), "single", None
     if args.mesh:
         from sharding.sequence_parallel import sequence_parallel_dit
 
-        dit, comm = sequence_parallel_dit(config, args.mesh, args.strategy, height=args.height, width=args.width)
+        dit, comm = sequence_parallel_dit(dit, args.mesh, args.strategy, height=args.height, width=args.width)
         strategy = args.strategy
     result = run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
                            dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,

@@ -80,11 +80,13 @@ class CausalWanDiT:
 
     attention_fn: the self-attention kernel (see `attention.local_self_attention`); sequence
     parallelism passes its own. attention_impl: 'xla', 'cudnn' or None (auto) for the default kernel.
+    scan_unroll: layers per iteration of the layer loop (`lax.scan(unroll=)`); 1 compiles fastest.
     """
 
     def __init__(self, config: ModelConfig, attention_fn: Optional[SelfAttentionFn] = None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, scan_unroll: int = 1):
         self.config = config
+        self.scan_unroll = scan_unroll
         self.attention_fn = attention_fn or make_local_self_attention(attention_impl)
         self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
         self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, rngs=nnx.Rngs(0))))
@@ -92,7 +94,7 @@ class CausalWanDiT:
 
     def with_attention(self, attention_fn: SelfAttentionFn) -> "CausalWanDiT":
         """The same model with another self-attention kernel (used by `sharding`)."""
-        return CausalWanDiT(self.config, attention_fn)
+        return CausalWanDiT(self.config, attention_fn, scan_unroll=self.scan_unroll)
 
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array) -> Params:
@@ -194,7 +196,8 @@ class CausalWanDiT:
 
         # The cache rides in the carry: each layer updates its chunk slot in place.
         cache_kv = None if cache is None else (cache.k, cache.v)
-        (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers))
+        (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers),
+                                        unroll=self.scan_unroll)
         head = nnx.merge(self._head_def, params["head"])
         out = head(x, e, frame_ids)
         if cache is not None:

@@ -164,13 +164,13 @@ class SequenceParallelDiT:
         return cfg.num_layers * (a2a + ring)
 
 
-def sequence_parallel_dit(config: ModelConfig, num_devices: int, strategy: str, *, height: int, width: int,
+def sequence_parallel_dit(dit: CausalWanDiT | ModelConfig, num_devices: int, strategy: str, *, height: int, width: int,
                           frames_per_chunk: int = 3, num_chunks: int = 3
                           ) -> tuple[SequenceParallelDiT, int]:
     """A SequenceParallelDiT on the first `num_devices` devices, plus its self-attention bytes per
     chunk (4 denoising forwards + the cache fill, averaged over `num_chunks` chunks of cache growth)."""
-    mesh = make_mesh(num_devices, strategy=strategy, num_heads=config.num_heads)
-    sp = SequenceParallelDiT(config, mesh)
+    sp = SequenceParallelDiT(dit, make_mesh(num_devices, strategy=strategy, num_heads=dit.config.num_heads
+                                            if isinstance(dit, CausalWanDiT) else dit.num_heads))
     lh, lw = height // 8, width // 8
     per_chunk = [5 * sp.comm_bytes_per_forward(frames_per_chunk, lh, lw, i + 1) for i in range(num_chunks)]
     return sp, sum(per_chunk) // len(per_chunk)
