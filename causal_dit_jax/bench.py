@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from causal_dit_jax.config import PRESETS, InferenceConfig, ModelConfig, get_preset
-from causal_dit_jax.dit import CausalWanDiT, param_count
+from causal_dit_jax.dit import CausalWanDiT
 from causal_dit_jax.flops import rollout_flops
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 
@@ -258,4 +258,4 @@ def write_json(result: BenchResult, path: str) -> None:
     print(f"wrote {path}")
 
 
-__all__ = ["BenchResult", "run_dit_bench", "video_frames", "write_json", "param_count"]
+__all__ = ["BenchResult", "run_dit_bench", "run_e2e", "video_frames", "write_json"]

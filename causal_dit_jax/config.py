@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -186,6 +186,3 @@ class InferenceConfig:
     def replace(self, **kw) -> "InferenceConfig":
         return dataclasses.replace(self, **kw)
 
-
-def as_tuple(x: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in x)
