@@ -18,8 +18,29 @@ def dtype_from_name(name: str):
     return _DTYPES[name]
 
 
+class ConfigFields:
+    """replace / to_dict / to_json / from_dict for the frozen config dataclasses."""
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from `to_dict()` output (e.g. a checkpoint's config.json); unknown fields are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigFields):
     """Shapes of the causal Wan2.1 DiT (names follow Wan's `WanModel` arguments).
 
     Precision: `param_dtype` is how weights are stored, `dtype` the matmul/activation dtype,
@@ -88,26 +109,6 @@ class ModelConfig:
             )
         return (latent_height // ph) * (latent_width // pw)
 
-    def replace(self, **kw) -> "ModelConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "patch_size" in d:
-            d["patch_size"] = tuple(d["patch_size"])
-        return cls(**d)
-
 
 PRESETS: dict[str, ModelConfig] = {
     # The published Wan2.1-T2V-1.3B (1,418,996,800 parameters).
@@ -128,7 +129,7 @@ def get_preset(name: str) -> ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class InferenceConfig:
+class InferenceConfig(ConfigFields):
     """Self-Forcing few-step inference settings (`configs/self_forcing_dmd.yaml`).
 
     local_attn_size / sink_size are in latent frames (-1 = attend to the whole history). They must
@@ -182,7 +183,4 @@ class InferenceConfig:
         if self.local_attn_size == -1:
             return n
         return min(n, self.local_attn_size // self.frames_per_chunk)
-
-    def replace(self, **kw) -> "InferenceConfig":
-        return dataclasses.replace(self, **kw)
 

@@ -116,7 +116,7 @@ class TextToVideoPipeline:
                              "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
         dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
-        vae = WanVAE(VAEConfig(**meta["vae"]))
+        vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
         sharding = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
@@ -194,7 +194,7 @@ def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.P
     from causal_dit_jax.checkpoint import save_checkpoint
 
     configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),
-               "vae": dataclasses.asdict(pipe.vae.config), "untrained": pipe.untrained}
+               "vae": pipe.vae.config.to_dict(), "untrained": pipe.untrained}
     if isinstance(pipe.tokenizer, ByteTokenizer):
         configs["tokenizer"] = "bytes"
     return save_checkpoint(out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, "vae": pipe.vae_params},

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from typing import Any
 
@@ -27,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from causal_dit_jax.config import dtype_from_name
+from causal_dit_jax.config import ConfigFields, dtype_from_name
 from causal_dit_jax.layers import RMSNorm
 
 Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ConfigFields):
     """Shapes of Wan's umT5 encoder (names follow Wan's `T5Encoder` arguments).
 
     Precision: `param_dtype` is how weights are stored (Wan ships bf16), `dtype` the matmul dtype and
@@ -75,21 +74,6 @@ class T5Config:
     def head_dim(self) -> int:
         return self.dim_attn // self.num_heads
 
-    def replace(self, **kw) -> "T5Config":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown T5Config fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 BYTE_VOCAB = 259  # ByteTokenizer: pad 0, eos 1, unk 2, then 256 byte values

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from causal_dit_jax.config import dtype_from_name
+from causal_dit_jax.config import ConfigFields, dtype_from_name
 
 Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
@@ -40,7 +40,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ConfigFields):
     """Shapes and precision of the Wan VAE decoder (names follow Wan's `WanVAE_` arguments).
 
     dtype: compute dtype of convs and activations (norms and softmax run in float32 regardless);
@@ -83,9 +83,6 @@ class VAEConfig:
         """Video frames from `latent_frames` latents: 1 + 4 (T - 1) for a video's start, else 4 T."""
         f = self.temporal_factor
         return 1 + f * (latent_frames - 1) if first_chunk else f * latent_frames
-
-    def replace(self, **kw) -> "VAEConfig":
-        return dataclasses.replace(self, **kw)
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import shutil
 from typing import Optional
@@ -68,5 +67,5 @@ def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | path
 
     return save_checkpoint(out_dir, {"dit": dit_params, "t5": t5_params, "vae": vae_params},
                            {"dit": config.to_dict(), "t5": t5_config.to_dict(),
-                            "vae": dataclasses.asdict(vae_config)},
+                            "vae": vae_config.to_dict()},
                            overwrite=overwrite, extra_files=copy_tokenizer)

@@ -1,6 +1,6 @@
 """PyTorch reference of Self-Forcing's causal Wan2.1 DiT (``CausalWanModel``) for parity tests.
 
-Written from ``/work/shared/reference/self_forcing_wan_facts.md`` ("facts"), sections 1-6. Pure torch
+Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) ("facts"), sections 1-6. Pure torch
 (CPU, float32 or bfloat16 via ``model.to(torch.bfloat16)``), no flash-attn, no diffusers.
 
 Precision follows Self-Forcing, not Wan2.1 (facts §3 "Precision"): everything runs in the parameter dtype

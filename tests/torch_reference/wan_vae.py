@@ -1,6 +1,6 @@
 """PyTorch reference of the Wan2.1 VAE decoder path (``wan/modules/vae.py``) for parity tests.
 
-Written from ``/work/shared/reference/self_forcing_wan_facts.md`` sections 2 (VAE keys) and 8. State-dict
+Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2 (VAE keys) and 8. State-dict
 keys are Wan's own (``conv2.*``, ``decoder.conv1.*``, ``decoder.middle.{0,1,2}.*``,
 ``decoder.upsamples.{k}.*``, ``decoder.head.{0,2}.*``), so a real ``Wan2.1_VAE.pth`` loads into
 ``WanVAEDecoder(dim=96)`` with ``strict=False`` (its ``encoder.*`` and ``conv1.*`` keys are unused here).
