@@ -39,6 +39,8 @@ def _add_bench(sub) -> None:
                    help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
     p.add_argument("--vae-latents-per-call", type=int, default=1, help="latent frames per VAE decode call (--e2e)")
+    p.add_argument("--compilation-cache", default=None,
+                   help="JAX persistent compilation cache folder (run twice: the second run's compile is warm)")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
                    help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)")
@@ -91,6 +93,13 @@ def cmd_convert(args) -> int:
 
 def cmd_bench(args) -> int:
     from causal_dit_jax.bench import run_dit_bench, write_json
+
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     from causal_dit_jax.config import get_preset
 
