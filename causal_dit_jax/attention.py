@@ -43,12 +43,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     k = k.astype(q.dtype)
     v = v.astype(q.dtype)
     implementation = implementation or default_implementation(q.dtype)
-    length = q.shape[1]
-    pad = -length % 128 if implementation == "cudnn" else 0
-    if pad:  # aligned query blocks run faster in cuDNN; the padded queries' outputs are dropped
-        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation=implementation)
-    return out[:, :length] if pad else out
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
+                                        implementation=implementation)
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array

@@ -36,7 +36,7 @@ class KVCache:
     k: jax.Array
     v: jax.Array
     origin_frame: jax.Array
-    capacity: int = struct.field(pytree_node=False)  # chunk slots (S may have an unused aligned tail)
+    capacity: int = struct.field(pytree_node=False)
     sink_chunks: int = struct.field(pytree_node=False, default=0)
     frames_per_chunk: int = struct.field(pytree_node=False, default=3)
 
@@ -57,7 +57,7 @@ class TextKV(NamedTuple):
 
 def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, num_frames: int,
                   chunk_tokens: int, origin_frame: int | jax.Array = 0, num_heads: int | None = None,
-                  dtype=None, align: int = 128) -> KVCache:
+                  dtype=None) -> KVCache:
     """Zero cache sized for a video of `num_frames` latent frames (or the rolling window).
 
     chunk_tokens: keys stored per chunk slot (3 * 1560 = 4680 at 480x832 on one device).
@@ -67,8 +67,7 @@ def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, nu
     sink = inference.sink_size // inference.frames_per_chunk
     n = model.num_heads if num_heads is None else num_heads
     dt = dtype_from_name(inference.cache_dtype) if dtype is None else dtype
-    keys = -(-capacity * chunk_tokens // align) * align
-    shape = (model.num_layers, batch, keys, n, model.head_dim)
+    shape = (model.num_layers, batch, capacity * chunk_tokens, n, model.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
                    origin_frame=jnp.asarray(origin_frame, jnp.int32), capacity=capacity,
                    sink_chunks=sink, frames_per_chunk=inference.frames_per_chunk)
