@@ -92,10 +92,6 @@ class CausalWanDiT:
         self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, rngs=nnx.Rngs(0))))
         self._head_def = nnx.graphdef(nnx.eval_shape(lambda: Head(config, rngs=nnx.Rngs(0))))
 
-    def with_attention(self, attention_fn: SelfAttentionFn) -> "CausalWanDiT":
-        """The same model with another self-attention kernel (used by `sharding`)."""
-        return CausalWanDiT(self.config, attention_fn, scan_unroll=self.scan_unroll)
-
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array) -> Params:
         """Random parameters: {'stem', 'blocks' (stacked over layers), 'head'}."""

@@ -20,7 +20,6 @@ class SequenceParallelSpecs:
     # Self-attention cache per layer. All-to-all part: heads split over 'ulysses'; ring part: the
     # cached sequence stays on the ring member that computed it.
     cache_lbsnd: P = P(None, DATA, RING, ULYSSES, None)
-    replicated: P = P()
 
 
 SPECS = SequenceParallelSpecs()
