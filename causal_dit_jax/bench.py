@@ -45,6 +45,7 @@ class BenchResult:
     peak_memory_gb: Optional[float] = None
     forward_breakdown_ms: Optional[dict] = None  # one chunk forward (last chunk's cache), from a profile
     vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
+    tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
     date: str = ""
     host: str = ""
 
@@ -73,15 +74,16 @@ class BenchResult:
                                                        f"other {b['other']:.1f}  total {b['total']:.1f}"))
             for name, ms in list(b.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
-        if self.vae:
-            v = self.vae
-            rows.append(("VAE decode, streaming (ms/chunk)", " ".join(f"{t:.1f}" for t in v["decode_ms"])))
-            rows.append(("VAE decode total", f"{v['decode_total_s']:.3f} s ({v['vae_dtype']}, "
-                                             f"{v['latents_per_call']} latents per call)"))
-            rows.append(("first frame (encoded prompt -> host)", f"{1e3 * v['first_frame_s']:.1f} ms"))
-            rows.append(("end to end, DiT + VAE", f"{v['e2e_s']:.3f} s = {v['e2e_fps']:.1f} frames/s"))
+        for label, v in (("VAE", self.vae), ("tiny decoder", self.tiny_vae)):
+            if not v:
+                continue
+            rows.append((f"{label} decode, streaming (ms/chunk)", " ".join(f"{t:.1f}" for t in v["decode_ms"])))
+            rows.append((f"{label} decode total", f"{v['decode_total_s']:.3f} s ({v['vae_preset']}, {v['vae_dtype']}, "
+                                                   f"{v['latents_per_call']} latents per call)"))
+            rows.append((f"first frame with {label} (encoded prompt -> host)", f"{1e3 * v['first_frame_s']:.1f} ms"))
+            rows.append((f"end to end, DiT + {label}", f"{v['e2e_s']:.3f} s = {v['e2e_fps']:.1f} frames/s"))
             if v.get("peak_memory_gb") is not None:
-                rows.append(("peak device memory, DiT + VAE", f"{v['peak_memory_gb']:.2f} GB"))
+                rows.append((f"peak device memory, DiT + {label}", f"{v['peak_memory_gb']:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
         w = max(len(r[0]) for r in rows)
@@ -136,9 +138,11 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         if best is None or sum(times) < sum(best):
             best = times
     counter.active = False
-    vae_result = None
+    vae_result = tiny_result = None
     if e2e_vae:
         vae_result = run_e2e(sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call)
+        tiny_result = run_e2e(sampler, params, text, noise, key, "taehv" if e2e_vae == "wan2.1" else "taehv-tiny",
+                              latents_per_call=vae_latents_per_call)
     total = sum(best) / 1e3
     dev = jax.devices()[0]
     n_chunks = len(best)
@@ -172,22 +176,28 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
         mfu=None if peak is None else flops / total / 1e12 / peak, compilations=counter.count,
-        peak_memory_gb=peak_memory_gb(), forward_breakdown_ms=breakdown, vae=vae_result,
+        peak_memory_gb=peak_memory_gb(), forward_breakdown_ms=breakdown, vae=vae_result, tiny_vae=tiny_result,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node())
 
 
 def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",
             vae_dtype: str = "bfloat16", latents_per_call: int = 3) -> dict:
-    """The product's loop: each latent chunk decoded by the Wan VAE as soon as it is denoised
-    (`latents_per_call` latents per decode call), frames copied to the host. Random VAE weights; one
-    warm-up stream, then one timed. first_frame_s: stream start to the first frames on the host."""
+    """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
+    latents per decode call), frames copied to the host. vae_preset: a Wan VAE preset ('wan2.1',
+    'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random decoder weights;
+    one warm-up stream, then one timed. first_frame_s: stream start to the first frames on the host."""
     import numpy as np
 
     from causal_dit_jax.demo_weights import random_params
+    from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
     from causal_dit_jax.vae import WanVAE, get_vae_preset, to_uint8
 
-    vae = WanVAE(get_vae_preset(vae_preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
+    if vae_preset.startswith("taehv"):
+        preset = "taew2.1" if vae_preset == "taehv" else vae_preset.removeprefix("taehv-")
+        vae = TAEHVDecoder(get_taehv_preset(preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
+    else:
+        vae = WanVAE(get_vae_preset(vae_preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
     vae_params = random_params(vae.abstract_params(), 7)
     decode = jax.jit(lambda p, z, c: (lambda f, c2: (to_uint8(f), c2))(*vae.decode_chunk(p, z, c)),
                      donate_argnums=(2,))

@@ -17,6 +17,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--wan-dir", default=None,
                    help="Wan2.1-T2V-1.3B folder: adds the umT5 encoder, the VAE and the tokenizer, so the "
                         "checkpoint runs `causal-dit generate`")
+    p.add_argument("--taehv", default=None,
+                   help="with --wan-dir: also convert the tiny preview decoder (taew2_1.pth or .safetensors), "
+                        "used by `generate --decoder taehv`")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="expected model shapes (default: inferred from the weights)")
@@ -36,7 +39,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
     p.add_argument("--e2e", action="store_true",
-                   help="also run the product loop: each chunk decoded by the Wan VAE (bf16) as it is made")
+                   help="also run the product loop: each chunk decoded as it is made, by the Wan VAE (bf16) "
+                        "and by the tiny TAEHV decoder (bf16)")
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
     p.add_argument("--vae-latents-per-call", type=int, default=1, help="latent frames per VAE decode call (--e2e)")
     p.add_argument("--compilation-cache", default=None,
@@ -64,6 +68,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--local-attn-size", type=int, default=-1,
                    help="rolling KV cache window in latent frames (multiple of 3; -1: whole video)")
     p.add_argument("--sink-size", type=int, default=0, help="attention-sink latent frames kept in the window")
+    p.add_argument("--decoder", default="wan", choices=["wan", "taehv"],
+                   help="wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +88,9 @@ def cmd_convert(args) -> int:
     config = get_preset(args.preset) if args.preset else None
     if args.wan_dir:
         out = convert_pipeline_checkpoint(args.wan_dir, args.out, args.checkpoint, config, args.which,
-                                          overwrite=args.overwrite)
+                                          overwrite=args.overwrite, taehv_checkpoint=args.taehv)
+    elif args.taehv:
+        raise ValueError("--taehv needs --wan-dir (the tiny decoder is part of a generation checkpoint)")
     elif args.checkpoint:
         out = convert_dit_checkpoint(args.checkpoint, args.out, config, args.which, args.overwrite)
     else:
@@ -167,9 +175,9 @@ def cmd_generate(args) -> int:
     if demo:
         print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
               "the video shows the pipeline working, not a picture of the prompt.")
-        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh)
+        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder)
     else:
-        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh)
+        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder)
     print(f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
           f"({spec.latent_frames} latent frames, {spec.latent_frames // inference.frames_per_chunk} chunks)")
     stats: dict = {}

@@ -1,6 +1,7 @@
-"""Text to video, end to end: tokenizer -> umT5 -> causal DiT (Self-Forcing) -> Wan VAE, streaming.
+"""Text to video, end to end: tokenizer -> umT5 -> causal DiT (Self-Forcing) -> Wan VAE (or the tiny
+TAEHV decoder), streaming.
 
-Each latent chunk is decoded as soon as it is denoised, with the VAE's causal conv caches carried
+Each latent chunk is decoded as soon as it is denoised, with the decoder's causal caches carried
 between chunks, so the first frames exist long before the video is done.
 """
 
@@ -23,9 +24,11 @@ from causal_dit_jax.kv_cache import TextKV
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 from causal_dit_jax.text_encoder import T5Config, UMT5Encoder, get_t5_preset
 from causal_dit_jax.tokenizer import ByteTokenizer, PromptTokenizer
+from causal_dit_jax.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.vae import VAEConfig, WanVAE, get_vae_preset, to_uint8
 
-COMPONENTS = ("dit", "t5", "vae")
+COMPONENTS = ("dit", "t5")
+DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,10 @@ def video_spec(frames: int, height: int, width: int, frames_per_chunk: int = 3) 
 
 
 class TextToVideoPipeline:
-    """Holds the converted params (DiT, umT5, VAE), the tokenizer and optionally a mesh.
+    """Holds the converted params (DiT, umT5, a video decoder), the tokenizer and optionally a mesh.
+
+    vae: the video decoder, `WanVAE` (the full Wan2.1 VAE) or `TAEHVDecoder` (the tiny preview decoder);
+    both stream with carried caches and give the same frame counts.
 
     mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
@@ -65,7 +71,8 @@ class TextToVideoPipeline:
     """
 
     def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
-                 tokenizer, vae: WanVAE, vae_params: Params, inference: InferenceConfig = InferenceConfig(),
+                 tokenizer, vae: WanVAE | TAEHVDecoder, vae_params: Params,
+                 inference: InferenceConfig = InferenceConfig(),
                  mesh=None, untrained: bool = False, vae_latents_per_call: int = 1):
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
@@ -94,29 +101,43 @@ class TextToVideoPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def embedded_default(cls, inference: InferenceConfig = InferenceConfig(), mesh=None,
-                         seed: int = 0) -> "TextToVideoPipeline":
+                         seed: int = 0, decoder: str = "wan") -> "TextToVideoPipeline":
         """Small presets with deterministic random weights (untrained: the video is noise-like).
-        Runs on a laptop CPU in about a minute; every code path is the real model's."""
+        Runs on a laptop CPU in about a minute; every code path is the real model's.
+        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder)."""
+        _check_decoder(decoder)
         dit = CausalWanDiT(get_preset("demo"))
         t5 = UMT5Encoder(get_t5_preset("demo"))
-        vae = WanVAE(get_vae_preset("tiny"))
+        vae = WanVAE(get_vae_preset("tiny")) if decoder == "wan" else TAEHVDecoder(get_taehv_preset("tiny"))
         return cls(dit, random_params(dit.abstract_params(), seed), t5, random_params(t5.abstract_params(), seed + 1),
                    ByteTokenizer(max_length=t5.config.text_len), vae, random_params(vae.abstract_params(), seed + 2),
                    inference, mesh, untrained=True)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),
-                        mesh=None) -> "TextToVideoPipeline":
-        """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer)."""
+                        mesh=None, decoder: str = "wan") -> "TextToVideoPipeline":
+        """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
+
+        decoder: 'wan' decodes with the Wan2.1 VAE; 'taehv' with the tiny decoder (converted with
+        `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded."""
+        _check_decoder(decoder)
         d = pathlib.Path(ckpt_dir).expanduser()
         meta = read_checkpoint_config(d)
-        missing = [c for c in COMPONENTS if c not in meta.get("components", [])]
+        have = meta.get("components", [])
+        missing = [c for c in COMPONENTS if c not in have]
         if missing:
             raise ValueError(f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
                              "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
+        if DECODERS[decoder] not in have:
+            how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
+            raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
+                             f"convert with `causal-dit convert ... {how}`")
         dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
-        vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
+        if decoder == "wan":
+            vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
+        else:
+            vae = TAEHVDecoder(TAEHVConfig.from_dict(meta["taehv"]))
         sharding = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
@@ -124,7 +145,7 @@ class TextToVideoPipeline:
             sharding = NamedSharding(mesh, PartitionSpec())
         dit_params = restore_component(d, "dit", dit.abstract_params(), sharding)
         t5_params = restore_component(d, "t5", t5.abstract_params())
-        vae_params = restore_component(d, "vae", vae.abstract_params())
+        vae_params = restore_component(d, DECODERS[decoder], vae.abstract_params())
         tok_dir = d / "tokenizer"
         if tok_dir.exists():
             tokenizer = PromptTokenizer.from_folder(tok_dir, max_length=t5.config.text_len)
@@ -193,12 +214,18 @@ def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.P
     """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
 
+    decoder = "vae" if isinstance(pipe.vae, WanVAE) else "taehv"
     configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),
-               "vae": pipe.vae.config.to_dict(), "untrained": pipe.untrained}
+               decoder: pipe.vae.config.to_dict(), "untrained": pipe.untrained}
     if isinstance(pipe.tokenizer, ByteTokenizer):
         configs["tokenizer"] = "bytes"
-    return save_checkpoint(out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, "vae": pipe.vae_params},
+    return save_checkpoint(out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, decoder: pipe.vae_params},
                            configs, overwrite=overwrite)
 
 
-__all__ = ["TextToVideoPipeline", "VideoSpec", "video_spec", "save_pipeline_checkpoint"]
+def _check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; expected one of {sorted(DECODERS)}")
+
+
+__all__ = ["TextToVideoPipeline", "VideoSpec", "video_spec", "save_pipeline_checkpoint", "DECODERS"]

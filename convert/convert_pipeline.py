@@ -20,6 +20,7 @@ from causal_dit_jax.tokenizer import PromptTokenizer
 from causal_dit_jax.vae import VAEConfig
 from convert.dit_convert import load_dit_params
 from convert.t5_convert import load_t5_params
+from convert.taehv_convert import load_taehv_params
 from convert.torch_files import CheckpointError
 from convert.vae_convert import load_vae_params
 
@@ -44,10 +45,12 @@ def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | path
                                 dit_checkpoint: Optional[str | pathlib.Path] = None,
                                 dit_config: Optional[ModelConfig] = None, which: str = "generator_ema",
                                 vae_config: Optional[VAEConfig] = None, t5_config: Optional[T5Config] = None,
-                                overwrite: bool = False) -> pathlib.Path:
+                                overwrite: bool = False, taehv_checkpoint: Optional[str | pathlib.Path] = None
+                                ) -> pathlib.Path:
     """Convert everything a `TextToVideoPipeline` needs into one Orbax checkpoint folder.
 
     dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).
+    taehv_checkpoint: optionally `taew2_1.pth`, the tiny preview decoder (`--decoder taehv`).
     All inputs are read and checked before anything is written; the folder appears complete or not at all.
     """
     check_output_dir(out_dir, overwrite)
@@ -62,10 +65,13 @@ def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | path
     if vae_config is None:  # the width was read off the file
         vae_config = VAEConfig(dim=vae_params["decoder"]["conv1"]["kernel"].shape[-1] // VAEConfig().dim_mult[-1])
 
+    components = {"dit": dit_params, "t5": t5_params, "vae": vae_params}
+    configs = {"dit": config.to_dict(), "t5": t5_config.to_dict(), "vae": vae_config.to_dict()}
+    if taehv_checkpoint is not None:
+        taehv_config, components["taehv"] = load_taehv_params(taehv_checkpoint)
+        configs["taehv"] = taehv_config.to_dict()
+
     def copy_tokenizer(tmp: pathlib.Path) -> None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
 
-    return save_checkpoint(out_dir, {"dit": dit_params, "t5": t5_params, "vae": vae_params},
-                           {"dit": config.to_dict(), "t5": t5_config.to_dict(),
-                            "vae": vae_config.to_dict()},
-                           overwrite=overwrite, extra_files=copy_tokenizer)
+    return save_checkpoint(out_dir, components, configs, overwrite=overwrite, extra_files=copy_tokenizer)

@@ -42,6 +42,9 @@ def test_bench_cli_prints_and_writes_json(tmp_path):
     assert len(result["chunk_ms"]) == 2 and result["forwards"] == 10 and result["video_frames"] == 21
     assert np.isclose(result["first_chunk_ms"], result["chunk_ms"][0])
     assert result["vae"]["frames"] == 21 and len(result["vae"]["decode_ms"]) == 2 and result["vae"]["e2e_fps"] > 0
+    tiny = result["tiny_vae"]
+    assert tiny["vae_preset"] == "taehv-tiny" and tiny["frames"] == 21 and tiny["e2e_fps"] > 0
+    assert "end to end, DiT + tiny decoder" in proc.stdout
 
 
 def test_bench_cli_sequence_parallel(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from causal_dit_jax.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
 from causal_dit_jax.sampler import initial_noise, step_noise
+from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.text_encoder import get_t5_preset
 from causal_dit_jax.video import read_mp4
 from causal_dit_jax.vae import get_vae_preset
@@ -23,11 +24,13 @@ from convert import convert_pipeline_checkpoint
 from convert.torch_files import CheckpointError
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
+from torch_reference.taehv import TAEHVReference
 from torch_reference.umt5 import T5Encoder, randomize_parameters_ as randomize_t5_
 from torch_reference.wan_vae import WanVAEDecoder, randomize_vae_
 
 HEIGHT, WIDTH = 8 * LATENT_H, 8 * LATENT_W  # 64 x 96 pixels
 T5_CFG = get_t5_preset("tiny").replace(vocab_size=64)
+TAEHV_CFG = get_taehv_preset("tiny")
 VAE_CFG = get_vae_preset("tiny")
 
 
@@ -57,6 +60,11 @@ def wan_folder(tmp_path_factory):
     torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
     dit = torch_model(seed=3)
     pt = save_self_forcing_pt(dit, root / "self_forcing_dmd.pt")
+    torch.manual_seed(5)
+    taehv = TAEHVReference(16, TAEHV_CFG.channels, encoder_width=8).eval()
+    with torch.no_grad():
+        taehv.decoder[-1].bias.fill_(0.5)  # frames centred in [0, 1]
+    torch.save(taehv.state_dict(), root / "taew2_1.pth")
     return wan, pt, (t5, dit, vae)
 
 
@@ -64,7 +72,8 @@ def wan_folder(tmp_path_factory):
 def checkpoint(wan_folder, tmp_path_factory):
     wan, pt, _ = wan_folder
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return convert_pipeline_checkpoint(wan, out, pt, dit_config=SMALL, vae_config=VAE_CFG, t5_config=T5_CFG)
+    return convert_pipeline_checkpoint(wan, out, pt, dit_config=SMALL, vae_config=VAE_CFG, t5_config=T5_CFG,
+                                       taehv_checkpoint=pt.parent / "taew2_1.pth")
 
 
 def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
@@ -126,6 +135,28 @@ def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
     assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
 
 
+def test_tiny_decoder_pipeline_matches_the_torch_decoder(wan_folder, checkpoint):
+    """--decoder taehv: the streamed frames are the PyTorch TAEHV decode of the same latents (float32),
+    and only the tiny decoder is loaded."""
+    from causal_dit_jax import InferenceConfig
+
+    _, pt, _ = wan_folder
+    pipe = TextToVideoPipeline.from_checkpoint(checkpoint, InferenceConfig(cache_dtype="float32"), decoder="taehv")
+    assert isinstance(pipe.vae, TAEHVDecoder) and pipe.vae.config.channels == TAEHV_CFG.channels
+    chunks = list(pipe.stream("a red fox", 21, HEIGHT, WIDTH, seed=2))
+    assert [c.shape[1] for c in chunks] == [1] + [4] * 5
+    key = jax.random.key(2)
+    noise = initial_noise(jax.random.fold_in(key, 0), 1, 6, LATENT_H, LATENT_W)
+    latents = pipe.sampler.generate(pipe.dit_params, pipe.encode_prompts("a red fox"), noise,
+                                    jax.random.fold_in(key, 1))
+    ref = TAEHVReference(16, TAEHV_CFG.channels, encoder_width=8)
+    ref.load_state_dict(torch.load(pt.parent / "taew2_1.pth", weights_only=True))
+    frames = ref.decode_video(torch.from_numpy(np.asarray(latents)).permute(0, 1, 4, 2, 3))  # n t c h w
+    expected = torch.round(frames * 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    diff = np.abs(np.concatenate(chunks, 1).astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
 def test_checkpoint_missing_a_model(checkpoint, tmp_path):
     import shutil
 
@@ -135,8 +166,16 @@ def test_checkpoint_missing_a_model(checkpoint, tmp_path):
     meta["components"] = ["dit", "t5"]
     (broken / "config.json").write_text(json.dumps(meta))
     shutil.rmtree(broken / "vae")
-    with pytest.raises(ValueError, match="missing the vae model"):
+    with pytest.raises(ValueError, match="no 'wan' decoder"):
         TextToVideoPipeline.from_checkpoint(broken)
+    with pytest.raises(ValueError, match="no 'taehv' decoder .* --taehv taew2_1.pth"):
+        TextToVideoPipeline.from_checkpoint(broken, decoder="taehv")
+    meta["components"] = ["dit", "vae"]
+    (broken / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="missing the t5 model"):
+        TextToVideoPipeline.from_checkpoint(broken)
+    with pytest.raises(ValueError, match="unknown decoder 'big'"):
+        TextToVideoPipeline.from_checkpoint(checkpoint, decoder="big")
 
 
 def test_convert_refuses_an_incomplete_wan_folder(wan_folder, tmp_path):
@@ -151,11 +190,13 @@ def test_convert_refuses_an_incomplete_wan_folder(wan_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_embedded_default_round_trips_through_a_checkpoint(tmp_path):
-    pipe = TextToVideoPipeline.embedded_default()
+@pytest.mark.parametrize("decoder", ["wan", "taehv"])
+def test_embedded_default_round_trips_through_a_checkpoint(tmp_path, decoder):
+    pipe = TextToVideoPipeline.embedded_default(decoder=decoder)
     a = pipe.generate("a lighthouse", 9, 64, 64, seed=3)
+    assert a.shape == (1, 9, 64, 64, 3) and a.std() > 1.0
     out = save_pipeline_checkpoint(pipe, tmp_path / "demo")
-    b = TextToVideoPipeline.from_checkpoint(out).generate("a lighthouse", 9, 64, 64, seed=3)
+    b = TextToVideoPipeline.from_checkpoint(out, decoder=decoder).generate("a lighthouse", 9, 64, 64, seed=3)
     np.testing.assert_array_equal(a, b)
 
 
@@ -197,11 +238,13 @@ def test_readme_main_command_writes_a_playable_mp4(tmp_path):
 def test_generate_from_a_converted_checkpoint(wan_folder, tmp_path):
     wan, pt, _ = wan_folder
     ckpt = tmp_path / "ckpt"
-    proc = _cli("convert", "--checkpoint", str(pt), "--wan-dir", str(wan), "--out", str(ckpt), "--preset", "tiny")
+    proc = _cli("convert", "--checkpoint", str(pt), "--wan-dir", str(wan), "--out", str(ckpt), "--preset", "tiny",
+                "--taehv", str(pt.parent / "taew2_1.pth"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "v.mp4"
     proc = _cli("generate", "--checkpoint", str(ckpt), "--prompt", "the sea at night", "--out", str(out),
-                "--frames", "21", "--height", "64", "--width", "96", "--mesh", "2", "--strategy", "ulysses")
+                "--frames", "21", "--height", "64", "--width", "96", "--mesh", "2", "--strategy", "ulysses",
+                "--decoder", "taehv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_mp4(out).shape == (21, 64, 96, 3)
 

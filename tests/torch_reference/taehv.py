@@ -1,0 +1,106 @@
+"""PyTorch reference of the TAEHV decoder (the `taew2_1.pth` architecture) for parity tests.
+
+Written for this project from the published architecture: a `decoder` nn.Sequential whose indices are
+the checkpoint's key names (`decoder.1.weight`, `decoder.3.conv.0.weight`, `decoder.7.conv.weight`,
+...), plus an `encoder` Sequential of the published layout so a state dict of this module has every
+key a real `taew2_1.pth` has (the converter must ignore the encoder half).
+
+Decoding here is deliberately the other algorithm from the Flax port: one frame at a time through the
+layer list, each memory block remembering its previous input, each time-grow layer emitting its
+frames in order. The Flax decoder runs all frames of a chunk in parallel, so agreement checks the
+time alignment as well as the arithmetic. The first (time factor - 1) output frames are dropped, and
+frames are returned in [0, 1] (NTCHW).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv(c_in: int, c_out: int, bias: bool = True, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias, stride=stride)
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x / 3) * 3
+
+
+class MemBlock(nn.Module):
+    """relu(conv(cat[x, past]) + skip(x)); `conv` is conv-relu-conv-relu-conv (indices 0, 2, 4)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Sequential(conv(2 * c_in, c_out), nn.ReLU(), conv(c_out, c_out), nn.ReLU(), conv(c_out, c_out))
+        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, past):
+        return torch.relu(self.conv(torch.cat([x, past], 1)) + self.skip(x))
+
+
+class TGrow(nn.Module):
+    def __init__(self, c: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(c, c * stride, 1, bias=False)
+
+    def forward(self, x):  # [1, C, H, W] -> list of `stride` frames [1, C, H, W]
+        return list(self.conv(x).chunk(self.stride, dim=1))
+
+
+class TPool(nn.Module):  # encoder only (key names)
+    def __init__(self, c: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c * stride, c, 1, bias=False)
+
+
+class TAEHVReference(nn.Module):
+    def __init__(self, latent_channels: int = 16, channels=(256, 128, 64, 64), time_upscale=(False, True, True),
+                 space_upscale=(True, True, True), patch_size: int = 1, encoder_width: int = 64):
+        super().__init__()
+        self.patch_size = patch_size
+        c, e = channels, encoder_width
+        self.encoder = nn.Sequential(
+            conv(3 * patch_size ** 2, e), nn.ReLU(),
+            TPool(e, 2), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
+            TPool(e, 2), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
+            TPool(e, 1), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
+            conv(e, latent_channels))
+        layers: list[nn.Module] = [Clamp(), conv(latent_channels, c[0]), nn.ReLU()]
+        for s in range(3):
+            layers += [MemBlock(c[s], c[s]) for _ in range(3)]
+            layers += [nn.Upsample(scale_factor=2 if space_upscale[s] else 1),
+                       TGrow(c[s], 2 if time_upscale[s] else 1), conv(c[s], c[s + 1], bias=False)]
+        layers += [nn.ReLU(), conv(c[3], 3 * patch_size ** 2)]
+        self.decoder = nn.Sequential(*layers)
+        self.frames_to_trim = 2 ** sum(time_upscale) - 1
+
+    @torch.no_grad()
+    def decode_video(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N=1, T, C, h, w] -> frames [1, T', 3, H, W] in [0, 1], one frame at a time."""
+        assert z.shape[0] == 1
+        memory: dict[int, torch.Tensor] = {}
+        out: list[torch.Tensor] = []
+
+        def run(x: torch.Tensor, start: int) -> None:
+            for i in range(start, len(self.decoder)):
+                layer = self.decoder[i]
+                if isinstance(layer, MemBlock):
+                    past = memory.get(i, torch.zeros_like(x))
+                    memory[i] = x
+                    x = layer(x, past)
+                elif isinstance(layer, TGrow):
+                    for frame in layer(x):
+                        run(frame, i + 1)
+                    return
+                else:
+                    x = layer(x)
+            out.append(x)
+
+        for t in range(z.shape[1]):
+            run(z[:, t], 0)
+        video = torch.stack(out, 1)
+        if self.patch_size > 1:
+            video = torch.stack([nn.functional.pixel_shuffle(f, self.patch_size) for f in video.unbind(1)], 1)
+        return video[:, self.frames_to_trim:].clamp(0, 1)
