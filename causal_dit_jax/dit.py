@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.attention import SelfAttentionFn, make_local_self_attention
+from causal_dit_jax.attention import (PAGE_TOKENS, SelfAttentionFn, default_implementation,
+                                     make_local_self_attention)
 from causal_dit_jax.blocks import WanBlock
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
@@ -79,7 +80,8 @@ class CausalWanDiT:
     """Causal, KV-cached Wan DiT. Build from a `ModelConfig`; params come from `init` or `convert`.
 
     attention_fn: the self-attention kernel (see `attention.local_self_attention`); sequence
-    parallelism passes its own. attention_impl: 'xla', 'cudnn' or None (auto) for the default kernel.
+    parallelism passes its own. attention_impl: 'xla', 'cudnn', 'cudnn_paged' or None (the backend's
+    default: 'cudnn_paged' on GPUs for bf16, else 'xla') for the default kernel.
     scan_unroll: layers per iteration of the layer loop (`lax.scan(unroll=)`); 1 compiles fastest.
     """
 
@@ -87,7 +89,8 @@ class CausalWanDiT:
                  attention_impl: str | None = None, scan_unroll: int = 1):
         self.config = config
         self.scan_unroll = scan_unroll
-        self.attention_fn = attention_fn or make_local_self_attention(attention_impl)
+        self.attention_impl = attention_impl or default_implementation(config.dtype)
+        self.attention_fn = attention_fn or make_local_self_attention(self.attention_impl)
         self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
         self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, rngs=nnx.Rngs(0))))
         self._head_def = nnx.graphdef(nnx.eval_shape(lambda: Head(config, rngs=nnx.Rngs(0))))
@@ -121,8 +124,9 @@ class CausalWanDiT:
                    latent_width: int, origin_frame: int = 0) -> KVCache:
         """Zero KV cache for a stream of `num_frames` latent frames starting at global frame `origin_frame`."""
         tpf = self.config.tokens_per_frame(latent_height, latent_width)
+        align = PAGE_TOKENS if self.attention_impl == "cudnn_paged" else 1  # whole pages for paged attention
         return init_kv_cache(self.config, inference, batch, num_frames, tpf * inference.frames_per_chunk,
-                             origin_frame=origin_frame)
+                             origin_frame=origin_frame, align=align)
 
     # ----------------------------------------------------------------- text
     def encode_text(self, params: Params, context: jax.Array) -> TextKV:

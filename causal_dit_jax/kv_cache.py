@@ -57,17 +57,20 @@ class TextKV(NamedTuple):
 
 def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, num_frames: int,
                   chunk_tokens: int, origin_frame: int | jax.Array = 0, num_heads: int | None = None,
-                  dtype=None) -> KVCache:
+                  dtype=None, align: int = 1) -> KVCache:
     """Zero cache sized for a video of `num_frames` latent frames (or the rolling window).
 
     chunk_tokens: keys stored per chunk slot (3 * 1560 = 4680 at 480x832 on one device).
     num_heads: heads held here (the local heads under head-sharded sequence parallelism).
+    align: the key axis is rounded up to a multiple of this (paged attention reads whole pages); the
+    tail is never valid, since the valid slots are always a prefix.
     """
     capacity = inference.cache_chunks(num_frames)
     sink = inference.sink_size // inference.frames_per_chunk
     n = model.num_heads if num_heads is None else num_heads
     dt = dtype_from_name(inference.cache_dtype) if dtype is None else dtype
-    shape = (model.num_layers, batch, capacity * chunk_tokens, n, model.head_dim)
+    keys = -(-capacity * chunk_tokens // align) * align
+    shape = (model.num_layers, batch, keys, n, model.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
                    origin_frame=jnp.asarray(origin_frame, jnp.int32), capacity=capacity,
                    sink_chunks=sink, frames_per_chunk=inference.frames_per_chunk)

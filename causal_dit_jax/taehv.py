@@ -94,15 +94,22 @@ class TAEHVDecodeCache:
 
 # ------------------------------------------------------------------------------------------ layers
 def conv2d(p: Params, x: jax.Array, dtype) -> jax.Array:
-    """Per-frame 'same' conv: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out] (+ bias [C_out])."""
-    b, t = x.shape[:2]
-    frames = rearrange(x, "b t h w c -> (b t) h w c").astype(dtype)
+    """Per-frame 'same' conv in `dtype`: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out] (+ bias).
+    1x1 kernels run as a matmul over channels; float32 runs at full precision (no TF32)."""
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     kernel = p["kernel"].astype(dtype)
-    y = jax.lax.conv_general_dilated(frames, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     preferred_element_type=jnp.float32)
+    x = x.astype(dtype)
+    if kernel.shape[:2] == (1, 1):
+        y = jnp.einsum("bthwi,io->bthwo", x, kernel[0, 0], precision=precision)
+    else:
+        b, t = x.shape[:2]
+        frames = rearrange(x, "b t h w c -> (b t) h w c")
+        y = jax.lax.conv_general_dilated(frames, kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+        y = rearrange(y, "(b t) h w c -> b t h w c", b=b, t=t)
     if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
-    return rearrange(y.astype(dtype), "(b t) h w c -> b t h w c", b=b, t=t)
+        y = y + p["bias"].astype(dtype)
+    return y
 
 
 def memory_block(p: Params, x: jax.Array, last: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

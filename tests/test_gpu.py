@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig
-from causal_dit_jax.attention import dot_product_attention
+from causal_dit_jax.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
 from causal_dit_jax.config import get_preset
 
 pytestmark = [pytest.mark.gpu,
@@ -36,7 +36,7 @@ def test_chunk_rollout_fast_path_matches_xla():
     cfg = get_preset("demo")
     inference = InferenceConfig()
     outs = []
-    for impl in ("cudnn", "xla"):
+    for impl in ("cudnn_paged", "cudnn", "xla"):
         dit = CausalWanDiT(cfg, attention_impl=impl)
         params = dit.init(jax.random.key(0))
         text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
@@ -48,4 +48,31 @@ def test_chunk_rollout_fast_path_matches_xla():
         _, cache = fwd(params, x, jnp.zeros_like(t), text, cache, 0, rope)
         out, _ = fwd(params, x * 0.5, t, text, cache, 3, rope)
         outs.append(out)
-    assert rel(outs[0], outs[1]) <= BF16_TOL
+    assert rel(outs[0], outs[2]) <= BF16_TOL and rel(outs[1], outs[2]) <= BF16_TOL
+    assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) == 0.0  # paged reads the same keys, same kernel
+
+
+@pytest.mark.parametrize("valid", [1, 3])
+def test_paged_cache_attention_and_its_gradient_match_slicing(valid):
+    """The in-place read of the stacked cache equals slicing the layer out, values and gradients."""
+    ks = jax.random.split(jax.random.key(valid), 4)
+    layers, tokens = 4, 4680
+    keys = -(-3 * tokens // PAGE_TOKENS) * PAGE_TOKENS
+    q = jax.random.normal(ks[0], (2, tokens, 12, 128), jnp.bfloat16)
+    ck = jax.random.normal(ks[1], (layers, 2, keys, 12, 128), jnp.bfloat16)
+    cv = jax.random.normal(ks[2], (layers, 2, keys, 12, 128), jnp.bfloat16)
+    g = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+    layer, kv_len = jnp.int32(2), jnp.int32(valid * tokens)
+
+    def sliced(q, ck, cv):
+        return dot_product_attention(q, ck[layer], cv[layer], kv_length=kv_len, implementation="cudnn")
+
+    def paged(q, ck, cv):
+        return cache_attention_in_place(q, ck, cv, layer, kv_len)
+
+    assert float(jnp.max(jnp.abs(jax.jit(paged)(q, ck, cv).astype(jnp.float32)
+                                 - jax.jit(sliced)(q, ck, cv).astype(jnp.float32)))) == 0.0
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, ck, cv)
+             for f in (paged, sliced)]
+    for a, b in zip(*grads):
+        assert rel(a, b) <= 1e-6

@@ -60,3 +60,28 @@ def test_bad_inference_settings(kw, msg):
 def test_frames_must_fit_chunks():
     with pytest.raises(ValueError, match="do not fit chunks of 3"):
         InferenceConfig().num_chunks(20)
+
+
+def test_aligned_cache_gives_the_same_rollout():
+    """align rounds the key axis up (whole pages for paged attention); the unused tail never counts."""
+    import jax
+
+    from causal_dit_jax import CausalWanDiT, SelfForcingSampler
+
+    assert init_kv_cache(CFG, InferenceConfig(), 1, 12, 10, align=16).k.shape[2] == 48  # 4 x 10 -> 48
+    dit = CausalWanDiT(CFG, attention_impl="xla")
+    params = dit.init(jax.random.key(0))
+    text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, CFG.text_len, CFG.text_dim)))
+    noise = jax.random.normal(jax.random.key(2), (1, 6, 4, 6, 16))
+    inference = InferenceConfig(cache_dtype="float32")
+    plain = SelfForcingSampler(dit, inference).generate(params, text, noise, jax.random.key(3))
+
+    class Aligned(CausalWanDiT):
+        def init_cache(self, inference, batch, num_frames, h, w, origin_frame=0):
+            tokens = self.config.tokens_per_frame(h, w) * inference.frames_per_chunk
+            return init_kv_cache(self.config, inference, batch, num_frames, tokens, origin_frame, align=64)
+
+    aligned_dit = Aligned(CFG, attention_impl="xla")
+    assert aligned_dit.init_cache(inference, 1, 6, 4, 6).k.shape[2] % 64 == 0
+    aligned = SelfForcingSampler(aligned_dit, inference).generate(params, text, noise, jax.random.key(3))
+    assert jnp.allclose(plain, aligned, atol=1e-6)
