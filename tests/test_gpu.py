@@ -74,5 +74,7 @@ def test_paged_cache_attention_and_its_gradient_match_slicing(valid):
                                  - jax.jit(sliced)(q, ck, cv).astype(jnp.float32)))) == 0.0
     grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, ck, cv)
              for f in (paged, sliced)]
+    # The same backward kernel on the same inputs; cuDNN's flash backward accumulates dq with atomics,
+    # so bf16 results differ run to run by ~1e-5 relative (measured 2.5e-5): 1e-3.
     for a, b in zip(*grads):
-        assert rel(a, b) <= 1e-6
+        assert rel(a, b) <= 1e-3

@@ -1,0 +1,51 @@
+"""GPU probe: where one streaming Wan VAE decode call goes (bf16, 480x832, one latent after the first),
+with its compiled memory (temp buffers, caches), for the VAE speed and memory targets.
+
+    python benchmarks/vae_profile.py [--latents 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from causal_dit_jax.demo_weights import random_params
+from causal_dit_jax.profile_breakdown import profile_breakdown
+from causal_dit_jax.vae import WanVAE, get_vae_preset
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latents", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
+    params = random_params(vae.abstract_params(), 0)
+    cache = vae.init_decode_cache(1, 60, 104, wan_first_frame=False)
+    z = jax.random.normal(jax.random.key(0), (1, args.latents, 60, 104, 16), jnp.float32)
+    step = jax.jit(vae.decode_chunk, donate_argnums=(2,))
+    compiled = step.lower(params, z, cache).compile()
+    mem = compiled.memory_analysis()
+    state = {"cache": cache}
+
+    def one():
+        frames, state["cache"] = step(params, z, state["cache"])
+        return frames
+
+    jax.block_until_ready(one())
+    breakdown = profile_breakdown(one)
+    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(state["cache"]))
+    result = {"latents_per_call": args.latents, "breakdown_ms": breakdown,
+              "temp_gb": mem.temp_size_in_bytes / 1e9, "cache_gb": cache_bytes / 1e9,
+              "output_gb": mem.output_size_in_bytes / 1e9}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
