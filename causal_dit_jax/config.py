@@ -122,10 +122,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def lookup_preset(presets: dict, name: str, what: str):
+    """presets[name], or an error naming `what` and the available presets."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} {name!r}; available: {sorted(presets)}")
+    return presets[name]
+
+
 def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name]
+    return lookup_preset(PRESETS, name, "preset")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,6 @@ frames of a video are dropped (TAEHV's causal alignment with the Wan VAE: latent
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -29,7 +28,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import struct
 
-from causal_dit_jax.config import ConfigFields, dtype_from_name
+from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
+from causal_dit_jax.vae import ChunkedDecode
 
 Params = dict[str, Any]
 MEM_BLOCKS = 3  # memory blocks per stage
@@ -62,13 +62,6 @@ class TAEHVConfig(ConfigFields):
     def time_factor(self) -> int:
         return 2 ** sum(self.time_upscale)
 
-    @property
-    def space_factor(self) -> int:
-        return 2 ** sum(self.space_upscale) * self.patch_size
-
-    def num_frames(self, latent_frames: int, first_chunk: bool = True) -> int:
-        """Output frames of `latent_frames` latents (the first chunk of a video loses time_factor - 1)."""
-        return self.time_factor * latent_frames - (self.time_factor - 1 if first_chunk else 0)
 
 
 TAEHV_PRESETS: dict[str, TAEHVConfig] = {
@@ -78,9 +71,7 @@ TAEHV_PRESETS: dict[str, TAEHVConfig] = {
 
 
 def get_taehv_preset(name: str) -> TAEHVConfig:
-    if name not in TAEHV_PRESETS:
-        raise ValueError(f"unknown TAEHV preset {name!r}; expected one of {sorted(TAEHV_PRESETS)}")
-    return TAEHV_PRESETS[name]
+    return lookup_preset(TAEHV_PRESETS, name, "TAEHV preset")
 
 
 @struct.dataclass
@@ -118,8 +109,7 @@ def memory_block(p: Params, x: jax.Array, last: jax.Array, dtype) -> tuple[jax.A
     h = jax.nn.relu(conv2d(p["conv0"], jnp.concatenate([x, past], axis=-1), dtype))
     h = jax.nn.relu(conv2d(p["conv1"], h, dtype))
     h = conv2d(p["conv2"], h, dtype)
-    skip = conv2d(p["skip"], x, dtype) if "skip" in p else x
-    return jax.nn.relu(h + skip), x[:, -1:]
+    return jax.nn.relu(h + x), x[:, -1:]  # the decoder's blocks keep their width: identity skip
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -141,9 +131,9 @@ def pixel_shuffle(x: jax.Array, patch: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------- API
-class TAEHVDecoder:
+class TAEHVDecoder(ChunkedDecode):
     """The TAEHV decoder as pure functions of (params, inputs), with the same streaming interface as
-    `WanVAE` (`init_decode_cache`, `decode_chunk`, `decode`). Params from `init` or
+    `WanVAE` (`init_decode_cache`, `decode_chunk`, and `decode` from `ChunkedDecode`). Params from `init` or
     `convert.taehv_convert.load_taehv_params`."""
 
     def __init__(self, config: TAEHVConfig):
@@ -230,23 +220,6 @@ class TAEHVDecoder:
         x = pixel_shuffle(x.astype(jnp.float32), cfg.patch_size)
         x = x[:, cache.frames_to_trim:]
         return jnp.clip(x, 0.0, 1.0) * 2.0 - 1.0, TAEHVDecodeCache(memory, 0)
-
-    @functools.cached_property
-    def jit_decode_chunk(self):
-        """`decode_chunk` under `jax.jit`, kept on the instance."""
-        return jax.jit(self.decode_chunk)
-
-    def decode(self, params: Params, z: jax.Array, frames_per_chunk: int | None = 3) -> jax.Array:
-        """A whole latent video z [B, T, h, w, C_lat] -> frames [B, 1 + 4 (T - 1), H, W, 3] in [-1, 1],
-        `frames_per_chunk` latents per call (None: one pass)."""
-        b, t, h, w, _ = z.shape
-        cache = self.init_decode_cache(b, h, w)
-        step = frames_per_chunk or t
-        outs = []
-        for start in range(0, t, step):
-            frames, cache = self.jit_decode_chunk(params, z[:, start:start + step], cache)
-            outs.append(frames)
-        return jnp.concatenate(outs, axis=1)
 
 
 def taehv_flops(config: TAEHVConfig, latent_frames: int, latent_height: int, latent_width: int) -> float:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from causal_dit_jax.config import ConfigFields, dtype_from_name
+from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
 from causal_dit_jax.layers import RMSNorm
 
 Params = dict[str, Any]
@@ -91,9 +91,7 @@ T5_PRESETS: dict[str, T5Config] = {
 
 
 def get_t5_preset(name: str) -> T5Config:
-    if name not in T5_PRESETS:
-        raise ValueError(f"unknown text encoder preset {name!r}; available: {sorted(T5_PRESETS)}")
-    return T5_PRESETS[name]
+    return lookup_preset(T5_PRESETS, name, "text encoder preset")
 
 
 # ---------------------------------------------------------------------------------------- position bias

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from convert.torch_files import CheckpointError
+import jax
+import numpy as np
+
+from convert.torch_files import CheckpointError, _torch_to_numpy
 
 
 def check_keys_and_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -24,6 +27,22 @@ def check_keys_and_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+
+
+def params_from_rules(state: Mapping[str, Any], rules, dtype, abstract_params, what: str) -> dict:
+    """Our params tree from one-key rules (`.ours` path <- `.torch` key through `.transform`), each
+    tensor (torch or numpy) converted in float32 and stored as `dtype`; the tree must have the shapes of
+    `abstract_params` (a bug guard on the key table)."""
+    params: dict = {}
+    for rule in rules:
+        value = state[rule.torch]
+        value = _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
+        set_path(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
+    want = jax.tree.map(lambda a: tuple(a.shape), abstract_params)
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if got != want:
+        raise AssertionError(f"{what} key table produced a different tree: {got} vs {want}")
+    return params
 
 
 def set_path(tree: dict, path: str, value) -> None:

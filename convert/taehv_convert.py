@@ -11,35 +11,25 @@ reported by name in one `CheckpointError`.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
-import jax
 import numpy as np
 
 from causal_dit_jax.config import dtype_from_name
 from causal_dit_jax.taehv import MEM_BLOCKS, Params, TAEHVConfig, TAEHVDecoder, get_taehv_preset
-from convert.state_dict_check import check_keys_and_shapes, set_path
-from convert.torch_files import _torch_to_numpy, read_state_dict
-from convert.vae_keys import conv2d, identity
+from convert.state_dict_check import check_keys_and_shapes, params_from_rules
+from convert.torch_files import read_state_dict
+from convert.vae_keys import VAEKeyRule, conv2d, identity
 
 IGNORED_PREFIXES = ("encoder.",)
 
 
-@dataclasses.dataclass(frozen=True)
-class TAEHVKeyRule:
-    ours: str  # '/'-joined path in our params
-    torch: str  # the PyTorch key
-    transform: Callable[[np.ndarray], np.ndarray]
-    torch_shape: tuple[int, ...]
-
-
-def _conv(ours: str, torch: str, c_in: int, c_out: int, k: int = 3, bias: bool = True) -> list[TAEHVKeyRule]:
+def _conv(ours: str, torch: str, c_in: int, c_out: int, k: int = 3, bias: bool = True) -> list[VAEKeyRule]:
     weight = f"{torch}.weight"
-    rules = [TAEHVKeyRule(f"{ours}/kernel", weight, conv2d, (c_out, c_in, k, k))]
+    rules = [VAEKeyRule(f"{ours}/kernel", weight, conv2d, (c_out, c_in, k, k))]
     if bias:
-        rules.append(TAEHVKeyRule(f"{ours}/bias", f"{torch}.bias", identity, (c_out,)))
+        rules.append(VAEKeyRule(f"{ours}/bias", f"{torch}.bias", identity, (c_out,)))
     return rules
 
 
@@ -48,7 +38,7 @@ def stage_base(stage: int) -> int:
     return 3 + 6 * stage
 
 
-def taehv_key_map(config: TAEHVConfig) -> tuple[TAEHVKeyRule, ...]:
+def taehv_key_map(config: TAEHVConfig) -> tuple[VAEKeyRule, ...]:
     """Every decoder parameter: our path <- the PyTorch key, transform and expected torch shape."""
     c = config.channels
     rules = _conv("conv_in", "decoder.1", config.latent_channels, c[0])
@@ -90,17 +80,8 @@ def taehv_params_from_state_dict(state: Mapping[str, object], config: TAEHVConfi
     """Map a TAEHV state dict (torch tensors or numpy arrays) onto our decoder params tree."""
     state = _trim_time_grow(dict(state), config)
     check_taehv_state_dict(state, config)
-    dtype = np.dtype(dtype_from_name(config.param_dtype))
-    params: dict = {}
-    for rule in taehv_key_map(config):
-        value = state[rule.torch]
-        value = _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
-        set_path(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
-    want = jax.tree.map(lambda a: tuple(a.shape), TAEHVDecoder(config).abstract_params())
-    got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if got != want:  # a bug guard on the key table
-        raise AssertionError(f"TAEHV key table produced a different tree: {got} vs {want}")
-    return params
+    return params_from_rules(state, taehv_key_map(config), np.dtype(dtype_from_name(config.param_dtype)),
+                             TAEHVDecoder(config).abstract_params(), "TAEHV")
 
 
 def load_taehv_params(path: str | pathlib.Path, config: Optional[TAEHVConfig] = None

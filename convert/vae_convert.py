@@ -10,13 +10,12 @@ from __future__ import annotations
 import pathlib
 from typing import Mapping, Optional
 
-import jax
 import numpy as np
 
 from causal_dit_jax.config import dtype_from_name
 from causal_dit_jax.vae import Params, VAEConfig, WanVAE, get_vae_preset
-from convert.state_dict_check import check_keys_and_shapes, set_path
-from convert.torch_files import _torch_to_numpy, load_torch_pickle, select_state_dict
+from convert.state_dict_check import check_keys_and_shapes, params_from_rules
+from convert.torch_files import load_torch_pickle, select_state_dict
 from convert.vae_keys import IGNORED_PREFIXES, vae_decoder_key_map
 
 
@@ -32,17 +31,8 @@ def check_vae_state_dict(state: Mapping[str, object], config: VAEConfig) -> None
 def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig) -> Params:
     """Map a Wan VAE state dict (torch tensors or numpy arrays) onto our decoder params tree."""
     check_vae_state_dict(state, config)
-    dtype = np.dtype(dtype_from_name(config.param_dtype))
-    params: dict = {}
-    for rule in vae_decoder_key_map(config):
-        value = state[rule.torch]
-        value = _torch_to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
-        set_path(params, rule.ours, jax.numpy.asarray(rule.transform(value.astype(np.float32)).astype(dtype)))
-    want = jax.tree.map(lambda a: tuple(a.shape), WanVAE(config).abstract_params())
-    got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if got != want:  # a bug guard on the key table
-        raise AssertionError(f"VAE key table produced a different tree: {got} vs {want}")
-    return params
+    return params_from_rules(state, vae_decoder_key_map(config), np.dtype(dtype_from_name(config.param_dtype)),
+                             WanVAE(config).abstract_params(), "VAE")
 
 
 def load_vae_params(path: str | pathlib.Path, config: Optional[VAEConfig] = None) -> Params:
