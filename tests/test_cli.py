@@ -59,3 +59,9 @@ def test_bench_cli_sequence_parallel(tmp_path):
     result = json.loads(out.read_text())
     assert result["num_devices"] == 8 and result["strategy"] == "hybrid"
     assert result["comm_bytes_per_chunk"] > 0
+
+
+def test_convert_cli_taehv_needs_a_wan_folder(tmp_path, capsys):
+    assert main(["convert", "--taehv", str(tmp_path / "taew2_1.pth"), "--out", str(tmp_path / "out")]) == 2
+    assert "--taehv needs --wan-dir" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

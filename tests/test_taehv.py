@@ -176,3 +176,8 @@ def test_bad_latents_and_cache(decoder, converted):
         decoder.decode_chunk(params, jnp.zeros((1, 1, LATENT_H, LATENT_W, 3)), cache)
     with pytest.raises(ValueError, match="decode cache was made for batch 1 at 4x6"):
         decoder.decode_chunk(params, jnp.zeros((1, 1, 8, 8, CFG.latent_channels)), cache)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown TAEHV preset 'big'; available: \['taew2.1', 'tiny'\]"):
+        get_taehv_preset("big")
