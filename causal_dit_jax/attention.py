@@ -69,6 +69,55 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.A
     return out, lse
 
 
+def _prefix_mask(b: int, s: int, kv_length) -> jax.Array:
+    """[B, S] bool: key j is valid iff j < kv_length."""
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None] < jnp.asarray(kv_length, jnp.int32), (b, s))
+
+
+@jax.custom_vjp
+def cudnn_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
+    """`attention_with_lse` for a prefix of valid keys (the first kv_length, >= 1) as one cuDNN flash
+    attention that also returns its softmax statistics. GPU, bf16/f16 q/k/v [B, L, N, D].
+
+    Returns out [B, L, N, D] float32 and lse [B, N, L] float32. The backward pass is the XLA
+    path's (cuDNN's own rule drops the gradient of the statistics, which a ring merge needs).
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    b = q.shape[0]
+    q_len = jnp.full((b,), q.shape[1], jnp.int32)
+    kv_len = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (b,))
+    out, lse = cudnn_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_seqlen=q_len, kv_seqlen=kv_len,
+                               scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING, return_residual=True)
+    return out.astype(jnp.float32), lse.astype(jnp.float32)
+
+
+def _lse_fwd(q, k, v, kv_length):
+    return cudnn_attention_with_lse(q, k, v, kv_length), (q, k, v, kv_length)
+
+
+def _lse_bwd(res, g):
+    q, k, v, kv_length = res
+    mask = _prefix_mask(q.shape[0], k.shape[1], kv_length)
+    _, vjp = jax.vjp(lambda a, b_, c: attention_with_lse(a, b_, c, mask), q, k, v)
+    return (*vjp(g), None)
+
+
+cudnn_attention_with_lse.defvjp(_lse_fwd, _lse_bwd)
+
+
+def prefix_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length,
+                              implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Attention of q over the first kv_length keys with its log-sum-exp (out f32 [B, L, N, D],
+    lse f32 [B, N, L]): cuDNN on GPUs for 16-bit inputs, XLA's masked einsum otherwise."""
+    implementation = implementation or default_implementation(q.dtype)
+    if implementation in ("cudnn", "cudnn_paged"):
+        return cudnn_attention_with_lse(q, k, v, jnp.asarray(kv_length, jnp.int32))
+    return attention_with_lse(q, k, v, _prefix_mask(q.shape[0], k.shape[1], kv_length))
+
+
 PAGE_TOKENS = 256  # keys per page of the paged cache attention (cuDNN wants a power of 2)
 
 

@@ -40,7 +40,7 @@ class BenchResult:
     comm_bytes_per_chunk: Optional[int] = None
     dit_tflops: float = 0.0  # analytic FLOPs of all forwards (causal_dit_jax.flops)
     matmul_peak_tflops: Optional[float] = None  # bf16 8192^3 matmul measured in the same run
-    mfu: Optional[float] = None
+    mfu: Optional[float] = None  # of num_devices x the matmul peak
     compilations: Optional[int] = None  # backend compilations during the timed rollouts
     peak_memory_gb: Optional[float] = None  # device peak after the DiT rollouts (compilation included:
     # cuDNN autotuning allocates scratch; a run with a warm --compilation-cache shows the runtime peak)
@@ -49,6 +49,8 @@ class BenchResult:
     tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
     date: str = ""
     host: str = ""
+    # the last timed rollout's latents [B, F, H, W, C] on the host (keep_latents=True; not in the JSON)
+    latents: Optional[object] = dataclasses.field(default=None, repr=False, compare=False)
 
     def table(self) -> str:
         rows = [
@@ -71,8 +73,9 @@ class BenchResult:
             rows.append(("peak device memory", f"{self.peak_memory_gb:.2f} GB"))
         if self.forward_breakdown_ms:
             b = self.forward_breakdown_ms
-            rows.append(("one forward, profiled (ms)", f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
-                                                       f"other {b['other']:.1f}  total {b['total']:.1f}"))
+            rows.append(("one forward, profiled (ms per GPU)",
+                         f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
+                         f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
             for name, ms in list(b.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
         for label, v in (("VAE", self.vae), ("tiny decoder", self.tiny_vae)):
@@ -101,8 +104,11 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
                   dit: Optional[CausalWanDiT] = None, strategy: str = "single", seed: int = 0,
                   comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1,
                   profile: bool = False, e2e_vae: Optional[str] = None,
-                  vae_latents_per_call: int = 1) -> BenchResult:
-    """Roll out a video with random weights and time each chunk (after a warm-up rollout)."""
+                  vae_latents_per_call: int = 1, keep_latents: bool = False) -> BenchResult:
+    """Roll out a video with random weights and time each chunk (after a warm-up rollout).
+
+    dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
+    mesh and the decoders of `e2e_vae` run on the first device, as in the pipeline)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else next(
         (k for k, v in PRESETS.items() if v == config), f"custom (residual {config.residual_dtype})")
@@ -116,6 +122,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     ctx = jax.random.normal(jax.random.fold_in(key, 1), (1, config.text_len, config.text_dim), jnp.float32)
     text = jax.jit(dit.encode_text)(params, ctx)
     noise = initial_noise(jax.random.fold_in(key, 2), 1, latent_frames, lh, lw, config.in_dim)
+    if hasattr(dit, "replicated"):  # sequence parallel: the params live on every device of the mesh
+        params, text, noise = jax.device_put((params, text, noise), dit.replicated())
 
     t0 = time.perf_counter()
     stream = sampler.stream(params, text, noise, key)
@@ -128,17 +136,24 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     counter.active = True
     best: Optional[list[float]] = None
     for _ in range(max(repeats, 1)):
-        times = []
+        times, chunks = [], []
         t_prev = time.perf_counter()
         for x0 in sampler.stream(params, text, noise, key):
             x0.block_until_ready()
             now = time.perf_counter()
             times.append((now - t_prev) * 1e3)
+            chunks.append(x0)
             t_prev = now
         times[-1] += (time.perf_counter() - t_prev) * 1e3  # the last chunk's cache fill
         if best is None or sum(times) < sum(best):
             best = times
     counter.active = False
+    latents = None
+    if keep_latents:
+        import numpy as np
+
+        latents = np.concatenate([np.asarray(c) for c in chunks], axis=1)
+    del chunks
     dit_peak = peak_memory_gb()  # before the decoders run (the counter only grows)
     vae_result = tiny_result = None
     if e2e_vae:  # the small decoder first, so each peak is its own (the Wan VAE's is the larger)
@@ -152,6 +167,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     window = None if inference.local_attn_size == -1 else inference.local_attn_size // inference.frames_per_chunk
     flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
+    n_devices = dit.mesh.size if hasattr(dit, "mesh") else 1  # MFU against the peak of all of them
     breakdown = None
     if profile and jax.default_backend() == "gpu":
         from causal_dit_jax.profile_breakdown import profile_breakdown
@@ -172,15 +188,15 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         breakdown = profile_breakdown(one_forward)
     return BenchResult(
         preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
-        num_devices=1 if strategy == "single" else jax.device_count(), strategy=strategy,
+        num_devices=n_devices, strategy=strategy,
         latent_shape=tuple(noise.shape), video_frames=video_frames(latent_frames),
         forwards=n_chunks * (len(sampler.timesteps) + 1), compile_s=compile_s, chunk_ms=best,
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
-        mfu=None if peak is None else flops / total / 1e12 / peak, compilations=counter.count,
+        mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
         peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown, vae=vae_result, tiny_vae=tiny_result,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node())
+        host=platform.node(), latents=latents)
 
 
 def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",
@@ -204,6 +220,7 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     decode = jax.jit(lambda p, z, c: (lambda f, c2: (to_uint8(f), c2))(*vae.decode_chunk(p, z, c)),
                      donate_argnums=(2,))
     b, f, h, w, _ = noise.shape
+    decoder_device = jax.devices()[0]  # with a mesh, the decoder runs on its first device
 
     def one_stream():
         cache = vae.init_decode_cache(b, h, w)
@@ -212,6 +229,8 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
         for latents in sampler.stream(params, text, noise, key):
             jax.block_until_ready(latents)
             td = time.perf_counter()
+            if len(latents.devices()) > 1:
+                latents = jax.device_put(latents, decoder_device)
             for j in range(0, latents.shape[1], latents_per_call):
                 pixels, cache = decode(vae_params, latents[:, j:j + latents_per_call], cache)
                 host = np.asarray(pixels)
@@ -264,10 +283,15 @@ def peak_memory_gb() -> Optional[float]:
     return None if peak is None else peak / 1e9
 
 
+def result_dict(result: BenchResult) -> dict:
+    """The JSON-able fields of a result (the latents left out)."""
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "latents"}
+
+
 def write_json(result: BenchResult, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(dataclasses.asdict(result), f, indent=2)
+        json.dump(result_dict(result), f, indent=2)
     print(f"wrote {path}")
 
 
-__all__ = ["BenchResult", "run_dit_bench", "run_e2e", "video_frames", "write_json"]
+__all__ = ["BenchResult", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json"]

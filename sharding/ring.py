@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.attention import attention_with_lse
+from causal_dit_jax.attention import attention_with_lse, prefix_attention_with_lse
 from causal_dit_jax.kv_cache import CacheWrite, LayerCache, write_chunk
 from sharding.mesh import RING
 
@@ -32,13 +32,16 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Optional[LayerCache],
-                        write: Optional[CacheWrite], *, true_len: int, axis: str = RING
-                        ) -> tuple[jax.Array, Optional[LayerCache]]:
+                        write: Optional[CacheWrite], *, true_len: int, axis: str = RING,
+                        implementation: Optional[str] = None) -> tuple[jax.Array, Optional[LayerCache]]:
     """q/k/v [B, Lseg, N, D]: this member's segment of the chunk (segment r covers flattened tokens
     [r*Lseg, (r+1)*Lseg)); true_len: real tokens in the chunk (the rest is padding).
 
     With a cache [B, cap*Lseg, N, D] the segment's k/v are written to its slot first, and every
     valid slot of every member is attended. Returns out [B, Lseg, N, D] (q's dtype) and the cache.
+    When the chunk has no padding (ring * Lseg == true_len, e.g. 4680 tokens on 2, 4 or 8 members)
+    every block's valid keys are a prefix, and each step is one flash attention (cuDNN on GPUs)
+    returning its log-sum-exp; otherwise a masked attention.
     """
     ring = jax.lax.axis_size(axis)
     me = jax.lax.axis_index(axis)
@@ -54,15 +57,18 @@ def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: O
     token = jnp.arange(s, dtype=jnp.int32) % seg
     b = q.shape[0]
 
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full((b, q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
-    block = jnp.stack([keys, values])  # 2 b s n d
+    out = lse = None
+    block = (keys, values)  # b s n d each
     perm = [(i, (i + 1) % ring) for i in range(ring)]
+    no_padding = ring * seg == true_len
     for step in range(ring):
         owner = (me - step) % ring  # whose segment `block` holds
-        mask = (slot < valid_slots) & (owner * seg + token < true_len)
-        o, l = attention_with_lse(q, block[0], block[1], jnp.broadcast_to(mask, (b, s)))
-        out, lse = merge_partials(out, lse, o, l)
+        if no_padding:  # the valid keys are the first valid_slots * seg
+            o, l = prefix_attention_with_lse(q, block[0], block[1], valid_slots * seg, implementation)
+        else:
+            mask = (slot < valid_slots) & (owner * seg + token < true_len)
+            o, l = attention_with_lse(q, block[0], block[1], jnp.broadcast_to(mask, (b, s)))
+        out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
         if step < ring - 1:
             block = jax.lax.ppermute(block, axis, perm)
     return out.astype(q.dtype), layer_cache

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from causal_dit_jax.attention import local_self_attention
+from causal_dit_jax.attention import PAGE_TOKENS, local_self_attention
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.dit import CausalWanDiT, Params, forward_latents
 from causal_dit_jax.kv_cache import KVCache, TextKV
@@ -81,12 +81,15 @@ class SequenceParallelDiT:
         cfg = self.config
         lay = self.layout(inference.frames_per_chunk, latent_height, latent_width)
         cap = inference.cache_chunks(num_frames)
-        seq = cap * lay.true_len if self.ring_size == 1 else self.ring_size * cap * lay.segment_len
+        if self.ring_size == 1:  # whole pages for cuDNN paged attention (the key tail is never valid)
+            align = PAGE_TOKENS if self.dit.attention_impl == "cudnn_paged" else 1
+            seq = -(-cap * lay.true_len // align) * align
+        else:
+            seq = self.ring_size * cap * lay.segment_len
         shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
         dtype = dtype_from_name(inference.cache_dtype)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype),
-                        out_shardings=NamedSharding(self.mesh, SPECS.cache_lbsnd))
-        return KVCache(k=zeros(), v=zeros(), origin_frame=jnp.asarray(origin_frame, jnp.int32),
+        where = NamedSharding(self.mesh, SPECS.cache_lbsnd)  # made in place on each device, no transfer
+        return KVCache(k=jnp.zeros(shape, dtype, device=where), v=jnp.zeros(shape, dtype, device=where), origin_frame=jnp.asarray(origin_frame, jnp.int32),
                        capacity=cap, sink_chunks=inference.sink_size // inference.frames_per_chunk,
                        frames_per_chunk=inference.frames_per_chunk)
 
@@ -96,14 +99,16 @@ class SequenceParallelDiT:
         attention over the segment, then all-to-all back."""
         true_len = layout.true_len
         ring = self.ring_size
+        impl = self.dit.attention_impl
 
         def attention(q, k, v, layer_cache, write):
             q, k, v = qkv_seq_to_heads(q, k, v)  # b l n d -> b (u l) (n/u) d
             if ring == 1:  # the whole (padded) chunk is here: cache only real tokens
                 out, layer_cache = local_self_attention(q, k[:, :true_len], v[:, :true_len],
-                                                        layer_cache, write)
+                                                        layer_cache, write, impl)
             else:
-                out, layer_cache = ring_self_attention(q, k, v, layer_cache, write, true_len=true_len)
+                out, layer_cache = ring_self_attention(q, k, v, layer_cache, write, true_len=true_len,
+                                                       implementation=impl)
             return heads_to_seq(out), layer_cache
 
         return attention

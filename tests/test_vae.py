@@ -88,6 +88,19 @@ def test_chunks_of_three_equal_the_whole_decode(vae, converted, latents, whole):
     assert rel_err(np.concatenate(chunks, axis=1), whole) <= 1e-5
 
 
+def test_per_frame_tail_equals_all_frames_at_once(converted, latents, whole):
+    """per_frame_stages (the default runs the last 2 stages and the head one frame at a time) changes
+    the memory, not the frames: all stages over all frames at once give the same video, and per-frame
+    over 3 stages is refused (stage 1's temporal upsample doubles the frames)."""
+    _, params = converted
+    at_once = WanVAE(CFG.replace(per_frame_stages=0))
+    frames = np.asarray(at_once.decode(params, _channels_last(latents), frames_per_chunk=None))
+    assert CFG.per_frame_stages == 2
+    assert rel_err(frames, whole) <= 1e-6  # the same float32 convs, one frame per call: rounding only
+    with pytest.raises(ValueError, match="stage 1, whose temporal upsample"):
+        CFG.replace(per_frame_stages=3)
+
+
 def test_self_forcing_demo_decoder(vae, converted, latents):
     """wan_first_frame=False is demo_utils/vae_block3.py: zero caches, no 'Rep', 4 frames per latent,
     blocks of 3 latents with the cache handed from block to block."""

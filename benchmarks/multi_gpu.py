@@ -1,0 +1,133 @@
+"""Sequence-parallel scaling on the GPUs of one host: one GPU, then each attention strategy on N GPUs.
+
+For every configuration, `run_dit_bench` (real Wan2.1-1.3B shapes, random bf16 weights, 480x832,
+21 latent frames: per-chunk times, first chunk, end to end with the tiny and the Wan decoder, a
+profile of one full-cache forward with its collective time), then the N-GPU latents against the
+one-GPU latents of the same seed, and the speed-ups. Writes one JSON.
+
+    python benchmarks/multi_gpu.py --gpus 2 --json benchmarks/DATE_h200x2_multi_gpu.json
+
+Tolerance of the latents: both runs are bf16; sharding changes the matmul shapes (cuBLAS picks other
+tilings) and, for a ring, the order of the softmax merge, so the two rollouts differ by bf16
+rounding that 35 forwards of random weights carry along. The figure is reported, not asserted
+(the exact equality is checked in float32 on CPU by tests/test_sequence_parallel.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from causal_dit_jax.bench import result_dict, run_dit_bench
+from causal_dit_jax.config import InferenceConfig, get_preset
+from causal_dit_jax.dit import CausalWanDiT
+from sharding.mesh import split_sequence_devices
+from sharding.sequence_parallel import sequence_parallel_dit
+
+
+def latents_error(a: np.ndarray, b: np.ndarray) -> dict:
+    """Relative L2 and max-abs difference of two rollouts' latents, overall and per chunk."""
+    per_chunk = [float(np.linalg.norm(a[:, i:i + 3] - b[:, i:i + 3]) / np.linalg.norm(b[:, i:i + 3]))
+                 for i in range(0, b.shape[1], 3)]
+    return {"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+            "max_abs": float(np.max(np.abs(a - b))), "rel_l2_per_chunk": per_chunk}
+
+
+def run_one(args, cfg, strategy: str) -> dict:
+    """One configuration in this process ('single' or a strategy over args.gpus)."""
+    kw = dict(preset=cfg, latent_frames=args.frames, height=args.height, width=args.width,
+              inference=InferenceConfig(), profile=True, keep_latents=True,
+              e2e_vae=None if args.no_e2e else "wan2.1")
+    if strategy == "single":
+        res = run_dit_bench(dit=CausalWanDiT(cfg), **kw)
+        config = "1 GPU"
+    else:
+        sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
+        sp, comm = sequence_parallel_dit(CausalWanDiT(cfg), args.gpus, strategy, height=args.height,
+                                         width=args.width)
+        res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, **kw)
+        config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
+    print(res.table(), flush=True)
+    np.save(args.latents_out, res.latents)
+    return {"config": config, **result_dict(res)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs of the sequence-parallel runs")
+    ap.add_argument("--strategies", default="ulysses,ring,hybrid")
+    ap.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    ap.add_argument("--frames", type=int, default=21)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one configuration
+    ap.add_argument("--latents-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cfg = get_preset(args.preset)
+    if args.only:  # the child: measure one configuration, write its JSON
+        with open(args.json, "w") as f:
+            json.dump(run_one(args, cfg, args.only), f)
+        return
+
+    # This process never starts JAX's backend (it would take GPU memory from the children).
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    work = tempfile.mkdtemp(prefix="multi_gpu_")
+
+    def save():  # after every configuration, so a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gpus": args.gpus, "device": runs[0]["device"] if runs else None,
+                           "wall_s": time.perf_counter() - t0, "runs": runs}, f, indent=1)
+
+    def child(strategy: str) -> tuple[dict, np.ndarray]:
+        """Each configuration in a fresh process: its peak memory is its own, nothing is shared."""
+        part, lat = os.path.join(work, f"{strategy}.json"), os.path.join(work, f"{strategy}.npy")
+        cmd = [sys.executable, __file__, "--only", strategy, "--json", part, "--latents-out", lat,
+               "--gpus", str(args.gpus), "--preset", args.preset, "--frames", str(args.frames),
+               "--height", str(args.height), "--width", str(args.width)] + (["--no-e2e"] if args.no_e2e else [])
+        subprocess.run(cmd, check=True)
+        with open(part) as f:
+            return json.load(f), np.load(lat)
+
+    single, single_latents = child("single")
+    runs.append(single)
+    save()
+    seen = set()
+    for strategy in args.strategies.split(","):
+        try:
+            sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
+        except ValueError as e:
+            runs.append({"config": f"{args.gpus} GPUs {strategy}", "error": str(e)})
+            continue
+        if sizes in seen:  # e.g. hybrid on 2 GPUs is the all-to-all
+            runs.append({"config": f"{args.gpus} GPUs {strategy}", "same_as": f"ring x ulysses = {sizes}"})
+            continue
+        seen.add(sizes)
+        entry, latents = child(strategy)
+        entry.update({
+            "latents_vs_1_gpu": latents_error(latents, single_latents),
+            "speedup_dit_total": single["total_s"] / entry["total_s"],
+            "speedup_per_chunk": [a / b for a, b in zip(single["chunk_ms"], entry["chunk_ms"])],
+            "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"]})
+        print(json.dumps({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total",
+                                                "speedup_first_chunk")}, indent=1), flush=True)
+        runs.append(entry)
+        save()
+    save()
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
