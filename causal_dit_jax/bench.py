@@ -135,10 +135,12 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     counter = CompileCounter()
     counter.active = True
     best: Optional[list[float]] = None
+    rope = dit.rope_tables(latent_frames, lh, lw)
     for _ in range(max(repeats, 1)):
         times, chunks = [], []
+        cache = jax.block_until_ready(sampler.init_cache(1, latent_frames, lh, lw))  # made ahead, as the pipeline does
         t_prev = time.perf_counter()
-        for x0 in sampler.stream(params, text, noise, key):
+        for x0 in sampler.stream(params, text, noise, key, rope=rope, cache=cache):
             x0.block_until_ready()
             now = time.perf_counter()
             times.append((now - t_prev) * 1e3)
@@ -204,7 +206,8 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
     latents per decode call), frames copied to the host. vae_preset: a Wan VAE preset ('wan2.1',
     'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random decoder weights;
-    one warm-up stream, then one timed. first_frame_s: stream start to the first frames on the host."""
+    one warm-up stream, then one timed. first_frame_s: stream start (the prompt encoded; the KV cache
+    and RoPE tables made ahead, as `TextToVideoPipeline.stream` does) to the first frames on the host."""
     import numpy as np
 
     from causal_dit_jax.demo_weights import random_params
@@ -222,11 +225,14 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     b, f, h, w, _ = noise.shape
     decoder_device = jax.devices()[0]  # with a mesh, the decoder runs on its first device
 
+    rope = sampler.dit.rope_tables(f, h, w)
+
     def one_stream():
         cache = vae.init_decode_cache(b, h, w)
+        kv_cache = jax.block_until_ready(sampler.init_cache(b, f, h, w))  # made before the prompt, as the pipeline does
         t0 = time.perf_counter()
         first, dec, frames = None, [], 0
-        for latents in sampler.stream(params, text, noise, key):
+        for latents in sampler.stream(params, text, noise, key, rope=rope, cache=kv_cache):
             jax.block_until_ready(latents)
             td = time.perf_counter()
             if len(latents.devices()) > 1:

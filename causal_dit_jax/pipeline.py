@@ -179,9 +179,12 @@ class TextToVideoPipeline:
         'encode_s'.
         """
         spec = video_spec(frames, height, width, self.inference.frames_per_chunk)
+        batch = 1 if isinstance(prompts, str) else len(prompts)
+        # Prompt-independent setup first (queued on the device while the prompt is encoded).
+        rope = self.model.rope_tables(spec.latent_frames, spec.latent_height, spec.latent_width)
+        cache = self.sampler.init_cache(batch, spec.latent_frames, spec.latent_height, spec.latent_width)
         t0 = time.perf_counter()
         text = self.encode_prompts(prompts)
-        batch = text.k.shape[1]
         jax.block_until_ready(text)
         t1 = time.perf_counter()
         key = jax.random.key(seed)
@@ -191,7 +194,8 @@ class TextToVideoPipeline:
         vae_cache = self.vae.init_decode_cache(batch, spec.latent_height, spec.latent_width)
         k = self.vae_latents_per_call
         first = True
-        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1)):
+        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1),
+                                           rope=rope, cache=cache):
             if self.mesh is not None:  # the VAE runs on one device: bring the chunk's latents there
                 latents = jax.device_put(latents, vae_device)
             for j in range(0, latents.shape[1], k):

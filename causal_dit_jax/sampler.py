@@ -96,11 +96,14 @@ class SelfForcingSampler:
                                    start_frame)
 
     def stream(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
-               start_frame: int = 0, rope: Optional[RopeTables] = None) -> Iterator[jax.Array]:
+               start_frame: int = 0, rope: Optional[RopeTables] = None,
+               cache: Optional[KVCache] = None) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
         noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
         key: seeds the re-noising draws; start_frame: the global latent frame of the first chunk.
+        rope, cache: may be made ahead by the caller (`dit.rope_tables`, `init_cache`), so that their
+        setup is not on the path to the first frame; the cache is consumed (donated).
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
@@ -115,7 +118,15 @@ class SelfForcingSampler:
             rope = self.dit.rope_tables(start_frame + f, h, w)
         elif rope.max_frames < start_frame + f:
             raise ValueError(f"RoPE tables cover {rope.max_frames} frames, the stream needs {start_frame + f}")
-        cache = self.init_cache(b, f, h, w, start_frame)
+        if cache is None:
+            cache = self.init_cache(b, f, h, w, start_frame)
+        else:
+            expected = jax.eval_shape(lambda: self.init_cache(b, f, h, w, start_frame))
+            got = (cache.k.shape, cache.capacity, cache.sink_chunks)
+            if got != (expected.k.shape, expected.capacity, expected.sink_chunks):
+                raise ValueError(f"the given KV cache (shape, slots, sink slots) is {got}; this stream needs "
+                                 f"{(expected.k.shape, expected.capacity, expected.sink_chunks)} (init_cache)")
+            cache = cache.replace(origin_frame=jnp.asarray(start_frame, jnp.int32))
         n = len(self.timesteps)
         for i in range(chunks):
             eps = step_noise(key, i, (b, c, h, w, ch), n)

@@ -33,6 +33,7 @@ from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
 
 Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
+
 # Wan2.1 VAE latent statistics (facts §8): z_raw = z * std + mean.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
                0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -55,9 +56,9 @@ class VAEConfig(ConfigFields):
     temporal_upsample: tuple[bool, ...] = (True, True, False)
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # The last `per_frame_stages` stages and the head run one frame at a time (a scan over frames,
-    # each causal conv's cache carried): the same frames, with the activations of the two largest
-    # resolutions held for one frame instead of 4 per latent (Wan2.1 at 480x832: -2 GB). 0: all at once.
+    # The last `per_frame_stages` stages, the space half of the upsample feeding them and the head run
+    # one frame at a time (unrolled; caches carried): the same frames, with the activations of the two
+    # largest resolutions held for one frame instead of 4 per latent. 0: all frames at once.
     per_frame_stages: int = 2
 
     def __post_init__(self):
@@ -256,6 +257,11 @@ class Upsample(nnx.Module):
         self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
 
     def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+        x, new_cache = self.temporal(x, cache, first_chunk)
+        return self.spatial(x), new_cache
+
+    def temporal(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+        """The time half: 'upsample3d' doubles the frames (after the first), 'upsample2d' is the identity."""
         new_cache = {}
         if self.time_conv is not None:
             b, t, h, w, c = x.shape
@@ -265,8 +271,12 @@ class Upsample(nnx.Module):
             # b t h w (2 c) -> b t 2 h w c -> b (t 2) h w c: the two halves become consecutive frames
             y = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
             x = jnp.concatenate([x[:, :1].astype(y.dtype), y[:, 2:]], axis=1) if first_chunk else y
+        return x, new_cache
+
+    def spatial(self, x: jax.Array) -> jax.Array:
+        """The space half, frame by frame: nearest x2, then the 3x3 conv C -> C/2."""
         x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest x2: b t (h 2) (w 2) c
-        return self.resample(x), new_cache
+        return self.resample(x)
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
         if self.time_conv is None:
@@ -288,12 +298,17 @@ class Stage(nnx.Module):
     def blocks(self) -> list[tuple[str, ResidualBlock]]:
         return [(f"res{j}", getattr(self, f"res{j}")) for j in range(self.num_blocks)]
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, spatial_upsample: bool = True
+                 ) -> tuple[jax.Array, dict]:
+        """spatial_upsample=False stops before the space half of the upsample (the caller runs
+        `self.upsample.spatial` itself, frame by frame)."""
         new_cache = {}
         for name, block in self.blocks():
             x, new_cache[name] = block(x, cache[name])
         if self.upsample is not None:
-            x, new_cache["upsample"] = self.upsample(x, cache["upsample"], first_chunk)
+            x, new_cache["upsample"] = self.upsample.temporal(x, cache["upsample"], first_chunk)
+            if spatial_upsample:
+                x = self.upsample.spatial(x)
         return x, new_cache
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
@@ -360,24 +375,24 @@ class Decoder3d(nnx.Module):
         x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"])
         x, new_cache["middle"] = self.middle(x, cache["middle"])
         split = self.num_stages - self.per_frame_stages
-        for name, stage in self.stages()[:split]:
-            x, new_cache[name] = stage(x, cache[name], first_chunk)
-        tail = self.stages()[split:]
+        head_stages, tail = self.stages()[:split], self.stages()[split:]
+        for k, (name, stage) in enumerate(head_stages):  # the last one leaves its spatial upsample to the tail
+            x, new_cache[name] = stage(x, cache[name], first_chunk,
+                                       spatial_upsample=not (tail and k == len(head_stages) - 1))
         tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
-
-        def one_frame(c, frame):  # frame [B, H, W, C]: the tail stages and the head on one frame
-            y, out = frame[:, None], {}  # b h w c -> b 1 h w c
-            for name, stage in tail:
-                y, out[name] = stage(y, c[name], first_chunk=False)  # no time upsample here
-            y, out["head"] = self.head(y, c["head"])
-            return out, y[:, 0]
-
-        if self.per_frame_stages:
-            tail_cache, frames = jax.lax.scan(one_frame, tail_cache, jnp.moveaxis(x, 1, 0))  # t b h w c
-            x = jnp.moveaxis(frames, 0, 1)  # t b h w c -> b t h w c
+        if tail:  # one frame at a time (unrolled: the frame count is static)
+            feed = head_stages[-1][1].upsample if head_stages else None
+            frames = []
+            for t in range(x.shape[1]):
+                y = x[:, t:t + 1]  # b 1 h w c
+                if feed is not None:
+                    y = feed.spatial(y)
+                for name, stage in tail:
+                    y, tail_cache[name] = stage(y, tail_cache[name], first_chunk=False)  # no time upsample here
+                y, tail_cache["head"] = self.head(y, tail_cache["head"])
+                frames.append(y)
+            x = jnp.concatenate(frames, axis=1)  # t x [b 1 h w c] -> b t h w c
         else:
-            for name, stage in tail:
-                x, tail_cache[name] = stage(x, tail_cache[name], first_chunk)
             x, tail_cache["head"] = self.head(x, tail_cache["head"])
         return x, new_cache | tail_cache
 
@@ -437,7 +452,8 @@ class WanVAE(ChunkedDecode):
 
     def __init__(self, config: VAEConfig):
         self.config = config
-        self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanVAEDecoder(config, rngs=nnx.Rngs(0))))
+        self._abstract = nnx.eval_shape(lambda: WanVAEDecoder(config, rngs=nnx.Rngs(0)))  # shapes only
+        self._graphdef = nnx.graphdef(self._abstract)
 
     def init(self, rng: jax.Array) -> Params:
         """Random parameters {'conv2', 'decoder'} (fan-in normal kernels, zero biases, unit scales)."""
@@ -451,9 +467,8 @@ class WanVAE(ChunkedDecode):
                           wan_first_frame: bool = True) -> VAEDecodeCache:
         """Zero caches for a new video. wan_first_frame=True: Wan's decode (latent 0 gives 1 frame);
         False: Self-Forcing's demo decoder (every latent gives 4 frames; drop the first 3 yourself)."""
-        model = nnx.eval_shape(lambda: WanVAEDecoder(self.config, rngs=nnx.Rngs(0)))
         dtype = dtype_from_name(self.config.dtype)
-        convs = model.decoder.init_cache(batch, latent_height, latent_width, dtype)
+        convs = self._abstract.decoder.init_cache(batch, latent_height, latent_width, dtype)
         return VAEDecodeCache(convs=convs, first_chunk=wan_first_frame)
 
     def decode_chunk(self, params: Params, z: jax.Array, cache: VAEDecodeCache

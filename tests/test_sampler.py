@@ -35,6 +35,15 @@ def test_stream_yields_chunks_and_is_seeded(model):
     np.testing.assert_array_equal(np.concatenate(chunks, 1), again)
     other = sampler.generate(params, text, noise, jax.random.key(7))
     assert float(jnp.abs(other - again).max()) > 1e-3  # the re-noising draws depend on the key
+    # RoPE tables and a KV cache made ahead (as the pipeline does before encoding the prompt); the
+    # cache is consumed, and a used one (its slots full of an earlier video) gives the same video
+    rope = dit.rope_tables(6, 4, 6)
+    used = sampler.init_cache(1, 6, 4, 6)
+    used = used.replace(k=used.k + 3.0, v=used.v - 2.0)
+    ahead = list(sampler.stream(params, text, noise, jax.random.key(6), rope=rope, cache=used))
+    np.testing.assert_array_equal(np.concatenate(ahead, 1), again)
+    with pytest.raises(ValueError, match="the given KV cache"):
+        next(sampler.stream(params, text, noise, jax.random.key(6), cache=sampler.init_cache(1, 9, 4, 6)))
 
 
 def test_bad_inputs(model):

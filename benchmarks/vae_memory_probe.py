@@ -1,0 +1,64 @@
+"""GPU probe: memory and time of one streaming Wan VAE decode call (one latent, 480x832, bf16) for
+ways of running the large-resolution stages: all frames at once, or one frame at a time (the last
+1 or 2 stages and the head; `VAEConfig.per_frame_stages`). Reports XLA's buffer assignment
+(temporaries, arguments, outputs) and the median call time.
+
+    python benchmarks/vae_memory_probe.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from causal_dit_jax.demo_weights import random_params
+from causal_dit_jax.vae import WanVAE, get_vae_preset
+
+VARIANTS = {"all frames at once": 0, "per frame: stages 2, 3 + head": 2, "per frame: stage 3 + head": 1}
+
+
+def probe(per_frame_stages: int, latents: int = 1, repeats: int = 10) -> dict:
+    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16",
+                                                  per_frame_stages=per_frame_stages))
+    params = random_params(vae.abstract_params(), 7)
+    cache = vae.init_decode_cache(1, 60, 104).replace(first_chunk=False)
+    z = jax.random.normal(jax.random.key(0), (1, latents, 60, 104, 16), jnp.float32)
+    fn = jax.jit(vae.decode_chunk, donate_argnums=(2,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, z, cache).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        frames, cache = compiled(params, z, cache)
+        jax.block_until_ready(frames)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return {"per_frame_stages": per_frame_stages, "latents": latents, "compile_s": compile_s,
+            "temp_gb": mem.temp_size_in_bytes / 1e9, "args_gb": mem.argument_size_in_bytes / 1e9,
+            "out_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
+            "median_ms": 1e3 * times[len(times) // 2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = {}
+    for name, stages in VARIANTS.items():
+        rows[name] = probe(stages)
+        r = rows[name]
+        print(f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
+              f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "variants": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
