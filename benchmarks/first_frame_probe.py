@@ -59,17 +59,15 @@ def main() -> None:
         steps.clear()
         t_start = time.perf_counter()
         rope = step("rope tables (host, then device)", lambda: dit.rope_tables(21, lh, lw))
-        cache = step("KV cache zeros", lambda: sampler.init_cache(1, 21, lh, lw))
+        kv = step("KV cache zeros", lambda: sampler.init_cache(1, 21, lh, lw))
         vcache = step("decoder cache zeros", lambda: vae.init_decode_cache(1, lh, lw))
         eps = step("re-noising draws", lambda: step_noise(key, 0, (1, 3, lh, lw, 16), len(sampler.timesteps)))
-        x0, cache = step("denoise chunk 0 (4 forwards)", lambda: sampler._denoise_fn(
-            params, noise[:, :3], eps, cache, text, jnp.asarray(0, jnp.int32), rope))
+        x0, kv = step("denoise chunk 0 (4 forwards)", lambda: sampler._denoise_fn(
+            params, noise[:, :3], eps, kv, text, jnp.asarray(0, jnp.int32), rope))
         pixels, vcache = step("decode latent 0", lambda: decode(vae_params, x0[:, :1], vcache))
         step("to host", lambda: np.asarray(pixels))
         total = 1e3 * (time.perf_counter() - t_start)
-        cache = sampler._fill_fn(params, x0, cache, text, jnp.asarray(0, jnp.int32), rope)
-        jax.block_until_ready(cache)
-        del cache
+        jax.block_until_ready(sampler._fill_fn(params, x0, kv, text, jnp.asarray(0, jnp.int32), rope))
     steps["total (with the syncs)"] = total
     for k, v in steps.items():
         print(f"{k:40s} {v:8.2f} ms")

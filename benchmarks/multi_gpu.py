@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 from causal_dit_jax.bench import result_dict, run_dit_bench

@@ -65,3 +65,29 @@ def test_convert_cli_taehv_needs_a_wan_folder(tmp_path, capsys):
     assert main(["convert", "--taehv", str(tmp_path / "taew2_1.pth"), "--out", str(tmp_path / "out")]) == 2
     assert "--taehv needs --wan-dir" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_multi_gpu_benchmark_script(tmp_path):
+    """benchmarks/multi_gpu.py as on a GPU host, on 4 simulated CPU devices: one process per
+    configuration, the N-device latents against the 1-device ones, strategies that coincide named."""
+    import os
+    import pathlib
+
+    out = tmp_path / "multi.json"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--gpus", "4", "--preset", "tiny",
+                           "--frames", "6", "--height", "64", "--width", "64", "--no-e2e",
+                           "--strategies", "ulysses,ring,hybrid", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root),
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"] for r in runs] == ["1 GPU", "4 GPUs ulysses (ring 1 x all-to-all 4)",
+                                           "4 GPUs ring (ring 4 x all-to-all 1)", "4 GPUs hybrid"]
+    assert runs[3]["same_as"] == "ring x ulysses = (1, 4)"  # 12 heads: the hybrid of 4 is all-to-all
+    for r in runs[1:3]:
+        assert r["num_devices"] == 4 and r["compilations"] == 0
+        # float32 on CPU: the sharded rollout equals one device's up to summation order
+        assert r["latents_vs_1_gpu"]["rel_l2"] <= 1e-4
+        assert r["speedup_dit_total"] > 0
