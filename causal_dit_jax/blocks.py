@@ -18,7 +18,7 @@ from causal_dit_jax.attention import SelfAttentionFn, dot_product_attention
 from causal_dit_jax.config import ModelConfig, dtype_from_name
 from causal_dit_jax.kv_cache import CacheWrite, LayerCache
 from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm, per_token
-from causal_dit_jax.rope import apply_rope
+from causal_dit_jax.qk_norm_rope import qk_norm_rope
 
 
 def _dtypes(config: ModelConfig):
@@ -26,7 +26,8 @@ def _dtypes(config: ModelConfig):
 
 
 class SelfAttention(nnx.Module):
-    """q/k/v from one fused matmul, q/k RMSNorm over the full width, Causal-RoPE, pluggable attention."""
+    """q/k/v from one fused matmul, q/k RMSNorm over the full width and Causal-RoPE (`qk_norm_rope`:
+    XLA, or one Pallas kernel), pluggable attention."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype, pdtype = _dtypes(config)
@@ -38,12 +39,12 @@ class SelfAttention(nnx.Module):
         self.norm_k = RMSNorm(c, config.eps, pdtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layer_cache: Optional[LayerCache],
-                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
+                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn, norm_rope_impl: str = "xla"
                  ) -> tuple[jax.Array, Optional[LayerCache]]:
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # each [B, L, C]
-        q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (rearrange(a, "b l (n d) -> b l n d", n=self.num_heads) for a in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x)  # [B, L, 3C]
+        q, k = qk_norm_rope(qkv, self.norm_q.scale[...], self.norm_k.scale[...], cos, sin, self.norm_q.eps,
+                            self.num_heads, norm_rope_impl)  # each [B, L, N, D], normalised and rotated
+        v = rearrange(qkv[..., 2 * qkv.shape[-1] // 3:], "b l (n d) -> b l n d", n=self.num_heads)
         out, layer_cache = attention_fn(q, k, v, layer_cache, write)
         out = rearrange(out.astype(x.dtype), "b l n d -> b l (n d)")
         return self.o(out), layer_cache
@@ -92,7 +93,7 @@ class WanBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: Optional[jax.Array], cos: jax.Array,
                  sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: Optional[LayerCache],
-                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
+                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn, norm_rope_impl: str = "xla"
                  ) -> tuple[jax.Array, Optional[LayerCache]]:
         """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each
         token, or None when the tokens are whole frames in order."""
@@ -104,7 +105,7 @@ class WanBlock(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
 
         h = (layer_norm(x, cfg.eps) * (1 + scale1) + shift1).astype(dtype)
-        y, layer_cache = self.self_attn(h, cos, sin, layer_cache, write, attention_fn)
+        y, layer_cache = self.self_attn(h, cos, sin, layer_cache, write, attention_fn, norm_rope_impl)
         x = (x.astype(jnp.float32) + y.astype(jnp.float32) * gate1).astype(res_dtype)
 
         h = self.norm3(x).astype(dtype)

@@ -46,6 +46,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache folder (run twice: the second run's compile is warm)")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop")
+    p.add_argument("--norm-rope", default="xla", choices=["xla", "pallas"],
+                   help="q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel")
     p.add_argument("--attention", default=None, choices=["xla", "cudnn", "cudnn_paged"],
                    help="self-attention kernel on one device (default: the model's choice for the backend)")
     p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
@@ -118,7 +120,8 @@ def cmd_bench(args) -> int:
         config = config.replace(residual_dtype=args.residual_dtype)
     from causal_dit_jax.dit import CausalWanDiT
 
-    dit, strategy, comm = CausalWanDiT(config, attention_impl=args.attention, scan_unroll=args.scan_unroll), "single", None
+    dit, strategy, comm = CausalWanDiT(config, attention_impl=args.attention, scan_unroll=args.scan_unroll,
+                                          norm_rope_impl=args.norm_rope), "single", None
     if args.mesh:
         from sharding.sequence_parallel import sequence_parallel_dit
 

@@ -26,6 +26,7 @@ from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
 from causal_dit_jax.layers import MLP, layer_norm, per_token, sinusoidal_embedding
 from causal_dit_jax.patchify import patchify, unpatchify
+from causal_dit_jax.qk_norm_rope import IMPLEMENTATIONS as NORM_ROPE_IMPLEMENTATIONS
 from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
 
 Params = dict[str, Any]
@@ -83,12 +84,16 @@ class CausalWanDiT:
     parallelism passes its own. attention_impl: 'xla', 'cudnn', 'cudnn_paged' or None (the backend's
     default: 'cudnn_paged' on GPUs for bf16, else 'xla') for the default kernel.
     scan_unroll: layers per iteration of the layer loop (`lax.scan(unroll=)`); 1 compiles fastest.
+    norm_rope_impl: 'xla' (default) or 'pallas': how q/k RMSNorm + RoPE run (`qk_norm_rope`).
     """
 
     def __init__(self, config: ModelConfig, attention_fn: Optional[SelfAttentionFn] = None,
-                 attention_impl: str | None = None, scan_unroll: int = 1):
+                 attention_impl: str | None = None, scan_unroll: int = 1, norm_rope_impl: str = "xla"):
+        if norm_rope_impl not in NORM_ROPE_IMPLEMENTATIONS:
+            raise ValueError(f"norm_rope_impl must be one of {NORM_ROPE_IMPLEMENTATIONS}, got {norm_rope_impl!r}")
         self.config = config
         self.scan_unroll = scan_unroll
+        self.norm_rope_impl = norm_rope_impl
         self.attention_impl = attention_impl or default_implementation(config.dtype)
         self.attention_fn = attention_fn or make_local_self_attention(self.attention_impl)
         self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
@@ -191,7 +196,8 @@ class CausalWanDiT:
             block_params, tk, tv, index = layer
             block = nnx.merge(self._block_def, block_params)
             layer_cache = None if cache_kv is None else LayerCache(*cache_kv, index)
-            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn)
+            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn,
+                                   self.norm_rope_impl)
             return (x, None if layer_cache is None else (layer_cache.k, layer_cache.v)), None
 
         # The cache rides in the carry: each layer updates its chunk slot in place.

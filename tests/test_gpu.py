@@ -107,3 +107,37 @@ def test_cudnn_attention_with_lse_matches_xla_values_and_gradients(kv_len):
     # The same XLA backward; the cotangent of the statistics is the forward output here, bf16-rounded by
     # cuDNN and not by the einsum: measured 9e-4 (dq), 5e-4 (dk), 0 (dv); 5e-3.
     assert max(errs) <= 5e-3, errs
+
+
+def test_pallas_qk_norm_rope_matches_xla_at_real_size():
+    """The Triton kernel on one chunk of the real model (4680 tokens, 12 x 128, bf16) against the XLA
+    path: one bf16 rounding step (2^-8) at most, where the sums of squares round differently."""
+    from causal_dit_jax.qk_norm_rope import qk_norm_rope_pallas, qk_norm_rope_xla
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    qkv = (3 * jax.random.normal(ks[0], (1, 4680, 3 * 1536))).astype(jnp.bfloat16)
+    sq = (1 + 0.2 * jax.random.normal(ks[1], (1536,))).astype(jnp.bfloat16)
+    sk = (1 + 0.2 * jax.random.normal(ks[2], (1536,))).astype(jnp.bfloat16)
+    angle = 6 * jax.random.uniform(ks[3], (4680, 64))
+    args = (qkv, sq, sk, jnp.cos(angle), jnp.sin(angle), 1e-6, 12)
+    fast = jax.jit(qk_norm_rope_pallas, static_argnums=(5, 6))(*args)
+    plain = jax.jit(qk_norm_rope_xla, static_argnums=(5, 6))(*args)
+    for a, b in zip(fast, plain):
+        assert rel(a, b) <= 4e-3
+
+
+def test_rollout_with_pallas_qk_norm_rope_matches_xla():
+    cfg = get_preset("demo")
+    outs = []
+    for impl in ("pallas", "xla"):
+        dit = CausalWanDiT(cfg, norm_rope_impl=impl)
+        params = dit.init(jax.random.key(0))
+        text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
+        cache = dit.init_cache(InferenceConfig(), 1, 6, 60, 104)
+        rope = dit.rope_tables(6, 60, 104)
+        x = jax.random.normal(jax.random.key(2), (1, 3, 60, 104, 16))
+        fwd = jax.jit(dit.forward)
+        _, cache = fwd(params, x, jnp.zeros((1, 3)), text, cache, 0, rope)
+        out, _ = fwd(params, x * 0.5, jnp.full((1, 3), 937.5), text, cache, 3, rope)
+        outs.append(out)
+    assert rel(outs[0], outs[1]) <= BF16_TOL
