@@ -33,6 +33,7 @@ from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
 
 Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
+MAX_UNROLLED_FRAMES = 12  # per-frame stages unroll up to one 3-latent chunk's frames, then scan
 
 # Wan2.1 VAE latent statistics (facts §8): z_raw = z * std + mean.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
@@ -380,18 +381,27 @@ class Decoder3d(nnx.Module):
             x, new_cache[name] = stage(x, cache[name], first_chunk,
                                        spatial_upsample=not (tail and k == len(head_stages) - 1))
         tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
-        if tail:  # one frame at a time (unrolled: the frame count is static)
+        if tail:  # one frame at a time
             feed = head_stages[-1][1].upsample if head_stages else None
-            frames = []
-            for t in range(x.shape[1]):
-                y = x[:, t:t + 1]  # b 1 h w c
+
+            def one_frame(c, y):  # y [B, 1, h, w, C] -> one output frame, the caches carried
+                c = dict(c)
                 if feed is not None:
                     y = feed.spatial(y)
                 for name, stage in tail:
-                    y, tail_cache[name] = stage(y, tail_cache[name], first_chunk=False)  # no time upsample here
-                y, tail_cache["head"] = self.head(y, tail_cache["head"])
-                frames.append(y)
-            x = jnp.concatenate(frames, axis=1)  # t x [b 1 h w c] -> b t h w c
+                    y, c[name] = stage(y, c[name], first_chunk=False)  # no time upsample here
+                y, c["head"] = self.head(y, c["head"])
+                return c, y
+
+            if x.shape[1] <= MAX_UNROLLED_FRAMES:  # unrolled: less memory and faster than a scan
+                frames = []
+                for t in range(x.shape[1]):
+                    tail_cache, y = one_frame(tail_cache, x[:, t:t + 1])
+                    frames.append(y)
+                x = jnp.concatenate(frames, axis=1)  # t x [b 1 h w c] -> b t h w c
+            else:  # long chunks (a whole video in one call): a scan keeps the program small
+                tail_cache, frames = jax.lax.scan(one_frame, tail_cache, jnp.moveaxis(x[:, :, None], 1, 0))
+                x = jnp.moveaxis(frames[:, :, 0], 0, 1)  # t b 1 h w c -> b t h w c
         else:
             x, tail_cache["head"] = self.head(x, tail_cache["head"])
         return x, new_cache | tail_cache

@@ -90,8 +90,9 @@ def test_chunks_of_three_equal_the_whole_decode(vae, converted, latents, whole):
 
 def test_per_frame_tail_equals_all_frames_at_once(converted, latents, whole):
     """per_frame_stages (the default runs the last 2 stages and the head one frame at a time) changes
-    the memory, not the frames: all stages over all frames at once give the same video, and per-frame
-    over 3 stages is refused (stage 1's temporal upsample doubles the frames)."""
+    the memory, not the frames: all stages over all frames at once give the same video (`whole` is one
+    21-frame call: the frames are scanned; the 9- and 12-frame chunks above are unrolled), and
+    per-frame over 3 stages is refused (stage 1's temporal upsample doubles the frames)."""
     _, params = converted
     at_once = WanVAE(CFG.replace(per_frame_stages=0))
     frames = np.asarray(at_once.decode(params, _channels_last(latents), frames_per_chunk=None))
