@@ -163,16 +163,17 @@ class CausalWanDiT:
     def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
                        cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
                        grid: tuple[int, int, int], token_offset: jax.Array | int = 0,
-                       attention_fn: Optional[SelfAttentionFn] = None
+                       attention_fn: Optional[SelfAttentionFn] = None, norm_rope_impl: Optional[str] = None
                        ) -> tuple[jax.Array, Optional[KVCache]]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
         `token_offset` (0 on one device); positions, frames and RoPE rows are derived from it locally.
         attention_fn overrides the model's self-attention kernel (sequence parallelism binds one per
-        chunk shape).
+        chunk shape); norm_rope_impl the model's q/k norm + RoPE implementation.
         """
         attention_fn = attention_fn or self.attention_fn
+        norm_rope_impl = norm_rope_impl or self.norm_rope_impl
         cfg = self.config
         frames, gh, gw = grid
         if text.k.shape[0] != cfg.num_layers:
@@ -197,7 +198,7 @@ class CausalWanDiT:
             block = nnx.merge(self._block_def, block_params)
             layer_cache = None if cache_kv is None else LayerCache(*cache_kv, index)
             x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn,
-                                   self.norm_rope_impl)
+                                   norm_rope_impl)
             return (x, None if layer_cache is None else (layer_cache.k, layer_cache.v)), None
 
         # The cache rides in the carry: each layer updates its chunk slot in place.

@@ -78,3 +78,22 @@ def test_model_with_the_pallas_kernel_equals_the_xla_model():
     for a, r in zip(outs[0], outs[1]):
         a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
         assert np.linalg.norm(a - r) / np.linalg.norm(r) <= 1e-4
+
+
+def test_sequence_parallel_model_with_pallas_setting_runs_the_xla_path():
+    """Under shard_map the q/k norm + RoPE stay XLA's (the kernel is not checked there yet): a model
+    built with norm_rope_impl='pallas' runs sharded and equals one device."""
+    from sharding.sequence_parallel import sequence_parallel_dit
+
+    cfg = get_preset("tiny")
+    dit = CausalWanDiT(cfg, norm_rope_impl="pallas")
+    params = dit.init(jax.random.key(0))
+    text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
+    x = jax.random.normal(jax.random.key(2), (1, 3, 4, 6, cfg.in_dim))
+    t = jnp.full((1, 3), 937.5)
+    rope = dit.rope_tables(6, 4, 6)
+    ref, _ = jax.jit(CausalWanDiT(cfg).forward)(params, x, t, text, dit.init_cache(InferenceConfig(), 1, 6, 4, 6),
+                                                  0, rope)
+    sp, _ = sequence_parallel_dit(dit, 2, "ulysses", height=32, width=48)
+    out, _ = jax.jit(sp.forward)(params, x, t, text, sp.init_cache(InferenceConfig(), 1, 6, 4, 6), 0, rope)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # float32: summation order only
