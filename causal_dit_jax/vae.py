@@ -376,13 +376,13 @@ class Decoder3d(nnx.Module):
         x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"])
         x, new_cache["middle"] = self.middle(x, cache["middle"])
         split = self.num_stages - self.per_frame_stages
-        head_stages, tail = self.stages()[:split], self.stages()[split:]
-        for k, (name, stage) in enumerate(head_stages):  # the last one leaves its spatial upsample to the tail
+        lead_stages, tail = self.stages()[:split], self.stages()[split:]
+        for k, (name, stage) in enumerate(lead_stages):  # the last one leaves its spatial upsample to the tail
             x, new_cache[name] = stage(x, cache[name], first_chunk,
-                                       spatial_upsample=not (tail and k == len(head_stages) - 1))
+                                       spatial_upsample=not (tail and k == len(lead_stages) - 1))
         tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
         if tail:  # one frame at a time
-            feed = head_stages[-1][1].upsample if head_stages else None
+            feed = lead_stages[-1][1].upsample if lead_stages else None
 
             def one_frame(c, y):  # y [B, 1, h, w, C] -> one output frame, the caches carried
                 c = dict(c)
