@@ -55,6 +55,12 @@ class TextKV(NamedTuple):
     v: jax.Array
 
 
+def cache_keys(capacity: int, chunk_tokens: int, align: int = 1) -> int:
+    """Length of the cache's key axis: capacity slots of chunk_tokens keys, rounded up to a multiple of
+    align (paged attention reads whole pages; the tail is never valid, since valid slots are a prefix)."""
+    return -(-capacity * chunk_tokens // align) * align
+
+
 def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, num_frames: int,
                   chunk_tokens: int, origin_frame: int | jax.Array = 0, num_heads: int | None = None,
                   dtype=None, align: int = 1) -> KVCache:
@@ -69,8 +75,7 @@ def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, nu
     sink = inference.sink_size // inference.frames_per_chunk
     n = model.num_heads if num_heads is None else num_heads
     dt = dtype_from_name(inference.cache_dtype) if dtype is None else dtype
-    keys = -(-capacity * chunk_tokens // align) * align
-    shape = (model.num_layers, batch, keys, n, model.head_dim)
+    shape = (model.num_layers, batch, cache_keys(capacity, chunk_tokens, align), n, model.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
                    origin_frame=jnp.asarray(origin_frame, jnp.int32), capacity=capacity,
                    sink_chunks=sink, frames_per_chunk=inference.frames_per_chunk)

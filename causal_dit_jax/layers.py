@@ -30,6 +30,13 @@ class AffineLayerNorm(nnx.Module):
         return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, float32 math, in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """x * rsqrt(mean(x^2) + eps) * scale over the last axis (the full model width for q/k), float32 math."""
 
@@ -38,9 +45,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class MLP(nnx.Module):

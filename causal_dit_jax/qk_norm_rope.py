@@ -3,7 +3,7 @@
 Both paths compute, for the q and k thirds of qkv [B, L, 3C]:
     y = bf16(x * rsqrt(mean(x^2 over C) + eps) * scale)          (Wan's RMSNorm over the full width)
     (y_2i, y_2i+1) rotated by the token's angles: cos/sin [L, D/2]  (interleaved pairs, per head)
-with float32 math and the result in qkv's dtype, as `layers.RMSNorm` then `rope.apply_rope`.
+with float32 math and the result in qkv's dtype, as `layers.rms_norm` then `rope.apply_rope`.
 
 'xla' is those two functions (XLA runs the norm and q's rotation as two passes; k's rotation it fuses
 into the cache write). 'pallas' is one Pallas (Triton) kernel per token row for q and k: the row is
@@ -18,23 +18,18 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from causal_dit_jax.layers import rms_norm
 from causal_dit_jax.rope import apply_rope
 
 IMPLEMENTATIONS = ("xla", "pallas")
-
-
-def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def qk_norm_rope_xla(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array,
                      sin: jax.Array, eps: float, num_heads: int) -> tuple[jax.Array, jax.Array]:
     """qkv [B, L, 3C] -> rotated q, k [B, L, N, D] in qkv's dtype (the plain JAX path)."""
     c = qkv.shape[-1] // 3
-    q = _rms_norm(qkv[..., :c], scale_q, eps)
-    k = _rms_norm(qkv[..., c:2 * c], scale_k, eps)
+    q = rms_norm(qkv[..., :c], scale_q, eps)
+    k = rms_norm(qkv[..., c:2 * c], scale_k, eps)
     q, k = (rearrange(a, "b l (n d) -> b l n d", n=num_heads) for a in (q, k))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -42,10 +37,11 @@ def qk_norm_rope_xla(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos
 def _row_kernel(qkv_ref, sq_ref, sk_ref, cos_ref, sin_ref, q_ref, k_ref, *, c: int, pairs_per_head: int,
                 eps: float):
     """One token: its q and k (each C wide, interleaved (re, im) pairs) normalised and rotated."""
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     half = c // 2
-    p = jnp.arange(pl_next_power_of_2(half))  # pair index over the full width (padded to a power of 2)
+    p = jnp.arange(pl.next_power_of_2(half))  # pair index over the full width (padded to a power of 2)
     valid = p < half
     angle = p % pairs_per_head  # the pair's index inside its head: the column of cos/sin
     cos = plgpu.load(cos_ref.at[angle], mask=valid, other=0.0).astype(jnp.float32)
@@ -61,10 +57,6 @@ def _row_kernel(qkv_ref, sq_ref, sk_ref, cos_ref, sin_ref, q_ref, k_ref, *, c: i
         n_im = (im * inv * s_im).astype(dtype).astype(jnp.float32)
         plgpu.store(out_ref.at[2 * p], (n_re * cos - n_im * sin).astype(dtype), mask=valid)
         plgpu.store(out_ref.at[2 * p + 1], (n_re * sin + n_im * cos).astype(dtype), mask=valid)
-
-
-def pl_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _qk_norm_rope_pallas(qkv, scale_q, scale_k, cos, sin, eps, num_heads):

@@ -257,10 +257,6 @@ class Upsample(nnx.Module):
         self.resample = Conv(dim, dim // 2, (3, 3), **kw)
         self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
-        x, new_cache = self.temporal(x, cache, first_chunk)
-        return self.spatial(x), new_cache
-
     def temporal(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
         """The time half: 'upsample3d' doubles the frames (after the first), 'upsample2d' is the identity."""
         new_cache = {}

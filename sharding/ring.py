@@ -53,8 +53,6 @@ def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: O
         keys, values = layer_cache.read()
         valid_slots = write.valid_slots
     s = keys.shape[1]
-    slot = jnp.arange(s, dtype=jnp.int32) // seg
-    token = jnp.arange(s, dtype=jnp.int32) % seg
     b = q.shape[0]
 
     out = lse = None
@@ -62,10 +60,11 @@ def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: O
     perm = [(i, (i + 1) % ring) for i in range(ring)]
     no_padding = ring * seg == true_len
     for step in range(ring):
-        owner = (me - step) % ring  # whose segment `block` holds
         if no_padding:  # the valid keys are the first valid_slots * seg
             o, l = prefix_attention_with_lse(q, block[0], block[1], valid_slots * seg, implementation)
-        else:
+        else:  # mask by each key's slot and its token in the segment of `block`'s owner
+            owner = (me - step) % ring
+            slot, token = jnp.arange(s, dtype=jnp.int32) // seg, jnp.arange(s, dtype=jnp.int32) % seg
             mask = (slot < valid_slots) & (owner * seg + token < true_len)
             o, l = attention_with_lse(q, block[0], block[1], jnp.broadcast_to(mask, (b, s)))
         out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)

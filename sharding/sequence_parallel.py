@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from causal_dit_jax.attention import PAGE_TOKENS, local_self_attention
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.dit import CausalWanDiT, Params, forward_latents
-from causal_dit_jax.kv_cache import KVCache, TextKV
+from causal_dit_jax.kv_cache import KVCache, TextKV, cache_keys
 from causal_dit_jax.rope import RopeTables
 from sharding.mesh import make_mesh, mesh_sizes
 from sharding.partition_specs import SPECS
@@ -81,15 +81,15 @@ class SequenceParallelDiT:
         cfg = self.config
         lay = self.layout(inference.frames_per_chunk, latent_height, latent_width)
         cap = inference.cache_chunks(num_frames)
-        if self.ring_size == 1:  # whole pages for cuDNN paged attention (the key tail is never valid)
-            align = PAGE_TOKENS if self.dit.attention_impl == "cudnn_paged" else 1
-            seq = -(-cap * lay.true_len // align) * align
+        if self.ring_size == 1:  # whole pages for cuDNN paged attention
+            seq = cache_keys(cap, lay.true_len, PAGE_TOKENS if self.dit.attention_impl == "cudnn_paged" else 1)
         else:
             seq = self.ring_size * cap * lay.segment_len
         shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
         dtype = dtype_from_name(inference.cache_dtype)
         where = NamedSharding(self.mesh, SPECS.cache_lbsnd)  # made in place on each device, no transfer
-        return KVCache(k=jnp.zeros(shape, dtype, device=where), v=jnp.zeros(shape, dtype, device=where), origin_frame=jnp.asarray(origin_frame, jnp.int32),
+        return KVCache(k=jnp.zeros(shape, dtype, device=where), v=jnp.zeros(shape, dtype, device=where),
+                       origin_frame=jnp.asarray(origin_frame, jnp.int32),
                        capacity=cap, sink_chunks=inference.sink_size // inference.frames_per_chunk,
                        frames_per_chunk=inference.frames_per_chunk)
 

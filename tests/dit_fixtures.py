@@ -46,3 +46,24 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def two_chunk_forwards(dit, latent_h: int, latent_w: int):
+    """Random params (key 0) and text (key 1) for `dit`; a cache-filling forward of a 3-frame chunk at
+    t = 0 from frame 0, then the next chunk (the same noise, halved) at t = 937.5 from frame 3 over
+    that cache. Returns the second chunk's flow and the cache (the path every attention kernel and
+    q/k norm implementation is compared on)."""
+    import jax
+    import jax.numpy as jnp
+
+    from causal_dit_jax import InferenceConfig
+
+    cfg = dit.config
+    params = dit.init(jax.random.key(0))
+    text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
+    cache = dit.init_cache(InferenceConfig(), 1, 6, latent_h, latent_w)
+    rope = dit.rope_tables(6, latent_h, latent_w)
+    x = jax.random.normal(jax.random.key(2), (1, 3, latent_h, latent_w, cfg.in_dim))
+    fwd = jax.jit(dit.forward)
+    _, cache = fwd(params, x, jnp.zeros((1, 3)), text, cache, 0, rope)
+    return fwd(params, 0.5 * x, jnp.full((1, 3), 937.5), text, cache, 3, rope)

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from causal_dit_jax import CausalWanDiT, InferenceConfig
+from causal_dit_jax import CausalWanDiT
 from causal_dit_jax.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
 from causal_dit_jax.config import get_preset
+from dit_fixtures import two_chunk_forwards
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
@@ -34,20 +35,8 @@ def test_cudnn_attention_with_cache_length_matches_xla(filled):
 
 def test_chunk_rollout_fast_path_matches_xla():
     cfg = get_preset("demo")
-    inference = InferenceConfig()
-    outs = []
-    for impl in ("cudnn_paged", "cudnn", "xla"):
-        dit = CausalWanDiT(cfg, attention_impl=impl)
-        params = dit.init(jax.random.key(0))
-        text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
-        cache = dit.init_cache(inference, 1, 6, 60, 104)
-        rope = dit.rope_tables(6, 60, 104)
-        x = jax.random.normal(jax.random.key(2), (1, 3, 60, 104, 16))
-        t = jnp.full((1, 3), 937.5)
-        fwd = jax.jit(dit.forward)
-        _, cache = fwd(params, x, jnp.zeros_like(t), text, cache, 0, rope)
-        out, _ = fwd(params, x * 0.5, t, text, cache, 3, rope)
-        outs.append(out)
+    outs = [two_chunk_forwards(CausalWanDiT(cfg, attention_impl=impl), 60, 104)[0]
+            for impl in ("cudnn_paged", "cudnn", "xla")]
     assert rel(outs[0], outs[2]) <= BF16_TOL and rel(outs[1], outs[2]) <= BF16_TOL
     assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) == 0.0  # paged reads the same keys, same kernel
 
@@ -128,16 +117,5 @@ def test_pallas_qk_norm_rope_matches_xla_at_real_size():
 
 def test_rollout_with_pallas_qk_norm_rope_matches_xla():
     cfg = get_preset("demo")
-    outs = []
-    for impl in ("pallas", "xla"):
-        dit = CausalWanDiT(cfg, norm_rope_impl=impl)
-        params = dit.init(jax.random.key(0))
-        text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
-        cache = dit.init_cache(InferenceConfig(), 1, 6, 60, 104)
-        rope = dit.rope_tables(6, 60, 104)
-        x = jax.random.normal(jax.random.key(2), (1, 3, 60, 104, 16))
-        fwd = jax.jit(dit.forward)
-        _, cache = fwd(params, x, jnp.zeros((1, 3)), text, cache, 0, rope)
-        out, _ = fwd(params, x * 0.5, jnp.full((1, 3), 937.5), text, cache, 3, rope)
-        outs.append(out)
+    outs = [two_chunk_forwards(CausalWanDiT(cfg, norm_rope_impl=impl), 60, 104)[0] for impl in ("pallas", "xla")]
     assert rel(outs[0], outs[1]) <= BF16_TOL
