@@ -91,3 +91,13 @@ def test_multi_gpu_benchmark_script(tmp_path):
         # float32 on CPU: the sharded rollout equals one device's up to summation order
         assert r["latents_vs_1_gpu"]["rel_l2"] <= 1e-4
         assert r["speedup_dit_total"] > 0
+
+
+def test_profile_kernel_classes():
+    """The profile breakdown's kernel classes, by the names cuBLAS, cuDNN, NCCL and XLA give them."""
+    from causal_dit_jax.profile_breakdown import classify
+
+    assert classify("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "collective"
+    assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert classify("nvjet_sm90_tst_128x216_64x4_2x1_v_bz_coopA_NNT") == "matmul"
+    assert classify("loop_multiply_fusion") == "other"

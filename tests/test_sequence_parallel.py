@@ -189,3 +189,18 @@ def test_sharded_attention_is_differentiable(setup):
         leaves1, leaves8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
         err = max(rel(a, b) for a, b in zip(leaves8, leaves1) if float(jnp.linalg.norm(b)) > 0)
         assert err <= 1e-4, strategy
+
+
+def test_all_to_all_cache_is_in_whole_pages_for_paged_attention():
+    """With cuDNN paged attention the all-to-all mesh's cache key axis is rounded up to whole 256-key
+    pages (as on one device); a ring's is not (its per-member segments are read by slicing)."""
+    inference = InferenceConfig()
+    dit = CausalWanDiT(CFG, attention_impl="cudnn_paged")
+    chunk = 3 * CFG.tokens_per_frame(4, 6)  # 72 tokens, 2 slots for 6 frames
+    paged = SequenceParallelDiT(dit, make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
+    assert paged.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 256
+    plain = SequenceParallelDiT(CausalWanDiT(CFG, attention_impl="xla"),
+                                make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
+    assert plain.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 2 * chunk
+    ring = SequenceParallelDiT(dit, make_mesh(2, strategy="ring", num_heads=CFG.num_heads))
+    assert ring.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 2 * 2 * chunk // 2  # 2 members x 2 slots x 36

@@ -100,6 +100,8 @@ def test_per_frame_tail_equals_all_frames_at_once(converted, latents, whole):
     assert rel_err(frames, whole) <= 1e-6  # the same float32 convs, one frame per call: rounding only
     with pytest.raises(ValueError, match="stage 1, whose temporal upsample"):
         CFG.replace(per_frame_stages=3)
+    with pytest.raises(ValueError, match=r"per_frame_stages must be in \[0, 4\]"):
+        CFG.replace(per_frame_stages=-1)
 
 
 def test_self_forcing_demo_decoder(vae, converted, latents):
