@@ -1,9 +1,10 @@
 """GPU probe: memory and time of one streaming Wan VAE decode call (one latent, 480x832, bf16) for
 ways of running the large-resolution stages: all frames at once, or one frame at a time (the last
 1 or 2 stages and the head; `VAEConfig.per_frame_stages`). Reports XLA's buffer assignment
-(temporaries, arguments, outputs) and the median call time.
+(temporaries, arguments, outputs) and the median call time. With XLA_FLAGS=--xla_dump_to=DIR, XLA
+writes each variant's `*memory-usage-report.txt` (the buffers live at the peak) there.
 
-    python benchmarks/vae_memory_probe.py [--json out.json]
+    python benchmarks/vae_memory_probe.py [--json out.json] [--variants NAME ...]
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.vae import WanVAE, get_vae_preset
 
-VARIANTS = {"all frames at once": 0, "per frame: stages 2, 3 + head": 2, "per frame: stage 3 + head": 1}
+VARIANTS = {"all frames at once": {"per_frame_stages": 0},
+            "per frame: stages 2, 3 + head": {"per_frame_stages": 2},
+            "per frame: stage 3 + head": {"per_frame_stages": 1}}
 
 
-def probe(per_frame_stages: int, latents: int = 1, repeats: int = 10) -> dict:
-    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16",
-                                                  per_frame_stages=per_frame_stages))
+def probe(overrides: dict, latents: int = 1, repeats: int = 10) -> dict:
+    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16", **overrides))
     params = random_params(vae.abstract_params(), 7)
     cache = vae.init_decode_cache(1, 60, 104).replace(first_chunk=False)
     z = jax.random.normal(jax.random.key(0), (1, latents, 60, 104, 16), jnp.float32)
@@ -39,7 +41,7 @@ def probe(per_frame_stages: int, latents: int = 1, repeats: int = 10) -> dict:
         jax.block_until_ready(frames)
         times.append(time.perf_counter() - t0)
     times = sorted(times[1:])
-    return {"per_frame_stages": per_frame_stages, "latents": latents, "compile_s": compile_s,
+    return {**overrides, "latents": latents, "compile_s": compile_s,
             "temp_gb": mem.temp_size_in_bytes / 1e9, "args_gb": mem.argument_size_in_bytes / 1e9,
             "out_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
             "median_ms": 1e3 * times[len(times) // 2]}
@@ -48,10 +50,11 @@ def probe(per_frame_stages: int, latents: int = 1, repeats: int = 10) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     rows = {}
-    for name, stages in VARIANTS.items():
-        rows[name] = probe(stages)
+    for name in args.variants:
+        rows[name] = probe(VARIANTS[name])
         r = rows[name]
         print(f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
               f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s", flush=True)

@@ -45,6 +45,9 @@ class BenchResult:
     peak_memory_gb: Optional[float] = None  # device peak after the DiT rollouts (compilation included:
     # cuDNN autotuning allocates scratch; a run with a warm --compilation-cache shows the runtime peak)
     forward_breakdown_ms: Optional[dict] = None  # one chunk forward (last chunk's cache), from a profile
+    first_forward_breakdown_ms: Optional[dict] = None  # one forward of the first chunk (no cache yet)
+    rollout_kernel_ms: Optional[float] = None  # device kernel time of one whole profiled rollout
+    # (wall time minus this is the device's idle time: launch gaps and host syncs between chunks)
     vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
     tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
     date: str = ""
@@ -78,6 +81,14 @@ class BenchResult:
                          f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
             for name, ms in list(b.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
+        if self.first_forward_breakdown_ms:
+            b = self.first_forward_breakdown_ms
+            rows.append(("first chunk's forward, profiled",
+                         f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
+                         f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
+        if self.rollout_kernel_ms is not None:
+            rows.append(("kernel time of one rollout", f"{self.rollout_kernel_ms:.1f} ms "
+                                                      f"(device idle {1e3 * self.total_s - self.rollout_kernel_ms:.1f} ms)"))
         for label, v in (("VAE", self.vae), ("tiny decoder", self.tiny_vae)):
             if not v:
                 continue
@@ -170,24 +181,34 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
     n_devices = dit.mesh.size if hasattr(dit, "mesh") else 1  # MFU against the peak of all of them
-    breakdown = None
+    breakdown = first_breakdown = rollout_ms = None
     if profile and jax.default_backend() == "gpu":
         from causal_dit_jax.profile_breakdown import profile_breakdown
 
-        cache = sampler.init_cache(1, latent_frames, lh, lw)
         rope = dit.rope_tables(latent_frames, lh, lw)
         fwd = jax.jit(dit.forward, donate_argnums=(4,))  # the cache is donated, as in the sampler
         x = noise[:, :inference.frames_per_chunk]
         t = jnp.full(x.shape[:2], 937.5)
-        start = latent_frames - inference.frames_per_chunk
-        state = {"cache": cache}
 
-        def one_forward():
-            out, state["cache"] = fwd(params, x, t, text, state["cache"], start, rope)
-            return out
+        def forward_at(start: int):
+            state = {"cache": sampler.init_cache(1, latent_frames, lh, lw)}
 
-        jax.block_until_ready(one_forward())
-        breakdown = profile_breakdown(one_forward)
+            def one_forward():
+                out, state["cache"] = fwd(params, x, t, text, state["cache"], start, rope)
+                return out
+
+            jax.block_until_ready(one_forward())
+            return one_forward
+
+        breakdown = profile_breakdown(forward_at(latent_frames - inference.frames_per_chunk))
+        first_breakdown = profile_breakdown(forward_at(0))
+        del fwd
+
+        def one_rollout():
+            cache = sampler.init_cache(1, latent_frames, lh, lw)
+            return list(sampler.stream(params, text, noise, key, rope=rope, cache=cache))
+
+        rollout_ms = profile_breakdown(one_rollout, repeats=1)["total"]
     return BenchResult(
         preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
         num_devices=n_devices, strategy=strategy,
@@ -196,7 +217,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
         mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
-        peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown, vae=vae_result, tiny_vae=tiny_result,
+        peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
+        first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), latents=latents)
 

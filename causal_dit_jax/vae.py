@@ -115,10 +115,14 @@ class VAEDecodeCache:
     [B, CACHE_T, H_l, W_l, C_l] arrays, one per cached conv (32 for Wan2.1).
 
     first_chunk (static): the next chunk starts the video and gets Wan's first-frame rule.
+    tail_newest (static): in the caches of the per-frame stages and the head, the slot (0 or 1) that
+    holds the newer frame; each frame overwrites the older slot in place. Every other cache keeps the
+    older frame in slot 0. A chunk of an odd number of frames (a video's first) flips it.
     """
 
     convs: dict
     first_chunk: bool = struct.field(pytree_node=False, default=True)
+    tail_newest: int = struct.field(pytree_node=False, default=1)
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -177,12 +181,38 @@ class Conv(nnx.Module):
             y = y.reshape(b, t, *y.shape[1:])  # (b t) h w c -> b t h w c
         return y + self.bias[...].astype(self.dtype)
 
+    def one_frame(self, frames: list[jax.Array]) -> jax.Array:
+        """A 3D conv's output for one frame from its kt input frames, oldest first, each [B, H, W, C_in]
+        -> [B, 1, H, W, C_out]: the frames stacked on the channels for one 2D conv (as `__call__`)."""
+        kernel2d = rearrange(self.kernel[...].astype(self.dtype), "kt kh kw i o -> kh kw (kt i) o")
+        taps = jnp.concatenate([f.astype(self.dtype) for f in frames], axis=-1)  # b h w (kt c)
+        kh, kw = self.window[1:]
+        y = jax.lax.conv_general_dilated(taps, kernel2d, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=_precision(self.dtype))
+        return (y + self.bias[...].astype(self.dtype))[:, None]  # b h w c -> b 1 h w c
 
-def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+
+def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None
+                ) -> tuple[jax.Array, jax.Array]:
     """x [B, T, H, W, C] with the last CACHE_T input frames before it -> (conv output [B, T, ...],
-    the new cache: the last CACHE_T frames of [cache, x])."""
-    xin = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # b (2 + t) h w c
-    return conv(xin), xin[:, -CACHE_T:]
+    the new cache: the last CACHE_T frames of [cache, x], the older in slot 0).
+
+    newest (0 or 1; one frame, T = 1): the cache is a ring whose slot `newest` holds the newer frame.
+    The frame is written in place over the older one after the conv has read it, so the new cache
+    is the donated buffer itself (its newer frame is now in slot 1 - newest), not a new 2-frame copy."""
+    if newest is None:
+        xin = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # b (2 + t) h w c
+        return conv(xin), xin[:, -CACHE_T:]
+    if x.shape[1] != 1:
+        raise ValueError(f"a ring cache takes one frame at a time, got {x.shape[1]}")
+    older = 1 - newest
+    y = conv.one_frame([cache[:, older], cache[:, newest], x[:, 0]])
+    # The write must wait for the conv's read of the slot it overwrites, or XLA keeps a copy of the
+    # cache. An index that depends on the conv's output orders them (0 * a float is not folded away,
+    # and DUS clamps the index into [0, 1]); XLA drops optimization_barrier before its copy analysis.
+    slot = older + (y[0, 0, 0, 0, 0] * 0).astype(jnp.int32)
+    return y, jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype), slot, axis=1)
 
 
 class RMSNorm(nnx.Module):
@@ -216,9 +246,9 @@ class ResidualBlock(nnx.Module):
         self.conv2 = Conv(c_out, c_out, (3, 3, 3), **kw)
         self.shortcut = Conv(c_in, c_out, (1, 1, 1), **kw) if c_in != c_out else None
 
-    def __call__(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"])
-        h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"])
+    def __call__(self, x: jax.Array, cache: dict, newest: int | None = None) -> tuple[jax.Array, dict]:
+        h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"], newest)
+        h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"], newest)
         skip = self.shortcut(x) if self.shortcut is not None else x
         return skip + h, {"conv1": c1, "conv2": c2}
 
@@ -295,13 +325,14 @@ class Stage(nnx.Module):
     def blocks(self) -> list[tuple[str, ResidualBlock]]:
         return [(f"res{j}", getattr(self, f"res{j}")) for j in range(self.num_blocks)]
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, spatial_upsample: bool = True
-                 ) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, spatial_upsample: bool = True,
+                 newest: int | None = None) -> tuple[jax.Array, dict]:
         """spatial_upsample=False stops before the space half of the upsample (the caller runs
-        `self.upsample.spatial` itself, frame by frame)."""
+        `self.upsample.spatial` itself, frame by frame). newest: one frame through ring caches
+        (`causal_conv`)."""
         new_cache = {}
         for name, block in self.blocks():
-            x, new_cache[name] = block(x, cache[name])
+            x, new_cache[name] = block(x, cache[name], newest)
         if self.upsample is not None:
             x, new_cache["upsample"] = self.upsample.temporal(x, cache["upsample"], first_chunk)
             if spatial_upsample:
@@ -342,8 +373,8 @@ class Head(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype)
         self.conv = Conv(dim, 3, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache)
+    def __call__(self, x: jax.Array, cache: jax.Array, newest: int | None = None) -> tuple[jax.Array, jax.Array]:
+        return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache, newest)
 
 
 class Decoder3d(nnx.Module):
@@ -367,7 +398,9 @@ class Decoder3d(nnx.Module):
     def stages(self) -> list[tuple[str, Stage]]:
         return [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(self.num_stages)]
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1
+                 ) -> tuple[jax.Array, dict, int]:
+        """x [B, T, h, w, C] -> (frames, new caches, the new `VAEDecodeCache.tail_newest`)."""
         new_cache = {}
         x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"])
         x, new_cache["middle"] = self.middle(x, cache["middle"])
@@ -380,27 +413,30 @@ class Decoder3d(nnx.Module):
         if tail:  # one frame at a time
             feed = lead_stages[-1][1].upsample if lead_stages else None
 
-            def one_frame(c, y):  # y [B, 1, h, w, C] -> one output frame, the caches carried
+            def one_frame(c, y, newest=None):  # y [B, 1, h, w, C] -> one output frame, the caches carried
                 c = dict(c)
                 if feed is not None:
                     y = feed.spatial(y)
                 for name, stage in tail:
-                    y, c[name] = stage(y, c[name], first_chunk=False)  # no time upsample here
-                y, c["head"] = self.head(y, c["head"])
+                    y, c[name] = stage(y, c[name], first_chunk=False, newest=newest)  # no time upsample here
+                y, c["head"] = self.head(y, c["head"], newest)
                 return c, y
 
-            if x.shape[1] <= MAX_UNROLLED_FRAMES:  # unrolled: less memory and faster than a scan
+            if x.shape[1] <= MAX_UNROLLED_FRAMES:  # unrolled, ring caches: the least memory, the fastest
                 frames = []
                 for t in range(x.shape[1]):
-                    tail_cache, y = one_frame(tail_cache, x[:, t:t + 1])
+                    tail_cache, y = one_frame(tail_cache, x[:, t:t + 1], tail_newest)
+                    tail_newest = 1 - tail_newest  # the frame just written is the newer one
                     frames.append(y)
                 x = jnp.concatenate(frames, axis=1)  # t x [b 1 h w c] -> b t h w c
             else:  # long chunks (a whole video in one call): a scan keeps the program small
+                tail_cache, tail_newest = _older_first(tail_cache, tail_newest), 1
                 tail_cache, frames = jax.lax.scan(one_frame, tail_cache, jnp.moveaxis(x[:, :, None], 1, 0))
                 x = jnp.moveaxis(frames[:, :, 0], 0, 1)  # t b 1 h w c -> b t h w c
         else:
+            tail_cache, tail_newest = _older_first(tail_cache, tail_newest), 1
             x, tail_cache["head"] = self.head(x, tail_cache["head"])
-        return x, new_cache | tail_cache
+        return x, new_cache | tail_cache, tail_newest
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
         """Zero caches for latents of height x width; each upsample doubles the resolution after it."""
@@ -412,6 +448,11 @@ class Decoder3d(nnx.Module):
                 height, width = 2 * height, 2 * width
         cache["head"] = zeros_cache(batch, height, width, self.head.dim, dtype)
         return cache
+
+
+def _older_first(caches: dict, newest: int) -> dict:
+    """Ring caches whose newer frame is in slot `newest` -> the older frame in slot 0."""
+    return caches if newest == 1 else jax.tree.map(lambda c: c[:, ::-1], caches)
 
 
 class WanVAEDecoder(nnx.Module):
@@ -493,8 +534,10 @@ class WanVAE(ChunkedDecode):
         mean = jnp.asarray(LATENT_MEAN, jnp.float32)
         std = jnp.asarray(LATENT_STD, jnp.float32)
         x = model.conv2(z.astype(jnp.float32) * std + mean)
-        x, convs = model.decoder(x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk)
-        return jnp.clip(x.astype(jnp.float32), -1.0, 1.0), VAEDecodeCache(convs=convs, first_chunk=False)
+        x, convs, newest = model.decoder(x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk,
+                                         cache.tail_newest)
+        return (jnp.clip(x.astype(jnp.float32), -1.0, 1.0),
+                VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest))
 
 
 def to_uint8(frames: jax.Array) -> jax.Array:

@@ -74,17 +74,25 @@ def test_whole_video_matches_torch_decode(converted, latents, whole):
     assert rel_err(whole, expected) <= F32_TOL
 
 
-def test_chunks_of_three_equal_the_whole_decode(vae, converted, latents, whole):
-    """The product's contract: 3 latents per chunk, caches carried, the same frames as one pass."""
+@pytest.mark.parametrize("sizes, frames, newest", [((3, 3), [9, 12], [0, 0]),
+                                                   ((1,) * 6, [1] + [4] * 5, [0] * 6),
+                                                   ((1, 5), [1, 20], [0, 1])])
+def test_chunks_equal_the_whole_decode(vae, converted, latents, whole, sizes, frames, newest):
+    """The product's contract: latents in chunks (3 in the pipeline, 1 in the bench), caches carried,
+    the same frames as one pass. The per-frame stages' ring caches flip their newer slot after an odd
+    frame count (the first chunk); a chunk of over 12 frames (scanned, not unrolled) reorders them."""
     _, params = converted
     step = vae.jit_decode_chunk
     cache = vae.init_decode_cache(1, LATENT_H, LATENT_W)
     z = _channels_last(latents)
-    chunks = []
-    for start in range(0, NUM_LATENTS, 3):
-        frames, cache = step(params, z[:, start:start + 3], cache)
-        chunks.append(np.asarray(frames))
-    assert [c.shape[1] for c in chunks] == [9, 12]
+    chunks, slots, start = [], [], 0
+    for size in sizes:
+        out, cache = step(params, z[:, start:start + size], cache)
+        chunks.append(np.asarray(out))
+        slots.append(cache.tail_newest)
+        start += size
+    assert [c.shape[1] for c in chunks] == frames
+    assert slots == newest
     assert rel_err(np.concatenate(chunks, axis=1), whole) <= 1e-5
 
 
