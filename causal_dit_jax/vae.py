@@ -114,7 +114,8 @@ class VAEDecodeCache:
     """Causal-conv caches of the decoder: a dict tree (mirroring the decoder's modules) of
     [B, CACHE_T, H_l, W_l, C_l] arrays, one per cached conv (32 for Wan2.1).
 
-    first_chunk (static): the next chunk starts the video and gets Wan's first-frame rule.
+    first_chunk (static): the next chunk starts the video and gets Wan's first-frame rule; its caches
+    are `init_decode_cache`'s zeros, and a conv over one frame skips their time taps.
     tail_newest (static): in the caches of the per-frame stages and the head, the slot (0 or 1) that
     holds the newer frame; each frame overwrites the older slot in place. Every other cache keeps the
     older frame in slot 0. A chunk of an odd number of frames (a video's first) flips it.
@@ -181,6 +182,20 @@ class Conv(nnx.Module):
             y = y.reshape(b, t, *y.shape[1:])  # (b t) h w c -> b t h w c
         return y + self.bias[...].astype(self.dtype)
 
+    def last_tap(self, x: jax.Array) -> jax.Array:
+        """A 3D conv over [zeros x (kt - 1), x] for one frame x [B, 1, H, W, C_in]: only the kernel's
+        last time tap meets non-zero input -> [B, 1, H, W, C_out], at 1 / kt of the work."""
+        kernel = self.kernel[...][-1].astype(self.dtype)  # kt kh kw i o -> kh kw i o
+        x2 = rearrange(x.astype(self.dtype), "b t h w c -> (b t) h w c")
+        kh, kw = kernel.shape[:2]
+        if kh == kw == 1:
+            y = jnp.einsum("nhwi,io->nhwo", x2, kernel[0, 0], precision=_precision(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(x2, kernel, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             precision=_precision(self.dtype))
+        return rearrange(y + self.bias[...].astype(self.dtype), "(b t) h w c -> b t h w c", b=x.shape[0])
+
     def one_frame(self, frames: list[jax.Array]) -> jax.Array:
         """A 3D conv's output for one frame from its kt input frames, oldest first, each [B, H, W, C_in]
         -> [B, 1, H, W, C_out]: the frames stacked on the channels for one 2D conv (as `__call__`)."""
@@ -193,26 +208,36 @@ class Conv(nnx.Module):
         return (y + self.bias[...].astype(self.dtype))[:, None]  # b h w c -> b 1 h w c
 
 
-def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None,
+                zero_cache: bool = False) -> tuple[jax.Array, jax.Array]:
     """x [B, T, H, W, C] with the last CACHE_T input frames before it -> (conv output [B, T, ...],
     the new cache: the last CACHE_T frames of [cache, x], the older in slot 0).
+
+    zero_cache (static): the cache holds zeros (a video's start); with one frame, only the kernel's
+    last time tap is computed.
 
     newest (0 or 1; one frame, T = 1): the cache is a ring whose slot `newest` holds the newer frame.
     The frame is written in place over the older one after the conv has read it, so the new cache
     is the donated buffer itself (its newer frame is now in slot 1 - newest), not a new 2-frame copy."""
+    skip_taps = zero_cache and x.shape[1] == 1 and len(conv.window) == 3
     if newest is None:
         xin = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # b (2 + t) h w c
-        return conv(xin), xin[:, -CACHE_T:]
+        return conv.last_tap(x) if skip_taps else conv(xin), xin[:, -CACHE_T:]
     if x.shape[1] != 1:
         raise ValueError(f"a ring cache takes one frame at a time, got {x.shape[1]}")
     older = 1 - newest
-    y = conv.one_frame([cache[:, older], cache[:, newest], x[:, 0]])
-    # The write must wait for the conv's read of the slot it overwrites, or XLA keeps a copy of the
-    # cache. An index that depends on the conv's output orders them (0 * a float is not folded away,
-    # and DUS clamps the index into [0, 1]); XLA drops optimization_barrier before its copy analysis.
-    slot = older + (y[0, 0, 0, 0, 0] * 0).astype(jnp.int32)
+    y = conv.last_tap(x) if skip_taps else conv.one_frame([cache[:, older], cache[:, newest], x[:, 0]])
+    # The write must wait for the conv's read of the slot it overwrites, or XLA keeps a copy of the cache.
+    slot = older + zero_after(y)
     return y, jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype), slot, axis=1)
+
+
+def zero_after(y: jax.Array) -> jax.Array:
+    """An int32 0 that XLA can only compute once `y` exists: used as (part of) an index, it orders the
+    op that takes it after y's producer. XLA drops `optimization_barrier` before its copy analysis and
+    scheduling, but keeps data dependencies: 0 * a float is not folded away (NaN * 0 is NaN), and a
+    dynamic (update) slice clamps its index into range."""
+    return (y.reshape(-1)[0] * 0).astype(jnp.int32)
 
 
 class RMSNorm(nnx.Module):
@@ -246,9 +271,10 @@ class ResidualBlock(nnx.Module):
         self.conv2 = Conv(c_out, c_out, (3, 3, 3), **kw)
         self.shortcut = Conv(c_in, c_out, (1, 1, 1), **kw) if c_in != c_out else None
 
-    def __call__(self, x: jax.Array, cache: dict, newest: int | None = None) -> tuple[jax.Array, dict]:
-        h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"], newest)
-        h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"], newest)
+    def __call__(self, x: jax.Array, cache: dict, newest: int | None = None, zero_cache: bool = False
+                 ) -> tuple[jax.Array, dict]:
+        h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"], newest, zero_cache)
+        h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"], newest, zero_cache)
         skip = self.shortcut(x) if self.shortcut is not None else x
         return skip + h, {"conv1": c1, "conv2": c2}
 
@@ -329,10 +355,10 @@ class Stage(nnx.Module):
                  newest: int | None = None) -> tuple[jax.Array, dict]:
         """spatial_upsample=False stops before the space half of the upsample (the caller runs
         `self.upsample.spatial` itself, frame by frame). newest: one frame through ring caches
-        (`causal_conv`)."""
+        (`causal_conv`). first_chunk: the video's start (zero caches, Wan's first-frame rule)."""
         new_cache = {}
         for name, block in self.blocks():
-            x, new_cache[name] = block(x, cache[name], newest)
+            x, new_cache[name] = block(x, cache[name], newest, first_chunk)
         if self.upsample is not None:
             x, new_cache["upsample"] = self.upsample.temporal(x, cache["upsample"], first_chunk)
             if spatial_upsample:
@@ -355,9 +381,9 @@ class Middle(nnx.Module):
         self.attn = AttentionBlock(dim, **kw)
         self.res1 = ResidualBlock(dim, dim, **kw)
 
-    def __call__(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        x, c0 = self.res0(x, cache["res0"])
-        x, c1 = self.res1(self.attn(x), cache["res1"])
+    def __call__(self, x: jax.Array, cache: dict, zero_cache: bool = False) -> tuple[jax.Array, dict]:
+        x, c0 = self.res0(x, cache["res0"], zero_cache=zero_cache)
+        x, c1 = self.res1(self.attn(x), cache["res1"], zero_cache=zero_cache)
         return x, {"res0": c0, "res1": c1}
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
@@ -373,8 +399,9 @@ class Head(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype)
         self.conv = Conv(dim, 3, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: jax.Array, newest: int | None = None) -> tuple[jax.Array, jax.Array]:
-        return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache, newest)
+    def __call__(self, x: jax.Array, cache: jax.Array, newest: int | None = None, zero_cache: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
+        return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache, newest, zero_cache)
 
 
 class Decoder3d(nnx.Module):
@@ -402,8 +429,8 @@ class Decoder3d(nnx.Module):
                  ) -> tuple[jax.Array, dict, int]:
         """x [B, T, h, w, C] -> (frames, new caches, the new `VAEDecodeCache.tail_newest`)."""
         new_cache = {}
-        x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"])
-        x, new_cache["middle"] = self.middle(x, cache["middle"])
+        x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"], zero_cache=first_chunk)
+        x, new_cache["middle"] = self.middle(x, cache["middle"], zero_cache=first_chunk)
         split = self.num_stages - self.per_frame_stages
         lead_stages, tail = self.stages()[:split], self.stages()[split:]
         for k, (name, stage) in enumerate(lead_stages):  # the last one leaves its spatial upsample to the tail
@@ -413,19 +440,21 @@ class Decoder3d(nnx.Module):
         if tail:  # one frame at a time
             feed = lead_stages[-1][1].upsample if lead_stages else None
 
-            def one_frame(c, y, newest=None):  # y [B, 1, h, w, C] -> one output frame, the caches carried
-                c = dict(c)
+            def one_frame(c, y, newest=None, start=False):  # y [B, 1, h, w, C] -> one output frame
+                c = dict(c)  # the caches carried; start: the video's first frame (zero caches)
                 if feed is not None:
                     y = feed.spatial(y)
-                for name, stage in tail:
-                    y, c[name] = stage(y, c[name], first_chunk=False, newest=newest)  # no time upsample here
-                y, c["head"] = self.head(y, c["head"], newest)
+                for name, stage in tail:  # no time upsample here
+                    y, c[name] = stage(y, c[name], first_chunk=start, newest=newest)
+                y, c["head"] = self.head(y, c["head"], newest, zero_cache=start)
                 return c, y
 
             if x.shape[1] <= MAX_UNROLLED_FRAMES:  # unrolled, ring caches: the least memory, the fastest
                 frames = []
                 for t in range(x.shape[1]):
-                    tail_cache, y = one_frame(tail_cache, x[:, t:t + 1], tail_newest)
+                    # frame t starts after frame t - 1 ends, so one frame's activations are alive at a time
+                    y = x[:, :1] if t == 0 else jax.lax.dynamic_slice_in_dim(x, t + zero_after(frames[-1]), 1, axis=1)
+                    tail_cache, y = one_frame(tail_cache, y, tail_newest, start=first_chunk and t == 0)
                     tail_newest = 1 - tail_newest  # the frame just written is the newer one
                     frames.append(y)
                 x = jnp.concatenate(frames, axis=1)  # t x [b 1 h w c] -> b t h w c
@@ -435,7 +464,7 @@ class Decoder3d(nnx.Module):
                 x = jnp.moveaxis(frames[:, :, 0], 0, 1)  # t b 1 h w c -> b t h w c
         else:
             tail_cache, tail_newest = _older_first(tail_cache, tail_newest), 1
-            x, tail_cache["head"] = self.head(x, tail_cache["head"])
+            x, tail_cache["head"] = self.head(x, tail_cache["head"], zero_cache=first_chunk)
         return x, new_cache | tail_cache, tail_newest
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
