@@ -226,15 +226,17 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
 def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",
             vae_dtype: str = "bfloat16", latents_per_call: int = 3) -> dict:
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
-    latents per decode call), frames copied to the host. vae_preset: a Wan VAE preset ('wan2.1',
-    'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random decoder weights;
-    one warm-up stream, then one timed. first_frame_s: stream start (the prompt encoded; the KV cache
+    latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
+    preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random
+    decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end), one
+    that waits for each chunk's latents (decode_ms: each chunk's decode alone). first_frame_s: stream start (the prompt encoded; the KV cache
     and RoPE tables made ahead, as `TextToVideoPipeline.stream` does) to the first frames on the host."""
     import numpy as np
 
+    from causal_dit_jax.chunk_decoder import LatentChunkDecoder
     from causal_dit_jax.demo_weights import random_params
     from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
-    from causal_dit_jax.vae import WanVAE, get_vae_preset, to_uint8
+    from causal_dit_jax.vae import WanVAE, get_vae_preset
 
     if vae_preset.startswith("taehv"):
         preset = "taew2.1" if vae_preset == "taehv" else vae_preset.removeprefix("taehv-")
@@ -242,34 +244,36 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     else:
         vae = WanVAE(get_vae_preset(vae_preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
     vae_params = random_params(vae.abstract_params(), 7)
-    decode = jax.jit(lambda p, z, c: (lambda f, c2: (to_uint8(f), c2))(*vae.decode_chunk(p, z, c)),
-                     donate_argnums=(2,))
+    decoder = LatentChunkDecoder(vae, latents_per_call)
     b, f, h, w, _ = noise.shape
     decoder_device = jax.devices()[0]  # with a mesh, the decoder runs on its first device
 
     rope = sampler.dit.rope_tables(f, h, w)
 
-    def one_stream():
-        cache = vae.init_decode_cache(b, h, w)
+    def one_stream(sync: bool):
+        """sync=False: the product's loop (`TextToVideoPipeline.stream`), no host waits but for the
+        frames; sync=True waits for each chunk's latents, to time its decode alone."""
+        cache = decoder.init_cache(b, h, w)
         kv_cache = jax.block_until_ready(sampler.init_cache(b, f, h, w))  # made before the prompt, as the pipeline does
         t0 = time.perf_counter()
         first, dec, frames = None, [], 0
         for latents in sampler.stream(params, text, noise, key, rope=rope, cache=kv_cache):
-            jax.block_until_ready(latents)
+            if sync:
+                jax.block_until_ready(latents)
             td = time.perf_counter()
             if len(latents.devices()) > 1:
                 latents = jax.device_put(latents, decoder_device)
-            for j in range(0, latents.shape[1], latents_per_call):
-                pixels, cache = decode(vae_params, latents[:, j:j + latents_per_call], cache)
-                host = np.asarray(pixels)
-                frames += host.shape[1]
+            queued, cache = decoder(vae_params, latents, cache)
+            for pixels in queued:
+                frames += np.asarray(pixels).shape[1]
                 if first is None:
                     first = time.perf_counter() - t0
             dec.append((time.perf_counter() - td) * 1e3)
         return first, dec, time.perf_counter() - t0, frames
 
-    one_stream()  # compile
-    first, dec, total, frames = one_stream()
+    one_stream(sync=False)  # compile
+    first, _, total, frames = one_stream(sync=False)
+    _, dec, _, _ = one_stream(sync=True)
     return {"vae_preset": vae_preset, "vae_dtype": vae_dtype, "latents_per_call": latents_per_call, "decode_ms": dec, "decode_total_s": sum(dec) / 1e3,
             "first_frame_s": first, "e2e_s": total, "e2e_fps": frames / total, "frames": frames,
             "peak_memory_gb": peak_memory_gb()}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
+from causal_dit_jax.chunk_decoder import LatentChunkDecoder
 from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.dit import CausalWanDiT, Params
@@ -25,7 +26,7 @@ from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 from causal_dit_jax.text_encoder import T5Config, UMT5Encoder, get_t5_preset
 from causal_dit_jax.tokenizer import ByteTokenizer, PromptTokenizer
 from causal_dit_jax.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.vae import VAEConfig, WanVAE, get_vae_preset, to_uint8
+from causal_dit_jax.vae import VAEConfig, WanVAE, get_vae_preset
 
 COMPONENTS = ("dit", "t5")
 DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
@@ -80,9 +81,8 @@ class TextToVideoPipeline:
         self.dit_params, self.t5_params, self.vae_params = dit_params, t5_params, vae_params
         self.inference = inference
         self.untrained = untrained
-        if vae_latents_per_call < 1:
-            raise ValueError(f"vae_latents_per_call must be >= 1, got {vae_latents_per_call}")
         self.vae_latents_per_call = vae_latents_per_call
+        self._chunk_decoder = LatentChunkDecoder(vae, vae_latents_per_call)  # checks the count
         self.mesh = mesh
         model = dit
         if mesh is not None:
@@ -96,7 +96,6 @@ class TextToVideoPipeline:
         self._encode = jax.jit(lambda p, ids, mask: text_encoder.text_context(p, ids[:, :text_len],
                                                                                mask[:, :text_len]))
         self._text_kv = jax.jit(model.encode_text)
-        self._decode = jax.jit(vae.decode_chunk, donate_argnums=(2,))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -191,16 +190,15 @@ class TextToVideoPipeline:
         noise = self._to_dit(initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames,
                                            spec.latent_height, spec.latent_width, self.dit.config.in_dim))
         vae_device = jax.tree.leaves(self.vae_params)[0].sharding
-        vae_cache = self.vae.init_decode_cache(batch, spec.latent_height, spec.latent_width)
-        k = self.vae_latents_per_call
+        vae_cache = self._chunk_decoder.init_cache(batch, spec.latent_height, spec.latent_width)
         first = True
         for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1),
                                            rope=rope, cache=cache):
             if self.mesh is not None:  # the VAE runs on one device: bring the chunk's latents there
                 latents = jax.device_put(latents, vae_device)
-            for j in range(0, latents.shape[1], k):
-                pixels, vae_cache = self._decode(self.vae_params, latents[:, j:j + k], vae_cache)
-                out = np.asarray(to_uint8(pixels))
+            queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
+            for pixels in queued:
+                out = np.asarray(pixels)
                 if stats is not None and first:
                     stats["encode_s"] = t1 - t0
                     stats["first_frame_s"] = time.perf_counter() - t1

@@ -121,6 +121,9 @@ def test_stream_chunks_and_batch(checkpoint):
     # the same video however the decode is split (float32 VAE: identical up to rounding to uint8)
     diff = np.abs(np.concatenate(per_chunk, 1).astype(int) - np.concatenate(whole_chunks, 1).astype(int))
     assert diff.max() <= 1
+    with pytest.raises(ValueError, match="latents_per_call must be >= 1, got 0"):
+        TextToVideoPipeline(pipe.dit, pipe.dit_params, pipe.text_encoder, pipe.t5_params, pipe.tokenizer,
+                            pipe.vae, pipe.vae_params, vae_latents_per_call=0)
 
 
 def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
