@@ -67,8 +67,9 @@ class TextToVideoPipeline:
 
     mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
-    and the smallest activation memory (on an H100: 197 ms first frame, 13.3 GB peak with the DiT);
-    3 decodes a whole chunk per call (4% more throughput, 271 ms, 17 GB).
+    and the smallest activation memory (H200: 147 ms first frame, 11.85 GB peak with the DiT);
+    3 decodes a whole chunk per call (measured on an H100 before the per-frame stages: 4% more
+    throughput, 271 ms first frame, 17 GB).
     """
 
     def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
