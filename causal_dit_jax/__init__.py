@@ -1,5 +1,6 @@
 """causal-dit-jax: streaming text-to-video with a causal, KV-cached Wan2.1 DiT (Self-Forcing) in JAX."""
 
+from causal_dit_jax.chunk_decoder import LatentChunkDecoder
 from causal_dit_jax.config import InferenceConfig, ModelConfig, PRESETS, get_preset
 from causal_dit_jax.dit import CausalWanDiT, load_dit, param_count
 from causal_dit_jax.kv_cache import KVCache, TextKV, init_kv_cache
@@ -9,7 +10,7 @@ from causal_dit_jax.pipeline import TextToVideoPipeline
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 
 __all__ = [
-    "CausalWanDiT", "InferenceConfig", "KVCache", "ModelConfig", "PRESETS", "RopeTables",
+    "CausalWanDiT", "InferenceConfig", "KVCache", "LatentChunkDecoder", "ModelConfig", "PRESETS", "RopeTables",
     "SelfForcingSampler", "TextKV", "TextToVideoPipeline", "causal_rope_positions", "from_torch_layout",
     "get_preset", "init_kv_cache", "initial_noise", "load_dit", "param_count", "rope_tables", "to_torch_layout",
 ]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from causal_dit_jax.config import PRESETS, InferenceConfig, ModelConfig, get_preset
-from causal_dit_jax.dit import CausalWanDiT
+from causal_dit_jax.dit import CausalWanDiT, unstack_blocks
 from causal_dit_jax.flops import rollout_flops
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 
@@ -87,8 +87,8 @@ class BenchResult:
                          f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
                          f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
         if self.rollout_kernel_ms is not None:
-            rows.append(("kernel time of one rollout", f"{self.rollout_kernel_ms:.1f} ms "
-                                                      f"(device idle {1e3 * self.total_s - self.rollout_kernel_ms:.1f} ms)"))
+            idle = 1e3 * self.total_s - self.rollout_kernel_ms
+            rows.append(("kernel time of one rollout", f"{self.rollout_kernel_ms:.1f} ms (device idle {idle:.1f} ms)"))
         for label, v in (("VAE", self.vae), ("tiny decoder", self.tiny_vae)):
             if not v:
                 continue
@@ -115,9 +115,11 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
                   dit: Optional[CausalWanDiT] = None, strategy: str = "single", seed: int = 0,
                   comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1,
                   profile: bool = False, e2e_vae: Optional[str] = None,
-                  vae_latents_per_call: int = 1, keep_latents: bool = False) -> BenchResult:
+                  vae_latents_per_call: int = 1, keep_latents: bool = False,
+                  per_layer_weights: bool = False) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout).
 
+    per_layer_weights: run on `unstack_blocks(params)`.
     dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
     mesh and the decoders of `e2e_vae` run on the first device, as in the pipeline)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
@@ -130,6 +132,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     sampler = SelfForcingSampler(dit, inference)
     key = jax.random.key(seed)
     params = jax.jit(dit.init)(key)
+    if per_layer_weights:  # one buffer per layer's weight (`unstack_blocks`): no per-layer slice copies
+        params = unstack_blocks(params)
     ctx = jax.random.normal(jax.random.fold_in(key, 1), (1, config.text_len, config.text_dim), jnp.float32)
     text = jax.jit(dit.encode_text)(params, ctx)
     noise = initial_noise(jax.random.fold_in(key, 2), 1, latent_frames, lh, lw, config.in_dim)
@@ -229,8 +233,9 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
     preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random
     decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end), one
-    that waits for each chunk's latents (decode_ms: each chunk's decode alone). first_frame_s: stream start (the prompt encoded; the KV cache
-    and RoPE tables made ahead, as `TextToVideoPipeline.stream` does) to the first frames on the host."""
+    that waits for each chunk's latents (decode_ms: each chunk's decode alone). first_frame_s: stream
+    start (the prompt encoded; the KV cache and RoPE tables made ahead, as `TextToVideoPipeline.stream`
+    does) to the first frames on the host."""
     import numpy as np
 
     from causal_dit_jax.chunk_decoder import LatentChunkDecoder
@@ -274,7 +279,8 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     one_stream(sync=False)  # compile
     first, _, total, frames = one_stream(sync=False)
     _, dec, _, _ = one_stream(sync=True)
-    return {"vae_preset": vae_preset, "vae_dtype": vae_dtype, "latents_per_call": latents_per_call, "decode_ms": dec, "decode_total_s": sum(dec) / 1e3,
+    return {"vae_preset": vae_preset, "vae_dtype": vae_dtype, "latents_per_call": latents_per_call,
+            "decode_ms": dec, "decode_total_s": sum(dec) / 1e3,
             "first_frame_s": first, "e2e_s": total, "e2e_fps": frames / total, "frames": frames,
             "peak_memory_gb": peak_memory_gb()}
 

@@ -46,6 +46,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--compilation-cache", default=None,
                    help="JAX persistent compilation cache folder (run twice: the second run's compile is warm)")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop")
+    p.add_argument("--per-layer-weights", action="store_true",
+                   help="one weight buffer per layer (a Python layer loop: no weight copies, slower compiles)")
     p.add_argument("--norm-rope", default="xla", choices=["xla", "pallas"],
                    help="q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel")
     p.add_argument("--attention", default=None, choices=["xla", "cudnn", "cudnn_paged"],
@@ -123,6 +125,9 @@ def cmd_bench(args) -> int:
     dit, strategy, comm = CausalWanDiT(config, attention_impl=args.attention, scan_unroll=args.scan_unroll,
                                           norm_rope_impl=args.norm_rope), "single", None
     if args.mesh:
+        if args.per_layer_weights:
+            print("error: --per-layer-weights runs on one device (drop --mesh)", file=sys.stderr)
+            return 2
         from sharding.sequence_parallel import sequence_parallel_dit
 
         dit, comm = sequence_parallel_dit(dit, args.mesh, args.strategy, height=args.height, width=args.width)
@@ -130,7 +135,7 @@ def cmd_bench(args) -> int:
     result = run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
                            dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
                            profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
-                           vae_latents_per_call=args.vae_latents_per_call)
+                           vae_latents_per_call=args.vae_latents_per_call, per_layer_weights=args.per_layer_weights)
     print(result.table())
     if args.json:
         write_json(result, args.json)

@@ -146,6 +146,9 @@ class CausalWanDiT:
             block = nnx.merge(self._block_def, block_params)
             return None, block.cross_attn.text_kv(text)
 
+        if isinstance(params["blocks"], (tuple, list)):  # per-layer weights (unstack_blocks)
+            kv = [body(None, block_params)[1] for block_params in params["blocks"]]
+            return TextKV(k=jnp.stack([k for k, _ in kv]), v=jnp.stack([v for _, v in kv]))
         _, (k, v) = jax.lax.scan(body, None, params["blocks"])
         return TextKV(k=k, v=v)
 
@@ -203,13 +206,34 @@ class CausalWanDiT:
 
         # The cache rides in the carry: each layer updates its chunk slot in place.
         cache_kv = None if cache is None else (cache.k, cache.v)
-        (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers),
-                                        unroll=self.scan_unroll)
+        if isinstance(params["blocks"], (tuple, list)):  # per-layer weights (unstack_blocks): a Python loop
+            if len(params["blocks"]) != cfg.num_layers:
+                raise ValueError(f"params hold {len(params['blocks'])} blocks, the model {cfg.num_layers}")
+            for i, block_params in enumerate(params["blocks"]):
+                (x, cache_kv), _ = body((x, cache_kv), (block_params, text.k[i], text.v[i], i))
+        else:
+            (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers),
+                                            unroll=self.scan_unroll)
         head = nnx.merge(self._head_def, params["head"])
         out = head(x, e, frame_ids)
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
         return out, cache
+
+
+def unstack_blocks(params: Params) -> Params:
+    """DiT params with 'blocks' as a tuple of per-layer trees instead of arrays stacked over layers.
+
+    `forward` then runs the layers as a Python loop in which each GEMM reads its weight buffer in
+    place; a loop over stacked weights (scan, fori_loop, even a fully unrolled scan) copies each
+    layer's weights out first (`benchmarks/weight_slice_probe.py`). The price: the program holds one
+    copy of the layer per layer, so it compiles several times slower. Run outside jit, once; the
+    stacked arrays can then be dropped."""
+    blocks = params["blocks"]
+    if isinstance(blocks, (tuple, list)):
+        return params
+    n = jax.tree.leaves(blocks)[0].shape[0]
+    return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n))}
 
 
 def forward_latents(model, params: Params, x: jax.Array, t: jax.Array, text: TextKV,

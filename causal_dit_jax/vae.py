@@ -453,7 +453,8 @@ class Decoder3d(nnx.Module):
                 frames = []
                 for t in range(x.shape[1]):
                     # frame t starts after frame t - 1 ends, so one frame's activations are alive at a time
-                    y = x[:, :1] if t == 0 else jax.lax.dynamic_slice_in_dim(x, t + zero_after(frames[-1]), 1, axis=1)
+                    at = t if t == 0 else t + zero_after(frames[-1])
+                    y = jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1)  # b 1 h w c
                     tail_cache, y = one_frame(tail_cache, y, tail_newest, start=first_chunk and t == 0)
                     tail_newest = 1 - tail_newest  # the frame just written is the newer one
                     frames.append(y)

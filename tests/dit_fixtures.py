@@ -48,11 +48,11 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def two_chunk_forwards(dit, latent_h: int, latent_w: int):
+def two_chunk_forwards(dit, latent_h: int, latent_w: int, prepare=None):
     """Random params (key 0) and text (key 1) for `dit`; a cache-filling forward of a 3-frame chunk at
     t = 0 from frame 0, then the next chunk (the same noise, halved) at t = 937.5 from frame 3 over
     that cache. Returns the second chunk's flow and the cache (the path every attention kernel and
-    q/k norm implementation is compared on)."""
+    q/k norm implementation is compared on). prepare: applied to the params first."""
     import jax
     import jax.numpy as jnp
 
@@ -60,6 +60,8 @@ def two_chunk_forwards(dit, latent_h: int, latent_w: int):
 
     cfg = dit.config
     params = dit.init(jax.random.key(0))
+    if prepare is not None:
+        params = prepare(params)
     text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim)))
     cache = dit.init_cache(InferenceConfig(), 1, 6, latent_h, latent_w)
     rope = dit.rope_tables(6, latent_h, latent_w)

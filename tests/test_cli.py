@@ -47,6 +47,17 @@ def test_bench_cli_prints_and_writes_json(tmp_path):
     assert "end to end, DiT + tiny decoder" in proc.stdout
 
 
+def test_bench_cli_per_layer_weights(tmp_path, capsys):
+    """--per-layer-weights (unstack_blocks) runs the DiT rollout; with --mesh it is refused."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--frames", "6", "--height", "64", "--width", "96"]
+    assert main(args + ["--per-layer-weights", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["forwards"] == 10 and result["total_s"] > 0
+    assert main(args + ["--per-layer-weights", "--mesh", "2"]) == 2
+    assert "--per-layer-weights runs on one device" in capsys.readouterr().err
+
+
 def test_bench_cli_sequence_parallel(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", "bench", "--preset", "tiny", "--frames", "6",

@@ -96,6 +96,27 @@ def test_chunks_equal_the_whole_decode(vae, converted, latents, whole, sizes, fr
     assert rel_err(np.concatenate(chunks, axis=1), whole) <= 1e-5
 
 
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_latent_chunk_decoder_queues_the_whole_decode(vae, converted, latents, whole, per_call):
+    """LatentChunkDecoder (the pipeline's loop): chunks of 3 latents, `per_call` latents per jitted call,
+    uint8 frames on the device equal the uint8 of the one-pass decode; a count below 1 is refused."""
+    from causal_dit_jax import LatentChunkDecoder
+
+    _, params = converted
+    decoder = LatentChunkDecoder(vae, per_call)
+    cache = decoder.init_cache(1, LATENT_H, LATENT_W)
+    z = _channels_last(latents)
+    outs = []
+    for start in range(0, NUM_LATENTS, 3):
+        queued, cache = decoder(params, z[:, start:start + 3], cache)
+        assert len(queued) == -(-3 // per_call) and all(q.dtype == jnp.uint8 for q in queued)
+        outs += [np.asarray(q) for q in queued]
+    got = np.concatenate(outs, axis=1).astype(int)
+    assert np.abs(got - np.asarray(to_uint8(jnp.asarray(whole))).astype(int)).max() <= 1  # rounding at .5
+    with pytest.raises(ValueError, match="latents_per_call must be >= 1, got 0"):
+        LatentChunkDecoder(vae, 0)
+
+
 def test_per_frame_tail_equals_all_frames_at_once(converted, latents, whole):
     """per_frame_stages (the default runs the last 2 stages and the head one frame at a time) changes
     the memory, not the frames: all stages over all frames at once give the same video (`whole` is one
