@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.bench_targets import format_rows, target_report
 from causal_dit_jax.config import PRESETS, InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.dit import CausalWanDiT, unstack_blocks
 from causal_dit_jax.flops import rollout_flops
@@ -50,6 +51,7 @@ class BenchResult:
     # (wall time minus this is the device's idle time: launch gaps and host syncs between chunks)
     vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
     tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
+    targets: Optional[list] = None  # issue 8's targets in its setting (bench_targets.target_report)
     date: str = ""
     host: str = ""
     # the last timed rollout's latents [B, F, H, W, C] on the host (keep_latents=True; not in the JSON)
@@ -101,6 +103,8 @@ class BenchResult:
                 rows.append((f"peak device memory, DiT + {label}", f"{v['peak_memory_gb']:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
+        if self.targets:
+            rows += format_rows(self.targets)
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
@@ -213,7 +217,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
             return list(sampler.stream(params, text, noise, key, rope=rope, cache=cache))
 
         rollout_ms = profile_breakdown(one_rollout, repeats=1)["total"]
-    return BenchResult(
+    result = BenchResult(
         preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
         num_devices=n_devices, strategy=strategy,
         latent_shape=tuple(noise.shape), video_frames=video_frames(latent_frames),
@@ -225,6 +229,8 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), latents=latents)
+    result.targets = target_report(result, config, tpc, len(sampler.timesteps) + 1)
+    return result
 
 
 def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",

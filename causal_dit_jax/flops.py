@@ -13,21 +13,36 @@ from __future__ import annotations
 from causal_dit_jax.config import ModelConfig
 
 
-def chunk_forward_flops(config: ModelConfig, chunk_tokens: int, attended_tokens: int,
-                        text_tokens: int | None = None) -> float:
+def chunk_forward_flops_parts(config: ModelConfig, chunk_tokens: int, attended_tokens: int,
+                              text_tokens: int | None = None) -> dict[str, float]:
+    """One chunk forward's FLOPs by kind: {'linear', 'self_attention', 'cross_attention'}."""
     c, h, L = config.dim, config.ffn_dim, chunk_tokens
     k = config.text_len if text_tokens is None else text_tokens
-    linear = 2 * L * (3 * c * c + c * c + 2 * c * c + 2 * c * h)
-    self_attn = 4 * L * attended_tokens * c
-    cross_attn = 4 * L * k * c
-    return float(config.num_layers * (linear + self_attn + cross_attn))
+    n = config.num_layers
+    return {"linear": float(n * 2 * L * (3 * c * c + c * c + 2 * c * c + 2 * c * h)),
+            "self_attention": float(n * 4 * L * attended_tokens * c),
+            "cross_attention": float(n * 4 * L * k * c)}
+
+
+def chunk_forward_flops(config: ModelConfig, chunk_tokens: int, attended_tokens: int,
+                        text_tokens: int | None = None) -> float:
+    return sum(chunk_forward_flops_parts(config, chunk_tokens, attended_tokens, text_tokens).values())
+
+
+def rollout_flops_parts(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
+                        window_chunks: int | None = None, text_tokens: int | None = None) -> dict[str, float]:
+    """All forwards of a rollout by kind (`chunk_forward_flops_parts`): chunk j attends to
+    min(j + 1, window) chunks of keys."""
+    total = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0}
+    for j in range(num_chunks):
+        seen = j + 1 if window_chunks is None else min(j + 1, window_chunks)
+        for kind, f in chunk_forward_flops_parts(config, chunk_tokens, seen * chunk_tokens, text_tokens).items():
+            total[kind] += forwards_per_chunk * f
+    return total
 
 
 def rollout_flops(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
                   window_chunks: int | None = None, text_tokens: int | None = None) -> float:
     """All forwards of a rollout: chunk j attends to min(j + 1, window) chunks of keys."""
-    total = 0.0
-    for j in range(num_chunks):
-        seen = j + 1 if window_chunks is None else min(j + 1, window_chunks)
-        total += forwards_per_chunk * chunk_forward_flops(config, chunk_tokens, seen * chunk_tokens, text_tokens)
-    return total
+    return sum(rollout_flops_parts(config, chunk_tokens, num_chunks, forwards_per_chunk, window_chunks,
+                                   text_tokens).values())
