@@ -153,59 +153,41 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        if all(k == 1 for k in self.window):  # pointwise: a matmul over channels
-            y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]),
-                           precision=_precision(self.dtype))
-        elif len(self.window) == 3:
+        if len(self.window) == 3:
             # A time-valid 3D conv as one 2D conv per output frame, its kt time taps stacked on the
             # channels: out[t] = sum_j conv2d(x[t + j], W[j]). XLA gives rank-5 convs the NCDHW layout
             # on GPUs (transposes around every conv: 40% of the decode time); rank-4 ones stay NHWC.
-            kt, kh, kw = self.window
+            kt = self.window[0]
             t_out = x.shape[1] - kt + 1
-            taps = jnp.concatenate([x[:, j:j + t_out] for j in range(kt)], axis=-1)  # b t h w (kt c)
-            kernel2d = rearrange(kernel, "kt kh kw i o -> kh kw (kt i) o")
-            if kh == kw == 1:
-                y = jnp.einsum("bthwi,io->bthwo", taps, kernel2d[0, 0], precision=_precision(self.dtype))
-            else:
-                b = x.shape[0]
-                y = jax.lax.conv_general_dilated(rearrange(taps, "b t h w c -> (b t) h w c"), kernel2d, (1, 1),
-                                                 [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                 precision=_precision(self.dtype))
-                y = rearrange(y, "(b t) h w c -> b t h w c", b=b)
-        else:
-            b, t = x.shape[:2]
-            y = jax.lax.conv_general_dilated(x.reshape(b * t, *x.shape[2:]), kernel, (1, 1),  # (b t) h w c
-                                             [(k // 2, k // 2) for k in self.window],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             precision=_precision(self.dtype))
-            y = y.reshape(b, t, *y.shape[1:])  # (b t) h w c -> b t h w c
-        return y + self.bias[...].astype(self.dtype)
+            x = jnp.concatenate([x[:, j:j + t_out] for j in range(kt)], axis=-1)  # b t h w (kt c)
+            kernel = rearrange(kernel, "kt kh kw i o -> kh kw (kt i) o")
+        return self._frames_2d(x, kernel)
 
     def last_tap(self, x: jax.Array) -> jax.Array:
         """A 3D conv over [zeros x (kt - 1), x] for one frame x [B, 1, H, W, C_in]: only the kernel's
         last time tap meets non-zero input -> [B, 1, H, W, C_out], at 1 / kt of the work."""
-        kernel = self.kernel[...][-1].astype(self.dtype)  # kt kh kw i o -> kh kw i o
-        x2 = rearrange(x.astype(self.dtype), "b t h w c -> (b t) h w c")
-        kh, kw = kernel.shape[:2]
-        if kh == kw == 1:
-            y = jnp.einsum("nhwi,io->nhwo", x2, kernel[0, 0], precision=_precision(self.dtype))
-        else:
-            y = jax.lax.conv_general_dilated(x2, kernel, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             precision=_precision(self.dtype))
-        return rearrange(y + self.bias[...].astype(self.dtype), "(b t) h w c -> b t h w c", b=x.shape[0])
+        return self._frames_2d(x.astype(self.dtype), self.kernel[...][-1].astype(self.dtype))  # kernel kh kw i o
 
     def one_frame(self, frames: list[jax.Array]) -> jax.Array:
         """A 3D conv's output for one frame from its kt input frames, oldest first, each [B, H, W, C_in]
         -> [B, 1, H, W, C_out]: the frames stacked on the channels for one 2D conv (as `__call__`)."""
         kernel2d = rearrange(self.kernel[...].astype(self.dtype), "kt kh kw i o -> kh kw (kt i) o")
-        taps = jnp.concatenate([f.astype(self.dtype) for f in frames], axis=-1)  # b h w (kt c)
-        kh, kw = self.window[1:]
-        y = jax.lax.conv_general_dilated(taps, kernel2d, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         precision=_precision(self.dtype))
-        return (y + self.bias[...].astype(self.dtype))[:, None]  # b h w c -> b 1 h w c
+        taps = jnp.concatenate([f.astype(self.dtype) for f in frames], axis=-1)[:, None]  # b 1 h w (kt c)
+        return self._frames_2d(taps, kernel2d)
+
+    def _frames_2d(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """Every frame of x [B, T, H, W, C_in] through a 2D kernel [kh, kw, C_in, C_out] (space padded by
+        k // 2; 1x1: a matmul over channels), plus the bias -> [B, T, H, W, C_out]."""
+        kh, kw = kernel.shape[:2]
+        if kh == kw == 1:
+            y = jnp.einsum("bthwi,io->bthwo", x, kernel[0, 0], precision=_precision(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(rearrange(x, "b t h w c -> (b t) h w c"), kernel, (1, 1),
+                                             [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             precision=_precision(self.dtype))
+            y = rearrange(y, "(b t) h w c -> b t h w c", b=x.shape[0])
+        return y + self.bias[...].astype(self.dtype)
 
 
 def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None,
