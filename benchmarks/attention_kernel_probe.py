@@ -9,11 +9,12 @@ to its blocks here, for the timing only). Reports ms and TFLOP/s per kernel and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
+
+from causal_dit_jax.bench import write_probe_json
 
 HEADS, HEAD_DIM = 12, 128
 
@@ -61,8 +62,7 @@ def main() -> None:
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(rows[-1], flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+        write_probe_json(args.json, rows=rows)
 
 
 if __name__ == "__main__":

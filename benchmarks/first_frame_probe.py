@@ -8,13 +8,13 @@ with a device sync after it, after a warm-up of the same sequence.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from causal_dit_jax.bench import write_probe_json
 from causal_dit_jax.config import InferenceConfig, get_preset
 from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.dit import CausalWanDiT
@@ -72,8 +72,7 @@ def main() -> None:
     for k, v in steps.items():
         print(f"{k:40s} {v:8.2f} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "decoder": args.decoder, "ms": steps}, f, indent=1)
+        write_probe_json(args.json, decoder=args.decoder, ms=steps)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ writes each variant's `*memory-usage-report.txt` (the buffers live at the peak) 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.bench import write_probe_json
 from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.vae import WanVAE, get_vae_preset
 
@@ -59,8 +59,7 @@ def main() -> None:
         print(f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
               f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "variants": rows}, f, indent=1)
+        write_probe_json(args.json, variants=rows)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ Prints each variant's kernel time per call: GEMMs, copies, other.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.bench import write_probe_json
 from causal_dit_jax.profile_breakdown import profile_breakdown
 
 LAYERS, TOKENS, DIM, HIDDEN = 30, 4680, 1536, 8960
@@ -66,8 +66,7 @@ def main() -> None:
         print(f"{name:10s} matmul {b['matmul']:.2f} ms  copies {copies:.2f} ms  other {b['other'] - copies:.2f} ms  "
               f"total {b['total']:.2f} ms", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "variants": rows}, f, indent=1)
+        write_probe_json(args.json, variants=rows)
 
 
 if __name__ == "__main__":

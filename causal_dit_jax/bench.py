@@ -193,7 +193,6 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     if profile and jax.default_backend() == "gpu":
         from causal_dit_jax.profile_breakdown import profile_breakdown
 
-        rope = dit.rope_tables(latent_frames, lh, lw)
         fwd = jax.jit(dit.forward, donate_argnums=(4,))  # the cache is donated, as in the sampler
         x = noise[:, :inference.frames_per_chunk]
         t = jnp.full(x.shape[:2], 937.5)
@@ -257,8 +256,6 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     vae_params = random_params(vae.abstract_params(), 7)
     decoder = LatentChunkDecoder(vae, latents_per_call)
     b, f, h, w, _ = noise.shape
-    decoder_device = jax.devices()[0]  # with a mesh, the decoder runs on its first device
-
     rope = sampler.dit.rope_tables(f, h, w)
 
     def one_stream(sync: bool):
@@ -272,8 +269,6 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
             if sync:
                 jax.block_until_ready(latents)
             td = time.perf_counter()
-            if len(latents.devices()) > 1:
-                latents = jax.device_put(latents, decoder_device)
             queued, cache = decoder(vae_params, latents, cache)
             for pixels in queued:
                 frames += np.asarray(pixels).shape[1]
@@ -338,4 +333,12 @@ def write_json(result: BenchResult, path: str) -> None:
     print(f"wrote {path}")
 
 
-__all__ = ["BenchResult", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json"]
+def write_probe_json(path: str, **fields) -> None:
+    """A GPU probe's results (`benchmarks/*_probe.py`) as JSON, after the device they ran on."""
+    with open(path, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, **fields}, f, indent=1)
+    print(f"wrote {path}")
+
+
+__all__ = ["BenchResult", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json",
+           "write_probe_json"]

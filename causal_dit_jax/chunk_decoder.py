@@ -34,7 +34,11 @@ class LatentChunkDecoder:
 
     def __call__(self, params, latents: jax.Array, cache) -> tuple[list[jax.Array], object]:
         """latents [B, T, h, w, C] (the next chunk) -> ([uint8 frames [B, T', H, W, 3] on the device, one
-        per call, queued], the new cache)."""
+        per call, queued], the new cache). Latents elsewhere (a mesh's output) are first brought to the
+        decoder params' device."""
+        where = jax.tree.leaves(params)[0].sharding
+        if latents.sharding != where:
+            latents = jax.device_put(latents, where)
         outs = []
         for j in range(0, latents.shape[1], self.latents_per_call):
             size = min(self.latents_per_call, latents.shape[1] - j)

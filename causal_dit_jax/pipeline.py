@@ -190,13 +190,10 @@ class TextToVideoPipeline:
         key = jax.random.key(seed)
         noise = self._to_dit(initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames,
                                            spec.latent_height, spec.latent_width, self.dit.config.in_dim))
-        vae_device = jax.tree.leaves(self.vae_params)[0].sharding
         vae_cache = self._chunk_decoder.init_cache(batch, spec.latent_height, spec.latent_width)
         first = True
         for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1),
                                            rope=rope, cache=cache):
-            if self.mesh is not None:  # the VAE runs on one device: bring the chunk's latents there
-                latents = jax.device_put(latents, vae_device)
             queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
             for pixels in queued:
                 out = np.asarray(pixels)

@@ -60,3 +60,14 @@ def test_committed_h200_result_meets_the_memory_and_first_frame_targets():
     rows = {r["figure"]: r for r in target_report(BenchResult(**fields), CONFIG, 4680, 5)}
     assert rows["peak memory, DiT + Wan VAE"]["met"] and rows["first frame (Wan VAE)"]["met"]
     assert not rows["DiT, 35 forwards"]["met"]
+
+
+def test_write_probe_json_names_the_device(tmp_path):
+    """What the GPU probes write: their fields after the device they ran on."""
+    import jax
+
+    from causal_dit_jax.bench import write_probe_json
+
+    path = tmp_path / "probe.json"
+    write_probe_json(str(path), variants={"a": {"ms": 1.5}})
+    assert json.loads(path.read_text()) == {"device": jax.devices()[0].device_kind, "variants": {"a": {"ms": 1.5}}}
