@@ -159,7 +159,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         times, chunks = [], []
         cache = jax.block_until_ready(sampler.init_cache(1, latent_frames, lh, lw))  # made ahead, as the pipeline does
         t_prev = time.perf_counter()
-        for x0 in sampler.stream(params, text, noise, key, rope=rope, cache=cache):
+        for x0 in sampler.stream(params, text, noise, key, rope=rope, cache=cache, fill_last_chunk=True):
             x0.block_until_ready()
             now = time.perf_counter()
             times.append((now - t_prev) * 1e3)
@@ -213,7 +213,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
 
         def one_rollout():
             cache = sampler.init_cache(1, latent_frames, lh, lw)
-            return list(sampler.stream(params, text, noise, key, rope=rope, cache=cache))
+            return list(sampler.stream(params, text, noise, key, rope=rope, cache=cache, fill_last_chunk=True))
 
         rollout_ms = profile_breakdown(one_rollout, repeats=1)["total"]
     result = BenchResult(

@@ -5,7 +5,8 @@ the flow v, take x0 = x - sigma_k v, and (except after the last step) re-noise x
 x0 + sigma_{k+1} eps. Then one forward of the clean x0 at timestep `context_noise` overwrites the
 chunk's cache slot with clean keys/values. The denoising steps of a chunk run in one jitted call; every chunk
 reuses the same executable (the start frame is traced). The cache fill is a separate call queued
-after the chunk is handed out, so the consumer's decode of it is not delayed by the fill.
+after the chunk is handed out, so the consumer's decode of it is not delayed by the fill. The last
+chunk's fill is skipped by default: no later chunk reads it (Self-Forcing's loop runs it anyway).
 """
 
 from __future__ import annotations
@@ -97,13 +98,15 @@ class SelfForcingSampler:
 
     def stream(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
                start_frame: int = 0, rope: Optional[RopeTables] = None,
-               cache: Optional[KVCache] = None) -> Iterator[jax.Array]:
+               cache: Optional[KVCache] = None, fill_last_chunk: bool = False) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
         noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
         key: seeds the re-noising draws; start_frame: the global latent frame of the first chunk.
         rope, cache: may be made ahead by the caller (`dit.rope_tables`, `init_cache`), so that their
         setup is not on the path to the first frame; the cache is consumed (donated).
+        fill_last_chunk: also run the last chunk's cache-fill pass, whose keys no chunk of this stream
+        reads (the latents are the same either way; Self-Forcing's loop runs it: 5 forwards per chunk).
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
@@ -135,7 +138,8 @@ class SelfForcingSampler:
             # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
             # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0
-            cache = self._fill_fn(params, x0, cache, text, start, rope)
+            if i + 1 < chunks or fill_last_chunk:
+                cache = self._fill_fn(params, x0, cache, text, start, rope)
         jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
     def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,

@@ -46,6 +46,23 @@ def test_stream_yields_chunks_and_is_seeded(model):
         next(sampler.stream(params, text, noise, jax.random.key(6), cache=sampler.init_cache(1, 9, 4, 6)))
 
 
+def test_last_chunk_cache_fill_is_skipped_unless_asked(model):
+    # the last chunk's fill writes keys no chunk reads: skipped by default (3 chunks -> 2 fills), run
+    # with fill_last_chunk=True (the 5-forwards-per-chunk count of Self-Forcing's loop); same latents
+    dit, params, text = model
+    sampler = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32"))
+    fills = []
+    fill_fn = sampler._fill_fn
+    sampler._fill_fn = lambda *a: fills.append(1) or fill_fn(*a)
+    noise = initial_noise(jax.random.key(5), 1, 9, 4, 6)
+    short = np.concatenate(list(sampler.stream(params, text, noise, jax.random.key(6))), 1)
+    assert len(fills) == 2
+    fills.clear()
+    full = np.concatenate(list(sampler.stream(params, text, noise, jax.random.key(6), fill_last_chunk=True)), 1)
+    assert len(fills) == 3
+    np.testing.assert_array_equal(short, full)
+
+
 def test_bad_inputs(model):
     dit, params, text = model
     sampler = SelfForcingSampler(dit)
