@@ -52,6 +52,7 @@ class BenchResult:
     vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
     tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
     targets: Optional[list] = None  # issue 8's targets in its setting (bench_targets.target_report)
+    linear_precision: str = "bfloat16"  # the DiT's block GEMMs: bfloat16 or float8 (e4m3)
     date: str = ""
     host: str = ""
     # the last timed rollout's latents [B, F, H, W, C] on the host (keep_latents=True; not in the JSON)
@@ -61,6 +62,7 @@ class BenchResult:
         rows = [
             ("device", f"{self.device} x{self.num_devices} ({self.backend}), strategy {self.strategy}"),
             ("latents [B,F,H,W,C]", str(self.latent_shape)),
+            ("DiT block GEMMs", self.linear_precision),
             ("DiT forwards", str(self.forwards)),
             ("compile (first chunk call)", f"{self.compile_s:.2f} s"),
             ("per chunk (ms)", " ".join(f"{t:.1f}" for t in self.chunk_ms)),
@@ -226,6 +228,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
         peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
         first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
+        linear_precision=getattr(getattr(dit, "dit", dit), "linear_precision", "bfloat16"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), latents=latents)
     result.targets = target_report(result, config, tpc, len(sampler.timesteps) + 1)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from causal_dit_jax.attention import SelfAttentionFn, dot_product_attention
 from causal_dit_jax.config import ModelConfig, dtype_from_name
+from causal_dit_jax.fp8_linear import make_linear
 from causal_dit_jax.kv_cache import CacheWrite, LayerCache
 from causal_dit_jax.layers import MLP, AffineLayerNorm, RMSNorm, layer_norm, per_token
 from causal_dit_jax.qk_norm_rope import qk_norm_rope
@@ -27,14 +28,14 @@ def _dtypes(config: ModelConfig):
 
 class SelfAttention(nnx.Module):
     """q/k/v from one fused matmul, q/k RMSNorm over the full width and Causal-RoPE (`qk_norm_rope`:
-    XLA, or one Pallas kernel), pluggable attention."""
+    XLA, or one Pallas kernel), pluggable attention. linear_precision: see `fp8_linear`."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, linear_precision: str = "bfloat16"):
         dtype, pdtype = _dtypes(config)
         c = config.dim
         self.num_heads = config.num_heads
-        self.qkv = nnx.Linear(c, 3 * c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-        self.o = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.qkv = make_linear(c, 3 * c, linear_precision, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.o = make_linear(c, c, linear_precision, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.norm_q = RMSNorm(c, config.eps, pdtype)
         self.norm_k = RMSNorm(c, config.eps, pdtype)
 
@@ -51,15 +52,16 @@ class SelfAttention(nnx.Module):
 
 
 class CrossAttention(nnx.Module):
-    """Attention of the video tokens to the text; no RoPE, no mask (as Wan). Text K/V come precomputed."""
+    """Attention of the video tokens to the text; no RoPE, no mask (as Wan). Text K/V come precomputed
+    (`kv` runs once per prompt and stays in the model's dtype whatever `linear_precision`)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, linear_precision: str = "bfloat16"):
         dtype, pdtype = _dtypes(config)
         c = config.dim
         self.num_heads = config.num_heads
-        self.q = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.q = make_linear(c, c, linear_precision, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.kv = nnx.Linear(c, 2 * c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-        self.o = nnx.Linear(c, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.o = make_linear(c, c, linear_precision, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.norm_q = RMSNorm(c, config.eps, pdtype)
         self.norm_k = RMSNorm(c, config.eps, pdtype)
 
@@ -78,18 +80,21 @@ class CrossAttention(nnx.Module):
 
 
 class WanBlock(nnx.Module):
-    """x += SelfAttn(mod(LN(x))) * gate1; x += CrossAttn(LN3(x), text); x += FFN(mod(LN(x))) * gate2."""
+    """x += SelfAttn(mod(LN(x))) * gate1; x += CrossAttn(LN3(x), text); x += FFN(mod(LN(x))) * gate2.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    linear_precision 'float8': the block's GEMMs in e4m3 (`fp8_linear.FP8_LINEARS`; inference only)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, linear_precision: str = "bfloat16"):
         dtype, pdtype = _dtypes(config)
         self.config = config
         c = config.dim
         init = jax.random.normal(rngs.params(), (6, c), jnp.float32) / c**0.5
         self.modulation = nnx.Param(init.astype(pdtype))
-        self.self_attn = SelfAttention(config, rngs=rngs)
+        self.self_attn = SelfAttention(config, rngs=rngs, linear_precision=linear_precision)
         self.norm3 = AffineLayerNorm(c, config.eps, pdtype)
-        self.cross_attn = CrossAttention(config, rngs=rngs)
-        self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.cross_attn = CrossAttention(config, rngs=rngs, linear_precision=linear_precision)
+        self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs,
+                       linear_precision=linear_precision)
 
     def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: Optional[jax.Array], cos: jax.Array,
                  sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: Optional[LayerCache],

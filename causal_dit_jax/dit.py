@@ -23,6 +23,7 @@ from causal_dit_jax.attention import (PAGE_TOKENS, SelfAttentionFn, default_impl
                                      make_local_self_attention)
 from causal_dit_jax.blocks import WanBlock
 from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.fp8_linear import check_linear_precision, quantize_block_params
 from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
 from causal_dit_jax.layers import MLP, layer_norm, per_token, sinusoidal_embedding
 from causal_dit_jax.patchify import patchify, unpatchify
@@ -85,35 +86,52 @@ class CausalWanDiT:
     default: 'cudnn_paged' on GPUs for bf16, else 'xla') for the default kernel.
     scan_unroll: layers per iteration of the layer loop (`lax.scan(unroll=)`); 1 compiles fastest.
     norm_rope_impl: 'xla' (default) or 'pallas': how q/k RMSNorm + RoPE run (`qk_norm_rope`).
+    linear_precision: 'bfloat16' (default: the model's dtypes) or 'float8': the block GEMMs in e4m3
+    with per-channel weight and per-token activation scales (`fp8_linear`; inference only). A float8
+    model takes the params of `quantize(params)` (its `init` and `load_dit` return them).
     """
 
     def __init__(self, config: ModelConfig, attention_fn: Optional[SelfAttentionFn] = None,
-                 attention_impl: str | None = None, scan_unroll: int = 1, norm_rope_impl: str = "xla"):
+                 attention_impl: str | None = None, scan_unroll: int = 1, norm_rope_impl: str = "xla",
+                 linear_precision: str = "bfloat16"):
         if norm_rope_impl not in NORM_ROPE_IMPLEMENTATIONS:
             raise ValueError(f"norm_rope_impl must be one of {NORM_ROPE_IMPLEMENTATIONS}, got {norm_rope_impl!r}")
         self.config = config
+        self.linear_precision = check_linear_precision(linear_precision)
         self.scan_unroll = scan_unroll
         self.norm_rope_impl = norm_rope_impl
         self.attention_impl = attention_impl or default_implementation(config.dtype)
         self.attention_fn = attention_fn or make_local_self_attention(self.attention_impl)
         self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
-        self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, rngs=nnx.Rngs(0))))
+        self._block_def = nnx.graphdef(nnx.eval_shape(
+            lambda: WanBlock(config, rngs=nnx.Rngs(0), linear_precision=linear_precision)))
         self._head_def = nnx.graphdef(nnx.eval_shape(lambda: Head(config, rngs=nnx.Rngs(0))))
 
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array) -> Params:
-        """Random parameters: {'stem', 'blocks' (stacked over layers), 'head'}."""
+        """Random parameters: {'stem', 'blocks' (stacked over layers), 'head'} (quantised for float8)."""
         cfg = self.config
         k_stem, k_blocks, k_head = jax.random.split(rng, 3)
 
         def one_block(key):
             return nnx.to_pure_dict(nnx.state(WanBlock(cfg, rngs=nnx.Rngs(key))))
 
-        return {
+        return self.quantize({
             "stem": nnx.to_pure_dict(nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem)))),
             "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.num_layers)),
             "head": nnx.to_pure_dict(nnx.state(Head(cfg, rngs=nnx.Rngs(k_head)))),
-        }
+        })
+
+    def quantize(self, params: Params) -> Params:
+        """Params in the bfloat16 layout (`init` of a bfloat16 model, a converted checkpoint) -> this
+        model's layout: unchanged for 'bfloat16', the block linears in e4m3 for 'float8' (stacked or
+        `unstack_blocks` per-layer blocks; already quantised ones pass through)."""
+        if self.linear_precision == "bfloat16":
+            return params
+        blocks = params["blocks"]
+        if _per_layer(blocks):
+            return {**params, "blocks": tuple(quantize_block_params(b) for b in blocks)}
+        return {**params, "blocks": quantize_block_params(blocks)}
 
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs of the parameter tree (no memory)."""
@@ -264,12 +282,15 @@ def param_count(config: ModelConfig) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(CausalWanDiT(config).abstract_params()))
 
 
-def load_dit(ckpt_dir, sharding=None) -> tuple[CausalWanDiT, Params]:
-    """Model and params from a converted checkpoint folder; `sharding` places params (e.g. replicated)."""
+def load_dit(ckpt_dir, sharding=None, linear_precision: str = "bfloat16") -> tuple[CausalWanDiT, Params]:
+    """Model and params from a converted checkpoint folder; `sharding` places params (e.g. replicated);
+    linear_precision 'float8' quantises the block linears after loading (see `CausalWanDiT`)."""
     from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 
     meta = read_checkpoint_config(ckpt_dir)
     if "dit" not in meta:
         raise ValueError(f"{ckpt_dir}: config.json has no 'dit' section")
-    dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
-    return dit, restore_component(ckpt_dir, "dit", dit.abstract_params(), sharding)
+    config = ModelConfig.from_dict(meta["dit"])
+    dit = CausalWanDiT(config, linear_precision=linear_precision)
+    params = restore_component(ckpt_dir, "dit", CausalWanDiT(config).abstract_params(), sharding)
+    return dit, jax.jit(dit.quantize)(params) if linear_precision != "bfloat16" else params

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from causal_dit_jax.fp8_linear import make_linear
+
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis with no affine parameters, in float32 (Wan's norm1/norm2/head.norm)."""
@@ -49,15 +51,16 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """fc2(act(fc1(x))): Wan's text_embedding (GELU-tanh), time_embedding (SiLU) and ffn (GELU-tanh)."""
+    """fc2(act(fc1(x))): Wan's text_embedding (GELU-tanh), time_embedding (SiLU) and ffn (GELU-tanh).
+    linear_precision 'float8': both linears are `Fp8Linear`s (inference)."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, activation: str, *, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, linear_precision: str = "bfloat16"):
         if activation not in ("gelu_tanh", "silu"):
             raise ValueError(f"unknown activation {activation!r}")
         self.activation = activation
-        self.fc1 = nnx.Linear(d_in, d_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(d_hidden, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = make_linear(d_in, d_hidden, linear_precision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = make_linear(d_hidden, d_out, linear_precision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.fc1(x)

@@ -101,25 +101,31 @@ class TextToVideoPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def embedded_default(cls, inference: InferenceConfig = InferenceConfig(), mesh=None,
-                         seed: int = 0, decoder: str = "wan") -> "TextToVideoPipeline":
+                         seed: int = 0, decoder: str = "wan", linear_precision: str = "bfloat16"
+                         ) -> "TextToVideoPipeline":
         """Small presets with deterministic random weights (untrained: the video is noise-like).
         Runs on a laptop CPU in about a minute; every code path is the real model's.
-        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder)."""
+        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); linear_precision:
+        'float8' runs the DiT's block GEMMs in e4m3 (`CausalWanDiT`)."""
         _check_decoder(decoder)
-        dit = CausalWanDiT(get_preset("demo"))
+        config = get_preset("demo")
+        dit = CausalWanDiT(config, linear_precision=linear_precision)
+        dit_params = dit.quantize(random_params(CausalWanDiT(config).abstract_params(), seed))
         t5 = UMT5Encoder(get_t5_preset("demo"))
         vae = WanVAE(get_vae_preset("tiny")) if decoder == "wan" else TAEHVDecoder(get_taehv_preset("tiny"))
-        return cls(dit, random_params(dit.abstract_params(), seed), t5, random_params(t5.abstract_params(), seed + 1),
+        return cls(dit, dit_params, t5, random_params(t5.abstract_params(), seed + 1),
                    ByteTokenizer(max_length=t5.config.text_len), vae, random_params(vae.abstract_params(), seed + 2),
                    inference, mesh, untrained=True)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),
-                        mesh=None, decoder: str = "wan") -> "TextToVideoPipeline":
+                        mesh=None, decoder: str = "wan", linear_precision: str = "bfloat16"
+                        ) -> "TextToVideoPipeline":
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
         decoder: 'wan' decodes with the Wan2.1 VAE; 'taehv' with the tiny decoder (converted with
-        `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded."""
+        `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded.
+        linear_precision: 'float8' quantises the DiT's block linears to e4m3 after loading."""
         _check_decoder(decoder)
         d = pathlib.Path(ckpt_dir).expanduser()
         meta = read_checkpoint_config(d)
@@ -132,7 +138,8 @@ class TextToVideoPipeline:
             how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
             raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
                              f"convert with `causal-dit convert ... {how}`")
-        dit = CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
+        dit_config = ModelConfig.from_dict(meta["dit"])
+        dit = CausalWanDiT(dit_config, linear_precision=linear_precision)
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
         if decoder == "wan":
             vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
@@ -143,7 +150,9 @@ class TextToVideoPipeline:
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(mesh, PartitionSpec())
-        dit_params = restore_component(d, "dit", dit.abstract_params(), sharding)
+        dit_params = restore_component(d, "dit", CausalWanDiT(dit_config).abstract_params(), sharding)
+        if linear_precision != "bfloat16":
+            dit_params = jax.jit(dit.quantize)(dit_params)
         t5_params = restore_component(d, "t5", t5.abstract_params())
         vae_params = restore_component(d, DECODERS[decoder], vae.abstract_params())
         tok_dir = d / "tokenizer"
@@ -213,6 +222,10 @@ def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.P
                              overwrite: bool = False) -> pathlib.Path:
     """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
+
+    if pipe.dit.linear_precision != "bfloat16":
+        raise ValueError(f"this pipeline's DiT holds {pipe.dit.linear_precision} weights; checkpoints keep the "
+                         "bfloat16 layout (quantise again when loading: linear_precision='float8')")
 
     decoder = "vae" if isinstance(pipe.vae, WanVAE) else "taehv"
     configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),

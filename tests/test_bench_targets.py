@@ -52,6 +52,11 @@ def test_only_the_issue_setting_gets_targets():
     assert target_report(_result(latent_shape=(1, 9, 60, 104, 16)), CONFIG, 4680, 5) is None
 
 
+def test_float8_rows_say_they_are_outside_the_setting():
+    rows = target_report(_result(linear_precision="float8"), CONFIG, 4680, 5)
+    assert rows and all(r["figure"].endswith("[float8 GEMMs, not the bf16 setting]") for r in rows)
+
+
 def test_committed_h200_result_meets_the_memory_and_first_frame_targets():
     """The committed v12 run (H200): its rows, recomputed from its own fields."""
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "2026-11-30_h200_e2e_v12_warm_cache.json"

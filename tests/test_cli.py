@@ -56,6 +56,9 @@ def test_bench_cli_per_layer_weights(tmp_path, capsys):
     assert result["forwards"] == 10 and result["total_s"] > 0
     assert main(args + ["--per-layer-weights", "--mesh", "2"]) == 2
     assert "--per-layer-weights runs on one device" in capsys.readouterr().err
+    # float8 block GEMMs, with per-layer weights too
+    assert main(args + ["--per-layer-weights", "--linear-precision", "float8", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["linear_precision"] == "float8"
 
 
 def test_bench_cli_sequence_parallel(tmp_path):
