@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.fp8_linear import make_linear
+from causal_dit_jax.fp8_linear import Fp8Linear, gelu_quantize_rows, make_linear
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -64,6 +64,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.fc1(x)
+        if isinstance(self.fc2, Fp8Linear) and self.activation == "gelu_tanh":
+            return self.fc2.apply_quantized(*gelu_quantize_rows(h))  # GELU + per-row e4m3 in one pass
         h = jax.nn.gelu(h, approximate=True) if self.activation == "gelu_tanh" else jax.nn.silu(h)
         return self.fc2(h)
 

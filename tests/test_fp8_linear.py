@@ -112,3 +112,21 @@ def test_float8_sequence_parallel_equals_one_device(models, n, strategy):
 def test_bad_linear_precision():
     with pytest.raises(ValueError, match="linear_precision must be one of"):
         CausalWanDiT(CFG, linear_precision="int8")
+
+
+def test_gelu_quantize_rows_pallas_equals_xla():
+    """The one-pass Pallas kernel (interpreted here) against the XLA functions: same scales, the same
+    e4m3 values but where the two tanh differ in float32's last bit and flip a rounding (< 0.5%)."""
+    from causal_dit_jax.fp8_linear import gelu_quantize_rows
+
+    h = (3 * jax.random.normal(jax.random.key(4), (2, 7, 300))).astype(jnp.bfloat16)
+    (qa, sa), (qb, sb) = gelu_quantize_rows(h, "xla"), gelu_quantize_rows(h, "pallas")
+    assert qa.dtype == qb.dtype == F8 and sa.shape == sb.shape == (2, 7, 1)
+    np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), rtol=1e-6)
+    a, b = np.asarray(qa, np.float32), np.asarray(qb, np.float32)
+    assert (a != b).mean() < 5e-3
+    np.testing.assert_allclose(b, a, rtol=2.0 ** -3, atol=2.0 ** -9)  # a flip is one e4m3 step
+    g = jax.nn.gelu(h.astype(jnp.float32), approximate=True)
+    assert rel(jnp.asarray(a) * sa, g) < 0.05
+    with pytest.raises(ValueError, match="implementation must be"):
+        gelu_quantize_rows(h, "cuda")
