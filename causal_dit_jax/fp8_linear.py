@@ -59,23 +59,26 @@ def fp8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, out_dtype=jnp.
     return fp8_matmul_quantized(*quantize_rows(x), values, scale, out_dtype)
 
 
-def _gelu_quantize_row(h_ref, q_ref, s_ref, *, k: int):
-    """One token row: tanh-GELU in float32, its amax scale, e4m3 values."""
+def _gelu_quantize_row(h_ref, b_ref, q_ref, s_ref, *, k: int):
+    """One token row: tanh-GELU of (h + bias) in float32, its amax scale, e4m3 values."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     idx = jnp.arange(pl.next_power_of_2(k))
     valid = idx < k
     h = plgpu.load(h_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
+    h = h + plgpu.load(b_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
     g = jax.nn.gelu(h, approximate=True)
     scale = jnp.maximum(jnp.max(jnp.abs(g)), _TINY) / F8_MAX
     plgpu.store(q_ref.at[idx], jnp.clip(g / scale, -F8_MAX, F8_MAX).astype(q_ref.dtype), mask=valid)
     plgpu.store(s_ref.at[jnp.arange(1)], jnp.full((1,), scale, jnp.float32))
 
 
-def gelu_quantize_rows(h: jax.Array, implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
-    """quantize_rows(gelu_tanh(h)) for h [..., K] (the FFN's hidden activations, fc2's input), the
-    GELU in float32 and quantised without a rounding to h's dtype in between.
+def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementation: str | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """quantize_rows(gelu_tanh(h + bias)) for h [..., K] (fc1's product, fc2's input) and bias [K]
+    (fc1's; None: zeros): the bias added and the GELU taken in float32, and quantised without a
+    rounding to h's dtype in between.
 
     'xla': the two functions (XLA runs a GELU + row-amax pass, then a GELU + convert pass: ~4 ms of
     the 13.8 ms of non-GEMM kernels per forward on an H200). 'pallas': one Pallas (Triton) kernel
@@ -83,23 +86,24 @@ def gelu_quantize_rows(h: jax.Array, implementation: str | None = None) -> tuple
     off GPUs. The two differ only where their tanh differs in the last float32 bit and that flips an
     e4m3 rounding. None: 'pallas' on GPUs, else 'xla'."""
     implementation = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    *lead, k = h.shape
+    bias = jnp.zeros((k,), h.dtype) if bias is None else bias.astype(h.dtype)
     if implementation == "xla":
-        return quantize_rows(jax.nn.gelu(h.astype(jnp.float32), approximate=True))
+        return quantize_rows(jax.nn.gelu(h.astype(jnp.float32) + bias.astype(jnp.float32), approximate=True))
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'xla' or 'pallas', got {implementation!r}")
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    *lead, k = h.shape
     rows = h.reshape(-1, k)  # ... k -> (...) k
     q, s = pl.pallas_call(
         functools.partial(_gelu_quantize_row, k=k), grid=(rows.shape[0],),
-        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0))],
+        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((k,), lambda i: (0,))],
         out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct(rows.shape, F8), jax.ShapeDtypeStruct((rows.shape[0], 1), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=8), interpret=jax.default_backend() != "gpu",
         name="gelu_quantize_rows",
-    )(rows)
+    )(rows, bias)
     return q.reshape(*lead, k), s.reshape(*lead, 1)
 
 
@@ -123,6 +127,10 @@ class Fp8Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.dtype)
         return y + self.bias[...].astype(self.dtype)
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """x @ kernel without the bias (fused into the consumer: `gelu_quantize_rows`)."""
+        return fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.dtype)
 
     def apply_quantized(self, xq: jax.Array, xs: jax.Array) -> jax.Array:
         """The layer on activations already quantised per row (`gelu_quantize_rows`)."""

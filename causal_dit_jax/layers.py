@@ -63,9 +63,10 @@ class MLP(nnx.Module):
         self.fc2 = make_linear(d_hidden, d_out, linear_precision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.fc1(x)
         if isinstance(self.fc2, Fp8Linear) and self.activation == "gelu_tanh":
-            return self.fc2.apply_quantized(*gelu_quantize_rows(h))  # GELU + per-row e4m3 in one pass
+            # fc1's bias, the GELU and fc2's per-row e4m3 quantisation in one pass
+            return self.fc2.apply_quantized(*gelu_quantize_rows(self.fc1.product(x), self.fc1.bias[...]))
+        h = self.fc1(x)
         h = jax.nn.gelu(h, approximate=True) if self.activation == "gelu_tanh" else jax.nn.silu(h)
         return self.fc2(h)
 
