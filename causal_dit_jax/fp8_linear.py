@@ -59,14 +59,16 @@ def fp8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, out_dtype=jnp.
     return fp8_matmul_quantized(*quantize_rows(x), values, scale, out_dtype)
 
 
-def _gelu_quantize_row(h_ref, b_ref, q_ref, s_ref, *, k: int):
-    """One token row: tanh-GELU of (h + bias) in float32, its amax scale, e4m3 values."""
+def _gelu_quantize_row(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int):
+    """One token row: tanh-GELU of (h * row scale * column scales + bias) in float32, its amax
+    scale, e4m3 values."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     idx = jnp.arange(pl.next_power_of_2(k))
     valid = idx < k
     h = plgpu.load(h_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
+    h = h * plgpu.load(rs_ref.at[jnp.arange(1)]) * plgpu.load(cs_ref.at[idx], mask=valid, other=0.0)
     h = h + plgpu.load(b_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
     g = jax.nn.gelu(h, approximate=True)
     scale = jnp.maximum(jnp.max(jnp.abs(g)), _TINY) / F8_MAX
@@ -74,11 +76,12 @@ def _gelu_quantize_row(h_ref, b_ref, q_ref, s_ref, *, k: int):
     plgpu.store(s_ref.at[jnp.arange(1)], jnp.full((1,), scale, jnp.float32))
 
 
-def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementation: str | None = None
+def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementation: str | None = None,
+                       row_scale: jax.Array | None = None, col_scale: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array]:
-    """quantize_rows(gelu_tanh(h + bias)) for h [..., K] (fc1's product, fc2's input) and bias [K]
-    (fc1's; None: zeros): the bias added and the GELU taken in float32, and quantised without a
-    rounding to h's dtype in between.
+    """quantize_rows(gelu_tanh(h * row_scale * col_scale + bias)) for h [..., K] (fc1's product, fc2's
+    input), row_scale [..., 1], col_scale [K] (an e4m3 product's dequantisation; None: ones) and
+    bias [K] (fc1's; None: zeros), all in float32 and quantised without a rounding in between.
 
     'xla': the two functions (XLA runs a GELU + row-amax pass, then a GELU + convert pass: ~4 ms of
     the 13.8 ms of non-GEMM kernels per forward on an H200). 'pallas': one Pallas (Triton) kernel
@@ -87,9 +90,11 @@ def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementati
     e4m3 rounding. None: 'pallas' on GPUs, else 'xla'."""
     implementation = implementation or ("pallas" if jax.default_backend() == "gpu" else "xla")
     *lead, k = h.shape
-    bias = jnp.zeros((k,), h.dtype) if bias is None else bias.astype(h.dtype)
+    bias = jnp.zeros((k,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    row_scale = jnp.ones((*lead, 1), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
+    col_scale = jnp.ones((k,), jnp.float32) if col_scale is None else col_scale.astype(jnp.float32)
     if implementation == "xla":
-        return quantize_rows(jax.nn.gelu(h.astype(jnp.float32) + bias.astype(jnp.float32), approximate=True))
+        return quantize_rows(jax.nn.gelu(h.astype(jnp.float32) * row_scale * col_scale + bias, approximate=True))
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'xla' or 'pallas', got {implementation!r}")
     from jax.experimental import pallas as pl
@@ -98,12 +103,13 @@ def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementati
     rows = h.reshape(-1, k)  # ... k -> (...) k
     q, s = pl.pallas_call(
         functools.partial(_gelu_quantize_row, k=k), grid=(rows.shape[0],),
-        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((k,), lambda i: (0,))],
+        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
+                  pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
         out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct(rows.shape, F8), jax.ShapeDtypeStruct((rows.shape[0], 1), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=8), interpret=jax.default_backend() != "gpu",
         name="gelu_quantize_rows",
-    )(rows, bias)
+    )(rows, row_scale.reshape(-1, 1), col_scale, bias)
     return q.reshape(*lead, k), s.reshape(*lead, 1)
 
 
@@ -128,9 +134,13 @@ class Fp8Linear(nnx.Module):
         y = fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.dtype)
         return y + self.bias[...].astype(self.dtype)
 
-    def product(self, x: jax.Array) -> jax.Array:
-        """x @ kernel without the bias (fused into the consumer: `gelu_quantize_rows`)."""
-        return fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.dtype)
+    def raw_product(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(xq @ kernel^T [..., N] before any scaling, x's row scales [..., 1]): the layer is
+        raw * row scales * kernel_scale + bias, left to the consumer (`gelu_quantize_rows`)."""
+        xq, xs = quantize_rows(x)
+        raw = jax.lax.dot_general(xq, self.kernel[...], (((x.ndim - 1,), (1,)), ((), ())),
+                                  preferred_element_type=self.dtype)
+        return raw, xs
 
     def apply_quantized(self, xq: jax.Array, xs: jax.Array) -> jax.Array:
         """The layer on activations already quantised per row (`gelu_quantize_rows`)."""

@@ -64,8 +64,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if isinstance(self.fc2, Fp8Linear) and self.activation == "gelu_tanh":
-            # fc1's bias, the GELU and fc2's per-row e4m3 quantisation in one pass
-            return self.fc2.apply_quantized(*gelu_quantize_rows(self.fc1.product(x), self.fc1.bias[...]))
+            # fc1's dequantisation and bias, the GELU and fc2's per-row e4m3 quantisation in one pass
+            raw, xs = self.fc1.raw_product(x)
+            hq, hs = gelu_quantize_rows(raw, self.fc1.bias[...], row_scale=xs, col_scale=self.fc1.kernel_scale[...])
+            return self.fc2.apply_quantized(hq, hs)
         h = self.fc1(x)
         h = jax.nn.gelu(h, approximate=True) if self.activation == "gelu_tanh" else jax.nn.silu(h)
         return self.fc2(h)

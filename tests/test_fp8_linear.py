@@ -121,13 +121,15 @@ def test_gelu_quantize_rows_pallas_equals_xla():
 
     h = (3 * jax.random.normal(jax.random.key(4), (2, 7, 300))).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(5), (300,))
-    (qa, sa), (qb, sb) = (gelu_quantize_rows(h, bias, impl) for impl in ("xla", "pallas"))
+    rs = jax.random.uniform(jax.random.key(6), (2, 7, 1), minval=0.5, maxval=2.0)
+    cs = jax.random.uniform(jax.random.key(7), (300,), minval=0.5, maxval=2.0)
+    (qa, sa), (qb, sb) = (gelu_quantize_rows(h, bias, impl, rs, cs) for impl in ("xla", "pallas"))
     assert qa.dtype == qb.dtype == F8 and sa.shape == sb.shape == (2, 7, 1)
     np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), rtol=1e-6)
     a, b = np.asarray(qa, np.float32), np.asarray(qb, np.float32)
     assert (a != b).mean() < 5e-3
     np.testing.assert_allclose(b, a, rtol=2.0 ** -3, atol=2.0 ** -9)  # a flip is one e4m3 step
-    g = jax.nn.gelu(h.astype(jnp.float32) + bias, approximate=True)
+    g = jax.nn.gelu(h.astype(jnp.float32) * rs * cs + bias, approximate=True)
     assert rel(jnp.asarray(a) * sa, g) < 0.05
     with pytest.raises(ValueError, match="implementation must be"):
         gelu_quantize_rows(h, implementation="cuda")
