@@ -5,8 +5,11 @@ with both operands in float8_e4m3fn, as Self-Forcing's optional torchao float8 p
 kernel [K, N] is stored transposed, [N, K] e4m3 with one float32 scale per output channel (the
 layout Hopper's FP8 tensor cores read: both operands contract their minor axis); each token's
 activations get their own scale (its amax / 448), so a token's result never depends on other tokens:
-a sequence shard computes exactly what one device computes. On GPUs XLA compiles the e4m3 dot with
-the scaling as one Triton GEMM fusion (`benchmarks/fp8_gemm_probe.py`).
+a sequence shard quantises exactly as one device does. On GPUs XLA compiles the e4m3 x e4m3 dot as
+one Triton GEMM fusion (`benchmarks/fp8_gemm_probe.py`; a "dequantise, then dot" spelling stays a
+bf16 GEMM); the per-row x per-column dequantisation it leaves to the consumer's fusion, and for the
+FFN one Pallas pass does fc1's dequantisation, bias and GELU and fc2's quantisation
+(`gelu_quantize_rows`).
 
 Numerics: e4m3 keeps 3 mantissa bits, so each operand carries up to 2^-4 relative rounding error;
 one GEMM lands about 3.6% (relative L2) from the float32 product on Gaussian data, against 0.2% for
@@ -31,6 +34,7 @@ _TINY = 1e-12  # scale floor: an all-zero row or channel quantises to zeros, not
 
 
 def check_linear_precision(name: str) -> str:
+    """The name, if it is one of LINEAR_PRECISIONS; else a ValueError naming the choices."""
     if name not in LINEAR_PRECISIONS:
         raise ValueError(f"linear_precision must be one of {LINEAR_PRECISIONS}, got {name!r}")
     return name
@@ -52,8 +56,7 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def fp8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
-    """x [..., K] @ (values [N, K] e4m3 * scale [N])^T -> [..., N] in out_dtype, x quantised per row
-    (the dequantisation [..., 1] * [N] runs in the GEMM's epilogue)."""
+    """x [..., K] @ (values [N, K] e4m3 * scale [N])^T -> [..., N] in out_dtype, x quantised per row."""
     if values.ndim != 2 or x.shape[-1] != values.shape[1]:
         raise ValueError(f"fp8_matmul: x {x.shape} does not contract with e4m3 weights [N, K] {values.shape}")
     return fp8_matmul_quantized(*quantize_rows(x), values, scale, out_dtype)
@@ -113,11 +116,15 @@ def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementati
     return q.reshape(*lead, k), s.reshape(*lead, 1)
 
 
+def e4m3_product(xq: jax.Array, values: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
+    """xq [..., K] e4m3 @ values [N, K]^T e4m3 -> [..., N] in out_dtype, unscaled (one FP8 GEMM)."""
+    return jax.lax.dot_general(xq, values, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
 def fp8_matmul_quantized(xq: jax.Array, xs: jax.Array, values: jax.Array, scale: jax.Array,
                          out_dtype=jnp.bfloat16) -> jax.Array:
     """`fp8_matmul` for activations already quantised per row: xq [..., K] e4m3, xs [..., 1]."""
-    y = jax.lax.dot_general(xq, values, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
-    return y * (xs * scale).astype(out_dtype)
+    return e4m3_product(xq, values, out_dtype) * (xs * scale).astype(out_dtype)  # [..., 1] * [N]
 
 
 class Fp8Linear(nnx.Module):
@@ -138,9 +145,7 @@ class Fp8Linear(nnx.Module):
         """(xq @ kernel^T [..., N] before any scaling, x's row scales [..., 1]): the layer is
         raw * row scales * kernel_scale + bias, left to the consumer (`gelu_quantize_rows`)."""
         xq, xs = quantize_rows(x)
-        raw = jax.lax.dot_general(xq, self.kernel[...], (((x.ndim - 1,), (1,)), ((), ())),
-                                  preferred_element_type=self.dtype)
-        return raw, xs
+        return e4m3_product(xq, self.kernel[...], self.dtype), xs
 
     def apply_quantized(self, xq: jax.Array, xs: jax.Array) -> jax.Array:
         """The layer on activations already quantised per row (`gelu_quantize_rows`)."""
@@ -163,8 +168,8 @@ def quantize_linear_params(linear: dict) -> dict:
 
 def is_quantized(block_params: dict) -> bool:
     """True when a block's (or stacked blocks') params already hold e4m3 linears."""
-    attn, name = FP8_LINEARS[0]
-    return block_params[attn][name]["kernel"].dtype == F8
+    parent, name = FP8_LINEARS[0]
+    return block_params[parent][name]["kernel"].dtype == F8
 
 
 def quantize_block_params(block_params: dict) -> dict:
@@ -177,6 +182,6 @@ def quantize_block_params(block_params: dict) -> dict:
     return out
 
 
-__all__ = ["F8", "FP8_LINEARS", "Fp8Linear", "LINEAR_PRECISIONS", "check_linear_precision", "fp8_matmul",
-           "fp8_matmul_quantized", "gelu_quantize_rows", "is_quantized", "make_linear", "quantize_block_params", "quantize_kernel", "quantize_linear_params",
-           "quantize_rows"]
+__all__ = ["F8", "FP8_LINEARS", "Fp8Linear", "LINEAR_PRECISIONS", "check_linear_precision", "e4m3_product",
+           "fp8_matmul", "fp8_matmul_quantized", "gelu_quantize_rows", "is_quantized", "make_linear",
+           "quantize_block_params", "quantize_kernel", "quantize_linear_params", "quantize_rows"]
