@@ -228,7 +228,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
         peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
         first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
-        linear_precision=getattr(getattr(dit, "dit", dit), "linear_precision", "bfloat16"),
+        linear_precision=getattr(dit, "dit", dit).linear_precision,  # a SequenceParallelDiT's .dit
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), latents=latents)
     result.targets = target_report(result, config, tpc, len(sampler.timesteps) + 1)

@@ -67,10 +67,9 @@ def target_report(result, config: ModelConfig, chunk_tokens: int, forwards_per_c
         if v.get("peak_memory_gb") is not None:
             rows.append(_row(f"peak memory, DiT + {label}", v["peak_memory_gb"], "GB", 12.0, True,
                              "the bf16 KV cache (6.0 GB), the weights (2.8 GB) and the decoder's caches"))
-    precision = getattr(result, "linear_precision", "bfloat16")
-    if precision != "bfloat16":  # not the setting: say so on every row
+    if result.linear_precision != "bfloat16":  # not the setting: say so on every row
         for r in rows:
-            r["figure"] = f"{r['figure']} [{precision} GEMMs, not the bf16 setting]"
+            r["figure"] = f"{r['figure']} [{result.linear_precision} GEMMs, not the bf16 setting]"
     return rows
 
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 from causal_dit_jax.chunk_decoder import LatentChunkDecoder
-from causal_dit_jax.config import InferenceConfig, ModelConfig, get_preset
+from causal_dit_jax.config import InferenceConfig, get_preset
 from causal_dit_jax.demo_weights import random_params
-from causal_dit_jax.dit import CausalWanDiT, Params
+from causal_dit_jax.dit import CausalWanDiT, Params, load_dit
 from causal_dit_jax.kv_cache import TextKV
 from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
 from causal_dit_jax.text_encoder import T5Config, UMT5Encoder, get_t5_preset
@@ -138,8 +138,6 @@ class TextToVideoPipeline:
             how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
             raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
                              f"convert with `causal-dit convert ... {how}`")
-        dit_config = ModelConfig.from_dict(meta["dit"])
-        dit = CausalWanDiT(dit_config, linear_precision=linear_precision)
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
         if decoder == "wan":
             vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
@@ -150,9 +148,7 @@ class TextToVideoPipeline:
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(mesh, PartitionSpec())
-        dit_params = restore_component(d, "dit", CausalWanDiT(dit_config).abstract_params(), sharding)
-        if linear_precision != "bfloat16":
-            dit_params = jax.jit(dit.quantize)(dit_params)
+        dit, dit_params = load_dit(d, sharding, linear_precision)
         t5_params = restore_component(d, "t5", t5.abstract_params())
         vae_params = restore_component(d, DECODERS[decoder], vae.abstract_params())
         tok_dir = d / "tokenizer"
