@@ -6,6 +6,7 @@ profile of one full-cache forward with its collective time), then the N-GPU late
 one-GPU latents of the same seed, and the speed-ups. Writes one JSON.
 
     python benchmarks/multi_gpu.py --gpus 2 --json benchmarks/DATE_h200x2_multi_gpu.json
+    python benchmarks/multi_gpu.py --gpus 2 --strategies ulysses --linear-precision float8 --json ...
 
 Tolerance of the latents: both runs are bf16; sharding changes the matmul shapes (cuBLAS picks other
 tilings) and, for a ring, the order of the softmax merge, so the two rollouts differ by bf16
@@ -28,6 +29,7 @@ import numpy as np
 from causal_dit_jax.bench import result_dict, run_dit_bench
 from causal_dit_jax.config import InferenceConfig, get_preset
 from causal_dit_jax.dit import CausalWanDiT
+from causal_dit_jax.fp8_linear import LINEAR_PRECISIONS
 from sharding.mesh import split_sequence_devices
 from sharding.sequence_parallel import sequence_parallel_dit
 
@@ -45,12 +47,13 @@ def run_one(args, cfg, strategy: str) -> dict:
     kw = dict(preset=cfg, latent_frames=args.frames, height=args.height, width=args.width,
               inference=InferenceConfig(), profile=True, keep_latents=True,
               e2e_vae=None if args.no_e2e else "wan2.1")
+    dit = CausalWanDiT(cfg, linear_precision=args.linear_precision)
     if strategy == "single":
-        res = run_dit_bench(dit=CausalWanDiT(cfg), **kw)
+        res = run_dit_bench(dit=dit, **kw)
         config = "1 GPU"
     else:
         sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
-        sp, comm = sequence_parallel_dit(CausalWanDiT(cfg), args.gpus, strategy, height=args.height,
+        sp, comm = sequence_parallel_dit(dit, args.gpus, strategy, height=args.height,
                                          width=args.width)
         res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, **kw)
         config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--linear-precision", default="bfloat16", choices=LINEAR_PRECISIONS,
+                    help="the block linears' GEMMs, in every configuration (float8: opt-in, inference)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one configuration
     ap.add_argument("--latents-out", default=None, help=argparse.SUPPRESS)
@@ -86,7 +91,7 @@ def main() -> None:
     def save():  # after every configuration, so a run cut short keeps what it measured
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"gpus": args.gpus, "device": runs[0]["device"] if runs else None,
+                json.dump({"gpus": args.gpus, "linear_precision": args.linear_precision, "device": runs[0]["device"] if runs else None,
                            "wall_s": time.perf_counter() - t0, "runs": runs}, f, indent=1)
 
     def child(strategy: str) -> tuple[dict, np.ndarray]:
@@ -94,7 +99,8 @@ def main() -> None:
         part, lat = os.path.join(work, f"{strategy}.json"), os.path.join(work, f"{strategy}.npy")
         cmd = [sys.executable, __file__, "--only", strategy, "--json", part, "--latents-out", lat,
                "--gpus", str(args.gpus), "--preset", args.preset, "--frames", str(args.frames),
-               "--height", str(args.height), "--width", str(args.width)] + (["--no-e2e"] if args.no_e2e else [])
+               "--height", str(args.height), "--width", str(args.width),
+               "--linear-precision", args.linear_precision] + (["--no-e2e"] if args.no_e2e else [])
         subprocess.run(cmd, check=True)
         with open(part) as f:
             return json.load(f), np.load(lat)

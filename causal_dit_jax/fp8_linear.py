@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from causal_dit_jax.pallas_out import out_struct
+
 F8 = jnp.float8_e4m3fn
 F8_MAX = float(jnp.finfo(F8).max)  # 448
 LINEAR_PRECISIONS = ("bfloat16", "float8")
@@ -108,15 +110,16 @@ def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementati
     from jax.experimental.pallas import triton as plgpu
 
     rows = h.reshape(-1, k)  # ... k -> (...) k
+    inputs = (rows, row_scale.reshape(-1, 1), col_scale, bias)
     q, s = pl.pallas_call(
         functools.partial(_gelu_quantize_row, k=k), grid=(rows.shape[0],),
         in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
                   pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
         out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(rows.shape, F8), jax.ShapeDtypeStruct((rows.shape[0], 1), jnp.float32)],
+        out_shape=[out_struct(rows.shape, F8, *inputs), out_struct((rows.shape[0], 1), jnp.float32, *inputs)],
         compiler_params=plgpu.CompilerParams(num_warps=8), interpret=jax.default_backend() != "gpu",
         name="gelu_quantize_rows",
-    )(rows, row_scale.reshape(-1, 1), col_scale, bias)
+    )(*inputs)
     return q.reshape(*lead, k), s.reshape(*lead, 1)
 
 

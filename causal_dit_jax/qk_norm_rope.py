@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from causal_dit_jax.layers import rms_norm
+from causal_dit_jax.pallas_out import out_struct
 from causal_dit_jax.rope import apply_rope
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -72,11 +73,12 @@ def _qk_norm_rope_pallas(qkv, scale_q, scale_k, cos, sin, eps, num_heads):
     vec = pl.BlockSpec((c,), lambda i: (0,))
     table = pl.BlockSpec((None, pairs), lambda i: (i % l, 0))  # the token's cos/sin row
     out = pl.BlockSpec((None, c), lambda i: (i, 0))
+    inputs = (qkv.reshape(b * l, c3), scale_q, scale_k, cos.astype(jnp.float32), sin.astype(jnp.float32))
     q, k = pl.pallas_call(
         kernel, grid=(b * l,), in_specs=[row, vec, vec, table, table], out_specs=[out, out],
-        out_shape=[jax.ShapeDtypeStruct((b * l, c), qkv.dtype)] * 2,
+        out_shape=[out_struct((b * l, c), qkv.dtype, *inputs)] * 2,
         interpret=jax.default_backend() != "gpu", name="qk_norm_rope",
-    )(qkv.reshape(b * l, c3), scale_q, scale_k, cos.astype(jnp.float32), sin.astype(jnp.float32))
+    )(*inputs)
     return (q.reshape(b, l, num_heads, c // num_heads),  # (b l) (n d) -> b l n d
             k.reshape(b, l, num_heads, c // num_heads))
 

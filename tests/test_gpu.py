@@ -176,3 +176,22 @@ def test_float8_linears_compile_to_fp8_gemms_and_stay_close_to_bf16():
     err = rel(fp8, bf16)
     print(f"float8 vs bfloat16 demo model, second chunk flow: {err:.4f} relative L2")
     assert err <= 0.08
+
+
+def test_float8_dit_inside_shard_map_matches_one_device():
+    """Under shard_map every Pallas output must declare the mesh axes it varies over (check_vma); a
+    1-GPU mesh runs the same checks as N GPUs. The float8 DiT's Pallas GELU + quantise pass inside
+    the sequence-parallel forward gives the plain forward's flow; bound 2e-2 as in
+    tests/test_fp8_linear.py (per-token scales are shard-invariant, but another XLA fusion can round
+    one bf16 product differently and flip an e4m3 rounding, which later layers carry)."""
+    from sharding import SequenceParallelDiT, make_mesh
+
+    cfg = get_preset("demo")
+    d8 = CausalWanDiT(cfg, linear_precision="float8")
+    ref = two_chunk_forwards(d8, 60, 104)[0]
+    sp = SequenceParallelDiT(d8, make_mesh(1, strategy="ulysses", num_heads=cfg.num_heads))
+    out = two_chunk_forwards(sp, 60, 104)[0]
+    err = rel(out, ref)
+    print(f"float8 inside shard_map vs plain: {err:.2e} relative L2")
+    assert err <= 2e-2
+
