@@ -1,7 +1,7 @@
 """GPU probe: where one streaming Wan VAE decode call goes (bf16, 480x832, one latent after the first),
 with its compiled memory (temp buffers, caches), for the VAE speed and memory targets.
 
-    python benchmarks/vae_profile.py [--latents 1] [--json out.json]
+    python benchmarks/vae_profile.py [--latents 1] [--upsample-conv phases|repeat] [--json out.json]
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ import jax.numpy as jnp
 
 from causal_dit_jax.demo_weights import random_params
 from causal_dit_jax.profile_breakdown import profile_breakdown
-from causal_dit_jax.vae import WanVAE, get_vae_preset
+from causal_dit_jax.vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--latents", type=int, default=1)
+    parser.add_argument("--upsample-conv", default="phases", choices=UPSAMPLE_CONVS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
+    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16",
+                                                  upsample_conv=args.upsample_conv))
     params = random_params(vae.abstract_params(), 0)
     cache = vae.init_decode_cache(1, 60, 104, wan_first_frame=False)
     z = jax.random.normal(jax.random.key(0), (1, args.latents, 60, 104, 16), jnp.float32)
@@ -38,7 +40,7 @@ def main():
     jax.block_until_ready(one())
     breakdown = profile_breakdown(one)
     cache_bytes = sum(a.nbytes for a in jax.tree.leaves(state["cache"]))
-    result = {"latents_per_call": args.latents, "breakdown_ms": breakdown,
+    result = {"latents_per_call": args.latents, "upsample_conv": args.upsample_conv, "breakdown_ms": breakdown,
               "temp_gb": mem.temp_size_in_bytes / 1e9, "cache_gb": cache_bytes / 1e9,
               "output_gb": mem.output_size_in_bytes / 1e9}
     print(json.dumps(result, indent=1))

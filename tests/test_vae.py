@@ -133,6 +133,29 @@ def test_per_frame_tail_equals_all_frames_at_once(converted, latents, whole):
         CFG.replace(per_frame_stages=-1)
 
 
+def test_upsample_as_four_phase_convs_equals_repeat_then_conv(converted, latents, whole):
+    """upsample_conv='phases' (the default: each output phase a 2x2 conv of the low-resolution frame,
+    interleaved) against Wan's literal nearest x2 + 3x3 conv: the same function, so float32 agrees to
+    summation order (1e-5), one conv on odd sizes and the whole decoder; the PyTorch parity above
+    runs the default. A method that does not exist is named."""
+    from flax import nnx
+
+    from causal_dit_jax.vae import Conv, upsample_conv_phases
+
+    conv = Conv(5, 7, (3, 3), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(3), (7,))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5, 9, 5))  # odd rows and columns: the borders
+    literal = conv(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3))
+    assert rel_err(upsample_conv_phases(conv, x), literal) <= 1e-5
+    _, params = converted
+    assert CFG.upsample_conv == "phases"
+    repeat = WanVAE(CFG.replace(upsample_conv="repeat"))
+    frames = np.asarray(repeat.decode(params, _channels_last(latents), frames_per_chunk=None))
+    assert rel_err(whole, frames) <= 1e-5
+    with pytest.raises(ValueError, match="upsample_conv must be one of"):
+        CFG.replace(upsample_conv="pixel_shuffle")
+
+
 def test_self_forcing_demo_decoder(vae, converted, latents):
     """wan_first_frame=False is demo_utils/vae_block3.py: zero caches, no 'Rep', 4 frames per latent,
     blocks of 3 latents with the cache handed from block to block."""
