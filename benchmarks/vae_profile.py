@@ -22,6 +22,8 @@ def main():
     parser.add_argument("--latents", type=int, default=1)
     parser.add_argument("--upsample-conv", default="phases", choices=UPSAMPLE_CONVS)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--hlo", default=None, help="also write the compiled HLO text here")
+    parser.add_argument("--top", type=int, default=20, help="kernels listed by name")
     args = parser.parse_args()
     vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16",
                                                   upsample_conv=args.upsample_conv))
@@ -31,6 +33,9 @@ def main():
     step = jax.jit(vae.decode_chunk, donate_argnums=(2,))
     compiled = step.lower(params, z, cache).compile()
     mem = compiled.memory_analysis()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(compiled.as_text())
     state = {"cache": cache}
 
     def one():
@@ -38,7 +43,7 @@ def main():
         return frames
 
     jax.block_until_ready(one())
-    breakdown = profile_breakdown(one)
+    breakdown = profile_breakdown(one, top=args.top)
     cache_bytes = sum(a.nbytes for a in jax.tree.leaves(state["cache"]))
     result = {"latents_per_call": args.latents, "upsample_conv": args.upsample_conv, "breakdown_ms": breakdown,
               "temp_gb": mem.temp_size_in_bytes / 1e9, "cache_gb": cache_bytes / 1e9,

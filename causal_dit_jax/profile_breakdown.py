@@ -25,10 +25,10 @@ def classify(kernel_name: str) -> str:
     return "other"
 
 
-def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, float]:
+def profile_breakdown(fn: Callable[[], object], repeats: int = 3, top: int = 20) -> dict[str, float]:
     """Run `fn` (already compiled and warmed up) `repeats` times under the profiler and return the
     device kernel time per call in ms: {'matmul', 'attention', 'collective', 'other', 'total', 'kernels',
-    'top_kernels'}. On several GPUs the figures are per device (the kernels of all GPUs averaged)."""
+    'top_kernels'} (the `top` longest kernels by name). On several GPUs the figures are per device (the kernels of all GPUs averaged)."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as d:
@@ -62,6 +62,6 @@ def profile_breakdown(fn: Callable[[], object], repeats: int = 3) -> dict[str, f
     out["total"] = sum(out.values())  # kernel time; collectives may overlap compute on their own stream
     out["kernels"] = kernels / per_call
     out["gpus"] = len(gpus)
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
-    out["top_kernels"] = {name[:120]: round(ms / per_call, 3) for name, ms in top}
+    longest = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    out["top_kernels"] = {name[:120]: round(ms / per_call, 3) for name, ms in longest}
     return out
