@@ -11,25 +11,13 @@ TFLOP/s per kernel, dtype and tiling.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
+from causal_dit_jax.bench import median_ms, write_probe_json
 
 HEADS, HEAD_DIM = 12, 128
-
-
-def timed(fn, *args, repeats: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
 
 
 def main() -> None:
@@ -50,7 +38,7 @@ def main() -> None:
         for dtype in (jnp.bfloat16, jnp.float16):
             qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
             name = jnp.dtype(dtype).name
-            ms = timed(ref, qc, kc, vc)
+            ms = median_ms(ref, qc, kc, vc)
             rows.append({"kernel": "cudnn", "dtype": name, "q": q_len, "kv": kv_len, "ms": ms,
                          "tflops": flops / ms / 1e9})
             print(rows[-1], flush=True)
@@ -59,7 +47,7 @@ def main() -> None:
                 try:
                     cfg = mgpu.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps)
                     fn = jax.jit(lambda q, k, v, cfg=cfg: mgpu.attention(q, k, v, cfg))
-                    ms = timed(fn, qc, kc, vc)
+                    ms = median_ms(fn, qc, kc, vc)
                     err = float(jnp.max(jnp.abs(fn(qc, kc, vc).astype(jnp.float32) - expected)))
                     rows.append({"kernel": label, "dtype": name, "q": q_len, "kv": kv_len, "ms": ms,
                                  "tflops": flops / ms / 1e9, "max_abs_vs_cudnn_bf16": err})

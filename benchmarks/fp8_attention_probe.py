@@ -17,27 +17,15 @@ RMS-normalised, v standard normal).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
+from causal_dit_jax.bench import median_ms, write_probe_json
 
 HEADS, HEAD_DIM, QUERIES, SLOTS = 12, 128, 4680, 32760
 F8 = jnp.float8_e4m3fn
 F8_MAX = 448.0
-
-
-def timed(fn, *args, repeats: int = 30) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
 
 
 def fp8_params(dq, dk, dv, s_scale):
@@ -104,7 +92,7 @@ def main() -> None:
             return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
         bf16 = jax.jit(bf16_attention, static_argnums=3)
-        ms = timed(bf16, q, cache_k, cache_v, filled)
+        ms = median_ms(bf16, q, cache_k, cache_v, filled, repeats=30)
         rows.append({"kernel": "bf16 cudnn", "keys": filled, "ms": ms, "tflops": flops / ms / 1e9,
                      "rel_l2": rel(bf16(q, cache_k, cache_v, filled))})
         print(rows[-1], flush=True)
@@ -113,13 +101,13 @@ def main() -> None:
             k8, dk = to_e4m3(k)
             v8, dv = to_e4m3(v)
             core = jax.jit(fp8_core)
-            ms = timed(core, q8, k8, v8, dq, dk, dv)
+            ms = median_ms(core, q8, k8, v8, dq, dk, dv, repeats=30)
             out = core(q8, k8, v8, dq, dk, dv)
             rows.append({"kernel": "fp8 attention only", "keys": filled, "ms": ms, "tflops": flops / ms / 1e9,
                          "out_dtype": str(out.dtype), "rel_l2": rel(out)})
             print(rows[-1], flush=True)
             full = jax.jit(fp8_attention, static_argnums=3)
-            ms = timed(full, q, cache_k, cache_v, filled)
+            ms = median_ms(full, q, cache_k, cache_v, filled, repeats=30)
             rows.append({"kernel": "fp8 with quantisation", "keys": filled, "ms": ms,
                          "tflops": flops / ms / 1e9, "rel_l2": rel(full(q, cache_k, cache_v, filled))})
         except Exception as e:  # what the private API refuses, reported as such

@@ -12,47 +12,25 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
-from causal_dit_jax.fp8_linear import F8, _gelu_quantize_row, gelu_quantize_rows
+from causal_dit_jax.bench import median_ms, write_probe_json
+from causal_dit_jax.fp8_linear import _TINY, F8, F8_MAX, gelu_quantize_pallas, gelu_quantize_rows
 
 TOKENS, FFN, LAYERS = 4680, 8960, 20
 
 
-def timed(fn, h, rs, cs, b, repeats: int = 10) -> float:
+def per_call_ms(fn, h, rs, cs, b) -> float:
     """ms per call of fn(h, rs, cs, b), from LAYERS calls over the stacked h [LAYERS, T, K]."""
     many = jax.jit(lambda h, rs, cs, b: jax.lax.map(lambda x: fn(x, rs, cs, b), h))
-    args = (h, rs, cs, b)
-    jax.block_until_ready(many(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2] / LAYERS
+    return median_ms(many, h, rs, cs, b, repeats=10) / LAYERS
 
 
 def pallas_pass(num_warps: int):
     """The library's row kernel with `num_warps` warps per row (the library uses 8)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    def run(h, rs, cs, b):
-        k = h.shape[-1]
-        return pl.pallas_call(
-            functools.partial(_gelu_quantize_row, k=k), grid=(h.shape[0],),
-            in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
-                      pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
-            out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
-            out_shape=[jax.ShapeDtypeStruct(h.shape, F8), jax.ShapeDtypeStruct((h.shape[0], 1), jnp.float32)],
-            compiler_params=plgpu.CompilerParams(num_warps=num_warps),
-        )(h, rs, cs, b)
-    return jax.jit(run)
+    return jax.jit(functools.partial(gelu_quantize_pallas, num_warps=num_warps))
 
 
 def _packed_rows(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int, r: int):
@@ -68,8 +46,8 @@ def _packed_rows(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int, r: int):
         idx = j * k + lane
         h = plgpu.load(h_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
         g = jax.nn.gelu(h * plgpu.load(rs_ref.at[jnp.arange(j, j + 1)]) * cs + b, approximate=True)
-        scale = jnp.maximum(jnp.max(jnp.abs(g)), 1e-12) / 448.0
-        plgpu.store(q_ref.at[idx], jnp.clip(g / scale, -448.0, 448.0).astype(q_ref.dtype), mask=valid)
+        scale = jnp.maximum(jnp.max(jnp.abs(g)), _TINY) / F8_MAX
+        plgpu.store(q_ref.at[idx], jnp.clip(g / scale, -F8_MAX, F8_MAX).astype(q_ref.dtype), mask=valid)
         plgpu.store(s_ref.at[jnp.arange(j, j + 1)], jnp.full((1,), scale, jnp.float32))
 
 
@@ -108,14 +86,14 @@ def main() -> None:
     ref = jax.jit(functools.partial(gelu_quantize_rows, implementation="xla"))
     rq, rsc = ref(h, b, row_scale=rs, col_scale=cs)
     rows = []
-    ms = timed(lambda h, rs, cs, b: ref(h, b, row_scale=rs, col_scale=cs), hs, rs, cs, b)
+    ms = per_call_ms(lambda h, rs, cs, b: ref(h, b, row_scale=rs, col_scale=cs), hs, rs, cs, b)
     rows.append({"kernel": "xla (two passes)", "ms": ms, "gb_per_s": moved / ms / 1e6})
     print(rows[-1], flush=True)
     variants = [(f"pallas row, {w} warps", pallas_pass(w)) for w in (4, 8, 16)]
     variants += [(f"pallas {r} rows per program, {w} warps", packed_pass(r, w)) for r in (2, 4) for w in (8, 16)]
     for name, fn in variants:
         try:
-            ms = timed(fn, hs, rs, cs, b)
+            ms = per_call_ms(fn, hs, rs, cs, b)
             q, s = fn(h, rs, cs, b)
             diff = float(jnp.mean((q.astype(jnp.float32) != rq.astype(jnp.float32)).astype(jnp.float32)))
             rows.append({"kernel": name, "ms": ms, "gb_per_s": moved / ms / 1e6,

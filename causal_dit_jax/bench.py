@@ -11,7 +11,7 @@ import datetime
 import json
 import platform
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -289,19 +289,23 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
             "peak_memory_gb": peak_memory_gb()}
 
 
+def median_ms(fn: Callable, *args, repeats: int = 20) -> float:
+    """Median wall time in ms of fn(*args) until its results are ready, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
 def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
     """Measured bf16 n^3 matmul rate (random data), the MFU denominator."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2] / 1e12
+    return 2 * n**3 / median_ms(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats) / 1e9
 
 
 class CompileCounter:
@@ -343,5 +347,5 @@ def write_probe_json(path: str, **fields) -> None:
     print(f"wrote {path}")
 
 
-__all__ = ["BenchResult", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json",
+__all__ = ["BenchResult", "median_ms", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json",
            "write_probe_json"]

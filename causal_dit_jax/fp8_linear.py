@@ -85,6 +85,26 @@ def _gelu_quantize_row(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int):
     plgpu.store(s_ref.at[jnp.arange(1)], jnp.full((1,), scale, jnp.float32))
 
 
+def gelu_quantize_pallas(rows: jax.Array, row_scale: jax.Array, col_scale: jax.Array, bias: jax.Array,
+                         num_warps: int = 8) -> tuple[jax.Array, jax.Array]:
+    """The Pallas (Triton) pass of `gelu_quantize_rows`, one program of `num_warps` warps per row of
+    rows [T, K] (row_scale [T, 1], col_scale and bias [K], float32) -> (e4m3 [T, K], scales [T, 1])."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    t, k = rows.shape
+    inputs = (rows, row_scale, col_scale, bias)
+    return pl.pallas_call(
+        functools.partial(_gelu_quantize_row, k=k), grid=(t,),
+        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
+                  pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
+        out_shape=[out_struct((t, k), F8, *inputs), out_struct((t, 1), jnp.float32, *inputs)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=jax.default_backend() != "gpu",
+        name="gelu_quantize_rows",
+    )(*inputs)
+
+
 def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementation: str | None = None,
                        row_scale: jax.Array | None = None, col_scale: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array]:
@@ -106,20 +126,8 @@ def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementati
         return quantize_rows(jax.nn.gelu(h.astype(jnp.float32) * row_scale * col_scale + bias, approximate=True))
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'xla' or 'pallas', got {implementation!r}")
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
     rows = h.reshape(-1, k)  # ... k -> (...) k
-    inputs = (rows, row_scale.reshape(-1, 1), col_scale, bias)
-    q, s = pl.pallas_call(
-        functools.partial(_gelu_quantize_row, k=k), grid=(rows.shape[0],),
-        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
-                  pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
-        out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
-        out_shape=[out_struct(rows.shape, F8, *inputs), out_struct((rows.shape[0], 1), jnp.float32, *inputs)],
-        compiler_params=plgpu.CompilerParams(num_warps=8), interpret=jax.default_backend() != "gpu",
-        name="gelu_quantize_rows",
-    )(*inputs)
+    q, s = gelu_quantize_pallas(rows, row_scale.reshape(-1, 1), col_scale, bias)
     return q.reshape(*lead, k), s.reshape(*lead, 1)
 
 

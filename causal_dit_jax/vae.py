@@ -300,10 +300,10 @@ class Upsample(nnx.Module):
     'upsample2d' (spatial only): nearest x2 in H and W, then a 3x3 Conv2d C -> C/2 per frame."""
 
     def __init__(self, dim: int, temporal: bool, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 conv_method: str = "phases"):
+                 upsample_conv: str = "phases"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dim = dim
-        self.conv_method = conv_method
+        self.upsample_conv = upsample_conv
         self.resample = Conv(dim, dim // 2, (3, 3), **kw)
         self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
 
@@ -322,7 +322,7 @@ class Upsample(nnx.Module):
 
     def spatial(self, x: jax.Array) -> jax.Array:
         """The space half, frame by frame: nearest x2, then the 3x3 conv C -> C/2 (VAEConfig.upsample_conv)."""
-        if self.conv_method == "repeat":
+        if self.upsample_conv == "repeat":
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest x2: b t (h 2) (w 2) c
             return self.resample(x)
         return upsample_conv_phases(self.resample, x)
@@ -344,15 +344,15 @@ def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
     """conv(nearest_x2(x)) for a 3x3 `conv` and x [B, T, H, W, C_in] -> [B, T, 2H, 2W, C_out], as four
     2x2 convs of x (one per output phase (a, b): its rows 2i + a, columns 2j + b) interleaved. Zero
     padding matches: the x2 frame's border row -1 is low-resolution row -1."""
-    kernel = conv.kernel[...].astype(jnp.float32)  # kh kw i o
     taps = jnp.asarray(PHASE_TAPS, jnp.float32)  # a t k
+    # the four phases' 2x2 kernels at once: kh kw i o -> a c 2 2 i o
+    k4 = jnp.einsum("ayk,cxl,klio->acyxio", taps, taps, conv.kernel[...].astype(jnp.float32)).astype(conv.dtype)
     b, t, h, w, _ = x.shape
     frames = rearrange(x.astype(conv.dtype), "b t h w c -> (b t) h w c")
     phases = []
     for a in (0, 1):
         for c in (0, 1):
-            k2 = jnp.einsum("yk,xl,klio->yxio", taps[a], taps[c], kernel).astype(conv.dtype)  # 2 2 i o
-            y = jax.lax.conv_general_dilated(frames, k2, (1, 1), [(1 - a, a), (1 - c, c)],
+            y = jax.lax.conv_general_dilated(frames, k4[a, c], (1, 1), [(1 - a, a), (1 - c, c)],
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                              precision=_precision(conv.dtype))
             phases.append(y)  # (b t) h w o: rows 2i + a, columns 2j + c
@@ -370,7 +370,7 @@ class Stage(nnx.Module):
         self.num_blocks = num_blocks
         for j in range(num_blocks):
             setattr(self, f"res{j}", ResidualBlock(c_in if j == 0 else c_out, c_out, **kw))
-        self.upsample = Upsample(c_out, upsample == "3d", conv_method=upsample_conv, **kw) if upsample else None
+        self.upsample = Upsample(c_out, upsample == "3d", upsample_conv=upsample_conv, **kw) if upsample else None
 
     def blocks(self) -> list[tuple[str, ResidualBlock]]:
         return [(f"res{j}", getattr(self, f"res{j}")) for j in range(self.num_blocks)]
