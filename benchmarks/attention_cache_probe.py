@@ -17,8 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.attention import dot_product_attention, paged_cache_attention
-from causal_dit_jax.kv_cache import LayerCache
+from causal_dit_jax.model.attention import dot_product_attention, paged_cache_attention
+from causal_dit_jax.model.kv_cache import LayerCache
 
 LAYERS, TOKENS, SLOTS, HEADS, HEAD_DIM = 30, 4680, 7, 12, 128
 
@@ -87,8 +87,8 @@ def gelu_epilogue_fused() -> dict:
 
 def taehv_decode_ms() -> dict:
     """The tiny decoder at 480x832 (60x104 latents), bf16, 1 and 3 latents per call."""
-    from causal_dit_jax.demo_weights import random_params
-    from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+    from causal_dit_jax.model.random_params import random_params
+    from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
 
     dec = TAEHVDecoder(get_taehv_preset("taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
     params = random_params(dec.abstract_params(), 0)

@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import median_ms, write_probe_json
+from causal_dit_jax.bench.rollout import median_ms, write_probe_json
 
 HEADS, HEAD_DIM = 12, 128
 

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from causal_dit_jax.bench import write_probe_json
-from causal_dit_jax.config import InferenceConfig, get_preset
-from causal_dit_jax.demo_weights import random_params
-from causal_dit_jax.dit import CausalWanDiT
-from causal_dit_jax.sampler import SelfForcingSampler, initial_noise, step_noise
-from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.vae import WanVAE, get_vae_preset, to_uint8
+from causal_dit_jax.bench.rollout import write_probe_json
+from causal_dit_jax.model.config import InferenceConfig, get_preset
+from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.model.dit import CausalWanDiT
+from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise, step_noise
+from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.decoders.chunked_decode import to_uint8
+from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 
 
 def main() -> None:

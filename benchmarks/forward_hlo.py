@@ -11,9 +11,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.config import InferenceConfig, get_preset
-from causal_dit_jax.dit import CausalWanDiT
-from causal_dit_jax.sampler import SelfForcingSampler
+from causal_dit_jax.model.config import InferenceConfig, get_preset
+from causal_dit_jax.model.dit import CausalWanDiT
+from causal_dit_jax.model.sampler import SelfForcingSampler
 
 
 def main() -> None:

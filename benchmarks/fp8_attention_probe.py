@@ -21,7 +21,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import median_ms, write_probe_json
+from causal_dit_jax.bench.rollout import median_ms, write_probe_json
 
 HEADS, HEAD_DIM, QUERIES, SLOTS = 12, 128, 4680, 32760
 F8 = jnp.float8_e4m3fn

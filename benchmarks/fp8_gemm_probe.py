@@ -24,9 +24,9 @@ import re
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
-from causal_dit_jax.fp8_linear import F8, F8_MAX, fp8_matmul, quantize_kernel
-from causal_dit_jax.profile_breakdown import profile_breakdown
+from causal_dit_jax.bench.rollout import write_probe_json
+from causal_dit_jax.model.fp8_linear import F8, F8_MAX, fp8_matmul, quantize_kernel
+from causal_dit_jax.bench.profile import profile_breakdown
 
 LAYERS, TOKENS = 30, 4680
 SHAPES = {"qkv": (1536, 4608), "self_o": (1536, 1536), "cross_q": (1536, 1536), "cross_o": (1536, 1536),

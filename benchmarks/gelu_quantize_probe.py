@@ -16,8 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import median_ms, write_probe_json
-from causal_dit_jax.fp8_linear import _TINY, F8, F8_MAX, gelu_quantize_pallas, gelu_quantize_rows
+from causal_dit_jax.bench.rollout import median_ms, write_probe_json
+from causal_dit_jax.model.fp8_linear import _TINY, F8, F8_MAX, gelu_quantize_pallas, gelu_quantize_rows
 
 TOKENS, FFN, LAYERS = 4680, 8960, 20
 

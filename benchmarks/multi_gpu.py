@@ -26,12 +26,14 @@ import time
 
 import numpy as np
 
-from causal_dit_jax.bench import result_dict, run_dit_bench
-from causal_dit_jax.config import InferenceConfig, get_preset
-from causal_dit_jax.dit import CausalWanDiT
-from causal_dit_jax.fp8_linear import LINEAR_PRECISIONS
-from sharding.mesh import split_sequence_devices
-from sharding.sequence_parallel import sequence_parallel_dit
+from causal_dit_jax import KernelConfig
+
+from causal_dit_jax.bench.rollout import result_dict, run_dit_bench
+from causal_dit_jax.model.config import InferenceConfig, get_preset
+from causal_dit_jax.model.dit import CausalWanDiT
+from causal_dit_jax.model.config import LINEAR_PRECISIONS
+from causal_dit_jax.sharding.mesh import split_sequence_devices
+from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 
 
 def latents_error(a: np.ndarray, b: np.ndarray) -> dict:
@@ -47,7 +49,7 @@ def run_one(args, cfg, strategy: str) -> dict:
     kw = dict(preset=cfg, latent_frames=args.frames, height=args.height, width=args.width,
               inference=InferenceConfig(), profile=True, keep_latents=True,
               e2e_vae=None if args.no_e2e else "wan2.1")
-    dit = CausalWanDiT(cfg, linear_precision=args.linear_precision)
+    dit = CausalWanDiT(cfg, KernelConfig(linear_precision=args.linear_precision))
     if strategy == "single":
         res = run_dit_bench(dit=dit, **kw)
         config = "1 GPU"

@@ -15,9 +15,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
-from causal_dit_jax.demo_weights import random_params
-from causal_dit_jax.vae import WanVAE, get_vae_preset
+from causal_dit_jax.bench.rollout import write_probe_json
+from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 
 VARIANTS = {"all frames at once": {"per_frame_stages": 0},
             "per frame: stages 2, 3 + head": {"per_frame_stages": 2},

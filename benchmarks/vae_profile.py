@@ -12,9 +12,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.demo_weights import random_params
-from causal_dit_jax.profile_breakdown import profile_breakdown
-from causal_dit_jax.vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
+from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.bench.profile import profile_breakdown
+from causal_dit_jax.decoders.wan_vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
 
 
 def main():

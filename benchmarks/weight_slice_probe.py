@@ -17,8 +17,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench import write_probe_json
-from causal_dit_jax.profile_breakdown import profile_breakdown
+from causal_dit_jax.bench.rollout import write_probe_json
+from causal_dit_jax.bench.profile import profile_breakdown
 
 LAYERS, TOKENS, DIM, HIDDEN = 30, 4680, 1536, 8960
 

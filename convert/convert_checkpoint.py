@@ -6,8 +6,8 @@ import pathlib
 from typing import Optional
 
 from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
-from causal_dit_jax.config import ModelConfig
-from convert.dit_convert import load_dit_params
+from causal_dit_jax.model.config import ModelConfig
+from causal_dit_jax.convert.dit_convert import load_dit_params
 
 
 def convert_dit_checkpoint(src: str | pathlib.Path, out_dir: str | pathlib.Path,

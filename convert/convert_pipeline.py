@@ -14,15 +14,15 @@ import shutil
 from typing import Optional
 
 from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
-from causal_dit_jax.config import ModelConfig
-from causal_dit_jax.text_encoder import T5Config
-from causal_dit_jax.tokenizer import PromptTokenizer
-from causal_dit_jax.vae import VAEConfig
-from convert.dit_convert import load_dit_params
-from convert.t5_convert import load_t5_params
-from convert.taehv_convert import load_taehv_params
-from convert.torch_files import CheckpointError
-from convert.vae_convert import load_vae_params
+from causal_dit_jax.model.config import ModelConfig
+from causal_dit_jax.text.umt5 import T5Config
+from causal_dit_jax.text.tokenizer import PromptTokenizer
+from causal_dit_jax.decoders.wan_vae import VAEConfig
+from causal_dit_jax.convert.dit_convert import load_dit_params
+from causal_dit_jax.convert.t5_convert import load_t5_params
+from causal_dit_jax.convert.taehv_convert import load_taehv_params
+from causal_dit_jax.convert.torch_files import CheckpointError
+from causal_dit_jax.convert.vae_convert import load_vae_params
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"

@@ -9,11 +9,11 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from causal_dit_jax.config import ModelConfig, dtype_from_name
-from causal_dit_jax.dit import CausalWanDiT, Params
-from convert.dit_keys import DIT_KEY_MAP, source_keys, torch_dit_shapes
-from convert.state_dict_check import check_keys_and_shapes, set_path
-from convert.torch_files import CheckpointError, read_state_dict
+from causal_dit_jax.model.config import ModelConfig, dtype_from_name
+from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.convert.dit_keys import DIT_KEY_MAP, source_keys, torch_dit_shapes
+from causal_dit_jax.convert.state_dict_check import check_keys_and_shapes, set_path
+from causal_dit_jax.convert.torch_files import CheckpointError, read_state_dict
 
 HEAD_DIM = 128  # Wan's head width; num_heads = dim / 128 when a checkpoint does not say
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from causal_dit_jax.config import ModelConfig
+from causal_dit_jax.model.config import ModelConfig
 
 
 def linear(w: np.ndarray) -> np.ndarray:

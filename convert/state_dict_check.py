@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from convert.torch_files import CheckpointError, _torch_to_numpy
+from causal_dit_jax.convert.torch_files import CheckpointError, _torch_to_numpy
 
 
 def check_keys_and_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:

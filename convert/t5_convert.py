@@ -8,12 +8,12 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from causal_dit_jax.config import dtype_from_name
-from causal_dit_jax.text_encoder import Params, T5Config, UMT5Encoder
-from convert.dit_keys import source_keys
-from convert.t5_keys import t5_key_map, torch_t5_shapes
-from convert.state_dict_check import check_keys_and_shapes, set_path
-from convert.torch_files import CheckpointError, read_pt_state_dict
+from causal_dit_jax.model.config import dtype_from_name
+from causal_dit_jax.text.umt5 import Params, T5Config, UMT5Encoder
+from causal_dit_jax.convert.dit_keys import source_keys
+from causal_dit_jax.convert.t5_keys import t5_key_map, torch_t5_shapes
+from causal_dit_jax.convert.state_dict_check import check_keys_and_shapes, set_path
+from causal_dit_jax.convert.torch_files import CheckpointError, read_pt_state_dict
 
 
 def infer_t5_config(state: Mapping[str, np.ndarray], base: Optional[T5Config] = None) -> T5Config:

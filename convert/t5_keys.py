@@ -6,8 +6,8 @@ key; those are stacked over layers into our scanned block params. Every Linear h
 
 from __future__ import annotations
 
-from causal_dit_jax.text_encoder import T5Config
-from convert.dit_keys import KeyRule, identity, linear
+from causal_dit_jax.text.umt5 import T5Config
+from causal_dit_jax.convert.dit_keys import KeyRule, identity, linear
 
 B = "blocks.{i}"
 

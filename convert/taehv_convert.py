@@ -16,11 +16,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from causal_dit_jax.config import dtype_from_name
-from causal_dit_jax.taehv import MEM_BLOCKS, Params, TAEHVConfig, TAEHVDecoder, get_taehv_preset
-from convert.state_dict_check import check_keys_and_shapes, params_from_rules
-from convert.torch_files import read_state_dict
-from convert.vae_keys import VAEKeyRule, conv2d, identity
+from causal_dit_jax.model.config import dtype_from_name
+from causal_dit_jax.decoders.taehv import MEM_BLOCKS, Params, TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.convert.state_dict_check import check_keys_and_shapes, params_from_rules
+from causal_dit_jax.convert.torch_files import read_state_dict
+from causal_dit_jax.convert.vae_keys import VAEKeyRule, conv2d, identity
 
 IGNORED_PREFIXES = ("encoder.",)
 

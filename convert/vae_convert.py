@@ -12,11 +12,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from causal_dit_jax.config import dtype_from_name
-from causal_dit_jax.vae import Params, VAEConfig, WanVAE, get_vae_preset
-from convert.state_dict_check import check_keys_and_shapes, params_from_rules
-from convert.torch_files import load_torch_pickle, select_state_dict
-from convert.vae_keys import IGNORED_PREFIXES, vae_decoder_key_map
+from causal_dit_jax.model.config import dtype_from_name
+from causal_dit_jax.decoders.wan_vae import Params, VAEConfig, WanVAE, get_vae_preset
+from causal_dit_jax.convert.state_dict_check import check_keys_and_shapes, params_from_rules
+from causal_dit_jax.convert.torch_files import load_torch_pickle, select_state_dict
+from causal_dit_jax.convert.vae_keys import IGNORED_PREFIXES, vae_decoder_key_map
 
 
 def check_vae_state_dict(state: Mapping[str, object], config: VAEConfig) -> None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from causal_dit_jax.vae import VAEConfig
+from causal_dit_jax.decoders.wan_vae import VAEConfig
 
 IGNORED_PREFIXES = ("encoder.", "conv1.")  # the encoder half; not read by the decoder
 

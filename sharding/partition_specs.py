@@ -9,7 +9,7 @@ import dataclasses
 
 from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import DATA, RING, SEQ_AXES, ULYSSES
+from causal_dit_jax.sharding.mesh import DATA, RING, SEQ_AXES, ULYSSES
 
 
 @dataclasses.dataclass(frozen=True)

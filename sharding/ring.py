@@ -13,9 +13,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.attention import attention_with_lse, prefix_attention_with_lse
-from causal_dit_jax.kv_cache import CacheWrite, LayerCache, write_chunk
-from sharding.mesh import RING
+from causal_dit_jax.model.attention import attention_with_lse, prefix_attention_with_lse
+from causal_dit_jax.model.kv_cache import CacheWrite, LayerCache, write_chunk
+from causal_dit_jax.sharding.mesh import RING
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.rope import causal_rope_positions
-from sharding.mesh import RING, ULYSSES
+from causal_dit_jax.model.rope import causal_rope_positions
+from causal_dit_jax.sharding.mesh import RING, ULYSSES
 
 
 def shard_index() -> jax.Array:

@@ -2,8 +2,8 @@
 
 `SequenceParallelDiT` wraps the one `CausalWanDiT` (no second copy of the blocks): it pads and shards
 the patch tokens, runs `forward_tokens` inside shard_map with a Ulysses / ring / hybrid self-attention
-and the shard's token offset (from `lax.axis_index`), and drops the padding on the way out. It has
-the interface the sampler needs (config, init, rope_tables, encode_text, init_cache, forward).
+and the shard's token offset (from `lax.axis_index`), and drops the padding on the way out. It is a
+`ChunkModel`, as `CausalWanDiT` is: the sampler, the pipeline and the bench drive either.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from causal_dit_jax.attention import PAGE_TOKENS, local_self_attention
-from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
-from causal_dit_jax.dit import CausalWanDiT, Params, forward_latents
-from causal_dit_jax.kv_cache import KVCache, TextKV, cache_keys
-from causal_dit_jax.rope import RopeTables
-from sharding.mesh import make_mesh, mesh_sizes
-from sharding.partition_specs import SPECS
-from sharding.ring import ring_self_attention
-from sharding.rope_sp import shard_token_offset
-from sharding.ulysses import check_heads, heads_to_seq, qkv_seq_to_heads
+from causal_dit_jax.model.attention import PAGE_TOKENS, local_self_attention
+from causal_dit_jax.model.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
+from causal_dit_jax.model.kv_cache import KVCache, TextKV, cache_keys
+from causal_dit_jax.model.rope import RopeTables
+from causal_dit_jax.sharding.mesh import make_mesh, mesh_sizes
+from causal_dit_jax.sharding.partition_specs import SPECS
+from causal_dit_jax.sharding.ring import ring_self_attention
+from causal_dit_jax.sharding.rope_sp import shard_token_offset
+from causal_dit_jax.sharding.ulysses import check_heads, heads_to_seq, qkv_seq_to_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class SequenceParallelDiT:
     def __init__(self, dit: CausalWanDiT | ModelConfig, mesh: Mesh):
         self.dit = dit if isinstance(dit, CausalWanDiT) else CausalWanDiT(dit)
         self.config = self.dit.config
+        self.kernels = self.dit.kernels
+        if self.kernels.norm_rope_impl == "pallas" and jax.default_backend() != "gpu":
+            raise ValueError("norm_rope_impl='pallas' under sequence parallelism needs GPUs: off GPUs Pallas runs in "
+                             "JAX's interpreter, which cannot run inside shard_map; use norm_rope_impl='xla'")
         self.mesh = mesh
         self.data_size, self.ring_size, self.ulysses_size = mesh_sizes(mesh)
         check_heads(self.config.num_heads, self.ulysses_size)
@@ -66,6 +71,14 @@ class SequenceParallelDiT:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def place(self, tree):
+        """Params and inputs replicated over the mesh (the sharded forward splits the tokens itself)."""
+        return jax.device_put(tree, self.replicated())
+
     # ------------------------------------------------------------------ layout
     def layout(self, frames: int, latent_height: int, latent_width: int) -> ChunkLayout:
         true_len = frames * self.config.tokens_per_frame(latent_height, latent_width)
@@ -82,7 +95,7 @@ class SequenceParallelDiT:
         lay = self.layout(inference.frames_per_chunk, latent_height, latent_width)
         cap = inference.cache_chunks(num_frames)
         if self.ring_size == 1:  # whole pages for cuDNN paged attention
-            seq = cache_keys(cap, lay.true_len, PAGE_TOKENS if self.dit.attention_impl == "cudnn_paged" else 1)
+            seq = cache_keys(cap, lay.true_len, PAGE_TOKENS if self.kernels.attention_impl == "cudnn_paged" else 1)
         else:
             seq = self.ring_size * cap * lay.segment_len
         shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
@@ -99,7 +112,7 @@ class SequenceParallelDiT:
         attention over the segment, then all-to-all back."""
         true_len = layout.true_len
         ring = self.ring_size
-        impl = self.dit.attention_impl
+        impl = self.kernels.attention_impl
 
         def attention(q, k, v, layer_cache, write):
             q, k, v = qkv_seq_to_heads(q, k, v)  # b l n d -> b (u l) (n/u) d
@@ -131,9 +144,8 @@ class SequenceParallelDiT:
 
         def shard(params, tokens, t, text, cache, start_frame, rope):
             offset = shard_token_offset(lay.local_len)
-            # q/k norm + RoPE by XLA here: the Pallas kernel is not yet checked inside shard_map
             return dit.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid,
-                                      token_offset=offset, attention_fn=attention, norm_rope_impl="xla")
+                                      token_offset=offset, attention_fn=attention)
 
         cache_spec = None if cache is None else cache.replace(
             k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
@@ -149,7 +161,9 @@ class SequenceParallelDiT:
                 cache: Optional[KVCache], start_frame, rope: RopeTables
                 ) -> tuple[jax.Array, Optional[KVCache]]:
         """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
-        return forward_latents(self, params, x, t, text, cache, start_frame, rope)
+        tokens, grid = latents_to_tokens(self.config, x, t)
+        out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
+        return tokens_to_latents(self.config, out, grid), cache
 
     # ------------------------------------------------------------------ accounting
     def comm_bytes_per_forward(self, frames: int, latent_height: int, latent_width: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sharding.mesh import ULYSSES
+from causal_dit_jax.sharding.mesh import ULYSSES
 
 
 def seq_to_heads(x: jax.Array, axis: str = ULYSSES) -> jax.Array:

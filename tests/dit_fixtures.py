@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import torch
 
-from causal_dit_jax.config import ModelConfig
+from causal_dit_jax.model.config import ModelConfig
 from torch_reference.causal_wan import CausalWanModel, randomize_parameters_
 
 # 12 heads like Wan, head_dim 16 (RoPE split 4/2/2 pairs), 2 layers; a non-square 4x6 token grid.

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig
-from causal_dit_jax.config import get_preset
+from causal_dit_jax.model.config import get_preset
 
 LH, LW = 6, 10
 

@@ -12,11 +12,11 @@ import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import convert.convert_checkpoint
+import causal_dit_jax.convert.convert_checkpoint as convert_checkpoint_module
 from causal_dit_jax.checkpoint import (CheckpointDirError, read_checkpoint_config, restore_component,
                                        save_checkpoint)
-from causal_dit_jax.dit import CausalWanDiT, load_dit
-from convert import CheckpointError, convert_dit_checkpoint, load_dit_params
+from causal_dit_jax.model.dit import CausalWanDiT, load_dit
+from causal_dit_jax.convert import CheckpointError, convert_dit_checkpoint, load_dit_params
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
 
 
@@ -168,7 +168,7 @@ def no_conversion_work(monkeypatch):
         calls.append(args)
         raise AssertionError("conversion work started before the output folder was checked")
 
-    monkeypatch.setattr(convert.convert_checkpoint, "load_dit_params", spy)
+    monkeypatch.setattr(convert_checkpoint_module, "load_dit_params", spy)
     return calls
 
 

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from causal_dit_jax.cli import main
-from causal_dit_jax.dit import load_dit
+from causal_dit_jax.app.cli import main
+from causal_dit_jax.model.dit import load_dit
 from dit_fixtures import SMALL, save_self_forcing_pt, torch_model
 
 
@@ -33,7 +33,7 @@ def test_convert_cli_reports_bad_checkpoint(tmp_path, capsys):
 
 def test_bench_cli_prints_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", "bench", "--preset", "tiny", "--frames", "6",
+    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", "bench", "--preset", "tiny", "--frames", "6",
                            "--height", "64", "--width", "96", "--json", str(out), "--e2e", "--vae-preset", "tiny"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -63,7 +63,7 @@ def test_bench_cli_per_layer_weights(tmp_path, capsys):
 
 def test_bench_cli_sequence_parallel(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", "bench", "--preset", "tiny", "--frames", "6",
+    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", "bench", "--preset", "tiny", "--frames", "6",
                            "--height", "64", "--width", "96", "--mesh", "8", "--strategy", "hybrid",
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=300,
@@ -109,7 +109,7 @@ def test_multi_gpu_benchmark_script(tmp_path):
 
 def test_profile_kernel_classes():
     """The profile breakdown's kernel classes, by the names cuBLAS, cuDNN, NCCL and XLA give them."""
-    from causal_dit_jax.profile_breakdown import classify
+    from causal_dit_jax.bench.profile import classify
 
     assert classify("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "collective"
     assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"

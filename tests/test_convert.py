@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import convert
+import causal_dit_jax.convert
 from causal_dit_jax import CausalWanDiT
-from causal_dit_jax.config import ModelConfig
-from convert import CheckpointError, dit_params_from_state_dict, load_dit_params, read_state_dict
-from convert.dit_keys import KeyRule, torch_dit_shapes
+from causal_dit_jax.model.config import ModelConfig
+from causal_dit_jax.convert import CheckpointError, dit_params_from_state_dict, load_dit_params, read_state_dict
+from causal_dit_jax.convert.dit_keys import KeyRule, torch_dit_shapes
 from dit_fixtures import SMALL, torch_model
 
 SMALL_BF16 = SMALL.replace(param_dtype="bfloat16", dtype="bfloat16")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler
-from causal_dit_jax.patchify import from_torch_layout, to_torch_layout
-from causal_dit_jax.sampler import step_noise
-from convert import load_dit_params
+from causal_dit_jax.model.patchify import from_torch_layout, to_torch_layout
+from causal_dit_jax.model.sampler import step_noise
+from causal_dit_jax.convert import load_dit_params
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_safetensors, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
 
@@ -138,7 +138,7 @@ def test_per_layer_weights_equal_stacked_weights():
     stacked scan: over a cache, the same flow (float32, 1e-5: XLA fuses the unrolled layers
     differently; measured 2e-6) and the same bf16 cache (1e-3: a few elements round to the neighbouring
     bf16 value; measured 5e-5); the number of blocks is checked and unstacking again is a no-op."""
-    from causal_dit_jax.dit import unstack_blocks
+    from causal_dit_jax.model.dit import unstack_blocks
     from dit_fixtures import two_chunk_forwards
 
     dit = CausalWanDiT(SMALL)

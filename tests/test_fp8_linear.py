@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler
-from causal_dit_jax.config import get_preset
-from causal_dit_jax.dit import unstack_blocks
-from causal_dit_jax.fp8_linear import F8, FP8_LINEARS, fp8_matmul, quantize_kernel, quantize_rows
-from sharding import SequenceParallelDiT, make_mesh
+from causal_dit_jax import KernelConfig, CausalWanDiT, InferenceConfig, SelfForcingSampler
+from causal_dit_jax.model.config import get_preset
+from causal_dit_jax.model.dit import unstack_blocks
+from causal_dit_jax.model.fp8_linear import F8, FP8_LINEARS, fp8_matmul, quantize_kernel, quantize_rows
+from causal_dit_jax.sharding import SequenceParallelDiT, make_mesh
 
 CFG = get_preset("tiny")
 
@@ -65,7 +65,7 @@ def test_fp8_matmul_against_float32_and_per_token():
 @pytest.fixture(scope="module")
 def models():
     d16 = CausalWanDiT(CFG)
-    d8 = CausalWanDiT(CFG, linear_precision="float8")
+    d8 = CausalWanDiT(CFG, KernelConfig(linear_precision="float8"))
     p16 = d16.init(jax.random.key(0))
     ctx = jax.random.normal(jax.random.key(1), (2, CFG.text_len, CFG.text_dim))
     return d16, d8, p16, d8.quantize(p16), ctx
@@ -110,14 +110,14 @@ def test_float8_sequence_parallel_equals_one_device(models, n, strategy):
 
 
 def test_bad_linear_precision():
-    with pytest.raises(ValueError, match="linear_precision must be one of"):
-        CausalWanDiT(CFG, linear_precision="int8")
+    with pytest.raises(ValueError, match="unknown linear_precision"):
+        CausalWanDiT(CFG, KernelConfig(linear_precision="int8"))
 
 
 def test_gelu_quantize_rows_pallas_equals_xla():
     """The one-pass Pallas kernel (interpreted here) against the XLA functions: same scales, the same
     e4m3 values but where the two tanh differ in float32's last bit and flip a rounding (< 0.5%)."""
-    from causal_dit_jax.fp8_linear import gelu_quantize_rows
+    from causal_dit_jax.model.fp8_linear import gelu_quantize_rows
 
     h = (3 * jax.random.normal(jax.random.key(4), (2, 7, 300))).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(5), (300,))

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from causal_dit_jax import CausalWanDiT
-from causal_dit_jax.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
-from causal_dit_jax.config import get_preset
+from causal_dit_jax import KernelConfig, CausalWanDiT
+from causal_dit_jax.model.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
+from causal_dit_jax.model.config import get_preset
 from dit_fixtures import two_chunk_forwards
 
 pytestmark = [pytest.mark.gpu,
@@ -35,7 +35,7 @@ def test_cudnn_attention_with_cache_length_matches_xla(filled):
 
 def test_chunk_rollout_fast_path_matches_xla():
     cfg = get_preset("demo")
-    outs = [two_chunk_forwards(CausalWanDiT(cfg, attention_impl=impl), 60, 104)[0]
+    outs = [two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(attention_impl=impl)), 60, 104)[0]
             for impl in ("cudnn_paged", "cudnn", "xla")]
     assert rel(outs[0], outs[2]) <= BF16_TOL and rel(outs[1], outs[2]) <= BF16_TOL
     assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) == 0.0  # paged reads the same keys, same kernel
@@ -73,7 +73,7 @@ def test_paged_cache_attention_and_its_gradient_match_slicing(valid):
 def test_cudnn_attention_with_lse_matches_xla_values_and_gradients(kv_len):
     """The ring's per-block attention: cuDNN output and softmax statistics against the f32 einsum on
     the same bf16 inputs, and its (XLA) backward through a merge-like use of both outputs."""
-    from causal_dit_jax.attention import _prefix_mask, attention_with_lse, cudnn_attention_with_lse
+    from causal_dit_jax.model.attention import _prefix_mask, attention_with_lse, cudnn_attention_with_lse
 
     ks = jax.random.split(jax.random.key(kv_len), 4)
     q = jax.random.normal(ks[0], (1, 2340, 12, 128), jnp.bfloat16)
@@ -101,7 +101,7 @@ def test_cudnn_attention_with_lse_matches_xla_values_and_gradients(kv_len):
 def test_pallas_qk_norm_rope_matches_xla_at_real_size():
     """The Triton kernel on one chunk of the real model (4680 tokens, 12 x 128, bf16) against the XLA
     path: one bf16 rounding step (2^-8) at most, where the sums of squares round differently."""
-    from causal_dit_jax.qk_norm_rope import qk_norm_rope_pallas, qk_norm_rope_xla
+    from causal_dit_jax.model.qk_norm_rope import qk_norm_rope_pallas, qk_norm_rope_xla
 
     ks = jax.random.split(jax.random.key(0), 4)
     qkv = (3 * jax.random.normal(ks[0], (1, 4680, 3 * 1536))).astype(jnp.bfloat16)
@@ -117,7 +117,7 @@ def test_pallas_qk_norm_rope_matches_xla_at_real_size():
 
 def test_rollout_with_pallas_qk_norm_rope_matches_xla():
     cfg = get_preset("demo")
-    outs = [two_chunk_forwards(CausalWanDiT(cfg, norm_rope_impl=impl), 60, 104)[0] for impl in ("pallas", "xla")]
+    outs = [two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(norm_rope_impl=impl)), 60, 104)[0] for impl in ("pallas", "xla")]
     assert rel(outs[0], outs[1]) <= BF16_TOL
 
 
@@ -127,8 +127,8 @@ def test_wan_vae_per_frame_ring_caches_match_all_frames_at_once_at_real_size():
     on the same params: the same convs grouped differently by cuDNN, bf16 activations; 2e-2 relative."""
     import numpy as np
 
-    from causal_dit_jax.demo_weights import random_params
-    from causal_dit_jax.vae import WanVAE, get_vae_preset
+    from causal_dit_jax.model.random_params import random_params
+    from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 
     cfg = get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16")
     streamed, at_once = WanVAE(cfg), WanVAE(cfg.replace(per_frame_stages=0))
@@ -152,7 +152,7 @@ def test_float8_linears_compile_to_fp8_gemms_and_stay_close_to_bf16():
     float8 error budget of the bfloat16 model (each GEMM ~3.6% relative, see tests/test_fp8_linear.py)."""
     import re
 
-    from causal_dit_jax.fp8_linear import fp8_matmul, gelu_quantize_rows, quantize_kernel
+    from causal_dit_jax.model.fp8_linear import fp8_matmul, gelu_quantize_rows, quantize_kernel
 
     x = jax.random.normal(jax.random.key(0), (4680, 1536), jnp.bfloat16)
     values, scale = quantize_kernel(jax.random.normal(jax.random.key(1), (1536, 8960)) * 1536 ** -0.5)
@@ -171,7 +171,7 @@ def test_float8_linears_compile_to_fp8_gemms_and_stay_close_to_bf16():
     a, b = qa.astype(jnp.float32), qb.astype(jnp.float32)
     assert float(jnp.mean(a != b)) < 5e-3 and rel(b, a) <= 1e-2
     cfg = get_preset("demo")
-    fp8 = two_chunk_forwards(CausalWanDiT(cfg, linear_precision="float8"), 60, 104)[0]
+    fp8 = two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(linear_precision="float8")), 60, 104)[0]
     bf16 = two_chunk_forwards(CausalWanDiT(cfg), 60, 104)[0]
     err = rel(fp8, bf16)
     print(f"float8 vs bfloat16 demo model, second chunk flow: {err:.4f} relative L2")
@@ -184,10 +184,10 @@ def test_float8_dit_inside_shard_map_matches_one_device():
     the sequence-parallel forward gives the plain forward's flow; bound 2e-2 as in
     tests/test_fp8_linear.py (per-token scales are shard-invariant, but another XLA fusion can round
     one bf16 product differently and flip an e4m3 rounding, which later layers carry)."""
-    from sharding import SequenceParallelDiT, make_mesh
+    from causal_dit_jax.sharding import SequenceParallelDiT, make_mesh
 
     cfg = get_preset("demo")
-    d8 = CausalWanDiT(cfg, linear_precision="float8")
+    d8 = CausalWanDiT(cfg, KernelConfig(linear_precision="float8"))
     ref = two_chunk_forwards(d8, 60, 104)[0]
     sp = SequenceParallelDiT(d8, make_mesh(1, strategy="ulysses", num_heads=cfg.num_heads))
     out = two_chunk_forwards(sp, 60, 104)[0]
@@ -195,3 +195,16 @@ def test_float8_dit_inside_shard_map_matches_one_device():
     print(f"float8 inside shard_map vs plain: {err:.2e} relative L2")
     assert err <= 2e-2
 
+
+
+def test_pallas_qk_norm_rope_inside_shard_map_matches_one_device():
+    """The Pallas q/k RMSNorm + RoPE kernel declares the mesh axes of its outputs (`pallas_out`), so the
+    sequence-parallel model runs it as it is (a 1-GPU mesh runs the same checks as N GPUs): the same
+    flow as the plain XLA model, bf16 bound as in test_rollout_with_pallas_qk_norm_rope_matches_xla."""
+    from causal_dit_jax.sharding import SequenceParallelDiT, make_mesh
+
+    cfg = get_preset("demo")
+    pallas = CausalWanDiT(cfg, KernelConfig(norm_rope_impl="pallas"))
+    sp = SequenceParallelDiT(pallas, make_mesh(1, strategy="ulysses", num_heads=cfg.num_heads))
+    ref = two_chunk_forwards(CausalWanDiT(cfg), 60, 104)[0]
+    assert rel(two_chunk_forwards(sp, 60, 104)[0], ref) <= BF16_TOL

@@ -3,9 +3,9 @@
 import jax.numpy as jnp
 import pytest
 
-from causal_dit_jax import InferenceConfig, init_kv_cache
-from causal_dit_jax.config import get_preset
-from causal_dit_jax.kv_cache import cache_write_index, write_chunk
+from causal_dit_jax import KernelConfig, InferenceConfig, init_kv_cache
+from causal_dit_jax.model.config import get_preset
+from causal_dit_jax.model.kv_cache import cache_write_index, write_chunk
 
 CFG = get_preset("tiny")
 
@@ -37,8 +37,8 @@ def test_rolling_cache_keeps_sink_and_recent_chunks():
 def test_write_chunk_overwrites_one_slot():
     ck = jnp.zeros((1, 12, 2, 4))
     k = jnp.ones((1, 4, 2, 4))
-    from causal_dit_jax.kv_cache import CacheWrite
-    from causal_dit_jax.kv_cache import LayerCache
+    from causal_dit_jax.model.kv_cache import CacheWrite
+    from causal_dit_jax.model.kv_cache import LayerCache
     out = write_chunk(LayerCache(ck[None], ck[None], jnp.int32(0)), k, 2 * k, CacheWrite(jnp.int32(1), jnp.int32(2)))
     nk, nv = out.read()
     assert float(nk[:, 4:8].min()) == 1 and float(nk[:, :4].max()) == 0 and float(nk[:, 8:].max()) == 0
@@ -69,7 +69,7 @@ def test_aligned_cache_gives_the_same_rollout():
     from causal_dit_jax import CausalWanDiT, SelfForcingSampler
 
     assert init_kv_cache(CFG, InferenceConfig(), 1, 12, 10, align=16).k.shape[2] == 48  # 4 x 10 -> 48
-    dit = CausalWanDiT(CFG, attention_impl="xla")
+    dit = CausalWanDiT(CFG, KernelConfig(attention_impl="xla"))
     params = dit.init(jax.random.key(0))
     text = dit.encode_text(params, jax.random.normal(jax.random.key(1), (1, CFG.text_len, CFG.text_dim)))
     noise = jax.random.normal(jax.random.key(2), (1, 6, 4, 6, 16))
@@ -81,7 +81,7 @@ def test_aligned_cache_gives_the_same_rollout():
             tokens = self.config.tokens_per_frame(h, w) * inference.frames_per_chunk
             return init_kv_cache(self.config, inference, batch, num_frames, tokens, origin_frame, align=64)
 
-    aligned_dit = Aligned(CFG, attention_impl="xla")
+    aligned_dit = Aligned(CFG, KernelConfig(attention_impl="xla"))
     assert aligned_dit.init_cache(inference, 1, 6, 4, 6).k.shape[2] % 64 == 0
     aligned = SelfForcingSampler(aligned_dit, inference).generate(params, text, noise, jax.random.key(3))
     assert jnp.allclose(plain, aligned, atol=1e-6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from causal_dit_jax.pallas_out import out_struct
+from causal_dit_jax.model.pallas_out import out_struct
 
 
 def test_out_struct_varies_over_the_axes_of_its_inputs():

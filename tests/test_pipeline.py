@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from causal_dit_jax.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
-from causal_dit_jax.sampler import initial_noise, step_noise
-from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.text_encoder import get_t5_preset
-from causal_dit_jax.video import read_mp4
-from causal_dit_jax.vae import get_vae_preset
-from convert import convert_pipeline_checkpoint
-from convert.torch_files import CheckpointError
+from causal_dit_jax import KernelConfig
+from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
+from causal_dit_jax.model.sampler import initial_noise, step_noise
+from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.text.umt5 import get_t5_preset
+from causal_dit_jax.app.video import read_mp4
+from causal_dit_jax.decoders.wan_vae import get_vae_preset
+from causal_dit_jax.convert import convert_pipeline_checkpoint
+from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
 from torch_reference.taehv import TAEHVReference
@@ -128,7 +129,7 @@ def test_stream_chunks_and_batch(checkpoint):
 
 def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
     from causal_dit_jax import InferenceConfig
-    from sharding import make_mesh
+    from causal_dit_jax.sharding import make_mesh
 
     inference = InferenceConfig(cache_dtype="float32")
     one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
@@ -207,7 +208,7 @@ def test_float8_pipeline_is_close_to_bfloat16_and_is_not_saved(tmp_path):
     # e4m3 block GEMMs (demo model, random weights): frames within a few levels of the bfloat16 ones
     # (measured 1.5 mean absolute levels of 255), where another seed differs by ~56
     a = TextToVideoPipeline.embedded_default().generate("a lighthouse", 9, 64, 64, seed=3).astype(np.float32)
-    pipe8 = TextToVideoPipeline.embedded_default(linear_precision="float8")
+    pipe8 = TextToVideoPipeline.embedded_default(kernels=KernelConfig(linear_precision="float8"))
     b = pipe8.generate("a lighthouse", 9, 64, 64, seed=3).astype(np.float32)
     assert b.shape == a.shape and 0.0 < np.abs(a - b).mean() < 5.0
     with pytest.raises(ValueError, match="float8 weights"):
@@ -234,7 +235,7 @@ def test_video_spec_errors(frames, height, width, msg):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "causal_dit_jax.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler, initial_noise
-from causal_dit_jax.config import get_preset
+from causal_dit_jax.model.config import get_preset
 
 CFG = get_preset("tiny")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler, causal_rope_positions
-from causal_dit_jax.config import get_preset
-from sharding import SEQ_AXES, SequenceParallelDiT, make_mesh, split_sequence_devices
-from sharding.rope_sp import shard_positions
+from causal_dit_jax import KernelConfig, CausalWanDiT, InferenceConfig, SelfForcingSampler, causal_rope_positions
+from causal_dit_jax.model.config import get_preset
+from causal_dit_jax.sharding import SEQ_AXES, SequenceParallelDiT, make_mesh, split_sequence_devices
+from causal_dit_jax.sharding.rope_sp import shard_positions
 
 SP_TOL = 1e-5
 CFG = get_preset("tiny")  # 12 heads, float32
@@ -195,11 +195,11 @@ def test_all_to_all_cache_is_in_whole_pages_for_paged_attention():
     """With cuDNN paged attention the all-to-all mesh's cache key axis is rounded up to whole 256-key
     pages (as on one device); a ring's is not (its per-member segments are read by slicing)."""
     inference = InferenceConfig()
-    dit = CausalWanDiT(CFG, attention_impl="cudnn_paged")
+    dit = CausalWanDiT(CFG, KernelConfig(attention_impl="cudnn_paged"))
     chunk = 3 * CFG.tokens_per_frame(4, 6)  # 72 tokens, 2 slots for 6 frames
     paged = SequenceParallelDiT(dit, make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
     assert paged.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 256
-    plain = SequenceParallelDiT(CausalWanDiT(CFG, attention_impl="xla"),
+    plain = SequenceParallelDiT(CausalWanDiT(CFG, KernelConfig(attention_impl="xla")),
                                 make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
     assert plain.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 2 * chunk
     ring = SequenceParallelDiT(dit, make_mesh(2, strategy="ring", num_heads=CFG.num_heads))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
-from convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
-from convert.torch_files import CheckpointError
+from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+from causal_dit_jax.convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
+from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import rel_err
 from torch_reference.taehv import TAEHVReference
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from causal_dit_jax.text_encoder import (T5_PRESETS, T5Config, UMT5Encoder, relative_position_bucket,
+from causal_dit_jax.text.umt5 import (T5_PRESETS, T5Config, UMT5Encoder, relative_position_bucket,
                                          t5_param_count)
-from causal_dit_jax.tokenizer import ByteTokenizer, PromptTokenizer, clean_prompt
-from convert.t5_convert import infer_t5_config, load_t5_params, t5_params_from_state_dict
-from convert.torch_files import CheckpointError
+from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer, clean_prompt
+from causal_dit_jax.convert.t5_convert import infer_t5_config, load_t5_params, t5_params_from_state_dict
+from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import rel_err
 from torch_reference import umt5 as ref
 

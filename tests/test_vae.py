@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from causal_dit_jax.vae import VAEDecodeCache, WanVAE, get_vae_preset, to_uint8
-from convert.torch_files import CheckpointError
-from convert.vae_convert import load_vae_params, vae_params_from_state_dict
-from convert.vae_keys import vae_decoder_key_map
+from causal_dit_jax.decoders.chunked_decode import to_uint8
+from causal_dit_jax.decoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
+from causal_dit_jax.convert.torch_files import CheckpointError
+from causal_dit_jax.convert.vae_convert import load_vae_params, vae_params_from_state_dict
+from causal_dit_jax.convert.vae_keys import vae_decoder_key_map
 from dit_fixtures import rel_err
 from torch_reference import wan_vae as ref
 
@@ -140,7 +141,7 @@ def test_upsample_as_four_phase_convs_equals_repeat_then_conv(converted, latents
     runs the default. A method that does not exist is named."""
     from flax import nnx
 
-    from causal_dit_jax.vae import Conv, upsample_conv_phases
+    from causal_dit_jax.decoders.wan_vae import Conv, upsample_conv_phases
 
     conv = Conv(5, 7, (3, 3), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     conv.bias[...] = jax.random.normal(jax.random.key(3), (7,))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
@@ -131,6 +131,44 @@ def lookup_preset(presets: dict, name: str, what: str):
 
 def get_preset(name: str) -> ModelConfig:
     return lookup_preset(PRESETS, name, "preset")
+
+
+ATTENTION_IMPLS = ("xla", "cudnn", "cudnn_paged")
+NORM_ROPE_IMPLS = ("xla", "pallas")
+LINEAR_PRECISIONS = ("bfloat16", "float8")
+
+
+def check_choice(value, choices: tuple, what: str):
+    """`value` if it is one of `choices`, else an error naming `what` and the valid choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {list(choices)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig(ConfigFields):
+    """How the DiT's kernels run: one frozen, validated record instead of keywords through every layer.
+
+    attention_impl: the self-attention kernel on one device: 'xla', 'cudnn', 'cudnn_paged' (cuDNN
+    reading the KV cache in place) or None (the backend's default: 'cudnn_paged' on GPUs for 16-bit
+    models, else 'xla'). norm_rope_impl: q/k RMSNorm + RoPE as XLA fusions ('xla') or one Pallas
+    kernel ('pallas'). linear_precision: 'bfloat16' (the model's dtypes) or 'float8' (the block
+    GEMMs in e4m3 with per-channel weight and per-token activation scales; inference only: it
+    changes the output). scan_unroll: layers per iteration of the layer loop (1 compiles fastest).
+    """
+
+    attention_impl: Optional[str] = None
+    norm_rope_impl: str = "xla"
+    linear_precision: str = "bfloat16"
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        if self.attention_impl is not None:
+            check_choice(self.attention_impl, ATTENTION_IMPLS, "attention_impl")
+        check_choice(self.norm_rope_impl, NORM_ROPE_IMPLS, "norm_rope_impl")
+        check_choice(self.linear_precision, LINEAR_PRECISIONS, "linear_precision")
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.model.config import InferenceConfig, ModelConfig, dtype_from_name
 
 
 @struct.dataclass

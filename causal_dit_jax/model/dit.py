@@ -19,16 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.attention import (PAGE_TOKENS, SelfAttentionFn, default_implementation,
+from causal_dit_jax.model.attention import (PAGE_TOKENS, SelfAttentionFn, default_implementation,
                                      make_local_self_attention)
-from causal_dit_jax.blocks import WanBlock
-from causal_dit_jax.config import InferenceConfig, ModelConfig, dtype_from_name
-from causal_dit_jax.fp8_linear import check_linear_precision, quantize_block_params
-from causal_dit_jax.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
-from causal_dit_jax.layers import MLP, layer_norm, per_token, sinusoidal_embedding
-from causal_dit_jax.patchify import patchify, unpatchify
-from causal_dit_jax.qk_norm_rope import IMPLEMENTATIONS as NORM_ROPE_IMPLEMENTATIONS
-from causal_dit_jax.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
+from causal_dit_jax.model.blocks import WanBlock
+from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.model.fp8_linear import quantize_block_params
+from causal_dit_jax.model.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
+from causal_dit_jax.model.layers import MLP, layer_norm, per_token, sinusoidal_embedding
+from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
+from causal_dit_jax.model.rope import RopeTables, causal_rope_positions, rope_cos_sin, rope_tables
 
 Params = dict[str, Any]
 
@@ -81,31 +80,31 @@ class Head(nnx.Module):
 class CausalWanDiT:
     """Causal, KV-cached Wan DiT. Build from a `ModelConfig`; params come from `init` or `convert`.
 
-    attention_fn: the self-attention kernel (see `attention.local_self_attention`); sequence
-    parallelism passes its own. attention_impl: 'xla', 'cudnn', 'cudnn_paged' or None (the backend's
-    default: 'cudnn_paged' on GPUs for bf16, else 'xla') for the default kernel.
-    scan_unroll: layers per iteration of the layer loop (`lax.scan(unroll=)`); 1 compiles fastest.
-    norm_rope_impl: 'xla' (default) or 'pallas': how q/k RMSNorm + RoPE run (`qk_norm_rope`).
-    linear_precision: 'bfloat16' (default: the model's dtypes) or 'float8': the block GEMMs in e4m3
-    with per-channel weight and per-token activation scales (`fp8_linear`; inference only). A float8
-    model takes the params of `quantize(params)` (its `init` and `load_dit` return them).
+    kernels: how the kernels run (`KernelConfig`: attention, q/k norm + RoPE, linear precision,
+    layer-loop unroll); its attention_impl None becomes the backend's default here. A float8 model
+    takes the params of `quantize(params)` (its `init` and `load_dit` return them).
+    attention_fn: the self-attention kernel (see `attention.local_self_attention`; default: the one
+    `kernels.attention_impl` names).
     """
 
-    def __init__(self, config: ModelConfig, attention_fn: Optional[SelfAttentionFn] = None,
-                 attention_impl: str | None = None, scan_unroll: int = 1, norm_rope_impl: str = "xla",
-                 linear_precision: str = "bfloat16"):
-        if norm_rope_impl not in NORM_ROPE_IMPLEMENTATIONS:
-            raise ValueError(f"norm_rope_impl must be one of {NORM_ROPE_IMPLEMENTATIONS}, got {norm_rope_impl!r}")
+    def __init__(self, config: ModelConfig, kernels: KernelConfig = KernelConfig(),
+                 attention_fn: Optional[SelfAttentionFn] = None):
+        if not isinstance(kernels, KernelConfig):
+            raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")
         self.config = config
-        self.linear_precision = check_linear_precision(linear_precision)
-        self.scan_unroll = scan_unroll
-        self.norm_rope_impl = norm_rope_impl
-        self.attention_impl = attention_impl or default_implementation(config.dtype)
-        self.attention_fn = attention_fn or make_local_self_attention(self.attention_impl)
+        self.kernels = kernels.replace(attention_impl=kernels.attention_impl or default_implementation(config.dtype))
+        self.attention_fn = attention_fn or make_local_self_attention(self.kernels.attention_impl)
         self._stem_def = nnx.graphdef(nnx.eval_shape(lambda: Stem(config, rngs=nnx.Rngs(0))))
-        self._block_def = nnx.graphdef(nnx.eval_shape(
-            lambda: WanBlock(config, rngs=nnx.Rngs(0), linear_precision=linear_precision)))
+        self._block_def = nnx.graphdef(nnx.eval_shape(lambda: WanBlock(config, self.kernels, rngs=nnx.Rngs(0))))
         self._head_def = nnx.graphdef(nnx.eval_shape(lambda: Head(config, rngs=nnx.Rngs(0))))
+
+    @property
+    def num_devices(self) -> int:
+        return 1
+
+    def place(self, tree):
+        """Inputs stay where they are on one device."""
+        return tree
 
     # ----------------------------------------------------------------- parameters
     def init(self, rng: jax.Array) -> Params:
@@ -126,7 +125,7 @@ class CausalWanDiT:
         """Params in the bfloat16 layout (`init` of a bfloat16 model, a converted checkpoint) -> this
         model's layout: unchanged for 'bfloat16', the block linears in e4m3 for 'float8' (stacked or
         `unstack_blocks` per-layer blocks; already quantised ones pass through)."""
-        if self.linear_precision == "bfloat16":
+        if self.kernels.linear_precision == "bfloat16":
             return params
         blocks = params["blocks"]
         if _per_layer(blocks):
@@ -147,7 +146,7 @@ class CausalWanDiT:
                    latent_width: int, origin_frame: int = 0) -> KVCache:
         """Zero KV cache for a stream of `num_frames` latent frames starting at global frame `origin_frame`."""
         tpf = self.config.tokens_per_frame(latent_height, latent_width)
-        align = PAGE_TOKENS if self.attention_impl == "cudnn_paged" else 1  # whole pages for paged attention
+        align = PAGE_TOKENS if self.kernels.attention_impl == "cudnn_paged" else 1  # whole pages for paged attention
         return init_kv_cache(self.config, inference, batch, num_frames, tpf * inference.frames_per_chunk,
                              origin_frame=origin_frame, align=align)
 
@@ -179,22 +178,22 @@ class CausalWanDiT:
 
         Returns the flow prediction [B, F, H, W, C_out] (float32) and the updated cache.
         """
-        return forward_latents(self, params, x, t, text, cache, start_frame, rope)
+        tokens, grid = latents_to_tokens(self.config, x, t)
+        out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
+        return tokens_to_latents(self.config, out, grid), cache
 
     def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
                        cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
                        grid: tuple[int, int, int], token_offset: jax.Array | int = 0,
-                       attention_fn: Optional[SelfAttentionFn] = None, norm_rope_impl: Optional[str] = None
-                       ) -> tuple[jax.Array, Optional[KVCache]]:
+                       attention_fn: Optional[SelfAttentionFn] = None) -> tuple[jax.Array, Optional[KVCache]]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
         `token_offset` (0 on one device); positions, frames and RoPE rows are derived from it locally.
         attention_fn overrides the model's self-attention kernel (sequence parallelism binds one per
-        chunk shape); norm_rope_impl the model's q/k norm + RoPE implementation.
+        chunk shape).
         """
         attention_fn = attention_fn or self.attention_fn
-        norm_rope_impl = norm_rope_impl or self.norm_rope_impl
         cfg = self.config
         frames, gh, gw = grid
         if text.k.shape[0] != cfg.num_layers:
@@ -218,8 +217,7 @@ class CausalWanDiT:
             block_params, tk, tv, index = layer
             block = nnx.merge(self._block_def, block_params)
             layer_cache = None if cache_kv is None else LayerCache(*cache_kv, index)
-            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn,
-                                   norm_rope_impl)
+            x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn)
             return (x, None if layer_cache is None else (layer_cache.k, layer_cache.v)), None
 
         # The cache rides in the carry: each layer updates its chunk slot in place.
@@ -231,7 +229,7 @@ class CausalWanDiT:
                 (x, cache_kv), _ = body((x, cache_kv), (block_params, text.k[i], text.v[i], i))
         else:
             (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers),
-                                            unroll=self.scan_unroll)
+                                            unroll=self.kernels.scan_unroll)
         head = nnx.merge(self._head_def, params["head"])
         out = head(x, e, frame_ids)
         if cache is not None:
@@ -259,38 +257,21 @@ def unstack_blocks(params: Params) -> Params:
     return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n))}
 
 
-def forward_latents(model, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
-                    cache: Optional[KVCache], start_frame, rope: RopeTables) -> tuple[jax.Array, Optional[KVCache]]:
-    """Check a latent chunk, patchify it, run `model.forward_tokens` (one device or a mesh), unpatchify."""
-    cfg = model.config
-    b, f, h, w, c = x.shape
-    if c != cfg.in_dim:
-        raise ValueError(f"latents must have {cfg.in_dim} channels (channels-last), got shape {x.shape}")
-    if t.shape != (b, f):
-        raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
-    cfg.tokens_per_frame(h, w)
-    _, ph, pw = cfg.patch_size
-    grid = (f, h // ph, w // pw)
-    out, cache = model.forward_tokens(params, patchify(x, cfg.patch_size), t, text, cache, start_frame, rope,
-                                      grid=grid)
-    return unpatchify(out, *grid, cfg.patch_size), cache
-
-
 @functools.lru_cache(maxsize=None)
 def param_count(config: ModelConfig) -> int:
     """Number of parameters of the model described by `config`."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(CausalWanDiT(config).abstract_params()))
 
 
-def load_dit(ckpt_dir, sharding=None, linear_precision: str = "bfloat16") -> tuple[CausalWanDiT, Params]:
+def load_dit(ckpt_dir, sharding=None, kernels: KernelConfig = KernelConfig()) -> tuple[CausalWanDiT, Params]:
     """Model and params from a converted checkpoint folder; `sharding` places params (e.g. replicated);
-    linear_precision 'float8' quantises the block linears after loading (see `CausalWanDiT`)."""
+    kernels.linear_precision 'float8' quantises the block linears after loading (see `CausalWanDiT`)."""
     from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 
     meta = read_checkpoint_config(ckpt_dir)
     if "dit" not in meta:
         raise ValueError(f"{ckpt_dir}: config.json has no 'dit' section")
     config = ModelConfig.from_dict(meta["dit"])
-    dit = CausalWanDiT(config, linear_precision=linear_precision)
+    dit = CausalWanDiT(config, kernels)
     params = restore_component(ckpt_dir, "dit", CausalWanDiT(config).abstract_params(), sharding)
-    return dit, jax.jit(dit.quantize)(params) if linear_precision != "bfloat16" else params
+    return dit, jax.jit(dit.quantize)(params) if kernels.linear_precision != "bfloat16" else params

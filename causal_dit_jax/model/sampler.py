@@ -16,11 +16,11 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.config import InferenceConfig
-from causal_dit_jax.dit import CausalWanDiT, Params
-from causal_dit_jax.kv_cache import KVCache, TextKV
-from causal_dit_jax.rope import RopeTables
-from causal_dit_jax.scheduler import denoising_timesteps, sigma_for_timestep
+from causal_dit_jax.model.config import InferenceConfig
+from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.kv_cache import KVCache, TextKV
+from causal_dit_jax.model.rope import RopeTables
+from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
 
 
 def step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...],

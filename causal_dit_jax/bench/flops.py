@@ -10,7 +10,7 @@ shared/reference/gpu_baseline.md.
 
 from __future__ import annotations
 
-from causal_dit_jax.config import ModelConfig
+from causal_dit_jax.model.config import ModelConfig
 
 
 def chunk_forward_flops_parts(config: ModelConfig, chunk_tokens: int, attended_tokens: int,

@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
-from causal_dit_jax.chunk_decoder import LatentChunkDecoder
-from causal_dit_jax.config import InferenceConfig, get_preset
-from causal_dit_jax.demo_weights import random_params
-from causal_dit_jax.dit import CausalWanDiT, Params, load_dit
-from causal_dit_jax.kv_cache import TextKV
-from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
-from causal_dit_jax.text_encoder import T5Config, UMT5Encoder, get_t5_preset
-from causal_dit_jax.tokenizer import ByteTokenizer, PromptTokenizer
-from causal_dit_jax.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.vae import VAEConfig, WanVAE, get_vae_preset
+from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
+from causal_dit_jax.model.config import InferenceConfig, KernelConfig, get_preset
+from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
+from causal_dit_jax.model.kv_cache import TextKV
+from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
+from causal_dit_jax.text.umt5 import T5Config, UMT5Encoder, get_t5_preset
+from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer
+from causal_dit_jax.decoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.decoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
 
 COMPONENTS = ("dit", "t5")
 DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
@@ -87,7 +87,7 @@ class TextToVideoPipeline:
         self.mesh = mesh
         model = dit
         if mesh is not None:
-            from sharding import SequenceParallelDiT
+            from causal_dit_jax.sharding import SequenceParallelDiT
 
             model = SequenceParallelDiT(dit, mesh)
             self.dit_params = jax.device_put(dit_params, model.replicated())
@@ -101,15 +101,15 @@ class TextToVideoPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def embedded_default(cls, inference: InferenceConfig = InferenceConfig(), mesh=None,
-                         seed: int = 0, decoder: str = "wan", linear_precision: str = "bfloat16"
+                         seed: int = 0, decoder: str = "wan", kernels: KernelConfig = KernelConfig()
                          ) -> "TextToVideoPipeline":
         """Small presets with deterministic random weights (untrained: the video is noise-like).
         Runs on a laptop CPU in about a minute; every code path is the real model's.
-        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); linear_precision:
-        'float8' runs the DiT's block GEMMs in e4m3 (`CausalWanDiT`)."""
+        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); kernels: how the DiT's
+        kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
         _check_decoder(decoder)
         config = get_preset("demo")
-        dit = CausalWanDiT(config, linear_precision=linear_precision)
+        dit = CausalWanDiT(config, kernels)
         dit_params = dit.quantize(random_params(CausalWanDiT(config).abstract_params(), seed))
         t5 = UMT5Encoder(get_t5_preset("demo"))
         vae = WanVAE(get_vae_preset("tiny")) if decoder == "wan" else TAEHVDecoder(get_taehv_preset("tiny"))
@@ -119,13 +119,14 @@ class TextToVideoPipeline:
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),
-                        mesh=None, decoder: str = "wan", linear_precision: str = "bfloat16"
+                        mesh=None, decoder: str = "wan", kernels: KernelConfig = KernelConfig()
                         ) -> "TextToVideoPipeline":
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
         decoder: 'wan' decodes with the Wan2.1 VAE; 'taehv' with the tiny decoder (converted with
         `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded.
-        linear_precision: 'float8' quantises the DiT's block linears to e4m3 after loading."""
+        kernels: how the DiT's kernels run (`KernelConfig`; linear_precision='float8' quantises its block
+        linears to e4m3 after loading)."""
         _check_decoder(decoder)
         d = pathlib.Path(ckpt_dir).expanduser()
         meta = read_checkpoint_config(d)
@@ -148,7 +149,7 @@ class TextToVideoPipeline:
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(mesh, PartitionSpec())
-        dit, dit_params = load_dit(d, sharding, linear_precision)
+        dit, dit_params = load_dit(d, sharding, kernels)
         t5_params = restore_component(d, "t5", t5.abstract_params())
         vae_params = restore_component(d, DECODERS[decoder], vae.abstract_params())
         tok_dir = d / "tokenizer"
@@ -219,9 +220,9 @@ def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.P
     """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
 
-    if pipe.dit.linear_precision != "bfloat16":
-        raise ValueError(f"this pipeline's DiT holds {pipe.dit.linear_precision} weights; checkpoints keep the "
-                         "bfloat16 layout (quantise again when loading: linear_precision='float8')")
+    if pipe.dit.kernels.linear_precision != "bfloat16":
+        raise ValueError(f"this pipeline's DiT holds {pipe.dit.kernels.linear_precision} weights; checkpoints keep "
+                         "the bfloat16 layout (quantise again when loading: KernelConfig(linear_precision='float8'))")
 
     decoder = "vae" if isinstance(pipe.vae, WanVAE) else "taehv"
     configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),

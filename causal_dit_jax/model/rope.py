@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from causal_dit_jax.config import ModelConfig
+from causal_dit_jax.model.config import ModelConfig
 
 ROPE_THETA = 10000.0
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from causal_dit_jax.config import PRESETS, InferenceConfig
+from causal_dit_jax.model.config import PRESETS, InferenceConfig, KernelConfig
 
 
 def _add_convert(sub) -> None:
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> int:
-    from causal_dit_jax.config import get_preset
-    from convert import convert_dit_checkpoint, convert_pipeline_checkpoint
+    from causal_dit_jax.model.config import get_preset
+    from causal_dit_jax.convert import convert_dit_checkpoint, convert_pipeline_checkpoint
 
     config = get_preset(args.preset) if args.preset else None
     if args.wan_dir:
@@ -111,7 +111,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from causal_dit_jax.bench import run_dit_bench, write_json
+    from causal_dit_jax.bench.rollout import run_dit_bench, write_json
 
     if args.compilation_cache:
         import jax
@@ -120,21 +120,21 @@ def cmd_bench(args) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from causal_dit_jax.config import get_preset
+    from causal_dit_jax.model.config import get_preset
 
     config = get_preset(args.preset)
     if args.residual_dtype:
         config = config.replace(residual_dtype=args.residual_dtype)
-    from causal_dit_jax.dit import CausalWanDiT
+    from causal_dit_jax.model.dit import CausalWanDiT
 
-    dit, strategy, comm = CausalWanDiT(config, attention_impl=args.attention, scan_unroll=args.scan_unroll,
-                                          norm_rope_impl=args.norm_rope, linear_precision=args.linear_precision), \
-        "single", None
+    kernels = KernelConfig(attention_impl=args.attention, norm_rope_impl=args.norm_rope,
+                           linear_precision=args.linear_precision, scan_unroll=args.scan_unroll)
+    dit, strategy, comm = CausalWanDiT(config, kernels), "single", None
     if args.mesh:
         if args.per_layer_weights:
             print("error: --per-layer-weights runs on one device (drop --mesh)", file=sys.stderr)
             return 2
-        from sharding.sequence_parallel import sequence_parallel_dit
+        from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 
         dit, comm = sequence_parallel_dit(dit, args.mesh, args.strategy, height=args.height, width=args.width)
         strategy = args.strategy
@@ -163,14 +163,15 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from causal_dit_jax.pipeline import TextToVideoPipeline, video_spec
-    from causal_dit_jax.video import Mp4Writer, check_writable
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline, video_spec
+    from causal_dit_jax.app.video import Mp4Writer, check_writable
 
     demo = args.checkpoint is None
     frames = args.frames or (33 if demo else 81)
     height = args.height or (128 if demo else 480)
     width = args.width or (192 if demo else 832)
     inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+    kernels = KernelConfig(linear_precision=args.linear_precision)
     spec = video_spec(frames, height, width, inference.frames_per_chunk)  # bad sizes fail before model work
     if any(not p.strip() for p in args.prompt):
         raise ValueError("the prompt is empty")
@@ -179,9 +180,9 @@ def cmd_generate(args) -> int:
         check_writable(o)
     mesh = None
     if args.mesh:
-        from sharding import make_mesh
+        from causal_dit_jax.sharding import make_mesh
 
-        from causal_dit_jax.config import get_preset
+        from causal_dit_jax.model.config import get_preset
         heads = get_preset("demo").num_heads if demo else None
         if heads is None:
             from causal_dit_jax.checkpoint import read_checkpoint_config
@@ -191,11 +192,10 @@ def cmd_generate(args) -> int:
     if demo:
         print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
               "the video shows the pipeline working, not a picture of the prompt.")
-        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder,
-                                                    linear_precision=args.linear_precision)
+        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
     else:
         pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder,
-                                                   linear_precision=args.linear_precision)
+                                                   kernels=kernels)
     print(f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
           f"({spec.latent_frames} latent frames, {spec.latent_frames // inference.frames_per_chunk} chunks)")
     stats: dict = {}

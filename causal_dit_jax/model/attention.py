@@ -12,7 +12,7 @@ from typing import Callable, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.kv_cache import CacheWrite, LayerCache, write_chunk
+from causal_dit_jax.model.kv_cache import CacheWrite, LayerCache, write_chunk
 
 
 class SelfAttentionFn(Protocol):

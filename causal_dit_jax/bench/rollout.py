@@ -16,11 +16,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench_targets import format_rows, target_report
-from causal_dit_jax.config import PRESETS, InferenceConfig, ModelConfig, get_preset
-from causal_dit_jax.dit import CausalWanDiT, unstack_blocks
-from causal_dit_jax.flops import rollout_flops
-from causal_dit_jax.sampler import SelfForcingSampler, initial_noise
+from causal_dit_jax.model.config import PRESETS, InferenceConfig, ModelConfig, get_preset
+from causal_dit_jax.model.dit import CausalWanDiT, unstack_blocks
+from causal_dit_jax.bench.flops import rollout_flops
+from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
 
 
 @dataclasses.dataclass
@@ -39,7 +38,7 @@ class BenchResult:
     total_s: float
     frames_per_second: float
     comm_bytes_per_chunk: Optional[int] = None
-    dit_tflops: float = 0.0  # analytic FLOPs of all forwards (causal_dit_jax.flops)
+    dit_tflops: float = 0.0  # analytic FLOPs of all forwards (causal_dit_jax.bench.flops)
     matmul_peak_tflops: Optional[float] = None  # bf16 8192^3 matmul measured in the same run
     mfu: Optional[float] = None  # of num_devices x the matmul peak
     compilations: Optional[int] = None  # backend compilations during the timed rollouts
@@ -51,7 +50,6 @@ class BenchResult:
     # (wall time minus this is the device's idle time: launch gaps and host syncs between chunks)
     vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
     tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
-    targets: Optional[list] = None  # issue 8's targets in its setting (bench_targets.target_report)
     linear_precision: str = "bfloat16"  # the DiT's block GEMMs: bfloat16 or float8 (e4m3)
     date: str = ""
     host: str = ""
@@ -105,8 +103,6 @@ class BenchResult:
                 rows.append((f"peak device memory, DiT + {label}", f"{v['peak_memory_gb']:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
             rows.append(("bytes communicated per chunk", f"{self.comm_bytes_per_chunk:,}"))
-        if self.targets:
-            rows += format_rows(self.targets)
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
@@ -143,8 +139,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     ctx = jax.random.normal(jax.random.fold_in(key, 1), (1, config.text_len, config.text_dim), jnp.float32)
     text = jax.jit(dit.encode_text)(params, ctx)
     noise = initial_noise(jax.random.fold_in(key, 2), 1, latent_frames, lh, lw, config.in_dim)
-    if hasattr(dit, "replicated"):  # sequence parallel: the params live on every device of the mesh
-        params, text, noise = jax.device_put((params, text, noise), dit.replicated())
+    params, text, noise = dit.place((params, text, noise))  # replicated over a mesh, if any
 
     t0 = time.perf_counter()
     stream = sampler.stream(params, text, noise, key)
@@ -190,10 +185,10 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     window = None if inference.local_attn_size == -1 else inference.local_attn_size // inference.frames_per_chunk
     flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
-    n_devices = dit.mesh.size if hasattr(dit, "mesh") else 1  # MFU against the peak of all of them
+    n_devices = dit.num_devices  # MFU against the peak of all of them
     breakdown = first_breakdown = rollout_ms = None
     if profile and jax.default_backend() == "gpu":
-        from causal_dit_jax.profile_breakdown import profile_breakdown
+        from causal_dit_jax.bench.profile import profile_breakdown
 
         fwd = jax.jit(dit.forward, donate_argnums=(4,))  # the cache is donated, as in the sampler
         x = noise[:, :inference.frames_per_chunk]
@@ -228,10 +223,9 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
         peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
         first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
-        linear_precision=getattr(dit, "dit", dit).linear_precision,  # a SequenceParallelDiT's .dit
+        linear_precision=dit.kernels.linear_precision,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), latents=latents)
-    result.targets = target_report(result, config, tpc, len(sampler.timesteps) + 1)
     return result
 
 
@@ -246,10 +240,10 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     does) to the first frames on the host."""
     import numpy as np
 
-    from causal_dit_jax.chunk_decoder import LatentChunkDecoder
-    from causal_dit_jax.demo_weights import random_params
-    from causal_dit_jax.taehv import TAEHVDecoder, get_taehv_preset
-    from causal_dit_jax.vae import WanVAE, get_vae_preset
+    from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
+    from causal_dit_jax.model.random_params import random_params
+    from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
+    from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 
     if vae_preset.startswith("taehv"):
         preset = "taew2.1" if vae_preset == "taehv" else vae_preset.removeprefix("taehv-")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.fp8_linear import Fp8Linear, gelu_quantize_rows, make_linear
+from causal_dit_jax.model.fp8_linear import Fp8Linear, gelu_quantize_rows, make_linear
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

@@ -24,22 +24,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.pallas_out import out_struct
+from causal_dit_jax.model.config import LINEAR_PRECISIONS, check_choice
+from causal_dit_jax.model.pallas_out import out_struct
 
 F8 = jnp.float8_e4m3fn
 F8_MAX = float(jnp.finfo(F8).max)  # 448
-LINEAR_PRECISIONS = ("bfloat16", "float8")
 # The linears of a Wan block that run in float8 (cross_attn.kv runs once per prompt: kept bf16).
 FP8_LINEARS = (("self_attn", "qkv"), ("self_attn", "o"), ("cross_attn", "q"), ("cross_attn", "o"),
                ("ffn", "fc1"), ("ffn", "fc2"))
 _TINY = 1e-12  # scale floor: an all-zero row or channel quantises to zeros, not NaN
-
-
-def check_linear_precision(name: str) -> str:
-    """The name, if it is one of LINEAR_PRECISIONS; else a ValueError naming the choices."""
-    if name not in LINEAR_PRECISIONS:
-        raise ValueError(f"linear_precision must be one of {LINEAR_PRECISIONS}, got {name!r}")
-    return name
 
 
 def _to_e4m3(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -170,7 +163,7 @@ class Fp8Linear(nnx.Module):
 
 def make_linear(d_in: int, d_out: int, precision: str, *, dtype, param_dtype, rngs: nnx.Rngs):
     """nnx.Linear for 'bfloat16' (the model's own dtypes), Fp8Linear for 'float8'."""
-    if check_linear_precision(precision) == "float8":
+    if check_choice(precision, LINEAR_PRECISIONS, "linear_precision") == "float8":
         return Fp8Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype)
     return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -197,6 +190,6 @@ def quantize_block_params(block_params: dict) -> dict:
     return out
 
 
-__all__ = ["F8", "FP8_LINEARS", "Fp8Linear", "LINEAR_PRECISIONS", "check_linear_precision", "e4m3_product",
+__all__ = ["F8", "FP8_LINEARS", "Fp8Linear", "e4m3_product",
            "fp8_matmul", "fp8_matmul_quantized", "gelu_quantize_rows", "is_quantized", "make_linear",
            "quantize_block_params", "quantize_kernel", "quantize_linear_params", "quantize_rows"]

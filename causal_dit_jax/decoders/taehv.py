@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import struct
 
-from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
-from causal_dit_jax.vae import ChunkedDecode
+from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
+from causal_dit_jax.decoders.chunked_decode import ChunkedDecode
 
 Params = dict[str, Any]
 MEM_BLOCKS = 3  # memory blocks per stage

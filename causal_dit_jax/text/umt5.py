@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
-from causal_dit_jax.layers import RMSNorm
+from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
+from causal_dit_jax.model.layers import RMSNorm
 
 Params = dict[str, Any]
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx, struct
 
-from causal_dit_jax.config import ConfigFields, dtype_from_name, lookup_preset
+from causal_dit_jax.decoders.chunked_decode import ChunkedDecode
+from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
 
 Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
@@ -521,33 +522,6 @@ class WanVAEDecoder(nnx.Module):
         self.decoder = Decoder3d(config, rngs=rngs)
 
 
-# --------------------------------------------------------------------------------------------- API
-class ChunkedDecode:
-    """Whole-video decoding for a streaming decoder that has `init_decode_cache(b, h, w)` and a pure
-    `decode_chunk(params, z, cache) -> (frames, cache)` (the Wan VAE and the TAEHV decoder)."""
-
-    @functools.cached_property
-    def jit_decode_chunk(self):
-        """`decode_chunk` under `jax.jit`, kept on the instance (one compile per chunk shape and flag)."""
-        return jax.jit(self.decode_chunk)
-
-    def decode(self, params: Params, z: jax.Array, frames_per_chunk: int | None = 3) -> jax.Array:
-        """A whole latent video z [B, T, h, w, C] -> frames [B, 1 + 4 (T - 1), 8h, 8w, 3] in [-1, 1].
-
-        Decoded `frames_per_chunk` latents at a time with the caches carried (the same frames as one
-        pass, with bounded memory: one pass over 21 latents at 480x832 holds 81-frame activations);
-        None decodes in one pass.
-        """
-        b, t, h, w, _ = z.shape
-        cache = self.init_decode_cache(b, h, w)
-        step = frames_per_chunk or t
-        outs = []
-        for start in range(0, t, step):
-            frames, cache = self.jit_decode_chunk(params, z[:, start:start + step], cache)
-            outs.append(frames)
-        return jnp.concatenate(outs, axis=1)
-
-
 class WanVAE(ChunkedDecode):
     """The Wan2.1 VAE decoder as pure functions of (params, inputs). Build from a `VAEConfig`;
     params come from `init` or `convert.vae_convert.load_vae_params`."""
@@ -593,8 +567,3 @@ class WanVAE(ChunkedDecode):
                                          cache.tail_newest)
         return (jnp.clip(x.astype(jnp.float32), -1.0, 1.0),
                 VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest))
-
-
-def to_uint8(frames: jax.Array) -> jax.Array:
-    """Frames in [-1, 1] -> uint8 [0, 255]: round((v * 0.5 + 0.5).clip(0, 1) * 255)."""
-    return jnp.round(jnp.clip(frames * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)

@@ -18,12 +18,10 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from causal_dit_jax.layers import rms_norm
-from causal_dit_jax.pallas_out import out_struct
-from causal_dit_jax.rope import apply_rope
-
-IMPLEMENTATIONS = ("xla", "pallas")
-
+from causal_dit_jax.model.config import NORM_ROPE_IMPLS
+from causal_dit_jax.model.layers import rms_norm
+from causal_dit_jax.model.pallas_out import out_struct
+from causal_dit_jax.model.rope import apply_rope
 
 def qk_norm_rope_xla(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array,
                      sin: jax.Array, eps: float, num_heads: int) -> tuple[jax.Array, jax.Array]:
@@ -109,7 +107,7 @@ def qk_norm_rope(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: ja
         return qk_norm_rope_xla(qkv, scale_q, scale_k, cos, sin, eps, num_heads)
     if implementation == "pallas":
         return qk_norm_rope_pallas(qkv, scale_q, scale_k, cos, sin, eps, num_heads)
-    raise ValueError(f"unknown q/k norm + RoPE implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown q/k norm + RoPE implementation {implementation!r}; expected one of {NORM_ROPE_IMPLS}")
 
 
-__all__ = ["IMPLEMENTATIONS", "qk_norm_rope", "qk_norm_rope_pallas", "qk_norm_rope_xla"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_pallas", "qk_norm_rope_xla"]

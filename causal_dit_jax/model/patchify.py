@@ -25,6 +25,24 @@ def unpatchify(tokens: jax.Array, frames: int, grid_h: int, grid_w: int,
                      p=ph, q=pw)
 
 
+def latents_to_tokens(config, x: jax.Array, t: jax.Array) -> tuple[jax.Array, tuple[int, int, int]]:
+    """Check a latent chunk x [B, F, H, W, C_in] and its timesteps t [B, F]; return its patch tokens
+    [B, F*h*w, ph*pw*C_in] and the token grid (F, h, w). `config` is the model's `ModelConfig`."""
+    b, f, h, w, c = x.shape
+    if c != config.in_dim:
+        raise ValueError(f"latents must have {config.in_dim} channels (channels-last), got shape {x.shape}")
+    if t.shape != (b, f):
+        raise ValueError(f"timesteps must be [batch, frames] = {(b, f)}, got {t.shape}")
+    config.tokens_per_frame(h, w)
+    _, ph, pw = config.patch_size
+    return patchify(x, config.patch_size), (f, h // ph, w // pw)
+
+
+def tokens_to_latents(config, tokens: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    """Output tokens [B, F*h*w, ph*pw*C_out] on the grid (F, h, w) -> latents [B, F, H, W, C_out]."""
+    return unpatchify(tokens, *grid, config.patch_size)
+
+
 def from_torch_layout(x, layout: str = "bfchw"):
     """PyTorch latents to [B, F, H, W, C]: layout 'bfchw' (Self-Forcing pipeline) or 'bcfhw' (Wan model)."""
     if layout == "bfchw":

@@ -1,0 +1,8 @@
+"""Latents to frames, streaming: the Wan2.1 VAE decoder, the tiny TAEHV decoder, the chunk decode loop."""
+
+from causal_dit_jax.decoders.chunked_decode import ChunkedDecode, LatentChunkDecoder, to_uint8
+from causal_dit_jax.decoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.decoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
+
+__all__ = ["ChunkedDecode", "LatentChunkDecoder", "TAEHVConfig", "TAEHVDecoder", "VAEConfig", "WanVAE",
+           "get_taehv_preset", "get_vae_preset", "to_uint8"]
