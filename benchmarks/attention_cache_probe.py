@@ -11,39 +11,35 @@ epilogue. Real Wan2.1-1.3B shapes at 480x832: 4680 tokens per chunk, 12 heads x 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.bench import median_ms, write_json
 from causal_dit_jax.model.attention import dot_product_attention, paged_cache_attention
 from causal_dit_jax.model.kv_cache import LayerCache
 
 LAYERS, TOKENS, SLOTS, HEADS, HEAD_DIM = 30, 4680, 7, 12, 128
 
 
-def timed(fn, state: dict, q, k_new, valid, repeats: int = 10) -> tuple[float, jax.Array]:
-    """Median ms of fn with the cache donated and handed back each call (as the sampler runs it)."""
-    times, out = [], None
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        out, state["k"], state["v"] = fn(q, k_new, state["k"], state["v"], valid)
-        jax.block_until_ready(out)
-        if i:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3, out
+def timed(fn, state: dict, q, k_new, v_new, valid, repeats: int = 10) -> tuple[float, jax.Array]:
+    """Median ms of fn with the cache donated and handed back each call (as the sampler runs it),
+    and the last call's output."""
+    def call():
+        state["out"], state["k"], state["v"] = fn(q, k_new, v_new, state["k"], state["v"], valid)
+        return state["out"]
+
+    return median_ms(call, repeats=repeats), state["out"]
 
 
 def layer_loop(page_tokens: int | None):
     """30 layers: write the chunk's k/v into slot `valid - 1`, attend over the valid slots."""
-    def run(q, k_new, cache_k, cache_v, valid):
+    def run(q, k_new, v_new, cache_k, cache_v, valid):
         def body(carry, layer):
             ck, cv = carry
             idx = (layer, 0, (valid - 1) * TOKENS, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k_new[None], idx)
-            cv = jax.lax.dynamic_update_slice(cv, k_new[None], idx)
+            cv = jax.lax.dynamic_update_slice(cv, v_new[None], idx)
             kv_len = valid * TOKENS
             if page_tokens is None:
                 out = dot_product_attention(q, ck[layer], cv[layer], kv_length=kv_len, implementation="cudnn")
@@ -52,7 +48,7 @@ def layer_loop(page_tokens: int | None):
             return (ck, cv), out[0, :8, 0, :8]
         (ck, cv), outs = jax.lax.scan(body, (cache_k, cache_v), jnp.arange(LAYERS, dtype=jnp.int32))
         return outs, ck, cv
-    return jax.jit(run, donate_argnums=(2, 3))
+    return jax.jit(run, donate_argnums=(3, 4))
 
 
 def gelu_epilogue_fused() -> dict:
@@ -74,21 +70,15 @@ def gelu_epilogue_fused() -> dict:
     for name, fn in variants.items():
         compiled = jax.jit(fn).lower(x, w, b).compile()
         hlo = compiled.as_text()
-        t = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            compiled(x, w, b).block_until_ready()
-            t.append(time.perf_counter() - t0)
-        t.sort()
         out[name] = {"gelu_in_epilogue": "GELU" in hlo, "bias_in_epilogue": "BIAS" in hlo,
-                     "fusions": hlo.count(" fusion("), "ms": t[10] * 1e3}
+                     "fusions": hlo.count(" fusion("), "ms": median_ms(compiled, x, w, b)}
     return out
 
 
 def taehv_decode_ms() -> dict:
     """The tiny decoder at 480x832 (60x104 latents), bf16, 1 and 3 latents per call."""
-    from causal_dit_jax.model.random_params import random_params
     from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+    from causal_dit_jax.model.random_params import random_params
 
     dec = TAEHVDecoder(get_taehv_preset("taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
     params = random_params(dec.abstract_params(), 0)
@@ -97,46 +87,39 @@ def taehv_decode_ms() -> dict:
     for n in (1, 3):
         z = jax.random.normal(jax.random.key(n), (1, n, 60, 104, 16), jnp.float32)
         cache = dec.init_decode_cache(1, 60, 104, wan_first_frame=False)
-        jax.block_until_ready(step(params, z, cache))
-        t = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(params, z, cache))
-            t.append(time.perf_counter() - t0)
-        t.sort()
-        out[f"{n}_latents_ms"] = t[5] * 1e3
-        out[f"{n}_latents_tflops"] = taehv_flops(dec.config, n, 60, 104) / t[5] / 1e12
+        ms = median_ms(step, params, z, cache, repeats=10)
+        out[f"{n}_latents_ms"] = ms
+        out[f"{n}_latents_tflops"] = taehv_flops(dec.config, n, 60, 104) / ms / 1e9
     return out
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     key = jax.random.key(0)
-    ks = jax.random.split(key, 4)
+    ks = jax.random.split(key, 5)
     q = jax.random.normal(ks[0], (1, TOKENS, HEADS, HEAD_DIM), jnp.bfloat16)
     k_new = jax.random.normal(ks[1], (1, TOKENS, HEADS, HEAD_DIM), jnp.bfloat16)
+    v_new = jax.random.normal(ks[4], (1, TOKENS, HEADS, HEAD_DIM), jnp.bfloat16)
     shape = (LAYERS, 1, 32768, HEADS, HEAD_DIM)  # 7 x 4680 = 32760 keys, aligned up for whole pages
     state = {"k": jax.random.normal(ks[2], shape, jnp.bfloat16), "v": jax.random.normal(ks[3], shape, jnp.bfloat16)}
-    result = {"device": jax.devices()[0].device_kind, "gemm": gelu_epilogue_fused(), "taehv": taehv_decode_ms(),
-              "loops": {}}
-    print(json.dumps(result), flush=True)
+    result = {"gemm": gelu_epilogue_fused(), "taehv": taehv_decode_ms(), "loops": {}}
+    print(result, flush=True)
     for valid in (1, 4, 7):
-        ms, ref = timed(layer_loop(None), state, q, k_new, valid)
+        ms, ref = timed(layer_loop(None), state, q, k_new, v_new, valid)
         row = {"slice_ms": ms}
         for page in (64, 128, 256, 512, 1024):
             try:
-                ms, out = timed(layer_loop(page), state, q, k_new, valid)
+                ms, out = timed(layer_loop(page), state, q, k_new, v_new, valid)
                 row[f"paged{page}_ms"] = ms
                 row[f"paged{page}_maxdiff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
             except Exception as e:  # noqa: BLE001 - a probe: report what cuDNN refuses
                 row[f"paged{page}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         result["loops"][f"valid_slots_{valid}"] = row
-        print(valid, json.dumps(row), flush=True)
+        print(valid, row, flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, **result)
 
 
 if __name__ == "__main__":

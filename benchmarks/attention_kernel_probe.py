@@ -15,7 +15,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench.rollout import median_ms, write_probe_json
+from causal_dit_jax.bench import median_ms, write_json
 
 HEADS, HEAD_DIM = 12, 128
 
@@ -56,7 +56,7 @@ def main() -> None:
                                  "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(rows[-1], flush=True)
     if args.json:
-        write_probe_json(args.json, rows=rows)
+        write_json(args.json, rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import InferenceConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.model.sampler import SelfForcingSampler
@@ -26,15 +27,18 @@ def main() -> None:
     args = ap.parse_args()
     cfg = get_preset(args.preset)
     dit = CausalWanDiT(cfg)
-    sampler = SelfForcingSampler(dit, InferenceConfig())
-    lh, lw = args.height // 8, args.width // 8
+    inference = InferenceConfig()
+    sampler = SelfForcingSampler(dit, inference)
+    down = get_vae_preset("wan2.1").spatial_factor  # pixels per latent, each way
+    lh, lw = args.height // down, args.width // down
+    c = inference.frames_per_chunk
     params = dit.abstract_params()
     cache = jax.eval_shape(lambda: sampler.init_cache(1, args.frames, lh, lw))
     text = jax.eval_shape(lambda p: dit.encode_text(p, jnp.zeros((1, cfg.text_len, cfg.text_dim))), params)
     rope = dit.rope_tables(args.frames, lh, lw)
-    x = jax.ShapeDtypeStruct((1, 3, lh, lw, cfg.in_dim), jnp.float32)
-    t = jax.ShapeDtypeStruct((1, 3), jnp.float32)
-    compiled = jax.jit(dit.forward, donate_argnums=(4,)).lower(params, x, t, text, cache, args.frames - 3,
+    x = jax.ShapeDtypeStruct((1, c, lh, lw, cfg.in_dim), jnp.float32)
+    t = jax.ShapeDtypeStruct((1, c), jnp.float32)
+    compiled = jax.jit(dit.forward, donate_argnums=(4,)).lower(params, x, t, text, cache, args.frames - c,
                                                                rope).compile()
     with open(args.out, "w") as f:
         f.write(compiled.as_text())

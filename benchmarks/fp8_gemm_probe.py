@@ -24,9 +24,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench.rollout import write_probe_json
-from causal_dit_jax.model.fp8_linear import F8, F8_MAX, fp8_matmul, quantize_kernel
-from causal_dit_jax.bench.profile import profile_breakdown
+from causal_dit_jax.bench import profile_breakdown, write_json
+from causal_dit_jax.model.fp8_linear import AMAX_FLOOR, F8, F8_MAX, fp8_matmul, quantize_kernel
 
 LAYERS, TOKENS = 30, 4680
 SHAPES = {"qkv": (1536, 4608), "self_o": (1536, 1536), "cross_q": (1536, 1536), "cross_o": (1536, 1536),
@@ -35,7 +34,7 @@ SHAPES = {"qkv": (1536, 4608), "self_o": (1536, 1536), "cross_q": (1536, 1536), 
 
 def quantize_tensor(a):
     """a -> (e4m3 values, float32 scale) with a ~= values * scale (one scale for the tensor)."""
-    scale = jnp.maximum(jnp.max(jnp.abs(a)).astype(jnp.float32), 1e-12) / F8_MAX
+    scale = jnp.maximum(jnp.max(jnp.abs(a)).astype(jnp.float32), AMAX_FLOOR) / F8_MAX
     return jnp.clip(a.astype(jnp.float32) / scale, -F8_MAX, F8_MAX).astype(F8), scale
 
 
@@ -82,7 +81,7 @@ def main() -> None:
             f = jax.jit(fn)
             hlo = f.lower(*inputs).compile().as_text()
             out = jax.block_until_ready(f(*inputs))
-            b = profile_breakdown(lambda: f(*inputs))
+            b = profile_breakdown(lambda f=f, inputs=inputs: f(*inputs))
             err = jnp.linalg.norm(out[0].astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
             row[label] = {"total_ms": b["total"], "matmul_ms": b["matmul"], "other_ms": b["other"],
                           "tflops": 2 * TOKENS * k * n * LAYERS / b["total"] / 1e9, "f8_gemm": has_f8_gemm(hlo),
@@ -93,7 +92,7 @@ def main() -> None:
     total = {label: sum(r[label]["total_ms"] for r in rows.values()) for label in next(iter(rows.values()))}
     print("all linears of a forward (ms):", {k: round(v, 2) for k, v in total.items()}, flush=True)
     if args.json:
-        write_probe_json(args.json, shapes=rows, total_ms=total)
+        write_json(args.json, shapes=rows, total_ms=total)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench.rollout import median_ms, write_probe_json
-from causal_dit_jax.model.fp8_linear import _TINY, F8, F8_MAX, gelu_quantize_pallas, gelu_quantize_rows
+from causal_dit_jax.bench import median_ms, write_json
+from causal_dit_jax.model.fp8_linear import AMAX_FLOOR, F8, F8_MAX, gelu_quantize_pallas, gelu_quantize_rows
 
 TOKENS, FFN, LAYERS = 4680, 8960, 20
 
@@ -34,7 +34,8 @@ def pallas_pass(num_warps: int):
 
 
 def _packed_rows(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int, r: int):
-    """`_gelu_quantize_row` for r consecutive token rows packed into one program's row of r * k."""
+    """The library's row kernel (`gelu_quantize_pallas`: one token row per program) written for r
+    consecutive token rows packed into one program's row of r * k: the variant measured against it."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -46,7 +47,7 @@ def _packed_rows(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int, r: int):
         idx = j * k + lane
         h = plgpu.load(h_ref.at[idx], mask=valid, other=0.0).astype(jnp.float32)
         g = jax.nn.gelu(h * plgpu.load(rs_ref.at[jnp.arange(j, j + 1)]) * cs + b, approximate=True)
-        scale = jnp.maximum(jnp.max(jnp.abs(g)), _TINY) / F8_MAX
+        scale = jnp.maximum(jnp.max(jnp.abs(g)), AMAX_FLOOR) / F8_MAX
         plgpu.store(q_ref.at[idx], jnp.clip(g / scale, -F8_MAX, F8_MAX).astype(q_ref.dtype), mask=valid)
         plgpu.store(s_ref.at[jnp.arange(j, j + 1)], jnp.full((1,), scale, jnp.float32))
 
@@ -103,7 +104,7 @@ def main() -> None:
             rows.append({"kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(rows[-1], flush=True)
     if args.json:
-        write_probe_json(args.json, rows=rows)
+        write_json(args.json, rows=rows)
 
 
 if __name__ == "__main__":

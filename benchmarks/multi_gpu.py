@@ -22,24 +22,21 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from causal_dit_jax import KernelConfig
-
-from causal_dit_jax.bench.rollout import result_dict, run_dit_bench
-from causal_dit_jax.model.config import InferenceConfig, get_preset
+from causal_dit_jax.bench import run_dit_bench, utc_date, write_json
+from causal_dit_jax.model.config import LINEAR_PRECISIONS, InferenceConfig, KernelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
-from causal_dit_jax.model.config import LINEAR_PRECISIONS
 from causal_dit_jax.sharding.mesh import split_sequence_devices
 from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 
 
-def latents_error(a: np.ndarray, b: np.ndarray) -> dict:
+def latents_error(a: np.ndarray, b: np.ndarray, frames_per_chunk: int) -> dict:
     """Relative L2 and max-abs difference of two rollouts' latents, overall and per chunk."""
-    per_chunk = [float(np.linalg.norm(a[:, i:i + 3] - b[:, i:i + 3]) / np.linalg.norm(b[:, i:i + 3]))
-                 for i in range(0, b.shape[1], 3)]
+    c = frames_per_chunk
+    per_chunk = [float(np.linalg.norm(a[:, i:i + c] - b[:, i:i + c]) / np.linalg.norm(b[:, i:i + c]))
+                 for i in range(0, b.shape[1], c)]
     return {"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
             "max_abs": float(np.max(np.abs(a - b))), "rel_l2_per_chunk": per_chunk}
 
@@ -61,7 +58,7 @@ def run_one(args, cfg, strategy: str) -> dict:
         config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
     print(res.table(), flush=True)
     np.save(args.latents_out, res.latents)
-    return {"config": config, **result_dict(res)}
+    return {"config": config, **res.as_dict()}
 
 
 def main() -> None:
@@ -81,20 +78,18 @@ def main() -> None:
     args = ap.parse_args()
     cfg = get_preset(args.preset)
     if args.only:  # the child: measure one configuration, write its JSON
-        with open(args.json, "w") as f:
-            json.dump(run_one(args, cfg, args.only), f)
+        write_json(args.json, **run_one(args, cfg, args.only))
         return
 
     # This process never starts JAX's backend (it would take GPU memory from the children).
-    t0 = time.perf_counter()
+    started = utc_date()
     runs: list[dict] = []
     work = tempfile.mkdtemp(prefix="multi_gpu_")
 
     def save():  # after every configuration, so a run cut short keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"gpus": args.gpus, "linear_precision": args.linear_precision, "device": runs[0]["device"] if runs else None,
-                           "wall_s": time.perf_counter() - t0, "runs": runs}, f, indent=1)
+        if args.json:  # the device as the children reported it: this process starts no backend
+            write_json(args.json, device=runs[0]["device"], gpus=args.gpus, linear_precision=args.linear_precision,
+                       started=started, runs=runs)
 
     def child(strategy: str) -> tuple[dict, np.ndarray]:
         """Each configuration in a fresh process: its peak memory is its own, nothing is shared."""
@@ -123,17 +118,15 @@ def main() -> None:
         seen.add(sizes)
         entry, latents = child(strategy)
         entry.update({
-            "latents_vs_1_gpu": latents_error(latents, single_latents),
+            "latents_vs_1_gpu": latents_error(latents, single_latents, InferenceConfig().frames_per_chunk),
             "speedup_dit_total": single["total_s"] / entry["total_s"],
             "speedup_per_chunk": [a / b for a, b in zip(single["chunk_ms"], entry["chunk_ms"])],
             "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"]})
-        print(json.dumps({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total",
-                                                "speedup_first_chunk")}, indent=1), flush=True)
+        print({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")},
+              flush=True)
         runs.append(entry)
         save()
     save()
-    if args.json:
-        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

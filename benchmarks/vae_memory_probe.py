@@ -10,14 +10,13 @@ writes each variant's `*memory-usage-report.txt` (the buffers live at the peak) 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench.rollout import write_probe_json
-from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.bench import median_ms, timed_ms, write_json
 from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
+from causal_dit_jax.model.random_params import random_params
 
 VARIANTS = {"all frames at once": {"per_frame_stages": 0},
             "per frame: stages 2, 3 + head": {"per_frame_stages": 2},
@@ -30,21 +29,18 @@ def probe(overrides: dict, latents: int = 1, repeats: int = 10) -> dict:
     cache = vae.init_decode_cache(1, 60, 104).replace(first_chunk=False)
     z = jax.random.normal(jax.random.key(0), (1, latents, 60, 104, 16), jnp.float32)
     fn = jax.jit(vae.decode_chunk, donate_argnums=(2,))
-    t0 = time.perf_counter()
-    compiled = fn.lower(params, z, cache).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_ms = timed_ms(lambda: fn.lower(params, z, cache).compile())
     mem = compiled.memory_analysis()
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        frames, cache = compiled(params, z, cache)
-        jax.block_until_ready(frames)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:])
-    return {**overrides, "latents": latents, "compile_s": compile_s,
+    state = {"cache": cache}
+
+    def call():  # the cache donated and handed back, as the stream runs it
+        frames, state["cache"] = compiled(params, z, state["cache"])
+        return frames
+
+    return {**overrides, "latents": latents, "compile_s": compile_ms / 1e3,
             "temp_gb": mem.temp_size_in_bytes / 1e9, "args_gb": mem.argument_size_in_bytes / 1e9,
             "out_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
-            "median_ms": 1e3 * times[len(times) // 2]}
+            "median_ms": median_ms(call, repeats=repeats)}
 
 
 def main() -> None:
@@ -59,7 +55,7 @@ def main() -> None:
         print(f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
               f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s", flush=True)
     if args.json:
-        write_probe_json(args.json, variants=rows)
+        write_json(args.json, variants=rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """GPU probe: where one streaming Wan VAE decode call goes (bf16, 480x832, one latent after the first),
-with its compiled memory (temp buffers, caches), for the VAE speed and memory targets.
+with its compiled memory (temp buffers, caches).
 
     python benchmarks/vae_profile.py [--latents 1] [--upsample-conv phases|repeat] [--json out.json]
 """
@@ -7,18 +7,18 @@ with its compiled memory (temp buffers, caches), for the VAE speed and memory ta
 from __future__ import annotations
 
 import argparse
-import json
+import pprint
 
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.model.random_params import random_params
-from causal_dit_jax.bench.profile import profile_breakdown
+from causal_dit_jax.bench import profile_breakdown, write_json
 from causal_dit_jax.decoders.wan_vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
+from causal_dit_jax.model.random_params import random_params
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latents", type=int, default=1)
     parser.add_argument("--upsample-conv", default="phases", choices=UPSAMPLE_CONVS)
     parser.add_argument("--json", default=None)
@@ -48,10 +48,9 @@ def main():
     result = {"latents_per_call": args.latents, "upsample_conv": args.upsample_conv, "breakdown_ms": breakdown,
               "temp_gb": mem.temp_size_in_bytes / 1e9, "cache_gb": cache_bytes / 1e9,
               "output_gb": mem.output_size_in_bytes / 1e9}
-    print(json.dumps(result, indent=1))
+    pprint.pprint(result, sort_dicts=False)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, **result)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.bench.rollout import write_probe_json
-from causal_dit_jax.bench.profile import profile_breakdown
+from causal_dit_jax.bench import profile_breakdown, write_json
 
 LAYERS, TOKENS, DIM, HIDDEN = 30, 4680, 1536, 8960
 
@@ -59,14 +58,14 @@ def main() -> None:
         w_in, v_in = (list(ws), list(vs)) if split else (ws, vs)
         f = jax.jit(fn)
         jax.block_until_ready(f(x, w_in, v_in))
-        b = profile_breakdown(lambda: f(x, w_in, v_in))
+        b = profile_breakdown(lambda f=f, w_in=w_in, v_in=v_in: f(x, w_in, v_in))
         copies = sum(ms for k, ms in b["top_kernels"].items() if "memcpy" in k.lower() or "copy" in k.lower())
         rows[name] = {"matmul_ms": b["matmul"], "copy_ms": copies, "other_ms": b["other"] - copies,
                       "total_ms": b["total"], "top_kernels": dict(list(b["top_kernels"].items())[:6])}
         print(f"{name:10s} matmul {b['matmul']:.2f} ms  copies {copies:.2f} ms  other {b['other'] - copies:.2f} ms  "
               f"total {b['total']:.2f} ms", flush=True)
     if args.json:
-        write_probe_json(args.json, variants=rows)
+        write_json(args.json, variants=rows)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-from typing import Optional
 
 from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
-from causal_dit_jax.model.config import ModelConfig
-from causal_dit_jax.text.umt5 import T5Config
-from causal_dit_jax.text.tokenizer import PromptTokenizer
-from causal_dit_jax.decoders.wan_vae import VAEConfig
 from causal_dit_jax.convert.dit_convert import load_dit_params
+from causal_dit_jax.convert.rules import check_dtype
 from causal_dit_jax.convert.t5_convert import load_t5_params
 from causal_dit_jax.convert.taehv_convert import load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError
 from causal_dit_jax.convert.vae_convert import load_vae_params
+from causal_dit_jax.decoders.wan_vae import VAEConfig
+from causal_dit_jax.model.config import ModelConfig
+from causal_dit_jax.text.tokenizer import PromptTokenizer
+from causal_dit_jax.text.umt5 import T5Config
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -42,28 +42,29 @@ def wan_folder_files(wan_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
-                                dit_checkpoint: Optional[str | pathlib.Path] = None,
-                                dit_config: Optional[ModelConfig] = None, which: str = "generator_ema",
-                                vae_config: Optional[VAEConfig] = None, t5_config: Optional[T5Config] = None,
-                                overwrite: bool = False, taehv_checkpoint: Optional[str | pathlib.Path] = None
-                                ) -> pathlib.Path:
+                                dit_checkpoint: str | pathlib.Path | None = None,
+                                dit_config: ModelConfig | None = None, which: str = "generator_ema",
+                                vae_config: VAEConfig | None = None, t5_config: T5Config | None = None,
+                                overwrite: bool = False, taehv_checkpoint: str | pathlib.Path | None = None,
+                                dtype: str | None = None) -> pathlib.Path:
     """Convert everything a `TextToVideoPipeline` needs into one Orbax checkpoint folder.
 
     dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).
     taehv_checkpoint: optionally `taew2_1.pth`, the tiny preview decoder (`--decoder taehv`).
+    dtype: 'bfloat16' or 'float32' for the DiT and the text encoder (the weights Wan ships in bf16);
+    None: their configs' own (bfloat16 when inferred). The decoders keep their configs' dtype (float32).
     All inputs are read and checked before anything is written; the folder appears complete or not at all.
     """
+    check_dtype(dtype)
     check_output_dir(out_dir, overwrite)
     files = wan_folder_files(wan_dir)
     tokenizer_dir = files["tokenizer"]
     PromptTokenizer.from_folder(tokenizer_dir)  # fails now, not after the conversion, if unreadable
-    config, dit_params = load_dit_params(dit_checkpoint or wan_dir, dit_config, which)
-    t5_config, t5_params = load_t5_params(files["t5"], t5_config)
+    config, dit_params = load_dit_params(dit_checkpoint or wan_dir, dit_config, which, dtype=dtype)
+    t5_config, t5_params = load_t5_params(files["t5"], t5_config, dtype=dtype)
     if t5_config.dim != config.text_dim:
         raise CheckpointError(f"text encoder width {t5_config.dim} does not match the DiT's text_dim {config.text_dim}")
-    vae_params = load_vae_params(files["vae"], vae_config)
-    if vae_config is None:  # the width was read off the file
-        vae_config = VAEConfig(dim=vae_params["decoder"]["conv1"]["kernel"].shape[-1] // VAEConfig().dim_mult[-1])
+    vae_config, vae_params = load_vae_params(files["vae"], vae_config)
 
     components = {"dit": dit_params, "t5": t5_params, "vae": vae_params}
     configs = {"dit": config.to_dict(), "t5": t5_config.to_dict(), "vae": vae_config.to_dict()}

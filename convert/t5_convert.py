@@ -1,22 +1,51 @@
-"""Wan's `models_t5_umt5-xxl-enc-bf16.pth` (a plain PyTorch state dict) -> our umT5 params, checked key by key."""
+"""Wan's `models_t5_umt5-xxl-enc-bf16.pth` (a plain PyTorch state dict) -> our umT5 params: the key
+table and the config inference.
+
+The table reads against `../shared/reference` sections 2 and 9; `{i}` keys are stacked over layers
+into our scanned block params. Every Linear has no bias. The engine is `rules.py`.
+"""
 
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
-import jax
 import numpy as np
 
-from causal_dit_jax.model.config import dtype_from_name
-from causal_dit_jax.text.umt5 import Params, T5Config, UMT5Encoder
-from causal_dit_jax.convert.dit_keys import source_keys
-from causal_dit_jax.convert.t5_keys import t5_key_map, torch_t5_shapes
-from causal_dit_jax.convert.state_dict_check import check_keys_and_shapes, set_path
+from causal_dit_jax.convert.rules import Rule, apply_rules, check_dtype, dense, tensor, torch_shapes, with_dtype
 from causal_dit_jax.convert.torch_files import CheckpointError, read_pt_state_dict
+from causal_dit_jax.text.umt5 import Params, T5Config, UMT5Encoder
 
 
-def infer_t5_config(state: Mapping[str, np.ndarray], base: Optional[T5Config] = None) -> T5Config:
+def t5_key_map(config: T5Config) -> tuple[Rule, ...]:
+    """Every parameter of `UMT5Encoder(config)`: our path <- Wan's `T5Encoder` key. Only shared_pos
+    changes the layout: one top-level relative-position bias table instead of one per layer."""
+    c, a, f = config.dim, config.dim_attn, config.dim_ffn
+    b = "blocks.{i}"
+    pos = (config.num_buckets, config.num_heads)
+    pos_rule = (tensor("pos_embedding/embedding", "pos_embedding.embedding.weight", pos) if config.shared_pos else
+                tensor("blocks/pos_embedding/embedding", f"{b}.pos_embedding.embedding.weight", pos))
+    return tuple(
+        [tensor("token_embedding/embedding", "token_embedding.weight", (config.vocab_size, c)),
+         tensor("blocks/norm1/scale", f"{b}.norm1.weight", (c,))]
+        + dense("blocks/attn/q", f"{b}.attn.q", c, a, bias=False)
+        + dense("blocks/attn/k", f"{b}.attn.k", c, a, bias=False)
+        + dense("blocks/attn/v", f"{b}.attn.v", c, a, bias=False)
+        + dense("blocks/attn/o", f"{b}.attn.o", a, c, bias=False)
+        + [tensor("blocks/norm2/scale", f"{b}.norm2.weight", (c,))]
+        + dense("blocks/ffn/gate", f"{b}.ffn.gate.0", c, f, bias=False)
+        + dense("blocks/ffn/fc1", f"{b}.ffn.fc1", c, f, bias=False)
+        + dense("blocks/ffn/fc2", f"{b}.ffn.fc2", f, c, bias=False)
+        + [pos_rule, tensor("norm/scale", "norm.weight", (c,))]
+    )
+
+
+def torch_t5_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
+    """Every key of Wan's PyTorch `T5Encoder` state dict for `config`, with its shape."""
+    return torch_shapes(t5_key_map(config), config.num_layers)
+
+
+def infer_t5_config(state: Mapping[str, np.ndarray], base: T5Config | None = None) -> T5Config:
     """vocab, widths, heads, buckets, layers and shared_pos read off the tensor shapes (the rest from
     `base`, umT5-XXL by default)."""
     base = base or T5Config()
@@ -34,56 +63,29 @@ def infer_t5_config(state: Mapping[str, np.ndarray], base: Optional[T5Config] = 
                         num_buckets=buckets, num_layers=layers, shared_pos=shared)
 
 
-def check_t5_state_dict(state: Mapping[str, np.ndarray], config: T5Config) -> None:
-    """Raise one CheckpointError naming every missing, unexpected and mis-shaped key."""
-    check_keys_and_shapes(state, torch_t5_shapes(config), "the text encoder config "
-                          f"(vocab={config.vocab_size}, dim={config.dim}, heads={config.num_heads}, "
-                          f"layers={config.num_layers}, ffn={config.dim_ffn})")
+def t5_params_from_state_dict(state: Mapping[str, np.ndarray], config: T5Config, as_numpy: bool = False,
+                              consume: bool = False) -> Params:
+    """Map a PyTorch umT5 state dict onto our params tree, in config.param_dtype. `state` is not modified
+    unless consume (pop each tensor as it is converted: the XXL file is 11.4 GB)."""
+    return apply_rules(state, t5_key_map(config), dtype=config.param_dtype,
+                       abstract_params=UMT5Encoder(config).abstract_params(),
+                       what=f"the text encoder config (vocab={config.vocab_size}, dim={config.dim}, "
+                            f"heads={config.num_heads}, layers={config.num_layers}, ffn={config.dim_ffn})",
+                       num_layers=config.num_layers, consume=consume, as_numpy=as_numpy)
 
 
-def t5_params_from_state_dict(state: Mapping[str, np.ndarray], config: T5Config,
-                              as_numpy: bool = False) -> Params:
-    """Map a PyTorch umT5 state dict onto our params tree, in config.param_dtype (`state` is not modified)."""
-    check_t5_state_dict(state, config)
-    return _consume_state_dict(dict(state), config, as_numpy)
-
-
-def _consume_state_dict(state: dict, config: T5Config, as_numpy: bool) -> Params:
-    """The mapping itself; pops each source array as it is used so the XXL file (11.4 GB) is released
-    tensor by tensor instead of living beside the whole converted tree."""
-    dtype = np.dtype(dtype_from_name(config.param_dtype))
-    params: dict = {}
-    for rule in t5_key_map(config):
-        if rule.per_layer:
-            value = np.stack([rule.transform(*(np.asarray(state.pop(t.format(i=i))) for t in rule.torch))
-                              for i in range(config.num_layers)])
-        else:
-            value = rule.transform(*(np.asarray(state.pop(t)) for t in rule.torch))
-        value = value.astype(dtype, copy=False)
-        set_path(params, rule.ours, value if as_numpy else jax.numpy.asarray(value))
-    _check_tree(params, config)
-    return params
-
-
-def _check_tree(params: Params, config: T5Config) -> None:
-    """Our tree must be exactly the tree `UMT5Encoder.init` makes (a bug guard on the key table)."""
-    want = jax.tree.map(lambda a: tuple(a.shape), UMT5Encoder(config).abstract_params())
-    got = jax.tree.map(lambda a: tuple(a.shape), params)
-    if got != want:
-        raise AssertionError(f"key table produced a different tree: {got} vs {want}")
-    read = [k for rule in t5_key_map(config) for k in source_keys(rule, config.num_layers)]
-    assert len(read) == len(set(read)) == len(torch_t5_shapes(config))
-
-
-def load_t5_params(path: str | pathlib.Path, config: Optional[T5Config] = None,
-                   as_numpy: bool = False) -> tuple[T5Config, Params]:
+def load_t5_params(path: str | pathlib.Path, config: T5Config | None = None,
+                   dtype: str | None = None) -> tuple[T5Config, Params]:
     """Read Wan's `models_t5_umt5-xxl-enc-bf16.pth` and return (config, params) in memory.
 
     config: the expected encoder (checked key by key); when None it is inferred from the tensor
-    shapes, with umT5-XXL defaults for the rest (bf16 weights, text_len 512).
+      shapes, with umT5-XXL defaults for the rest (bf16 weights, text_len 512).
+    dtype: 'bfloat16' or 'float32' weights, and a config saying so (residual_dtype unchanged); None:
+      the config's own.
     """
+    check_dtype(dtype)
     state = read_pt_state_dict(path)  # torch.load(weights_only=True); bf16 stays bf16
     if config is None:
         config = infer_t5_config(state)
-    check_t5_state_dict(state, config)
-    return config, _consume_state_dict(state, config, as_numpy)
+    config = with_dtype(config, dtype)
+    return config, t5_params_from_state_dict(state, config, consume=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors.numpy)
 import numpy as np
@@ -29,6 +29,11 @@ def _torch_to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.contiguous().numpy()
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor (bf16 stays bf16, bit for bit) or an array-like, as a numpy array."""
+    return _torch_to_numpy(x) if hasattr(x, "detach") else np.asarray(x)
 
 
 def _looks_like_torch_file(path) -> bool:

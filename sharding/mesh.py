@@ -43,15 +43,25 @@ def split_sequence_devices(n: int, strategy: str, num_heads: int) -> tuple[int, 
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
-def make_mesh(num_devices: Optional[int] = None, *, strategy: str = "hybrid", num_heads: int = 12,
+def make_mesh(num_devices: Optional[int] = None, *, num_heads: int, strategy: str = "hybrid",
               data: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A ('data', 'ring', 'ulysses') mesh over `devices` (default: the first `num_devices` of
-    jax.devices(), which spans every process after jax.distributed.initialize)."""
+    jax.devices(), which spans every process after jax.distributed.initialize).
+
+    num_heads: the model's attention heads (`config.num_heads`), required: the all-to-all group must
+    divide them, so the split depends on the model (8 devices: 1 x 8 for 16 heads, 2 x 4 for 12).
+    """
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be the model's head count (a positive int), got {num_heads!r}")
     if devices is None:
         all_devices = jax.devices()
         n = num_devices or len(all_devices)
         if n > len(all_devices):
-            raise ValueError(f"asked for {n} devices, only {len(all_devices)} are visible")
+            k, backend = len(all_devices), jax.default_backend()
+            hint = (f"; to simulate {n} CPU devices, start the process with "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={n}" if backend == "cpu" else "")
+            raise ValueError(f"asked for {n} devices, only {k} {'is' if k == 1 else 'are'} visible "
+                             f"(backend {backend}){hint}")
         devices = all_devices[:n]
     devices = list(devices)
     if num_devices is not None and num_devices != len(devices):

@@ -18,10 +18,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax.model.attention import PAGE_TOKENS, local_self_attention
-from causal_dit_jax.model.config import InferenceConfig, ModelConfig, dtype_from_name
+from causal_dit_jax.model.config import InferenceConfig, ModelConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.kv_cache import KVCache, TextKV, cache_dtype, cache_keys, kv_cache_for
 from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
-from causal_dit_jax.model.kv_cache import KVCache, TextKV, cache_keys
 from causal_dit_jax.model.rope import RopeTables
 from causal_dit_jax.sharding.mesh import make_mesh, mesh_sizes
 from causal_dit_jax.sharding.partition_specs import SPECS
@@ -88,7 +88,8 @@ class SequenceParallelDiT:
     def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
                    latent_width: int, origin_frame: int = 0) -> KVCache:
         """Zero cache placed on the mesh: heads split over 'ulysses'; with a ring, the sequence stays
-        on the ring member that computed it (each member holds its segment of every cached chunk)."""
+        on the ring member that computed it (each member holds its segment of every cached chunk).
+        Its dtype is `inference.cache_dtype`, or the model's when that is None."""
         if batch % self.data_size:
             raise ValueError(f"batch {batch} is not divisible by the mesh's data axis {self.data_size}")
         cfg = self.config
@@ -99,12 +100,10 @@ class SequenceParallelDiT:
         else:
             seq = self.ring_size * cap * lay.segment_len
         shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
-        dtype = dtype_from_name(inference.cache_dtype)
+        dtype = cache_dtype(cfg, inference)
         where = NamedSharding(self.mesh, SPECS.cache_lbsnd)  # made in place on each device, no transfer
-        return KVCache(k=jnp.zeros(shape, dtype, device=where), v=jnp.zeros(shape, dtype, device=where),
-                       origin_frame=jnp.asarray(origin_frame, jnp.int32),
-                       capacity=cap, sink_chunks=inference.sink_size // inference.frames_per_chunk,
-                       frames_per_chunk=inference.frames_per_chunk)
+        return kv_cache_for(inference, num_frames, jnp.zeros(shape, dtype, device=where),
+                            jnp.zeros(shape, dtype, device=where), origin_frame)
 
     # ------------------------------------------------------------------ attention
     def self_attention(self, layout: ChunkLayout):

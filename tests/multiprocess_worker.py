@@ -23,7 +23,7 @@ def main():
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     dit, params, text, x, rope = build_case()
-    mesh = make_mesh(8, strategy=strategy)
+    mesh = make_mesh(8, strategy=strategy, num_heads=12)
     replicated = NamedSharding(mesh, P())
 
     def to_global(a):

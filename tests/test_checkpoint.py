@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import causal_dit_jax.convert.convert_checkpoint as convert_checkpoint_module
-from causal_dit_jax.checkpoint import (CheckpointDirError, read_checkpoint_config, restore_component,
-                                       save_checkpoint)
-from causal_dit_jax.model.dit import CausalWanDiT, load_dit
+from causal_dit_jax.checkpoint import CheckpointDirError, read_checkpoint_config, restore_component, save_checkpoint
 from causal_dit_jax.convert import CheckpointError, convert_dit_checkpoint, load_dit_params
-from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
+from causal_dit_jax.model.dit import CausalWanDiT, load_dit
 
 
 def assert_params_equal(a, b):
@@ -106,6 +105,20 @@ def test_bf16_model_round_trip(tmp_path, converted):
     assert_params_equal(restored, load_dit_params(pt, cfg)[1])
 
 
+def test_dtype_option_round_trip(tmp_path, converted):
+    """dtype='bfloat16' on a float32 config = the hand-built bf16 config (residual stream kept float32)."""
+    pt, _, params = converted
+    out = convert_dit_checkpoint(pt, tmp_path / "bf16", SMALL, dtype="bfloat16")
+    dit, restored = load_dit(out)
+    assert dit.config == SMALL.replace(param_dtype="bfloat16", dtype="bfloat16")
+    assert dit.config.residual_dtype == "float32"
+    assert_params_equal(restored, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    out = convert_dit_checkpoint(pt, tmp_path / "f32", dit.config, dtype="float32")
+    dit, restored = load_dit(out)
+    assert dit.config == SMALL
+    assert_params_equal(restored, params)
+
+
 # ---------------------------------------------------------------------------------------------------
 # atomic writes and clear errors
 
@@ -181,6 +194,13 @@ def test_nonexistent_parent_refused_before_any_work(tmp_path, converted, no_conv
     with pytest.raises(CheckpointDirError, match="already exists"):  # existing out, also before any work
         convert_dit_checkpoint(pt, tmp_path, SMALL)
     assert no_conversion_work == []
+
+
+def test_bad_dtype_refused_before_any_work(tmp_path, converted, no_conversion_work):
+    pt, _, _ = converted
+    with pytest.raises(ValueError, match="unknown weight dtype 'float16'; choose one of bfloat16, float32"):
+        convert_dit_checkpoint(pt, tmp_path / "no" / "such" / "out", SMALL, dtype="float16")  # before the folder
+    assert no_conversion_work == [] and list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_parent_refused_before_any_work(tmp_path, converted, no_conversion_work, monkeypatch):

@@ -33,18 +33,59 @@ def test_convert_cli_reports_bad_checkpoint(tmp_path, capsys):
 
 def test_bench_cli_prints_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
+    peer = tmp_path / "peer.json"  # made-up figures, far slower than any run: every speed-up is > 1
+    peer.write_text(json.dumps({"name": "made-up slow peer", "setting": {"preset": "tiny", "latent_frames": 6},
+                                "figures": {"dit_s": 1000.0, "first_chunk_ms": 1e6, "e2e_fps_wan": 0.001,
+                                            "first_frame_tiny_s": 1000.0}}))
     proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", "bench", "--preset", "tiny", "--frames", "6",
-                           "--height", "64", "--width", "96", "--json", str(out), "--e2e", "--vae-preset", "tiny"],
+                           "--height", "64", "--width", "96", "--json", str(out), "--e2e", "--vae-preset", "tiny",
+                           "--compare", str(peer)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "first-chunk latency" in proc.stdout and "video frames / s" in proc.stdout
+    assert "compared with made-up slow peer" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["date"]
+    (comparison,) = result["comparison"]
+    rows = comparison["figures"]
+    assert comparison["name"] == "made-up slow peer" and set(rows) == {"dit_s", "first_chunk_ms", "e2e_fps_wan",
+                                                                       "first_frame_tiny_s"}
+    assert np.isclose(rows["dit_s"]["ours"], result["total_s"])
+    assert np.isclose(rows["dit_s"]["speedup"], 1000.0 / result["total_s"])  # a time: theirs / ours
+    assert np.isclose(rows["e2e_fps_wan"]["speedup"], result["vae"]["e2e_fps"] / 0.001)  # a rate: ours / theirs
+    assert np.isclose(rows["first_frame_tiny_s"]["ours"], result["tiny_vae"]["first_frame_s"])
+    assert all(r["speedup"] > 1 for r in rows.values())
     assert len(result["chunk_ms"]) == 2 and result["forwards"] == 10 and result["video_frames"] == 21
     assert np.isclose(result["first_chunk_ms"], result["chunk_ms"][0])
     assert result["vae"]["frames"] == 21 and len(result["vae"]["decode_ms"]) == 2 and result["vae"]["e2e_fps"] > 0
     tiny = result["tiny_vae"]
     assert tiny["vae_preset"] == "taehv-tiny" and tiny["frames"] == 21 and tiny["e2e_fps"] > 0
     assert "end to end, DiT + tiny decoder" in proc.stdout
+
+
+def test_bench_cli_compare_refuses_bad_peer_files_before_work(tmp_path, capsys, monkeypatch):
+    """--compare: an unknown figure name, an unknown key or another setting is refused (exit 2, the valid
+    names in the message) before any bench work."""
+    import causal_dit_jax.bench
+
+    def no_work(*a, **k):
+        raise AssertionError("the bench ran before the peer file was checked")
+
+    monkeypatch.setattr(causal_dit_jax.bench, "run_dit_bench", no_work)
+    args = ["bench", "--preset", "tiny", "--frames", "6", "--height", "64", "--width", "96"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "peer", "figures": {"dit_s": 2.0, "fps": 18.4}}))
+    assert main(args + ["--compare", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown figures ['fps']" in err and "dit_s" in err and "e2e_fps_wan" in err
+    bad.write_text(json.dumps({"name": "peer", "figures": {"dit_s": 2.0},
+                               "setting": {"preset": "wan2.1-t2v-1.3b", "latent_frames": 21}}))
+    assert main(args + ["--compare", str(bad)]) == 2
+    assert "another setting" in capsys.readouterr().err
+    assert main(args + ["--compare", str(tmp_path / "missing.json")]) == 2
+    bad.write_text("{not json")
+    assert main(args + ["--compare", str(bad)]) == 2
+    assert "not JSON" in capsys.readouterr().err
 
 
 def test_bench_cli_per_layer_weights(tmp_path, capsys):

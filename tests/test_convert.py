@@ -4,6 +4,7 @@ Every test builds fresh random weights with `torch_model(seed=...)` and writes t
 checkpoints are written (torch.save pickles, safetensors shards + index + Wan's config.json).
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -15,19 +16,24 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import SMALL, torch_model
 from safetensors.torch import save_file
 
-import causal_dit_jax.convert
 from causal_dit_jax import CausalWanDiT
+from causal_dit_jax.convert import (
+    CheckpointError,
+    dit_convert,
+    dit_params_from_state_dict,
+    load_dit_params,
+    read_state_dict,
+)
+from causal_dit_jax.convert.dit_convert import torch_dit_shapes
 from causal_dit_jax.model.config import ModelConfig
-from causal_dit_jax.convert import CheckpointError, dit_params_from_state_dict, load_dit_params, read_state_dict
-from causal_dit_jax.convert.dit_keys import KeyRule, torch_dit_shapes
-from dit_fixtures import SMALL, torch_model
 
 SMALL_BF16 = SMALL.replace(param_dtype="bfloat16", dtype="bfloat16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_state(seed: int) -> dict[str, torch.Tensor]:
     return dict(torch_model(seed=seed).state_dict())
 
@@ -327,8 +333,9 @@ def _spy_on_transforms(monkeypatch) -> set:
             return out
         return spied
 
-    rules = tuple(KeyRule(r.ours, r.torch, wrap(r.transform)) for r in convert.dit_convert.DIT_KEY_MAP)
-    monkeypatch.setattr(convert.dit_convert, "DIT_KEY_MAP", rules)
+    real = dit_convert.dit_key_map
+    monkeypatch.setattr(dit_convert, "dit_key_map", lambda config: tuple(
+        dataclasses.replace(r, transform=wrap(r.transform)) for r in real(config)))
     return seen
 
 
@@ -419,3 +426,244 @@ def test_real_1_3b_key_table():
     assert "blocks.30.modulation" not in shapes
     abstract = CausalWanDiT(full).abstract_params()  # shapes only, nothing allocated
     assert sum(a.size for a in jax.tree.leaves(abstract)) == 1_418_996_800
+
+
+# ---------------------------------------------------------------------------------------------------
+# the weight dtype option
+
+F32, BF16 = np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)
+
+
+def _leaf_dtypes(params) -> set:
+    return {np.asarray(a).dtype for a in jax.tree.leaves(params)}
+
+
+def _to_bf16(params):
+    return jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), params)
+
+
+def _not_bf16_representable(params) -> bool:
+    """Some float32 weight that bf16 would round (so the float32 conversion kept more than bf16)."""
+    return any(not np.array_equal(np.asarray(a), np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32))
+               for a in jax.tree.leaves(params))
+
+
+@pytest.fixture
+def inferable_pt(tmp_path, reference):
+    """The seed-0 .pt beside Wan's config.json (the head count and text_len are not in the shapes)."""
+    path, _ = reference
+    pt = tmp_path / "m.pt"
+    pt.write_bytes(path.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 12, "text_len": 8}))
+    return pt
+
+
+def test_dtype_float32_of_an_inferred_config(inferable_pt, reference):
+    _, ref32 = reference
+    cfg16, p16 = load_dit_params(inferable_pt)  # default: Wan's bf16
+    assert (cfg16.param_dtype, cfg16.dtype, cfg16.residual_dtype) == ("bfloat16", "bfloat16", "float32")
+    assert _leaf_dtypes(p16) == {BF16}
+    assert_params_equal(load_dit_params(inferable_pt, dtype="bfloat16")[1], p16)
+
+    cfg32, p32 = load_dit_params(inferable_pt, dtype="float32")
+    assert (cfg32.param_dtype, cfg32.dtype, cfg32.residual_dtype) == ("float32", "float32", "float32")
+    assert cfg32 == cfg16.replace(param_dtype="float32", dtype="float32")  # nothing else changes
+    assert _leaf_dtypes(p32) == {F32}
+    assert_params_equal(p32, ref32)  # the exact float32 weights
+    assert _not_bf16_representable(p32)
+    assert_params_equal(_to_bf16(p32), p16)  # and the bf16 conversion is their bf16 rounding
+
+
+def test_dtype_overrides_a_given_config_but_not_its_residual(reference):
+    path, ref32 = reference
+    cfg, p16 = load_dit_params(path, SMALL, dtype="bfloat16")  # SMALL: float32 weights and residual
+    assert cfg == SMALL_BF16 and cfg.residual_dtype == "float32"
+    assert_params_equal(p16, _to_bf16(ref32))
+    assert_params_equal(p16, load_dit_params(path, SMALL_BF16)[1])  # = a hand-built bf16 config
+    all_bf16 = SMALL_BF16.replace(residual_dtype="bfloat16")
+    cfg, p32 = load_dit_params(path, all_bf16, dtype="float32")
+    assert cfg == SMALL.replace(residual_dtype="bfloat16")
+    assert_params_equal(p32, ref32)
+    assert load_dit_params(path, SMALL)[0] == SMALL  # dtype None: the config's own
+
+
+@pytest.mark.parametrize("dtype", ["float16", "fp32", "bf16"])
+def test_bad_dtype_is_refused_before_reading(tmp_path, dtype):
+    from causal_dit_jax.convert import load_t5_params, load_taehv_params, load_vae_params
+
+    for loader in (load_dit_params, load_t5_params, load_vae_params, load_taehv_params):
+        with pytest.raises(ValueError, match=rf"unknown weight dtype '{dtype}'; choose one of bfloat16, float32"):
+            loader(tmp_path / "absent.pt", dtype=dtype)  # not "checkpoint not found": the dtype comes first
+
+
+def test_cli_dtype(tmp_path, capsys, inferable_pt):
+    from causal_dit_jax.app.cli import main
+    from causal_dit_jax.model.dit import load_dit
+
+    src = ["convert", "--checkpoint", str(inferable_pt)]
+    assert main(src + ["--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    dit, params = load_dit(tmp_path / "f32")
+    assert (dit.config.param_dtype, dit.config.dtype, dit.config.residual_dtype) == ("float32",) * 3
+    assert _leaf_dtypes(params) == {F32}
+    assert_params_equal(params, load_dit_params(inferable_pt, dtype="float32")[1])
+
+    assert main(src + ["--out", str(tmp_path / "bf16")]) == 0  # default
+    dit, params = load_dit(tmp_path / "bf16")
+    assert (dit.config.param_dtype, dit.config.dtype) == ("bfloat16", "bfloat16")
+    assert _leaf_dtypes(params) == {BF16}
+    # --dtype also holds over a preset's dtype ('tiny' is a float32 preset)
+    assert main(src + ["--out", str(tmp_path / "tiny"), "--preset", "tiny"]) == 0
+    assert _leaf_dtypes(load_dit(tmp_path / "tiny")[1]) == {BF16}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as info:
+        main(src + ["--out", str(tmp_path / "bad"), "--dtype", "float16"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "'float16'" in err and "bfloat16" in err and "float32" in err
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# all four models: one engine, (config, params) from every loader, bad keys named
+
+def _write_model_files(folder: pathlib.Path) -> dict:
+    """A small checkpoint of each model, written the way the real ones are, with the loader's config."""
+    from torch_reference import umt5 as ref_t5
+    from torch_reference import wan_vae as ref_vae
+    from torch_reference.taehv import TAEHVReference
+
+    from causal_dit_jax.decoders.taehv import get_taehv_preset
+    from causal_dit_jax.decoders.wan_vae import get_vae_preset
+    from causal_dit_jax.text.umt5 import T5Config
+
+    t5_cfg = T5Config(vocab_size=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2)
+    t5 = ref_t5.randomize_parameters_(ref_t5.T5Encoder(vocab=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4,
+                                                       num_layers=2), seed=0)
+    vae_cfg = get_vae_preset("tiny")
+    vae = ref_vae.randomize_vae_(ref_vae.WanVAEDecoder(dim=vae_cfg.dim), seed=0)
+    taehv_cfg = get_taehv_preset("tiny")
+    torch.manual_seed(0)
+    taehv = TAEHVReference(taehv_cfg.latent_channels, taehv_cfg.channels, taehv_cfg.time_upscale,
+                           taehv_cfg.space_upscale, encoder_width=8)
+    (folder / "config.json").write_text(json.dumps({"num_heads": 12, "text_len": 8}))
+    states = {"dit": _state(0), "t5": t5.state_dict(), "taehv": taehv.state_dict(),
+              "vae": {**vae.state_dict(), "encoder.conv1.weight": torch.zeros(vae_cfg.dim, 3, 3, 3, 3)}}
+    files = {}
+    for name, state in states.items():
+        torch.save({k: v.clone() for k, v in state.items()}, folder / f"{name}.pt")
+        files[name] = folder / f"{name}.pt"
+    return {"files": files, "states": states, "configs": {"dit": SMALL_BF16, "t5": t5_cfg, "vae": vae_cfg,
+                                                          "taehv": taehv_cfg}}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    return _write_model_files(tmp_path_factory.mktemp("models"))
+
+
+def _loaders():
+    from causal_dit_jax.convert import load_t5_params, load_taehv_params, load_vae_params
+    from causal_dit_jax.decoders.taehv import TAEHVDecoder
+    from causal_dit_jax.decoders.wan_vae import WanVAE
+    from causal_dit_jax.text.umt5 import UMT5Encoder
+
+    # name: (loader, model class, the inferred config's weight dtype)
+    return {"dit": (load_dit_params, CausalWanDiT, "bfloat16"), "t5": (load_t5_params, UMT5Encoder, "bfloat16"),
+            "vae": (load_vae_params, WanVAE, "float32"), "taehv": (load_taehv_params, TAEHVDecoder, "float32")}
+
+
+@pytest.mark.parametrize("name", ["dit", "t5", "vae", "taehv"])
+def test_every_loader_returns_config_and_params(model_files, name):
+    loader, model_cls, default_dtype = _loaders()[name]
+    path, want_cfg = model_files["files"][name], model_files["configs"][name]
+
+    result = loader(path)  # config inferred from the file
+    assert isinstance(result, tuple) and len(result) == 2
+    config, params = result
+    assert type(config) is type(want_cfg)
+    assert config.param_dtype == config.dtype == default_dtype
+    want = model_cls(config).abstract_params()
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for p, a in _leaves_with_paths(want).items():
+        leaf = _leaves_with_paths(params)[p]
+        assert isinstance(leaf, jax.Array) and (leaf.shape, leaf.dtype) == (a.shape, a.dtype), p
+
+    given = want_cfg.replace(param_dtype=default_dtype, dtype=default_dtype)
+    cfg, again = loader(path, given)  # with the config given: that config back, the same params
+    assert cfg == given
+    assert_params_equal(again, params)
+
+    cfg32, p32 = loader(path, dtype="float32")
+    cfg16, p16 = loader(path, dtype="bfloat16")
+    assert (cfg32.param_dtype, cfg32.dtype, cfg16.param_dtype, cfg16.dtype) == ("float32",) * 2 + ("bfloat16",) * 2
+    assert getattr(cfg32, "residual_dtype", "float32") == getattr(config, "residual_dtype", "float32")
+    assert _leaf_dtypes(p32) == {F32} and _leaf_dtypes(p16) == {BF16}
+    assert _not_bf16_representable(p32)
+    assert_params_equal(_to_bf16(p32), p16)
+    assert_params_equal(p32 if default_dtype == "float32" else p16, params)
+
+
+# each model: a key to drop, one to add, one to truncate (none of them read by the config inference)
+BAD_KEYS = {"dit": ("blocks.1.ffn.2.bias", "blocks.0.bogus.weight", "head.head.bias"),
+            "t5": ("blocks.1.attn.k.weight", "blocks.0.attn.bogus.weight", "norm.weight"),
+            "vae": ("decoder.upsamples.7.time_conv.bias", "decoder.bogus.weight", "decoder.head.2.bias"),
+            "taehv": ("decoder.10.conv.2.bias", "decoder.bogus.weight", "decoder.22.bias")}
+
+
+@pytest.mark.parametrize("name", ["dit", "t5", "vae", "taehv"])
+def test_every_model_file_names_its_bad_keys(model_files, tmp_path, name):
+    loader, _, _ = _loaders()[name]
+    missing, extra, short = BAD_KEYS[name]
+    state = {k: v.clone() for k, v in model_files["states"][name].items()}
+    del state[missing]
+    state[extra] = torch.zeros(3)
+    good_shape = tuple(state[short].shape)
+    state[short] = state[short][:-1].clone()
+    path = tmp_path / f"bad_{name}.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        loader(path, model_files["configs"][name])
+    msg = str(info.value)
+    assert f"missing keys (1): {missing}" in msg
+    assert f"unexpected keys (1): {extra}" in msg
+    assert f"wrong shapes (1): {short}: {(good_shape[0] - 1, *good_shape[1:])} (expected {good_shape})" in msg
+    assert "encoder." not in msg  # an ignored half of the file (VAE, TAEHV) is never reported
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine itself
+
+
+def test_rule_validates_itself():
+    from causal_dit_jax.convert.rules import Rule
+
+    with pytest.raises(ValueError, match="2 keys but 1 shapes"):
+        Rule("a/kernel", ("x.weight", "y.weight"), ((3, 4),))
+    with pytest.raises(ValueError, match="mixes per-layer and global keys"):
+        Rule("a/kernel", ("blocks.{i}.x.weight", "y.weight"), ((3,), (3,)))
+
+
+def test_table_bugs_are_caught(reference):
+    from causal_dit_jax.convert.rules import apply_rules, identity, tensor, torch_shapes
+
+    rules = dit_convert.dit_key_map(SMALL)
+    with pytest.raises(AssertionError, match="head.head.bias is read twice"):
+        torch_shapes(rules + (tensor("head/extra", "head.head.bias", (16,)),), SMALL.num_layers)
+    # a kernel left in torch's [out, in] layout: the tree no longer matches the model's
+    broken = tuple(dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r
+                   for r in rules)
+    state = {k: v.numpy() for k, v in _state(0).items()}
+    with pytest.raises(AssertionError, match="produced a different tree"):
+        apply_rules(state, broken, dtype="float32", abstract_params=CausalWanDiT(SMALL).abstract_params(),
+                    what="the DiT", num_layers=SMALL.num_layers)
+
+
+def test_consume_releases_the_state_dict_as_it_converts(reference):
+    _, ref_params = reference
+    state = {k: v.numpy() for k, v in _state(0).items()}
+    n = len(state)
+    assert_params_equal(dit_params_from_state_dict(state, SMALL), ref_params)
+    assert len(state) == n  # untouched by default
+    assert_params_equal(dit_params_from_state_dict(state, SMALL, consume=True), ref_params)
+    assert state == {}

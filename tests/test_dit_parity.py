@@ -15,7 +15,7 @@ import torch
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler
 from causal_dit_jax.model.patchify import from_torch_layout, to_torch_layout
-from causal_dit_jax.model.sampler import step_noise
+from causal_dit_jax.model.sampler import draw_step_noise
 from causal_dit_jax.convert import load_dit_params
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_safetensors, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
@@ -70,7 +70,7 @@ def _rollout_pair(converted, frames, start_frame, local_attn_size=-1, sink_size=
     shape = (1, 3, LATENT_H, LATENT_W, SMALL.in_dim)
 
     def noise_fn(j, k):
-        return torch.from_numpy(np.asarray(to_torch_layout(step_noise(key, j, shape, n)[k], "bfchw")))
+        return torch.from_numpy(np.asarray(to_torch_layout(draw_step_noise(key, j, shape, n)[k], "bfchw")))
 
     with torch.no_grad():
         ref = self_forcing_rollout(model, torch.from_numpy(np.asarray(to_torch_layout(noise, "bfchw"))),

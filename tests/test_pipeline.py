@@ -16,7 +16,7 @@ import torch
 
 from causal_dit_jax import KernelConfig
 from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
-from causal_dit_jax.model.sampler import initial_noise, step_noise
+from causal_dit_jax.model.sampler import initial_noise, draw_step_noise
 from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.text.umt5 import get_t5_preset
 from causal_dit_jax.app.video import read_mp4
@@ -96,7 +96,7 @@ def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
         shape = (1, 3, LATENT_H, LATENT_W, 16)
 
         def noise_fn(j, k):
-            eps = step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
+            eps = draw_step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
             return torch.from_numpy(np.asarray(eps)).permute(0, 1, 4, 2, 3)
 
         latents = self_forcing_rollout(dit, torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3),
@@ -133,7 +133,7 @@ def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
 
     inference = InferenceConfig(cache_dtype="float32")
     one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
-    mesh = make_mesh(8, strategy="hybrid")
+    mesh = make_mesh(8, strategy="hybrid", num_heads=12)
     many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate("a red fox", 21, HEIGHT,
                                                                                           WIDTH, 2)
     assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
@@ -228,9 +228,18 @@ def test_long_prompt_is_truncated_with_a_warning():
     (20, 128, 192, "1 \\+ 4k frames"), (17, 128, 192, "not a multiple of the chunk size"),
     (33, 100, 192, "multiples of 16"), (33, 128, 0, "multiples of 16")])
 def test_video_spec_errors(frames, height, width, msg):
+    from causal_dit_jax.model.config import get_preset
+
+    wan = (get_preset("wan2.1-t2v-1.3b"), get_vae_preset("wan2.1"))
     with pytest.raises(ValueError, match=msg):
-        video_spec(frames, height, width)
-    assert video_spec(81, 480, 832).latent_frames == 21
+        video_spec(frames, height, width, *wan, 3)
+    assert video_spec(81, 480, 832, *wan, 3).latent_frames == 21
+    # the tiny decoder has the same geometry, read from its own config
+    tiny = video_spec(81, 480, 832, wan[0], get_taehv_preset("taew2.1"), 3)
+    assert (tiny.latent_frames, tiny.latent_height, tiny.latent_width) == (21, 60, 104)
+    # chunks of 2 latents: 21 latents no longer fit, and the valid counts follow
+    with pytest.raises(ValueError, match=r"valid frame counts: \[5, 13, 21"):
+        video_spec(81, 480, 832, *wan, 2)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -44,6 +44,10 @@ def test_stream_yields_chunks_and_is_seeded(model):
     np.testing.assert_array_equal(np.concatenate(ahead, 1), again)
     with pytest.raises(ValueError, match="the given KV cache"):
         next(sampler.stream(params, text, noise, jax.random.key(6), cache=sampler.init_cache(1, 9, 4, 6)))
+    # same shape, another window: a cache made for a different eviction is refused too
+    windowed = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32", local_attn_size=5, sink_size=1))
+    with pytest.raises(ValueError, match="does not fit this stream"):
+        next(windowed.stream(params, text, noise, jax.random.key(6), cache=sampler.init_cache(1, 6, 4, 6)))
 
 
 def test_last_chunk_cache_fill_is_skipped_unless_asked(model):
@@ -76,3 +80,38 @@ def test_bad_inputs(model):
         dit.encode_text(params, jnp.zeros((1, 8, 64)))
     with pytest.raises(ValueError, match="text batch"):
         next(sampler.stream(params, text, jnp.zeros((2, 3, 4, 6, 16)), jax.random.key(0)))
+
+
+def test_given_step_noise_reproduces_a_pytorch_run(tmp_path):
+    """Every draw from PyTorch: the initial noise and each re-noising eps come from torch.randn in
+    Self-Forcing's [B, F, C, H, W] layout (a 7-D [chunks, steps - 1, B, c, C, H, W] stack for the
+    re-noising), our sampler takes them as given (no key) and lands on the reference rollout's latents.
+    float32 on both sides: 1e-4 relative L2, as tests/test_dit_parity.py."""
+    import torch
+
+    from causal_dit_jax.convert import load_dit_params
+    from causal_dit_jax.model.patchify import from_torch_layout
+    from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_self_forcing_pt, torch_model
+    from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
+
+    model = torch_model(seed=4)
+    _, params = load_dit_params(save_self_forcing_pt(model, tmp_path / "sf.pt"), SMALL)
+    g = torch.Generator().manual_seed(0)
+    chunks, steps = 2, 4
+    noise = torch.randn(1, 3 * chunks, SMALL.in_dim, LATENT_H, LATENT_W, generator=g)
+    eps = torch.randn(chunks, steps - 1, 1, 3, SMALL.in_dim, LATENT_H, LATENT_W, generator=g)
+    ctx = torch.randn(1, SMALL.text_len, SMALL.text_dim, generator=g)
+    with torch.no_grad():
+        ref = self_forcing_rollout(model, noise, ctx, warped_denoising_steps(), lambda j, k: eps[j, k])
+
+    dit = CausalWanDiT(SMALL)
+    sampler = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32"))
+    text = dit.encode_text(params, jnp.asarray(ctx.numpy()))
+    ours = sampler.generate(params, text, from_torch_layout(noise.numpy()), None,
+                            step_noise=from_torch_layout(eps.numpy()))
+    assert rel_err(ours, from_torch_layout(ref.numpy())) <= 1e-4
+    with pytest.raises(ValueError, match=r"step_noise must be \[chunks, steps - 1, B, c, H, W, C\]"):
+        sampler.generate(params, text, from_torch_layout(noise.numpy()), None,
+                         step_noise=from_torch_layout(eps[:1].numpy()))
+    with pytest.raises(ValueError, match="give a key"):
+        sampler.generate(params, text, from_torch_layout(noise.numpy()), None)

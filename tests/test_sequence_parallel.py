@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from causal_dit_jax import KernelConfig, CausalWanDiT, InferenceConfig, SelfForcingSampler, causal_rope_positions
+from causal_dit_jax import CausalWanDiT, InferenceConfig, KernelConfig, SelfForcingSampler
 from causal_dit_jax.model.config import get_preset
 from causal_dit_jax.sharding import SEQ_AXES, SequenceParallelDiT, make_mesh, split_sequence_devices
-from causal_dit_jax.sharding.rope_sp import shard_positions
 
 SP_TOL = 1e-5
 CFG = get_preset("tiny")  # 12 heads, float32
@@ -65,12 +64,30 @@ def test_local_window_with_sink_equals_single_device(setup, n, strategy):
     noise = jnp.concatenate([noise, noise[:, :6] * -1.0], axis=1)  # 15 frames: 5 chunks, cache rolls
     setup_long = (dit, params, text, noise)
     ref = _rollout(dit, setup_long, inference)
-    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy))
+    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
     assert rel(_rollout(sp, setup_long, inference), ref) <= SP_TOL
 
 
+@pytest.mark.parametrize("n,strategy", [(8, "ring"), (8, "hybrid"), (4, "ulysses")])
+def test_frame_granular_window_equals_single_device(setup, n, strategy):
+    """A 6-frame window with a 1-frame sink (Self-Forcing's frame counts, not whole chunks) over 5 chunks:
+    the masked paths (ring: the frame mask per ring step for the block's owner; all-to-all: the masked
+    local attention) equal one device's masked attention (SP_TOL)."""
+    inference = InferenceConfig(local_attn_size=6, sink_size=1, cache_dtype="float32")
+    dit, params, text, noise = setup
+    noise = jnp.concatenate([noise, noise[:, :6] * -1.0], axis=1)  # 15 frames: 5 chunks, cache rolls
+    setup_long = (dit, params, text, noise)
+    ref = _rollout(dit, setup_long, inference)
+    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
+    assert sp.init_cache(inference, 2, 15, LH, LW, START).frame_masked
+    assert rel(_rollout(sp, setup_long, inference), ref) <= SP_TOL
+    # and the window is not the whole-chunk one (the sink rounded up to a chunk)
+    rounded = _rollout(dit, setup_long, InferenceConfig(local_attn_size=6, sink_size=3, cache_dtype="float32"))
+    assert rel(rounded[:, 6:], ref[:, 6:]) > 1e-3
+
+
 def test_data_axis_splits_prompts(setup, reference):
-    sp = SequenceParallelDiT(setup[0], make_mesh(8, strategy="hybrid", data=2))
+    sp = SequenceParallelDiT(setup[0], make_mesh(8, strategy="hybrid", data=2, num_heads=12))
     assert (sp.data_size, sp.ring_size, sp.ulysses_size) == (2, 1, 4)
     assert rel(_rollout(sp, setup, InferenceConfig(cache_dtype="float32")), reference) <= SP_TOL
 
@@ -79,29 +96,37 @@ def test_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="12 heads divisible by 8"):
         make_mesh(8, strategy="ulysses", num_heads=12)
     with pytest.raises(ValueError, match="data=3"):
-        make_mesh(8, strategy="ring", data=3)
+        make_mesh(8, strategy="ring", data=3, num_heads=12)
     with pytest.raises(ValueError, match="unknown strategy"):
-        make_mesh(2, strategy="tree")
+        make_mesh(2, strategy="tree", num_heads=12)
     assert split_sequence_devices(8, "hybrid", 12) == (2, 4)
     assert split_sequence_devices(6, "hybrid", 12) == (1, 6)
+    # the split follows the model's heads, which make_mesh requires: 16 heads take all 8 in the all-to-all
+    assert dict(make_mesh(8, strategy="hybrid", num_heads=16).shape) == {"data": 1, "ring": 1, "ulysses": 8}
+    with pytest.raises(TypeError, match="num_heads"):
+        make_mesh(8, strategy="hybrid")
 
 
-@pytest.mark.parametrize("n,strategy", [(2, "ulysses"), (4, "ring"), (8, "hybrid"), (8, "ring")])
-@pytest.mark.parametrize("start_frame", [0, 5, 1000])
-def test_positions_inside_shard_map_equal_single_device_slice(n, strategy, start_frame):
-    mesh = make_mesh(n, strategy=strategy)
-    true_len = 3 * 3 * 5
-    local = -(-true_len // n)
+@pytest.mark.parametrize("n,strategy", [(2, "ulysses"), (4, "ring"), (8, "hybrid")])
+def test_shard_positions_in_the_sharded_forward(setup, n, strategy):
+    """The positions are derived where the sharded forward derives them (each shard's offset from
+    `lax.axis_index`, then `causal_rope_positions`), tested through that forward: one chunk at global
+    frame 1000 over a padded 45-token chunk equals one device. RoPE is relative, so a shift of every
+    position would not show: the time table's rows are shuffled (each row still a rotation), which
+    makes each token's absolute frame matter; the chunk at frame 0 then gives another flow."""
+    dit, params, text, noise = setup
+    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
+    x, t = noise[:, :3], jnp.full((2, 3), 937.5)
+    rope = dit.rope_tables(1003, LH, LW)
+    rows = jax.random.permutation(jax.random.key(7), rope.max_frames)
+    rope = rope._replace(cos_t=rope.cos_t[rows], sin_t=rope.sin_t[rows])
 
-    def body(start):
-        t, r, c = shard_positions(local, 3, 5, start)
-        return jnp.stack([t, r, c])[None]  # 1 3 l
+    def flow(model, start):
+        return jax.jit(model.forward)(params, x, t, text, None, start, rope)[0]
 
-    got = jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(SEQ_AXES))(jnp.int32(start_frame))
-    got = np.asarray(got).transpose(1, 0, 2).reshape(3, -1)  # (shard 3 l) -> 3 (shard l)
-    want = np.stack(causal_rope_positions(jnp.arange(local * n), 3, 5, start_frame))
-    np.testing.assert_array_equal(got, want)
-    assert got[0, :true_len].min() == start_frame and got[0, :true_len].max() == start_frame + 2
+    far = flow(sp, 1000)
+    assert rel(far, flow(dit, 1000)) <= SP_TOL
+    assert rel(far, flow(sp, 0)) > 1e-3
 
 
 # ----------------------------------------------------------------------------- communication
@@ -121,7 +146,7 @@ def collectives(hlo: str) -> list[tuple[str, str, list[tuple[int, ...]]]]:
 
 def _compiled_chunk_step(setup, n, strategy):
     dit, params, text, _ = setup
-    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy))
+    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
     inference = InferenceConfig(cache_dtype="float32")
     cache = sp.init_cache(inference, 2, FRAMES, LH, LW, START)
     x = jnp.zeros((2, 3, LH, LW, CFG.in_dim))
@@ -185,7 +210,7 @@ def test_sharded_attention_is_differentiable(setup):
 
     g1 = loss(dit)
     for strategy in ("ring", "hybrid"):
-        g8 = loss(SequenceParallelDiT(dit, make_mesh(8, strategy=strategy)))
+        g8 = loss(SequenceParallelDiT(dit, make_mesh(8, strategy=strategy, num_heads=12)))
         leaves1, leaves8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
         err = max(rel(a, b) for a, b in zip(leaves8, leaves1) if float(jnp.linalg.norm(b)) > 0)
         assert err <= 1e-4, strategy

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
 from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import rel_err
@@ -129,7 +130,7 @@ def test_key_table_matches_the_released_layout():
         sd = TAEHVReference().state_dict()
     decoder_sd = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("decoder.")}
     rules = taehv_key_map(config)
-    assert {r.torch: r.torch_shape for r in rules} == decoder_sd
+    assert torch_shapes(rules) == decoder_sd
     facts = {"decoder.1.weight": (256, 16, 3, 3), "decoder.3.conv.0.weight": (256, 512, 3, 3),
              "decoder.7.conv.weight": (256, 256, 1, 1), "decoder.8.weight": (128, 256, 3, 3),
              "decoder.13.conv.weight": (256, 128, 1, 1), "decoder.19.conv.weight": (128, 64, 1, 1),

@@ -13,9 +13,9 @@ import torch
 
 from causal_dit_jax.decoders.chunked_decode import to_uint8
 from causal_dit_jax.decoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
+from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.torch_files import CheckpointError
-from causal_dit_jax.convert.vae_convert import load_vae_params, vae_params_from_state_dict
-from causal_dit_jax.convert.vae_keys import vae_decoder_key_map
+from causal_dit_jax.convert.vae_convert import load_vae_params, vae_decoder_key_map, vae_params_from_state_dict
 from dit_fixtures import rel_err
 from torch_reference import wan_vae as ref
 
@@ -37,7 +37,7 @@ def converted(tmp_path_factory):
     model = ref.randomize_vae_(ref.WanVAEDecoder(dim=CFG.dim), seed=0).eval()
     path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
     torch.save({**model.state_dict(), **_encoder_half()}, path)
-    return model, load_vae_params(path, CFG)
+    return model, load_vae_params(path, CFG)[1]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_key_table_matches_the_wan_checkpoint_layout():
     with torch.device("meta"):
         sd = ref.WanVAEDecoder(dim=96).state_dict()
     rules = vae_decoder_key_map(get_vae_preset("wan2.1"))
-    assert {r.torch: r.torch_shape for r in rules} == {k: tuple(v.shape) for k, v in sd.items()}
+    assert torch_shapes(rules) == {k: tuple(v.shape) for k, v in sd.items()}
     assert len(rules) == 108
     facts = {"decoder.conv1.weight": (384, 16, 3, 3, 3), "decoder.middle.1.to_qkv.weight": (1152, 384, 1, 1),
              "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),

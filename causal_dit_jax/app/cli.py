@@ -24,10 +24,15 @@ def _add_convert(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="expected model shapes (default: inferred from the weights)")
     p.add_argument("--which", default="generator_ema", help="entry of a Self-Forcing .pt (generator_ema)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weight dtype of the DiT (and, with --wan-dir, the umT5 encoder; the VAE and TAEHV stay "
+                        "float32), also over a --preset's; the config says so (residual stream float32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_bench(sub) -> None:
+    from causal_dit_jax.bench.compare import FIGURES
+
     p = sub.add_parser("bench", help="time the DiT rollout with random weights")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--frames", type=int, default=9, help="latent frames (multiple of 3; 21 = 81 video frames)")
@@ -57,6 +62,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--linear-precision", default="bfloat16", choices=["bfloat16", "float8"],
                    help="float8: the block GEMMs in e4m3 (per-channel / per-token scales; changes the output)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    p.add_argument("--compare", action="append", default=[], metavar="FILE.json",
+                   help="a peer's measured figures to print ours against, with the speed-up (>1: ours faster), "
+                        "also written under 'comparison' in --json (repeatable; e.g. benchmarks/peers/*.json). "
+                        "The file: {\"name\": ..., \"figures\": {NAME: value}, optional \"source\", \"setting\", "
+                        f"\"notes\"}}; figure names: {', '.join(FIGURES)} (see causal_dit_jax/bench/compare.py)")
 
 
 def _add_generate(sub) -> None:
@@ -74,8 +84,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
     p.add_argument("--strategy", default="hybrid", choices=["ulysses", "ring", "hybrid"])
     p.add_argument("--local-attn-size", type=int, default=-1,
-                   help="rolling KV cache window in latent frames (multiple of 3; -1: whole video)")
-    p.add_argument("--sink-size", type=int, default=0, help="attention-sink latent frames kept in the window")
+                   help="rolling KV cache window in latent frames (4 video frames each; any count, as Self-Forcing: "
+                        "it must exceed --sink-size by at least 3 frames, one chunk); -1: the whole video")
+    p.add_argument("--sink-size", type=int, default=0,
+                   help="attention-sink latent frames (4 video frames each), the stream's first, never evicted from "
+                        "the window; needs --local-attn-size with local-attn-size - sink-size >= 3")
     p.add_argument("--linear-precision", default="bfloat16", choices=["bfloat16", "float8"],
                    help="float8: the DiT's block GEMMs in e4m3, about 1.4x faster GEMMs on Hopper; "
                         "the video is close to, not equal to, the bfloat16 one")
@@ -93,17 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> int:
-    from causal_dit_jax.model.config import get_preset
     from causal_dit_jax.convert import convert_dit_checkpoint, convert_pipeline_checkpoint
+    from causal_dit_jax.model.config import get_preset
 
     config = get_preset(args.preset) if args.preset else None
     if args.wan_dir:
         out = convert_pipeline_checkpoint(args.wan_dir, args.out, args.checkpoint, config, args.which,
-                                          overwrite=args.overwrite, taehv_checkpoint=args.taehv)
+                                          overwrite=args.overwrite, taehv_checkpoint=args.taehv, dtype=args.dtype)
     elif args.taehv:
         raise ValueError("--taehv needs --wan-dir (the tiny decoder is part of a generation checkpoint)")
     elif args.checkpoint:
-        out = convert_dit_checkpoint(args.checkpoint, args.out, config, args.which, args.overwrite)
+        out = convert_dit_checkpoint(args.checkpoint, args.out, config, args.which, args.overwrite, dtype=args.dtype)
     else:
         raise ValueError("give --checkpoint (the DiT alone) and/or --wan-dir (DiT, text encoder, VAE, tokenizer)")
     print(f"wrote {out}")
@@ -111,8 +124,11 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from causal_dit_jax.bench.rollout import run_dit_bench, write_json
+    from causal_dit_jax import bench
 
+    peers = [bench.load_peer(path) for path in args.compare]  # a bad file fails before any bench work
+    for peer in peers:
+        peer.check_setting(preset=args.preset, latent_frames=args.frames, height=args.height, width=args.width)
     if args.compilation_cache:
         import jax
 
@@ -138,13 +154,19 @@ def cmd_bench(args) -> int:
 
         dit, comm = sequence_parallel_dit(dit, args.mesh, args.strategy, height=args.height, width=args.width)
         strategy = args.strategy
-    result = run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
-                           dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
-                           profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
-                           vae_latents_per_call=args.vae_latents_per_call, per_layer_weights=args.per_layer_weights)
+    result = bench.run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
+                                 dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
+                                 profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
+                                 vae_latents_per_call=args.vae_latents_per_call,
+                                 per_layer_weights=args.per_layer_weights)
     print(result.table())
+    ours = bench.measured_figures(result)
+    comparison = [bench.compare(ours, peer) for peer in peers]
+    for c in comparison:
+        print()
+        print(bench.comparison_table(c))
     if args.json:
-        write_json(result, args.json)
+        bench.write_json(args.json, **result.as_dict(), **({"comparison": comparison} if peers else {}))
     return 0
 
 
@@ -163,7 +185,7 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from causal_dit_jax.app.pipeline import TextToVideoPipeline, video_spec
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, video_spec
     from causal_dit_jax.app.video import Mp4Writer, check_writable
 
     demo = args.checkpoint is None
@@ -172,7 +194,8 @@ def cmd_generate(args) -> int:
     width = args.width or (192 if demo else 832)
     inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     kernels = KernelConfig(linear_precision=args.linear_precision)
-    spec = video_spec(frames, height, width, inference.frames_per_chunk)  # bad sizes fail before model work
+    model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder)  # config.json only, no weights
+    spec = video_spec(frames, height, width, model_config, decoder_config, inference.frames_per_chunk)
     if any(not p.strip() for p in args.prompt):
         raise ValueError("the prompt is empty")
     outs = _out_paths(args.out, len(args.prompt))
@@ -182,12 +205,7 @@ def cmd_generate(args) -> int:
     if args.mesh:
         from causal_dit_jax.sharding import make_mesh
 
-        from causal_dit_jax.model.config import get_preset
-        heads = get_preset("demo").num_heads if demo else None
-        if heads is None:
-            from causal_dit_jax.checkpoint import read_checkpoint_config
-            heads = read_checkpoint_config(args.checkpoint)["dit"]["num_heads"]
-        mesh = make_mesh(args.mesh, strategy=args.strategy, num_heads=heads)
+        mesh = make_mesh(args.mesh, strategy=args.strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
     if demo:
         print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "

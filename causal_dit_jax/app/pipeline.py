@@ -18,7 +18,7 @@ import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-from causal_dit_jax.model.config import InferenceConfig, KernelConfig, get_preset
+from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, get_preset
 from causal_dit_jax.model.random_params import random_params
 from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
 from causal_dit_jax.model.kv_cache import TextKV
@@ -44,19 +44,50 @@ class VideoSpec:
     latent_width: int
 
 
-def video_spec(frames: int, height: int, width: int, frames_per_chunk: int = 3) -> VideoSpec:
-    """Validate a frame count and resolution: frames = 1 + 4 (T - 1) with T latent frames a multiple
-    of the chunk size (81 frames = 21 latents = 7 chunks); height and width multiples of 16."""
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise ValueError(f"height and width must be positive multiples of 16, got {height}x{width}")
-    if frames < 1 or (frames - 1) % 4:
-        raise ValueError(f"{frames} frames do not fit the VAE: use 1 + 4k frames (e.g. 33, 81)")
-    latent = (frames - 1) // 4 + 1
+def video_spec(frames: int, height: int, width: int, model: ModelConfig, decoder: VAEConfig | TAEHVConfig,
+               frames_per_chunk: int) -> VideoSpec:
+    """Validate a frame count and resolution against the configs that own them: the decoder's
+    temporal factor (frames = 1 + 4 (T - 1) for Wan's VAE), T latent frames a multiple of the chunk
+    size (81 frames = 21 latents = 7 chunks), and height / width multiples of the decoder's spatial
+    factor times the DiT's patch (8 x 2 = 16)."""
+    s = decoder.spatial_factor
+    _, ph, pw = model.patch_size
+    if height <= 0 or width <= 0 or height % (s * ph) or width % (s * pw):
+        raise ValueError(f"height and width must be positive multiples of {s * ph} (x{s} decoder, {ph}x{pw} "
+                         f"patches), got {height}x{width}")
+    tf = decoder.temporal_factor
+    if frames < 1 or (frames - 1) % tf:
+        raise ValueError(f"{frames} frames do not fit the decoder: use 1 + {tf}k frames "
+                         f"(e.g. {decoder.num_frames(9)}, {decoder.num_frames(21)})")
+    latent = (frames - 1) // tf + 1
     if latent % frames_per_chunk:
-        ok = [1 + 4 * (frames_per_chunk * k - 1) for k in range(1, 8)]
+        ok = [decoder.num_frames(frames_per_chunk * k) for k in range(1, 8)]
         raise ValueError(f"{frames} frames are {latent} latent frames, not a multiple of the chunk size "
                          f"{frames_per_chunk}; valid frame counts: {ok} ...")
-    return VideoSpec(frames, height, width, latent, height // 8, width // 8)
+    return VideoSpec(frames, height, width, latent, height // s, width // s)
+
+
+def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan"
+                     ) -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
+    """The DiT's and the chosen decoder's configs, read without loading any weights: the embedded
+    default's presets (ckpt_dir None) or a checkpoint's config.json."""
+    _check_decoder(decoder)
+    if ckpt_dir is None:
+        return get_preset("demo"), get_vae_preset("tiny") if decoder == "wan" else get_taehv_preset("tiny")
+    d = pathlib.Path(ckpt_dir).expanduser()
+    meta = read_checkpoint_config(d)
+    have = meta.get("components", [])
+    missing = [c for c in COMPONENTS if c not in have]
+    if missing:
+        raise ValueError(f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
+                         "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
+    if DECODERS[decoder] not in have:
+        how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
+        raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
+                         f"convert with `causal-dit convert ... {how}`")
+    decoder_config = (VAEConfig.from_dict(meta["vae"]) if decoder == "wan"
+                      else TAEHVConfig.from_dict(meta["taehv"]))
+    return ModelConfig.from_dict(meta["dit"]), decoder_config
 
 
 class TextToVideoPipeline:
@@ -67,9 +98,8 @@ class TextToVideoPipeline:
 
     mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
-    and the smallest activation memory (H200: 147 ms first frame, 11.85 GB peak with the DiT);
-    3 decodes a whole chunk per call (measured on an H100 before the per-frame stages: 4% more
-    throughput, 271 ms first frame, 17 GB).
+    and the smallest activation memory; 3 decodes a whole chunk per call (a little more throughput,
+    a later first frame and more memory: figures in benchmarks/NOTES.md).
     """
 
     def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
@@ -107,12 +137,11 @@ class TextToVideoPipeline:
         Runs on a laptop CPU in about a minute; every code path is the real model's.
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); kernels: how the DiT's
         kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
-        _check_decoder(decoder)
-        config = get_preset("demo")
+        config, decoder_config = pipeline_configs(None, decoder)
         dit = CausalWanDiT(config, kernels)
         dit_params = dit.quantize(random_params(CausalWanDiT(config).abstract_params(), seed))
         t5 = UMT5Encoder(get_t5_preset("demo"))
-        vae = WanVAE(get_vae_preset("tiny")) if decoder == "wan" else TAEHVDecoder(get_taehv_preset("tiny"))
+        vae = WanVAE(decoder_config) if decoder == "wan" else TAEHVDecoder(decoder_config)
         return cls(dit, dit_params, t5, random_params(t5.abstract_params(), seed + 1),
                    ByteTokenizer(max_length=t5.config.text_len), vae, random_params(vae.abstract_params(), seed + 2),
                    inference, mesh, untrained=True)
@@ -127,23 +156,11 @@ class TextToVideoPipeline:
         `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded.
         kernels: how the DiT's kernels run (`KernelConfig`; linear_precision='float8' quantises its block
         linears to e4m3 after loading)."""
-        _check_decoder(decoder)
+        _, decoder_config = pipeline_configs(ckpt_dir, decoder)  # checks the components
         d = pathlib.Path(ckpt_dir).expanduser()
         meta = read_checkpoint_config(d)
-        have = meta.get("components", [])
-        missing = [c for c in COMPONENTS if c not in have]
-        if missing:
-            raise ValueError(f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
-                             "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
-        if DECODERS[decoder] not in have:
-            how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
-            raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
-                             f"convert with `causal-dit convert ... {how}`")
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
-        if decoder == "wan":
-            vae = WanVAE(VAEConfig.from_dict(meta["vae"]))
-        else:
-            vae = TAEHVDecoder(TAEHVConfig.from_dict(meta["taehv"]))
+        vae = WanVAE(decoder_config) if decoder == "wan" else TAEHVDecoder(decoder_config)
         sharding = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
@@ -163,6 +180,10 @@ class TextToVideoPipeline:
                    untrained=bool(meta.get("untrained", False)))
 
     # ------------------------------------------------------------------ pieces
+    def video_spec(self, frames: int, height: int, width: int) -> VideoSpec:
+        """`video_spec` against this pipeline's DiT, decoder and chunking."""
+        return video_spec(frames, height, width, self.dit.config, self.vae.config, self.inference.frames_per_chunk)
+
     def encode_prompts(self, prompts: str | Sequence[str]) -> TextKV:
         """Tokenize, run umT5 once, and build the DiT's cross-attention K/V for the prompts."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -184,7 +205,7 @@ class TextToVideoPipeline:
         stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
         'encode_s'.
         """
-        spec = video_spec(frames, height, width, self.inference.frames_per_chunk)
+        spec = self.video_spec(frames, height, width)
         batch = 1 if isinstance(prompts, str) else len(prompts)
         # Prompt-independent setup first (queued on the device while the prompt is encoded).
         rope = self.model.rope_tables(spec.latent_frames, spec.latent_height, spec.latent_width)
@@ -238,4 +259,5 @@ def _check_decoder(decoder: str) -> None:
         raise ValueError(f"unknown decoder {decoder!r}; expected one of {sorted(DECODERS)}")
 
 
-__all__ = ["TextToVideoPipeline", "VideoSpec", "video_spec", "save_pipeline_checkpoint", "DECODERS"]
+__all__ = ["DECODERS", "TextToVideoPipeline", "VideoSpec", "pipeline_configs", "save_pipeline_checkpoint",
+           "video_spec"]

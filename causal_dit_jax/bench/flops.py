@@ -29,20 +29,39 @@ def chunk_forward_flops(config: ModelConfig, chunk_tokens: int, attended_tokens:
     return sum(chunk_forward_flops_parts(config, chunk_tokens, attended_tokens, text_tokens).values())
 
 
+def attended_frames(num_chunks: int, frames_per_chunk: int, window_frames: int | None = None) -> list[int]:
+    """Latent frames of keys each chunk attends to: min(E, window) for the chunk ending at frame E
+    (Self-Forcing's sink plus most recent frames add up to the window once it is full)."""
+    ends = [(j + 1) * frames_per_chunk for j in range(num_chunks)]
+    return ends if window_frames is None or window_frames == -1 else [min(e, window_frames) for e in ends]
+
+
 def rollout_flops_parts(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
-                        window_chunks: int | None = None, text_tokens: int | None = None) -> dict[str, float]:
+                        window_chunks: int | None = None, text_tokens: int | None = None, *,
+                        window_frames: int | None = None, frames_per_chunk: int = 3) -> dict[str, float]:
     """All forwards of a rollout by kind (`chunk_forward_flops_parts`): chunk j attends to
-    min(j + 1, window) chunks of keys."""
+    min((j + 1) c, window) frames of keys (c = frames_per_chunk frames of chunk_tokens / c tokens each).
+
+    window_frames: Self-Forcing's local_attn_size in latent frames (None or -1: the whole history);
+    window_chunks (older spelling): a window of whole chunks, window_frames = window_chunks * c.
+    Only the attended keys count: the frames a part-chunk window masks out are not FLOPs of the model.
+    """
+    if window_chunks is not None:
+        if window_frames is not None:
+            raise ValueError("give window_frames or window_chunks, not both")
+        window_frames = window_chunks * frames_per_chunk
     total = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0}
-    for j in range(num_chunks):
-        seen = j + 1 if window_chunks is None else min(j + 1, window_chunks)
-        for kind, f in chunk_forward_flops_parts(config, chunk_tokens, seen * chunk_tokens, text_tokens).items():
+    for seen in attended_frames(num_chunks, frames_per_chunk, window_frames):
+        attended = seen * chunk_tokens // frames_per_chunk
+        for kind, f in chunk_forward_flops_parts(config, chunk_tokens, attended, text_tokens).items():
             total[kind] += forwards_per_chunk * f
     return total
 
 
 def rollout_flops(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
-                  window_chunks: int | None = None, text_tokens: int | None = None) -> float:
-    """All forwards of a rollout: chunk j attends to min(j + 1, window) chunks of keys."""
+                  window_chunks: int | None = None, text_tokens: int | None = None, *,
+                  window_frames: int | None = None, frames_per_chunk: int = 3) -> float:
+    """All forwards of a rollout: chunk j attends to min((j + 1) c, window) frames of keys."""
     return sum(rollout_flops_parts(config, chunk_tokens, num_chunks, forwards_per_chunk, window_chunks,
-                                   text_tokens).values())
+                                   text_tokens, window_frames=window_frames,
+                                   frames_per_chunk=frames_per_chunk).values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -28,7 +28,8 @@ def classify(kernel_name: str) -> str:
 def profile_breakdown(fn: Callable[[], object], repeats: int = 3, top: int = 20) -> dict[str, float]:
     """Run `fn` (already compiled and warmed up) `repeats` times under the profiler and return the
     device kernel time per call in ms: {'matmul', 'attention', 'collective', 'other', 'total', 'kernels',
-    'top_kernels'} (the `top` longest kernels by name). On several GPUs the figures are per device (the kernels of all GPUs averaged)."""
+    'gpus', 'top_kernels'} (the `top` longest kernels by name). On several GPUs the figures are per
+    device (the kernels of all GPUs averaged)."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as d:

@@ -1,29 +1,33 @@
-"""`causal-dit bench`: time the DiT rollout (per chunk, first chunk, frames per second) for a preset.
+"""`causal-dit bench`: time the DiT rollout (per chunk, first chunk, frames per second) for a preset,
+and optionally the product's loop end to end with each decoder.
 
 Random weights of the preset's shapes; the prompt is a random text context. Numbers are printed as
-a table and optionally written as JSON. No numbers here are asserted anywhere.
+a table and optionally written as JSON (`results.write_json`). No numbers here are asserted anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import platform
 import time
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.bench.flops import rollout_flops
+from causal_dit_jax.bench.results import device_kind
+from causal_dit_jax.bench.timing import CompileCounter, matmul_peak_tflops, peak_memory_gb
+from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import PRESETS, InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT, unstack_blocks
-from causal_dit_jax.bench.flops import rollout_flops
 from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
 
 
 @dataclasses.dataclass
 class BenchResult:
+    """One `run_dit_bench` run: times in the unit of each name's suffix (_s, _ms); `table()` for people,
+    `as_dict()` for `results.write_json`; `compare.measured_figures` reads a peer comparison's figures."""
+
     preset: str
     device: str
     backend: str
@@ -37,24 +41,28 @@ class BenchResult:
     first_chunk_ms: float
     total_s: float
     frames_per_second: float
-    comm_bytes_per_chunk: Optional[int] = None
+    comm_bytes_per_chunk: int | None = None
     dit_tflops: float = 0.0  # analytic FLOPs of all forwards (causal_dit_jax.bench.flops)
-    matmul_peak_tflops: Optional[float] = None  # bf16 8192^3 matmul measured in the same run
-    mfu: Optional[float] = None  # of num_devices x the matmul peak
-    compilations: Optional[int] = None  # backend compilations during the timed rollouts
-    peak_memory_gb: Optional[float] = None  # device peak after the DiT rollouts (compilation included:
+    matmul_peak_tflops: float | None = None  # bf16 8192^3 matmul rate measured in the same run (GPU;
+    # `timing.matmul_peak_tflops`: dependent products inside one call)
+    mfu: float | None = None  # of num_devices x the matmul peak
+    compilations: int | None = None  # backend compilations during the timed rollouts
+    peak_memory_gb: float | None = None  # device peak after the DiT rollouts (compilation included:
     # cuDNN autotuning allocates scratch; a run with a warm --compilation-cache shows the runtime peak)
-    forward_breakdown_ms: Optional[dict] = None  # one chunk forward (last chunk's cache), from a profile
-    first_forward_breakdown_ms: Optional[dict] = None  # one forward of the first chunk (no cache yet)
-    rollout_kernel_ms: Optional[float] = None  # device kernel time of one whole profiled rollout
+    forward_breakdown_ms: dict | None = None  # one chunk forward (last chunk's cache), from a profile
+    first_forward_breakdown_ms: dict | None = None  # one forward of the first chunk (no cache yet)
+    rollout_kernel_ms: float | None = None  # device kernel time of one whole profiled rollout
     # (wall time minus this is the device's idle time: launch gaps and host syncs between chunks)
-    vae: Optional[dict] = None  # end to end with the Wan VAE streaming decode (see run_e2e)
-    tiny_vae: Optional[dict] = None  # end to end with the tiny TAEHV decoder
+    vae: dict | None = None  # end to end with the Wan VAE streaming decode (see run_e2e)
+    tiny_vae: dict | None = None  # end to end with the tiny TAEHV decoder
     linear_precision: str = "bfloat16"  # the DiT's block GEMMs: bfloat16 or float8 (e4m3)
-    date: str = ""
     host: str = ""
     # the last timed rollout's latents [B, F, H, W, C] on the host (keep_latents=True; not in the JSON)
-    latents: Optional[object] = dataclasses.field(default=None, repr=False, compare=False)
+    latents: object | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        """The JSON-able fields (the latents left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "latents"}
 
     def table(self) -> str:
         rows = [
@@ -107,31 +115,35 @@ class BenchResult:
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
-def video_frames(latent_frames: int) -> int:
-    """Wan's VAE turns T latent frames into 1 + 4 (T - 1) video frames."""
-    return 1 + 4 * (latent_frames - 1)
-
-
 def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, height: int = 128,
                   width: int = 128, inference: InferenceConfig = InferenceConfig(),
-                  dit: Optional[CausalWanDiT] = None, strategy: str = "single", seed: int = 0,
-                  comm_bytes_per_chunk: Optional[int] = None, repeats: int = 1,
-                  profile: bool = False, e2e_vae: Optional[str] = None,
+                  dit: CausalWanDiT | None = None, strategy: str = "single", seed: int = 0,
+                  comm_bytes_per_chunk: int | None = None, repeats: int = 1,
+                  profile: bool = False, e2e_vae: str | None = None,
                   vae_latents_per_call: int = 1, keep_latents: bool = False,
                   per_layer_weights: bool = False) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout).
 
+    height, width: pixels; the latents are the Wan VAE's (`VAEConfig.spatial_factor`), the video frames
+    its `num_frames(latent_frames)`. e2e_vae: a Wan VAE preset ('wan2.1', 'tiny') whose product loop
+    (`run_e2e`) also runs, after the TAEHV decoder's of the same size.
     per_layer_weights: run on `unstack_blocks(params)`.
     dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
     mesh and the decoders of `e2e_vae` run on the first device, as in the pipeline)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = preset if isinstance(preset, str) else next(
         (k for k, v in PRESETS.items() if v == config), f"custom (residual {config.residual_dtype})")
-    if height % 16 or width % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-    lh, lw = height // 8, width // 8
+    vae_config = get_vae_preset(e2e_vae or "wan2.1")
+    down = vae_config.spatial_factor
+    multiple = down * config.patch_size[1], down * config.patch_size[2]
+    if height % multiple[0] or width % multiple[1]:
+        raise ValueError(f"height and width must be multiples of {multiple[0]}x{multiple[1]} (the VAE's x{down} "
+                         f"and the DiT's patches), got {height}x{width}")
+    lh, lw = height // down, width // down
+    frames = vae_config.num_frames(latent_frames)
     dit = dit or CausalWanDiT(config)
     sampler = SelfForcingSampler(dit, inference)
+    forwards_per_chunk = sampler.forwards_per_chunk  # the denoising steps, then the cache fill
     key = jax.random.key(seed)
     params = jax.jit(dit.init)(key)
     if per_layer_weights:  # one buffer per layer's weight (`unstack_blocks`): no per-layer slice copies
@@ -150,7 +162,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
 
     counter = CompileCounter()
     counter.active = True
-    best: Optional[list[float]] = None
+    best: list[float] | None = None
     rope = dit.rope_tables(latent_frames, lh, lw)
     for _ in range(max(repeats, 1)):
         times, chunks = [], []
@@ -179,11 +191,10 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
                               latents_per_call=vae_latents_per_call)
         vae_result = run_e2e(sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call)
     total = sum(best) / 1e3
-    dev = jax.devices()[0]
     n_chunks = len(best)
     tpc = inference.frames_per_chunk * config.tokens_per_frame(lh, lw)
-    window = None if inference.local_attn_size == -1 else inference.local_attn_size // inference.frames_per_chunk
-    flops = rollout_flops(config, tpc, n_chunks, len(sampler.timesteps) + 1, window)
+    flops = rollout_flops(config, tpc, n_chunks, forwards_per_chunk, window_frames=inference.local_attn_size,
+                          frames_per_chunk=inference.frames_per_chunk)
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
     n_devices = dit.num_devices  # MFU against the peak of all of them
     breakdown = first_breakdown = rollout_ms = None
@@ -214,18 +225,16 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
 
         rollout_ms = profile_breakdown(one_rollout, repeats=1)["total"]
     result = BenchResult(
-        preset=name, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
+        preset=name, device=device_kind(), backend=jax.default_backend(),
         num_devices=n_devices, strategy=strategy,
-        latent_shape=tuple(noise.shape), video_frames=video_frames(latent_frames),
-        forwards=n_chunks * (len(sampler.timesteps) + 1), compile_s=compile_s, chunk_ms=best,
-        first_chunk_ms=best[0], total_s=total, frames_per_second=video_frames(latent_frames) / total,
+        latent_shape=tuple(noise.shape), video_frames=frames,
+        forwards=n_chunks * forwards_per_chunk, compile_s=compile_s, chunk_ms=best,
+        first_chunk_ms=best[0], total_s=total, frames_per_second=frames / total,
         comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
         mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
         peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
         first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
-        linear_precision=dit.kernels.linear_precision,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        host=platform.node(), latents=latents)
+        linear_precision=dit.kernels.linear_precision, host=platform.node(), latents=latents)
     return result
 
 
@@ -241,9 +250,9 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     import numpy as np
 
     from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-    from causal_dit_jax.model.random_params import random_params
     from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
-    from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
+    from causal_dit_jax.decoders.wan_vae import WanVAE
+    from causal_dit_jax.model.random_params import random_params
 
     if vae_preset.startswith("taehv"):
         preset = "taew2.1" if vae_preset == "taehv" else vae_preset.removeprefix("taehv-")
@@ -283,63 +292,4 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
             "peak_memory_gb": peak_memory_gb()}
 
 
-def median_ms(fn: Callable, *args, repeats: int = 20) -> float:
-    """Median wall time in ms of fn(*args) until its results are ready, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
-def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
-    """Measured bf16 n^3 matmul rate (random data), the MFU denominator."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    return 2 * n**3 / median_ms(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats) / 1e9
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events) while active."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count = 0
-        self.active = False
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, name, *_args, **_kw):
-        if self.active and name == self.EVENT:
-            self.count += 1
-
-
-def peak_memory_gb() -> Optional[float]:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 1e9
-
-
-def result_dict(result: BenchResult) -> dict:
-    """The JSON-able fields of a result (the latents left out)."""
-    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "latents"}
-
-
-def write_json(result: BenchResult, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result_dict(result), f, indent=2)
-    print(f"wrote {path}")
-
-
-def write_probe_json(path: str, **fields) -> None:
-    """A GPU probe's results (`benchmarks/*_probe.py`) as JSON, after the device they ran on."""
-    with open(path, "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, **fields}, f, indent=1)
-    print(f"wrote {path}")
-
-
-__all__ = ["BenchResult", "median_ms", "result_dict", "run_dit_bench", "run_e2e", "video_frames", "write_json",
-           "write_probe_json"]
+__all__ = ["BenchResult", "run_dit_bench", "run_e2e"]

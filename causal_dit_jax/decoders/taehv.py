@@ -62,6 +62,21 @@ class TAEHVConfig(ConfigFields):
     def time_factor(self) -> int:
         return 2 ** sum(self.time_upscale)
 
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame (4), as `VAEConfig.temporal_factor`."""
+        return self.time_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent row or column (8), as `VAEConfig.spatial_factor`."""
+        return 2 ** sum(self.space_upscale) * self.patch_size
+
+    def num_frames(self, latent_frames: int, first_chunk: bool = True) -> int:
+        """Video frames from `latent_frames` latents: 1 + 4 (T - 1) for a video's start, else 4 T."""
+        f = self.time_factor
+        return 1 + f * (latent_frames - 1) if first_chunk else f * latent_frames
+
 
 
 TAEHV_PRESETS: dict[str, TAEHVConfig] = {

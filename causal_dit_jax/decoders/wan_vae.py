@@ -36,7 +36,7 @@ Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
 MAX_UNROLLED_FRAMES = 12  # per-frame stages unroll up to one 3-latent chunk's frames, then scan
 
-# Wan2.1 VAE latent statistics (facts §8): z_raw = z * std + mean.
+# Wan2.1 VAE latent statistics: z_raw = z * std + mean.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
                0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,

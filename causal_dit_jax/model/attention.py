@@ -7,7 +7,8 @@ Ulysses or ring versions of it; the blocks themselves never change.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,8 @@ from causal_dit_jax.model.kv_cache import CacheWrite, LayerCache, write_chunk
 
 
 class SelfAttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Optional[LayerCache],
-                 write: Optional[CacheWrite]) -> tuple[jax.Array, Optional[LayerCache]]:
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache | None,
+                 write: CacheWrite | None) -> tuple[jax.Array, LayerCache | None]:
         ...
 
 
@@ -32,10 +33,13 @@ def default_implementation(dtype) -> str:
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           kv_length: jax.Array | None = None,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None,
+                          key_mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v for q [B, L, N, D], k/v [B, S, N, D]; keys past kv_length are ignored
     (cuDNN skips them; XLA masks them).
 
+    key_mask: [S] bool, the keys attended (instead of kv_length): XLA masks the logits; cuDNN takes
+    it as a [1, 1, L, S] bias (the frame-granular rolling window; the prefix case keeps kv_length).
     implementation: None (cuDNN on GPU for bf16/f16, else XLA), 'xla' or 'cudnn' ('cudnn_paged' is
     'cudnn' here: there is no cache to page).
     """
@@ -48,8 +52,34 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     implementation = implementation or default_implementation(q.dtype)
     if implementation == "cudnn_paged":
         implementation = "cudnn"
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
+    mask = None
+    if key_mask is not None:
+        if kv_length is not None:
+            raise ValueError("give kv_length or key_mask, not both")
+        mask = key_mask.reshape(1, 1, 1, k.shape[1])
+        if implementation == "cudnn":  # cuDNN's bias must span the queries
+            mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_len,
                                         implementation=implementation)
+
+
+def frame_key_mask(frame_mask: jax.Array, num_keys: int, slot_tokens: int, tokens_per_frame: int,
+                   token_offset: jax.Array | int = 0, true_len: int | None = None) -> jax.Array:
+    """[num_keys] bool from a cache's per-slot frame mask (`CacheWrite.frame_mask`, [slots, c]).
+
+    Key i lies in slot i // slot_tokens at token token_offset + i % slot_tokens of its chunk (a ring
+    member holds the segment starting at token_offset), in frame token // tokens_per_frame. Keys past
+    the slots (an aligned cache's tail) and, given true_len, the chunk's padding are never valid.
+    """
+    slots, c = frame_mask.shape
+    i = jnp.arange(num_keys, dtype=jnp.int32)
+    slot = i // slot_tokens
+    token = jnp.asarray(token_offset, jnp.int32) + i % slot_tokens
+    inside = slot < slots
+    if true_len is not None:
+        inside &= token < true_len
+    index = jnp.clip(slot, 0, slots - 1) * c + jnp.clip(token // tokens_per_frame, 0, c - 1)
+    return inside & frame_mask.reshape(-1)[index]
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
@@ -176,13 +206,15 @@ cache_attention_in_place.defvjp(_in_place_fwd, _in_place_bwd)
 
 
 def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         layer_cache: Optional[LayerCache] = None, write: Optional[CacheWrite] = None,
-                         implementation: str | None = None) -> tuple[jax.Array, Optional[LayerCache]]:
+                         layer_cache: LayerCache | None = None, write: CacheWrite | None = None,
+                         implementation: str | None = None) -> tuple[jax.Array, LayerCache | None]:
     """Self-attention of a chunk on one device, with or without the KV cache.
 
     Without a cache the chunk attends to itself. With one, the chunk's (rotated) k/v are written to
     its slot and the chunk attends to every valid slot: the earlier chunks and itself
-    (block-causal, bidirectional inside the chunk; no mask beyond the valid length).
+    (block-causal, bidirectional inside the chunk; no mask beyond the valid length). A cache whose
+    window or sink is not whole chunks (`write.frame_mask`) is read sliced, with a key mask of the
+    frames Self-Forcing still holds (XLA's or cuDNN's masked attention).
     implementation 'cudnn_paged' (the GPU default) reads the cache in place through cuDNN paged
     attention when its key axis is a whole number of pages (`CausalWanDiT.init_cache` makes it so),
     and slices the layer's cache otherwise.
@@ -194,6 +226,12 @@ def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if layer_cache is None:
         return dot_product_attention(q, k, v, implementation=implementation), None
     layer_cache = write_chunk(layer_cache, k, v, write)
+    if write.frame_mask is not None:  # a window or sink of part chunks: the masked read of the layer
+        cache_k, cache_v = layer_cache.read()
+        chunk = k.shape[1]
+        mask = frame_key_mask(write.frame_mask, cache_k.shape[1], chunk, chunk // write.frame_mask.shape[1])
+        out = dot_product_attention(q, cache_k, cache_v, implementation=implementation, key_mask=mask)
+        return out, layer_cache
     kv_length = write.valid_slots * k.shape[1]
     if paged and layer_cache.k.shape[2] % PAGE_TOKENS == 0:
         out = cache_attention_in_place(q, layer_cache.k, layer_cache.v, layer_cache.layer, kv_length)

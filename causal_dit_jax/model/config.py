@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax.numpy as jnp
 
@@ -115,7 +115,7 @@ PRESETS: dict[str, ModelConfig] = {
     "wan2.1-t2v-1.3b": ModelConfig(),
     # Small presets: 12 heads and every code path of the real model, at a fraction of the size.
     # `demo` runs the embedded default video on a 2-core CPU; `tiny` is for tests.
-    "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=32,
+    "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=256,
                         freq_dim=64),
     "tiny": ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8,
                         freq_dim=32, param_dtype="float32", dtype="float32", residual_dtype="float32"),
@@ -171,12 +171,24 @@ class KernelConfig(ConfigFields):
             raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
 
 
+class CacheLayout(NamedTuple):
+    """The self-attention KV cache of one stream, from `InferenceConfig.cache_layout` (static ints)."""
+
+    capacity: int  # chunk slots
+    sink_chunks: int  # leading slots that keep the stream's first chunks (the sink; 0 when nothing is evicted)
+    sink_frames: int  # latent frames never evicted (Self-Forcing's sink_size; 0 when nothing is evicted)
+    window_frames: int  # latent frames attended at most (local_attn_size); -1: this stream never evicts
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig(ConfigFields):
     """Self-Forcing few-step inference settings (`configs/self_forcing_dmd.yaml`).
 
-    local_attn_size / sink_size are in latent frames (-1 = attend to the whole history). They must
-    be multiples of `frames_per_chunk` here: the cache rolls by whole chunks.
+    local_attn_size / sink_size count latent frames, as in Self-Forcing (-1 = attend to the whole
+    history). With a window, the chunk ending at (exclusive) frame E attends to the frames f < E with
+    f < sink_size or f >= E - (local_attn_size - sink_size): Self-Forcing's shift-left eviction of the
+    oldest non-sink frames. Any frame counts work (a 1-frame sink is a real setting) as long as the
+    window minus the sink holds a whole chunk. cache_dtype: None keeps the cache in the model's dtype.
     """
 
     frames_per_chunk: int = 3
@@ -187,7 +199,7 @@ class InferenceConfig(ConfigFields):
     context_noise: float = 0.0
     local_attn_size: int = -1
     sink_size: int = 0
-    cache_dtype: str = "bfloat16"
+    cache_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "denoising_steps", tuple(self.denoising_steps))
@@ -195,21 +207,21 @@ class InferenceConfig(ConfigFields):
             raise ValueError("frames_per_chunk must be positive")
         if not self.denoising_steps:
             raise ValueError("denoising_steps must not be empty")
-        if self.local_attn_size != -1:
-            c = self.frames_per_chunk
-            if self.local_attn_size <= 0 or self.local_attn_size % c:
-                raise ValueError(
-                    f"local_attn_size={self.local_attn_size} must be -1 or a positive multiple "
-                    f"of frames_per_chunk={c}")
-            if self.sink_size < 0 or self.sink_size % c:
-                raise ValueError(f"sink_size={self.sink_size} must be a multiple of frames_per_chunk={c}")
-            if self.sink_size + c > self.local_attn_size:
-                raise ValueError(
-                    f"local_attn_size={self.local_attn_size} leaves no room for a chunk of {c} frames "
-                    f"after a sink of {self.sink_size}")
-        elif self.sink_size:
-            raise ValueError("sink_size needs a local_attn_size (a rolling cache)")
-        dtype_from_name(self.cache_dtype)
+        c, local, sink = self.frames_per_chunk, self.local_attn_size, self.sink_size
+        if local != -1 and local <= 0:
+            raise ValueError(f"local_attn_size={local} must be -1 (the whole video) or a positive number "
+                             "of latent frames")
+        if sink < 0:
+            raise ValueError(f"sink_size={sink} must be >= 0 latent frames")
+        if local == -1 and sink:
+            raise ValueError(f"sink_size={sink} needs a local_attn_size (a rolling cache); "
+                             "local_attn_size=-1 keeps every frame")
+        if local != -1 and local - sink < c:
+            raise ValueError(
+                f"local_attn_size={local} with sink_size={sink} leaves no room for a chunk: the window "
+                f"minus the sink must hold at least frames_per_chunk={c} latent frames")
+        if self.cache_dtype is not None:
+            dtype_from_name(self.cache_dtype)
 
     def num_chunks(self, num_frames: int) -> int:
         """Chunks for `num_frames` latent frames; errors if they do not fit the chunking."""
@@ -220,10 +232,21 @@ class InferenceConfig(ConfigFields):
                 f"(use a multiple of {c}; 21 latent frames = 81 video frames)")
         return num_frames // c
 
+    def cache_layout(self, num_frames: int) -> CacheLayout:
+        """The KV cache of a stream of `num_frames` latent frames: the one place its slots are counted.
+
+        Whole-chunk slots: ceil(sink / c) sink slots, then a ring of ceil((window - sink) / c) slots
+        for the most recent chunks (enough to hold every frame the window needs), capped at the
+        stream's chunks. Global attention, or a stream that never outgrows its window, keeps every
+        chunk (window_frames -1).
+        """
+        n = self.num_chunks(num_frames)
+        c, local, sink = self.frames_per_chunk, self.local_attn_size, self.sink_size
+        if local == -1 or num_frames <= local:
+            return CacheLayout(n, 0, 0, -1)
+        sink_chunks = -(-sink // c)
+        return CacheLayout(min(n, sink_chunks + -(-(local - sink) // c)), min(sink_chunks, n), sink, local)
+
     def cache_chunks(self, num_frames: int) -> int:
         """Chunk slots of the self-attention KV cache for a video of `num_frames` latent frames."""
-        n = self.num_chunks(num_frames)
-        if self.local_attn_size == -1:
-            return n
-        return min(n, self.local_attn_size // self.frames_per_chunk)
-
+        return self.cache_layout(num_frames).capacity

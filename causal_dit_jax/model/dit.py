@@ -248,8 +248,8 @@ def unstack_blocks(params: Params) -> Params:
     `forward` then runs the layers as a Python loop in which each GEMM reads its weight buffer in
     place; a loop over stacked weights (scan, fori_loop, even a fully unrolled scan) copies each
     layer's weights out first (`benchmarks/weight_slice_probe.py`). The price: the program holds one
-    copy of the layer per layer, so it compiles about twice as long (H200: 7.0 -> 14.7 s). Run outside
-    jit, once; the stacked arrays can then be dropped."""
+    copy of the layer per layer, so it compiles about twice as long (figures in benchmarks/NOTES.md).
+    Run outside jit, once; the stacked arrays can then be dropped."""
     blocks = params["blocks"]
     if _per_layer(blocks):
         return params

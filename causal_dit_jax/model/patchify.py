@@ -43,19 +43,27 @@ def tokens_to_latents(config, tokens: jax.Array, grid: tuple[int, int, int]) -> 
     return unpatchify(tokens, *grid, config.patch_size)
 
 
+# PyTorch layout -> einops pattern of its last axes; any leading axes (batch, or none) pass through.
+TORCH_LAYOUTS = {"bfchw": "f c h w", "bcfhw": "c f h w"}
+
+
+def _layout_pattern(layout: str, x) -> str:
+    if layout not in TORCH_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(TORCH_LAYOUTS)}")
+    if x.ndim < 4:
+        raise ValueError(f"a {layout!r} tensor needs at least 4 axes (frames, channels, height, width), got {x.shape}")
+    return TORCH_LAYOUTS[layout]
+
+
 def from_torch_layout(x, layout: str = "bfchw"):
-    """PyTorch latents to [B, F, H, W, C]: layout 'bfchw' (Self-Forcing pipeline) or 'bcfhw' (Wan model)."""
-    if layout == "bfchw":
-        return jnp.transpose(jnp.asarray(x), (0, 1, 3, 4, 2))
-    if layout == "bcfhw":
-        return jnp.transpose(jnp.asarray(x), (0, 2, 3, 4, 1))
-    raise ValueError(f"unknown layout {layout!r}; expected 'bfchw' or 'bcfhw'")
+    """PyTorch latents to channels-last [..., F, H, W, C]: layout 'bfchw' (Self-Forcing's pipeline,
+    [..., F, C, H, W]) or 'bcfhw' (Wan's model input, [..., C, F, H, W]); leading axes (a batch, a
+    batch of steps, or none) are kept."""
+    x = jnp.asarray(x)
+    return rearrange(x, f"... {_layout_pattern(layout, x)} -> ... f h w c")
 
 
 def to_torch_layout(x, layout: str = "bfchw"):
-    """[B, F, H, W, C] to PyTorch latents in `layout` ('bfchw' or 'bcfhw')."""
-    if layout == "bfchw":
-        return jnp.transpose(jnp.asarray(x), (0, 1, 4, 2, 3))
-    if layout == "bcfhw":
-        return jnp.transpose(jnp.asarray(x), (0, 4, 1, 2, 3))
-    raise ValueError(f"unknown layout {layout!r}; expected 'bfchw' or 'bcfhw'")
+    """Channels-last [..., F, H, W, C] to PyTorch latents in `layout` ('bfchw' or 'bcfhw'); leading axes kept."""
+    x = jnp.asarray(x)
+    return rearrange(x, f"... f h w c -> ... {_layout_pattern(layout, x)}")

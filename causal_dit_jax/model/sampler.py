@@ -16,15 +16,15 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.model.chunk_model import ChunkModel, Params
 from causal_dit_jax.model.config import InferenceConfig
-from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import KVCache, TextKV
 from causal_dit_jax.model.rope import RopeTables
 from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
 
 
-def step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...],
-               num_steps: int) -> jax.Array:
+def draw_step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...],
+                    num_steps: int) -> jax.Array:
     """The fresh noise of one chunk's re-noising steps: [num_steps - 1, *shape] float32."""
     return jax.random.normal(jax.random.fold_in(key, chunk_index), (max(num_steps - 1, 1), *shape),
                              jnp.float32)
@@ -33,11 +33,11 @@ def step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, .
 class SelfForcingSampler:
     """Streams latents of a video chunk by chunk.
 
-    dit: the model (its attention function decides single-device or sequence-parallel execution).
+    dit: a `ChunkModel` (`CausalWanDiT` on one device, `SequenceParallelDiT` over a mesh).
     inference: schedule, chunking, cache window. Latents are channels-last [B, F, H, W, C].
     """
 
-    def __init__(self, dit: CausalWanDiT, inference: InferenceConfig = InferenceConfig()):
+    def __init__(self, dit: ChunkModel, inference: InferenceConfig = InferenceConfig()):
         self.dit = dit
         self.inference = inference
         self.timesteps = denoising_timesteps(inference.denoising_steps, inference.timestep_shift,
@@ -96,17 +96,28 @@ class SelfForcingSampler:
         return self.dit.init_cache(self.inference, batch, num_frames, latent_height, latent_width,
                                    start_frame)
 
-    def stream(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
+    @property
+    def forwards_per_chunk(self) -> int:
+        """DiT forwards of one chunk: the denoising steps and the cache-fill pass."""
+        return len(self.timesteps) + 1
+
+    def stream(self, params: Params, text: TextKV, noise: jax.Array, key: Optional[jax.Array],
                start_frame: int = 0, rope: Optional[RopeTables] = None,
-               cache: Optional[KVCache] = None, fill_last_chunk: bool = False) -> Iterator[jax.Array]:
+               cache: Optional[KVCache] = None, fill_last_chunk: bool = False,
+               step_noise: Optional[jax.Array] = None) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
         noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
-        key: seeds the re-noising draws; start_frame: the global latent frame of the first chunk.
+        key: seeds the re-noising draws (`step_noise` below); start_frame: the global latent frame of
+        the first chunk.
         rope, cache: may be made ahead by the caller (`dit.rope_tables`, `init_cache`), so that their
         setup is not on the path to the first frame; the cache is consumed (donated).
         fill_last_chunk: also run the last chunk's cache-fill pass, whose keys no chunk of this stream
         reads (the latents are the same either way; Self-Forcing's loop runs it: 5 forwards per chunk).
+        step_noise: the re-noising draws given instead of drawn from `key` (then key may be None), e.g.
+        PyTorch's, to reproduce a Self-Forcing run: [chunks, steps - 1, B, c, H, W, C], entry [i, k] the
+        eps that re-noises chunk i's x0 after denoising step k (Self-Forcing's `torch.randn_like` after
+        each step but the last; convert from its [B, c, C, H, W] with `from_torch_layout`).
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
@@ -117,6 +128,14 @@ class SelfForcingSampler:
             raise ValueError(f"start_frame must be >= 0, got {start_frame}")
         chunks = self.inference.num_chunks(f)
         c = self.inference.frames_per_chunk
+        n = len(self.timesteps)
+        if step_noise is not None:
+            want = (chunks, n - 1, b, c, h, w, ch)
+            if tuple(step_noise.shape) != want:
+                raise ValueError(f"step_noise must be [chunks, steps - 1, B, c, H, W, C] = {want}, "
+                                 f"got {tuple(step_noise.shape)}")
+        elif key is None:
+            raise ValueError("give a key for the re-noising draws, or the draws themselves as step_noise")
         if rope is None:
             rope = self.dit.rope_tables(start_frame + f, h, w)
         elif rope.max_frames < start_frame + f:
@@ -125,14 +144,18 @@ class SelfForcingSampler:
             cache = self.init_cache(b, f, h, w, start_frame)
         else:
             expected = jax.eval_shape(lambda: self.init_cache(b, f, h, w, start_frame))
-            got = (cache.k.shape, cache.capacity, cache.sink_chunks)
-            if got != (expected.k.shape, expected.capacity, expected.sink_chunks):
-                raise ValueError(f"the given KV cache (shape, slots, sink slots) is {got}; this stream needs "
-                                 f"{(expected.k.shape, expected.capacity, expected.sink_chunks)} (init_cache)")
+            # the static fields (slots, sink and window frames) live in the tree structure
+            if (cache.k.shape, jax.tree.structure(cache)) != (expected.k.shape, jax.tree.structure(expected)):
+                raise ValueError(f"the given KV cache does not fit this stream: shape {cache.k.shape} with "
+                                 f"{cache.capacity} slots, sink {cache.sink_frames} / window {cache.window_frames} "
+                                 f"frames; it needs {expected.k.shape} with {expected.capacity} slots, sink "
+                                 f"{expected.sink_frames} / window {expected.window_frames} (make it with init_cache)")
             cache = cache.replace(origin_frame=jnp.asarray(start_frame, jnp.int32))
-        n = len(self.timesteps)
         for i in range(chunks):
-            eps = step_noise(key, i, (b, c, h, w, ch), n)
+            if step_noise is None:
+                eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
+            else:  # at least one row: a 1-step schedule re-noises nothing (its row is never read)
+                eps = step_noise[i] if n > 1 else jnp.zeros((1, b, c, h, w, ch), jnp.float32)
             start = jnp.asarray(start_frame + i * c, jnp.int32)
             x0, cache = self._denoise_fn(params, noise[:, i * c:(i + 1) * c], eps, cache, text, start, rope)
             # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
@@ -142,10 +165,11 @@ class SelfForcingSampler:
                 cache = self._fill_fn(params, x0, cache, text, start, rope)
         jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
-    def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array,
-                 start_frame: int = 0) -> jax.Array:
-        """All latents of the video [B, F, H, W, C] (float32)."""
-        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame)), axis=1)
+    def generate(self, params: Params, text: TextKV, noise: jax.Array, key: Optional[jax.Array],
+                 start_frame: int = 0, step_noise: Optional[jax.Array] = None) -> jax.Array:
+        """All latents of the video [B, F, H, W, C] (float32); key / step_noise as in `stream`."""
+        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame, step_noise=step_noise)),
+                               axis=1)
 
 
 def initial_noise(key: jax.Array, batch: int, num_frames: int, latent_height: int, latent_width: int,
@@ -154,4 +178,4 @@ def initial_noise(key: jax.Array, batch: int, num_frames: int, latent_height: in
     return jax.random.normal(key, (batch, num_frames, latent_height, latent_width, channels), jnp.float32)
 
 
-__all__ = ["SelfForcingSampler", "initial_noise", "step_noise"]
+__all__ = ["SelfForcingSampler", "draw_step_noise", "initial_noise"]

@@ -7,7 +7,7 @@ parameters are a plain pytree:
      'blocks': {... every leaf stacked over layers ...},
      'norm': {'scale': [C]}}                      (+ 'pos_embedding' at the top when shared_pos)
 
-Math (facts §9): pre-norm blocks with an RMS norm in float32 (eps 1e-6), attention with no 1/sqrt(d)
+Math (the published umT5-XXL encoder of Wan2.1): pre-norm blocks with an RMS norm in float32 (eps 1e-6), attention with no 1/sqrt(d)
 scaling plus a learned bidirectional relative-position bias (32 buckets, one table per layer), padded
 keys masked, softmax in float32, a gated GELU-tanh FFN fc2(fc1(x) * gelu_tanh(gate(x))), a final norm.
 
@@ -84,7 +84,7 @@ T5_PRESETS: dict[str, T5Config] = {
     # Untrained small encoders over `tokenizer.ByteTokenizer` ids, sized for the DiT presets of the same
     # name (dim = that preset's text_dim, text_len likewise).
     "demo": T5Config(vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2,
-                     text_len=32),
+                     text_len=256),
     "tiny": T5Config(vocab_size=BYTE_VOCAB, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
                      text_len=8, param_dtype="float32", dtype="float32", residual_dtype="float32"),
 }

@@ -1,6 +1,7 @@
 """PyTorch reference of Self-Forcing's causal Wan2.1 DiT (``CausalWanModel``) for parity tests.
 
-Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) ("facts"), sections 1-6. Pure torch
+Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) ("facts"),
+sections 1-6. Pure torch
 (CPU, float32 or bfloat16 via ``model.to(torch.bfloat16)``), no flash-attn, no diffusers.
 
 Precision follows Self-Forcing, not Wan2.1 (facts §3 "Precision"): everything runs in the parameter dtype
@@ -14,7 +15,7 @@ C channels, K text tokens.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,32 +117,50 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:  # the chunk attends only to itself (bidirectional)
             return self.o(_attention(q, k, v))
 
-        cache_size = kv_cache["k"].shape[1]
-        global_end = int(kv_cache["global_end_index"].item())
-        local_end_old = int(kv_cache["local_end_index"].item())
-        current_end = current_start + s
-        sink = self.sink_size * tpf
-        # Global mode: the original hard-codes 32760 (= its cache size); here: the cache size.
-        max_att = self.local_attn_size * tpf if self.local_attn_size != -1 else cache_size
-        if (self.local_attn_size != -1 and current_end > global_end
-                and s + local_end_old > cache_size):  # rolling path: evict, keep the sink
-            evict = s + local_end_old - cache_size
-            rolled = local_end_old - evict - sink
-            for name in ("k", "v"):
-                src = kv_cache[name][:, sink + evict:sink + evict + rolled].clone()
-                kv_cache[name][:, sink:sink + rolled] = src
-            local_end = local_end_old + current_end - global_end - evict
-        else:  # normal path: append a new block, or overwrite the same slots on a repeated call
-            local_end = local_end_old + current_end - global_end
-        if not s <= local_end <= cache_size:
-            raise ValueError(f"cache write [{local_end - s}, {local_end}) outside cache of {cache_size}")
-        kv_cache["k"][:, local_end - s:local_end] = k
-        kv_cache["v"][:, local_end - s:local_end] = v
-        lo = max(0, local_end - max_att)
-        out = _attention(q, kv_cache["k"][:, lo:local_end], kv_cache["v"][:, lo:local_end])
-        kv_cache["global_end_index"].fill_(current_end)
-        kv_cache["local_end_index"].fill_(local_end)
-        return self.o(out)
+        k_att, v_att = rolling_kv_cache_update(kv_cache, k, v, current_start, self.local_attn_size,
+                                               self.sink_size, tpf)
+        return self.o(_attention(q, k_att, v_att))
+
+
+def rolling_kv_cache_update(kv_cache: dict, k: torch.Tensor, v: torch.Tensor, current_start: int,
+                            local_attn_size: int, sink_size: int, tokens_per_frame: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Facts §5, Self-Forcing's ``CausalWanSelfAttention`` cache step: write the new block's (roped) k, v
+    [B, n, N, D] at global tokens [current_start, current_start + n) into ``kv_cache`` (in place) and
+    return the keys/values it attends to, k/v[max(0, local_end - max_att) : local_end].
+
+    Normal path: local_end = local_end_index + current_end - global_end_index (a repeated call on the
+    same block has current_end == global_end and overwrites the same slots). Rolling path (only with a
+    window, a new block, and local_end_index + n > S): evict = n + local_end_index - S tokens; the
+    first sink = sink_size * tokens_per_frame tokens stay; rolled = local_end_index - evict - sink
+    tokens shift left from [sink + evict, ...) to [sink, ...); the block is written at the end.
+    """
+    cache_size = kv_cache["k"].shape[1]
+    s = k.shape[1]
+    global_end = int(kv_cache["global_end_index"].item())
+    local_end_old = int(kv_cache["local_end_index"].item())
+    current_end = current_start + s
+    sink = sink_size * tokens_per_frame
+    # Global mode: the original hard-codes 32760 (= its cache size); here: the cache size.
+    max_att = local_attn_size * tokens_per_frame if local_attn_size != -1 else cache_size
+    if (local_attn_size != -1 and current_end > global_end
+            and s + local_end_old > cache_size):  # rolling path: evict, keep the sink
+        evict = s + local_end_old - cache_size
+        rolled = local_end_old - evict - sink
+        for name in ("k", "v"):
+            src = kv_cache[name][:, sink + evict:sink + evict + rolled].clone()
+            kv_cache[name][:, sink:sink + rolled] = src
+        local_end = local_end_old + current_end - global_end - evict
+    else:  # normal path: append a new block, or overwrite the same slots on a repeated call
+        local_end = local_end_old + current_end - global_end
+    if not s <= local_end <= cache_size:
+        raise ValueError(f"cache write [{local_end - s}, {local_end}) outside cache of {cache_size}")
+    kv_cache["k"][:, local_end - s:local_end] = k
+    kv_cache["v"][:, local_end - s:local_end] = v
+    lo = max(0, local_end - max_att)
+    kv_cache["global_end_index"].fill_(current_end)
+    kv_cache["local_end_index"].fill_(local_end)
+    return kv_cache["k"][:, lo:local_end], kv_cache["v"][:, lo:local_end]
 
 
 class CrossAttention(nn.Module):

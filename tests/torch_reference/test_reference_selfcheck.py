@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from .causal_wan import (
-    CausalWanModel, add_noise, flow_match_sigmas, flow_to_x0, randomize_parameters_, rope_table,
-    self_forcing_rollout, sigma_for_timestep, warped_denoising_steps)
+    CausalWanModel,
+    add_noise,
+    flow_match_sigmas,
+    flow_to_x0,
+    randomize_parameters_,
+    rolling_kv_cache_update,
+    rope_table,
+    self_forcing_rollout,
+    sigma_for_timestep,
+    warped_denoising_steps,
+)
 
 TINY = dict(dim=192, ffn_dim=64, num_heads=12, num_layers=2, in_dim=4, out_dim=4, text_dim=32, freq_dim=32)
 H = W = 8  # latent grid -> 4 x 4 = 16 tokens per frame
@@ -197,3 +206,45 @@ def test_bfloat16_runs():
         out = model(x, torch.full((1, 3), 625.0), ctx)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert model.freqs.dtype == torch.complex128
+
+
+def test_rolling_cache_attends_sink_and_most_recent_frames():
+    """The reference's rolling cache, followed frame by frame (one token per frame, keys = frame index
+    * 10 + call): chunk j of 3 frames attends to the frames f < E = 3 (j + 1) with f < sink or
+    f >= E - (window - sink), each once, the current chunk with the keys of its latest call."""
+    for local, sink in ((6, 1), (6, 3), (7, 0), (7, 2), (5, 2), (4, 0), (9, 1), (3, 0)):
+        cache = {"k": torch.zeros(1, local, 1, 1), "v": torch.zeros(1, local, 1, 1),
+                 "global_end_index": torch.tensor([0]), "local_end_index": torch.tensor([0])}
+        for j in range(6):
+            e = 3 * (j + 1)
+            for call in range(5):  # 4 denoising steps + the cache fill, on the same block
+                k = (torch.arange(e - 3, e, dtype=torch.float32) * 10 + call).view(1, 3, 1, 1)
+                att, _ = rolling_kv_cache_update(cache, k, k, e - 3, local, sink, 1)
+                keys = [int(x) for x in att.flatten()]
+                frames = sorted(x // 10 for x in keys)
+                assert frames == [f for f in range(e) if f < sink or f >= e - (local - sink)], (local, sink, j)
+                assert all(x % 10 == (call if x // 10 >= e - 3 else 4) for x in keys), (local, sink, j, keys)
+
+
+def test_huge_window_rolling_cache_equals_global_attention():
+    """A window longer than the video (and one exactly as long) never rolls: the same video as global
+    attention (exact: the attended keys are the same tensors in the same order)."""
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 12, TINY["in_dim"], H, W, generator=g)
+    eps = {(j, k): torch.randn(1, 3, TINY["in_dim"], H, W, generator=g) for j in range(4) for k in range(3)}
+    _, ctx = tiny_inputs()
+    outs = []
+    with torch.no_grad():
+        for local, sink in ((-1, 0), (30, 1), (12, 1)):
+            out = self_forcing_rollout(tiny_model(local_attn_size=local, sink_size=sink), noise, ctx,
+                                       warped_denoising_steps(), lambda j, k: eps[(j, k)],
+                                       local_attn_size=local, sink_size=sink)
+            outs.append(out)
+        short = self_forcing_rollout(tiny_model(local_attn_size=6, sink_size=1), noise, ctx,
+                                     warped_denoising_steps(), lambda j, k: eps[(j, k)],
+                                     local_attn_size=6, sink_size=1)
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    torch.testing.assert_close(outs[2], outs[0], atol=0, rtol=0)
+    # and a window that rolls does change the later chunks (the first two see the same keys)
+    torch.testing.assert_close(short[:, :6], outs[0][:, :6], atol=0, rtol=0)
+    assert (short[:, 6:] - outs[0][:, 6:]).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """PyTorch reference of Wan2.1's umT5-XXL text encoder (``T5Encoder``, encoder only) for parity tests.
 
-Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2 and 9, with the state-dict
+Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2
+and 9, with the state-dict
 keys of ``models_t5_umt5-xxl-enc-bf16.pth``. Sizes are constructor arguments so tests run it tiny.
 
 Math: pre-norm blocks with T5LayerNorm (RMS over the last axis in float32, eps 1e-6, a weight and no

@@ -1,6 +1,7 @@
 """PyTorch reference of the Wan2.1 VAE decoder path (``wan/modules/vae.py``) for parity tests.
 
-Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2 (VAE keys) and 8. State-dict
+Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2
+(VAE keys) and 8. State-dict
 keys are Wan's own (``conv2.*``, ``decoder.conv1.*``, ``decoder.middle.{0,1,2}.*``,
 ``decoder.upsamples.{k}.*``, ``decoder.head.{0,2}.*``), so a real ``Wan2.1_VAE.pth`` loads into
 ``WanVAEDecoder(dim=96)`` with ``strict=False`` (its ``encoder.*`` and ``conv1.*`` keys are unused here).
@@ -17,7 +18,7 @@ frames per cached causal conv):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,14 +65,14 @@ class CausalConv3d(nn.Conv3d):
         self._pad = (pw, pw, ph, ph, 2 * pt, 0)  # F.pad order: w, h, t
         self.padding = (0, 0, 0)
 
-    def forward(self, x: torch.Tensor, cache_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         pad = list(self._pad)
         if cache_x is not None and pad[4] > 0:
             x = torch.cat([cache_x.to(x), x], dim=2)
             pad[4] -= cache_x.shape[2]
         return super().forward(F.pad(x, pad))
 
-    def cached(self, x: torch.Tensor, cache: Optional[FeatCache]) -> torch.Tensor:
+    def cached(self, x: torch.Tensor, cache: FeatCache | None) -> torch.Tensor:
         """Run with the feature cache (Wan's pattern around every cached conv)."""
         if cache is None:
             return self(x)
@@ -104,7 +105,7 @@ class ResidualBlock(nn.Module):
             CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: Optional[FeatCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
         h = self.shortcut(x)
         for layer in self.residual:
             x = layer.cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
@@ -144,7 +145,7 @@ class Resample(nn.Module):
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x: torch.Tensor, cache: Optional[FeatCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and cache is not None:
             old = cache.take(x)
@@ -188,7 +189,7 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: Optional[FeatCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
         x = self.conv1.cached(x, cache)
         for layer in self.middle:
             x = layer(x, cache) if isinstance(layer, ResidualBlock) else layer(x)
@@ -209,7 +210,7 @@ class WanVAEDecoder(nn.Module):
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, temperal_upsample)
 
-    def decode(self, z: torch.Tensor, streaming: bool = False, cache: Optional[FeatCache] = None
+    def decode(self, z: torch.Tensor, streaming: bool = False, cache: FeatCache | None = None
                ) -> tuple[torch.Tensor, FeatCache]:
         """z [B, z_dim, T, h, w] normalised latents -> (video [B, 3, T', H, W] in [-1, 1], cache).
 
