@@ -1,9 +1,10 @@
 """Sequence-parallel scaling on the GPUs of one host: one GPU, then each attention strategy on N GPUs.
 
 For every configuration, `run_dit_bench` (real Wan2.1-1.3B shapes, random bf16 weights, 480x832,
-21 latent frames: per-chunk times, first chunk, end to end with the tiny and the Wan decoder, a
-profile of one full-cache forward with its collective time), then the N-GPU latents against the
-one-GPU latents of the same seed, and the speed-ups. Writes one JSON.
+81 frames = 21 latent frames; --frames counts video frames, as `causal-dit generate` and `bench` do:
+per-chunk times, first chunk, end to end with the tiny and the Wan decoder, a profile of one
+full-cache forward with its collective time), then the N-GPU latents against the one-GPU latents of
+the same seed, and the speed-ups. Writes one JSON.
 
     python benchmarks/multi_gpu.py --gpus 2 --json benchmarks/DATE_h200x2_multi_gpu.json
     python benchmarks/multi_gpu.py --gpus 2 --strategies ulysses --linear-precision float8 --json ...
@@ -25,7 +26,9 @@ import tempfile
 
 import numpy as np
 
+from causal_dit_jax.app.pipeline import video_spec
 from causal_dit_jax.bench import run_dit_bench, utc_date, write_json
+from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import LINEAR_PRECISIONS, InferenceConfig, KernelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.sharding.mesh import split_sequence_devices
@@ -41,9 +44,15 @@ def latents_error(a: np.ndarray, b: np.ndarray, frames_per_chunk: int) -> dict:
             "max_abs": float(np.max(np.abs(a - b))), "rel_l2_per_chunk": per_chunk}
 
 
+def latent_frames(args, cfg) -> int:
+    """--frames (video frames, validated as `causal-dit bench` does) as the rollout's latent frames."""
+    return video_spec(args.frames, args.height, args.width, cfg, get_vae_preset("wan2.1"),
+                      InferenceConfig().frames_per_chunk).latent_frames
+
+
 def run_one(args, cfg, strategy: str) -> dict:
     """One configuration in this process ('single' or a strategy over args.gpus)."""
-    kw = dict(preset=cfg, latent_frames=args.frames, height=args.height, width=args.width,
+    kw = dict(preset=cfg, latent_frames=latent_frames(args, cfg), height=args.height, width=args.width,
               inference=InferenceConfig(), profile=True, keep_latents=True,
               e2e_vae=None if args.no_e2e else "wan2.1")
     dit = CausalWanDiT(cfg, KernelConfig(linear_precision=args.linear_precision))
@@ -52,8 +61,9 @@ def run_one(args, cfg, strategy: str) -> dict:
         config = "1 GPU"
     else:
         sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
-        sp, comm = sequence_parallel_dit(dit, args.gpus, strategy, height=args.height,
-                                         width=args.width)
+        down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
+        sp, comm = sequence_parallel_dit(dit, args.gpus, strategy, kw["inference"], num_frames=kw["latent_frames"],
+                                         latent_height=args.height // down, latent_width=args.width // down)
         res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, **kw)
         config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
     print(res.table(), flush=True)
@@ -66,7 +76,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, required=True, help="GPUs of the sequence-parallel runs")
     ap.add_argument("--strategies", default="ulysses,ring,hybrid")
     ap.add_argument("--preset", default="wan2.1-t2v-1.3b")
-    ap.add_argument("--frames", type=int, default=21)
+    ap.add_argument("--frames", type=int, default=81, help="video frames, 1 + 4k (81 = 21 latent frames)")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--no-e2e", action="store_true")
@@ -77,6 +87,10 @@ def main() -> None:
     ap.add_argument("--latents-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = get_preset(args.preset)
+    try:
+        latent_frames(args, cfg)  # a bad --frames / size fails here, before any child starts
+    except ValueError as e:
+        ap.error(str(e))
     if args.only:  # the child: measure one configuration, write its JSON
         write_json(args.json, **run_one(args, cfg, args.only))
         return

@@ -16,7 +16,8 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 
@@ -58,7 +59,7 @@ def atomic_dir(out_dir: str | pathlib.Path, overwrite: bool = False) -> Iterator
 
 def save_checkpoint(out_dir: str | pathlib.Path, components: Mapping[str, Any],
                     configs: Mapping[str, Any], overwrite: bool = False,
-                    extra_files: Optional[Callable[[pathlib.Path], None]] = None) -> pathlib.Path:
+                    extra_files: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
     """Write {name: params tree} with Orbax plus config.json, atomically. Returns the folder.
 
     configs: JSON-able config per component (e.g. {'dit': ModelConfig.to_dict()}).
@@ -103,7 +104,7 @@ def read_checkpoint_config(ckpt_dir: str | pathlib.Path) -> dict:
 
 
 def restore_component(ckpt_dir: str | pathlib.Path, name: str, abstract_tree: Any,
-                      sharding: Optional[jax.sharding.Sharding] = None) -> Any:
+                      sharding: jax.sharding.Sharding | None = None) -> Any:
     """Restore one component onto devices; `sharding` (e.g. replicated over a mesh) places it directly."""
     import orbax.checkpoint as ocp
 

@@ -1,6 +1,7 @@
 """PyTorch Wan / Self-Forcing DiT state dict -> our params tree: the key table and the config inference.
 
-The table reads top to bottom against `../shared/reference` section 2; `{i}` keys are stacked over
+The table reads top to bottom against the state dict of Wan's `WanModel` (Self-Forcing's `CausalWanModel`
+has the same names); `{i}` keys are stacked over
 layers into our scanned block params. The engine (checks, applier, transforms) is `rules.py`.
 """
 

@@ -1,7 +1,7 @@
 """Wan's `models_t5_umt5-xxl-enc-bf16.pth` (a plain PyTorch state dict) -> our umT5 params: the key
 table and the config inference.
 
-The table reads against `../shared/reference` sections 2 and 9; `{i}` keys are stacked over layers
+The table reads against the state dict of Wan2.1's `T5Encoder` (umT5-XXL); `{i}` keys are stacked over layers
 into our scanned block params. Every Linear has no bias. The engine is `rules.py`.
 """
 

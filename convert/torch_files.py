@@ -49,6 +49,18 @@ def _looks_like_torch_file(path) -> bool:
         return False
 
 
+def _not_a_torch_file(path) -> CheckpointError:
+    """The error for a file that torch.save did not write, with what it holds instead."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return CheckpointError(f"cannot read {path}: {e}")
+    what = "it is empty" if not head else f"it starts with {head!r}"
+    return CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (expected a torch.save file: a zip "
+                           f"archive, or a legacy pickle starting with byte 0x80; {what})")
+
+
 def load_torch_pickle(path: str | pathlib.Path) -> dict:
     """torch.load with weights_only=True; a pickle that would execute code is refused with a clear error."""
     try:
@@ -58,12 +70,17 @@ def load_torch_pickle(path: str | pathlib.Path) -> dict:
             f"reading {path} needs PyTorch: pip install 'causal-dit-jax[convert]'") from e
     import pickle
 
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not p.is_file():
+        raise CheckpointError(f"cannot read {path}: a folder, not a PyTorch checkpoint file")
+    # Before torch.load: unpickling text or other bytes fails deep inside pickle ('pop from empty list').
+    if not _looks_like_torch_file(p):
+        raise _not_a_torch_file(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        if not _looks_like_torch_file(path):
-            raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (neither a zip archive "
-                                  "nor a pickle)") from e
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(

@@ -2,7 +2,7 @@
 inference.
 
 The table is generated from the `VAEConfig` (the numbers of stages and residual blocks decide the
-`decoder.upsamples.{k}` indices) and reads against facts section 2 ("VAE") and section 8. Only the
+`decoder.upsamples.{k}` indices) and reads against the keys of Wan2.1's `WanVAE_` module. Only the
 decoder half is mapped: `conv2.*` and `decoder.*`. The encoder half of the file (`encoder.*`,
 `conv1.*`) is expected and ignored; any other key, a missing decoder key or a tensor of the wrong
 shape is reported by name in one `CheckpointError` (by `rules.py`, the engine).

@@ -1,7 +1,7 @@
 """Device meshes for sequence parallelism: axes ('data', 'ring', 'ulysses').
 
 The chunk's token sequence is partitioned over ('ring', 'ulysses') together; 'ulysses' is the
-all-to-all (head-exchange) part and 'ring' the part whose K/V circulate. A pure all-to-all mesh has
+all-to-all (head-exchange) part and 'ring' the part whose blocks circulate (`ring.py`). A pure all-to-all mesh has
 ring = 1, a pure ring mesh ulysses = 1, the hybrid both. 'data' splits a batch of prompts.
 """
 
@@ -22,7 +22,7 @@ def split_sequence_devices(n: int, strategy: str, num_heads: int) -> tuple[int, 
     """(ring, ulysses) sizes for `n` sequence devices under `strategy`, validated against the heads.
 
     ulysses: all n devices exchange heads (n must divide the heads: 12 heads allow 1,2,3,4,6,12).
-    ring: all n devices pass K/V around a ring.
+    ring: all n devices pass blocks around a ring (the queries with a cache, else K/V; `ring.py`).
     hybrid: the largest all-to-all group that divides the heads, times a ring (8 devices, 12 heads:
     4 x 2).
     """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
 from causal_dit_jax.model.rope import RopeTables
 from causal_dit_jax.sharding.mesh import make_mesh, mesh_sizes
 from causal_dit_jax.sharding.partition_specs import SPECS
-from causal_dit_jax.sharding.ring import ring_self_attention
+from causal_dit_jax.sharding.ring import ring_self_attention, ring_traffic
 from causal_dit_jax.sharding.rope_sp import shard_token_offset
 from causal_dit_jax.sharding.ulysses import check_heads, heads_to_seq, qkv_seq_to_heads
 
@@ -127,8 +126,8 @@ class SequenceParallelDiT:
 
     # ------------------------------------------------------------------ forward
     def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
-                       cache: Optional[KVCache], start_frame, rope: RopeTables, *,
-                       grid: tuple[int, int, int]) -> tuple[jax.Array, Optional[KVCache]]:
+                       cache: KVCache | None, start_frame, rope: RopeTables, *,
+                       grid: tuple[int, int, int]) -> tuple[jax.Array, KVCache | None]:
         """Patch tokens [B, true_len, P] -> [B, true_len, P_out] through the sharded transformer."""
         frames, gh, gw = grid
         lay = self.layout(frames, gh * self.config.patch_size[1], gw * self.config.patch_size[2])
@@ -157,39 +156,53 @@ class SequenceParallelDiT:
         return out[:, :lay.true_len], cache
 
     def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
-                cache: Optional[KVCache], start_frame, rope: RopeTables
-                ) -> tuple[jax.Array, Optional[KVCache]]:
+                cache: KVCache | None, start_frame, rope: RopeTables
+                ) -> tuple[jax.Array, KVCache | None]:
         """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
         tokens, grid = latents_to_tokens(self.config, x, t)
         out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
         return tokens_to_latents(self.config, out, grid), cache
 
     # ------------------------------------------------------------------ accounting
-    def comm_bytes_per_forward(self, frames: int, latent_height: int, latent_width: int,
-                               cache_slots: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-        """Bytes each device sends per chunk forward in self-attention (all layers).
+    def comm_bytes_per_forward(self, inference: InferenceConfig, latent_height: int, latent_width: int,
+                               num_frames: int | None = None, batch: int = 1) -> int:
+        """Bytes each device sends per chunk forward in self-attention (all layers), as compiled.
 
+        num_frames: the latent frames of the stream whose KV cache the forward carries (the cache's
+        capacity, `inference.cache_chunks`, decides what a ring circulates; its fill changes
+        nothing); None: a forward without a cache. batch: prompts of the forward (over every data
+        group; each device sends its share). Activations are in the model's dtype, the cache in
+        `inference`'s (`cache_dtype`).
         all-to-all: q/k/v in (3 tensors) and the output back (1), each sending (U-1)/U of the local
-        [B, L_loc, N, D] block. ring: (R-1) steps, each sending this member's K and V block
-        ([B, cap*Lseg, N/U, D] each, or [B, Lseg, ...] without a cache).
+        [B, L_loc, N, D] block. ring: `ring.ring_traffic`, which the compiled ring follows: with a
+        cache of 2+ slots R-1 hops of the query block and R-1 of its float32 result (constant in
+        the video's length); without one (or with 1 slot) R-1 hops of the K/V block.
         """
         cfg = self.config
-        lay = self.layout(frames, latent_height, latent_width)
+        if batch % self.data_size:
+            raise ValueError(f"batch {batch} is not divisible by the mesh's data axis {self.data_size}")
+        b = batch // self.data_size
+        lay = self.layout(inference.frames_per_chunk, latent_height, latent_width)
         u, r = self.ulysses_size, self.ring_size
-        local = batch * lay.local_len * cfg.num_heads * cfg.head_dim * dtype_bytes
+        act = jnp.dtype(cfg.dtype).itemsize
+        local = b * lay.local_len * cfg.num_heads * cfg.head_dim * act
         a2a = 4 * local * (u - 1) // u if u > 1 else 0
-        kv_block = 2 * batch * max(cache_slots, 1) * lay.segment_len * (cfg.num_heads // u) * cfg.head_dim * dtype_bytes
-        ring = (r - 1) * kv_block
+        ring = 0
+        if r > 1:
+            slots, kv = 1, act  # without a cache the chunk's own k/v segment, in q's dtype
+            if num_frames is not None:
+                slots, kv = inference.cache_chunks(num_frames), jnp.dtype(cache_dtype(cfg, inference)).itemsize
+            _, ring = ring_traffic(r, b, lay.segment_len, cfg.num_heads // u, cfg.head_dim, slots, act, kv)
         return cfg.num_layers * (a2a + ring)
 
 
-def sequence_parallel_dit(dit: CausalWanDiT | ModelConfig, num_devices: int, strategy: str, *, height: int, width: int,
-                          frames_per_chunk: int = 3, num_chunks: int = 3
-                          ) -> tuple[SequenceParallelDiT, int]:
-    """A SequenceParallelDiT on the first `num_devices` devices, plus its self-attention bytes per
-    chunk (4 denoising forwards + the cache fill, averaged over `num_chunks` chunks of cache growth)."""
-    sp = SequenceParallelDiT(dit, make_mesh(num_devices, strategy=strategy, num_heads=dit.config.num_heads
-                                            if isinstance(dit, CausalWanDiT) else dit.num_heads))
-    lh, lw = height // 8, width // 8
-    per_chunk = [5 * sp.comm_bytes_per_forward(frames_per_chunk, lh, lw, i + 1) for i in range(num_chunks)]
-    return sp, sum(per_chunk) // len(per_chunk)
+def sequence_parallel_dit(dit: CausalWanDiT | ModelConfig, num_devices: int, strategy: str,
+                          inference: InferenceConfig, *, num_frames: int, latent_height: int, latent_width: int,
+                          batch: int = 1) -> tuple[SequenceParallelDiT, int]:
+    """A SequenceParallelDiT on the first `num_devices` devices, plus the self-attention bytes each
+    device sends per chunk of a `num_frames`-latent-frame stream: `comm_bytes_per_forward` (the same
+    for every chunk) times the chunk's forwards (the denoising steps, then the cache fill)."""
+    config = dit.config if isinstance(dit, CausalWanDiT) else dit
+    sp = SequenceParallelDiT(dit, make_mesh(num_devices, strategy=strategy, num_heads=config.num_heads))
+    forwards = len(inference.denoising_steps) + 1
+    return sp, forwards * sp.comm_bytes_per_forward(inference, latent_height, latent_width, num_frames, batch)

@@ -254,3 +254,20 @@ def test_restore_missing_component_names_it(tmp_path, converted):
     shutil.rmtree(copy / "dit")
     with pytest.raises(CheckpointDirError, match="has no 'dit' model"):
         load_dit(copy)
+
+
+def test_read_checkpoint_config_says_what_is_wrong(tmp_path):
+    """A missing folder, a file, a folder without config.json, a config.json that is not JSON (named)."""
+    with pytest.raises(CheckpointDirError, match=r"checkpoint folder .*/absent does not exist"):
+        read_checkpoint_config(tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointDirError, match="is a file, not a checkpoint folder"):
+        read_checkpoint_config(tmp_path / "file")
+    with pytest.raises(CheckpointDirError, match=r"not a causal-dit-jax checkpoint \(no config\.json\)"):
+        read_checkpoint_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"format": "causal-dit-jax/1",')
+    with pytest.raises(CheckpointDirError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
+        read_checkpoint_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointDirError, match="unknown format None"):
+        read_checkpoint_config(tmp_path)

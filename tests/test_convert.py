@@ -173,6 +173,21 @@ def test_non_checkpoint_file_is_refused(tmp_path):
         load_dit_params(tmp_path / "absent.pt", SMALL)
 
 
+def test_text_file_named_pt_is_refused_naming_the_file(tmp_path):
+    """Text renamed .pt: torch.load's unpickler would fail with 'pop from empty list'; the error names the
+    file, what was expected and what it holds."""
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError) as info:
+        load_dit_params(path, SMALL)
+    msg = str(info.value)
+    assert f"cannot read {path}: not a PyTorch checkpoint" in msg and "expected a torch.save file" in msg
+    assert "b'these are not" in msg and "pop from empty list" not in msg
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="it is empty"):
+        load_dit_params(path, SMALL)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Self-Forcing layouts
 

@@ -282,7 +282,7 @@ def test_generate_from_a_converted_checkpoint(wan_folder, tmp_path):
     (["--prompt", "x", "--out", "video.avi"], ".mp4"),
 ])
 def test_generate_bad_input_fails_before_model_work(args, msg, tmp_path, capsys, monkeypatch):
-    from causal_dit_jax import cli
+    from causal_dit_jax.app import cli
 
     def no_models(*a, **k):
         raise AssertionError("models were built before the input was checked")
@@ -291,4 +291,50 @@ def test_generate_bad_input_fails_before_model_work(args, msg, tmp_path, capsys,
     argv = ["generate", "--out", str(tmp_path / "x.mp4")] + args
     assert cli.main(argv) == 2
     assert msg in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_overwrites_only_when_asked_quietly_with_a_progress_bar_from_the_first_frames(tmp_path):
+    """--overwrite replaces an existing mp4; ffmpeg starts without JAX's os.fork() warning; the bar starts
+    when the first frames exist (its clock and estimate leave compilation out); '1 chunk', singular."""
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"an older video")
+    proc = _cli("generate", "--prompt", "a lighthouse", "--out", str(out), "--frames", "9", "--height", "64",
+                "--width", "64", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_mp4(out).shape == (9, 64, 64, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+    assert "os.fork()" not in proc.stderr
+    assert "(3 latent frames, 1 chunk)" in proc.stdout
+    bars = [s for s in proc.stderr.replace("\r", "\n").splitlines() if s.startswith("generating:")]
+    assert bars, proc.stderr[-3000:]
+    # the first render: the first frames already counted, no time elapsed, no estimate yet
+    assert "| 1/9 [00:00<?" in bars[0], bars[0]
+
+
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_generate_interrupted_leaves_no_file_and_says_so_in_one_line(signame, code, tmp_path):
+    """A signal while the video is written: the partial mp4 is deleted, one line (no traceback), 128 + signum."""
+    import signal
+    import time
+
+    out = tmp_path / "v.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "causal_dit_jax.app.cli", "generate", "--prompt", "a red fox",
+                             "--out", str(out), "--frames", "81", "--height", "64", "--width", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 500
+        while not list(tmp_path.glob(".v.partial-*.mp4")):  # ffmpeg starts with the first frames
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no partial mp4 appeared"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"causal-dit generate: interrupted ({signame}); no video written"
+    assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []

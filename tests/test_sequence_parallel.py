@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax import CausalWanDiT, InferenceConfig, KernelConfig, SelfForcingSampler
 from causal_dit_jax.model.config import get_preset
-from causal_dit_jax.sharding import SEQ_AXES, SequenceParallelDiT, make_mesh, split_sequence_devices
+from causal_dit_jax.sharding import SequenceParallelDiT, make_mesh, split_sequence_devices
 
 SP_TOL = 1e-5
 CFG = get_preset("tiny")  # 12 heads, float32
@@ -86,6 +85,18 @@ def test_frame_granular_window_equals_single_device(setup, n, strategy):
     assert rel(rounded[:, 6:], ref[:, 6:]) > 1e-3
 
 
+@pytest.mark.parametrize("n,strategy", [(8, "ring"), (8, "hybrid")])
+def test_one_slot_cache_equals_single_device(setup, n, strategy):
+    """A one-chunk stream: its 1-slot cache is smaller than the queries with their float32 result, so
+    the ring passes the K/V block instead (`ring_traffic`); the result is one device's (SP_TOL)."""
+    dit, params, text, noise = setup
+    setup_short = (dit, params, text, noise[:, :3])
+    inference = InferenceConfig(cache_dtype="float32")
+    ref = _rollout(dit, setup_short, inference)
+    sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
+    assert rel(_rollout(sp, setup_short, inference), ref) <= SP_TOL
+
+
 def test_data_axis_splits_prompts(setup, reference):
     sp = SequenceParallelDiT(setup[0], make_mesh(8, strategy="hybrid", data=2, num_heads=12))
     assert (sp.data_size, sp.ring_size, sp.ulysses_size) == (2, 1, 4)
@@ -144,45 +155,54 @@ def collectives(hlo: str) -> list[tuple[str, str, list[tuple[int, ...]]]]:
     return out
 
 
-def _compiled_chunk_step(setup, n, strategy):
+def _compiled_chunk_step(setup, n, strategy, cached=True):
+    """The compiled HLO of one chunk forward (with the 3-slot cache of a 9-frame stream, or none)."""
     dit, params, text, _ = setup
     sp = SequenceParallelDiT(dit, make_mesh(n, strategy=strategy, num_heads=12))
     inference = InferenceConfig(cache_dtype="float32")
-    cache = sp.init_cache(inference, 2, FRAMES, LH, LW, START)
+    cache = sp.init_cache(inference, 2, FRAMES, LH, LW, START) if cached else None
     x = jnp.zeros((2, 3, LH, LW, CFG.in_dim))
     t = jnp.full((2, 3), 500.0)
     rope = sp.rope_tables(START + FRAMES, LH, LW)
     hlo = jax.jit(sp.forward).lower(params, x, t, text, cache, START + 3, rope).compile().as_text()
-    return sp, hlo
+    return sp, inference, hlo
 
 
-@pytest.mark.parametrize("n,strategy", [(4, "ulysses"), (8, "ring"), (8, "hybrid")])
-def test_compiled_collectives_match_strategy(setup, n, strategy):
+@pytest.mark.parametrize("n,strategy,cached", [(4, "ulysses", True), (8, "ring", True), (8, "hybrid", True),
+                                               (8, "ring", False), (8, "hybrid", False)])
+def test_compiled_collectives_match_strategy(setup, n, strategy, cached):
     """Per layer (the scanned layer body appears once in the HLO): all-to-all strategies exchange
-    q/k/v in one all-to-all and the output in another; a ring of R passes its K and V blocks R-1 times
-    (one permute each).
+    q/k/v in one all-to-all and the output in another. A ring of R with a cache of several slots
+    circulates the queries: R-1 hops of the query block [B, Lseg, N/U, D] and R-1 of its float32
+    result (out of that shape, lse [B, N/U, Lseg]); no key or value moves, and nothing is shaped like
+    the cache. Without a cache it passes the chunk's K and V segments R-1 times instead (cheaper).
     Outside the layers there is exactly one all-gather: the chunk's output tokens for unpatchify.
-    Nothing else moves: no integer data, nothing shaped like positions or RoPE tables."""
-    sp, hlo = _compiled_chunk_step(setup, n, strategy)
+    Nothing else moves: no integer data, nothing shaped like positions or RoPE tables.
+    The bytes are `comm_bytes_per_forward`'s, whatever the cache's fill (the start frame is traced:
+    one program serves every chunk)."""
+    sp, inference, hlo = _compiled_chunk_step(setup, n, strategy, cached)
     assert hlo.count(" while(") == 1, "layers should stay one scanned loop"
     r, u = sp.ring_size, sp.ulysses_size
     b, d, heads = 2, CFG.head_dim, CFG.num_heads
     lay = sp.layout(3, LH, LW)
-    cap = 3  # cache slots: 9 frames / 3
+    block = (b, lay.segment_len, heads // u, d)
+    if cached:  # 3 cache slots (9 frames / 3): the queries and their result circulate
+        hops = [block, block, (b, heads // u, lay.segment_len)]
+    else:  # the chunk's own K and V segments
+        hops = [block, block]
     found = collectives(hlo)
     kinds = [k for k, _, _ in found]
     assert kinds.count("all-to-all") == (2 if u > 1 else 0)
-    assert kinds.count("collective-permute") == 2 * (r - 1)
     assert kinds.count("all-gather") == 1
     assert set(kinds) <= {"all-to-all", "collective-permute", "all-gather"}
+    permuted = sorted(s for kind, _, shapes in found if kind == "collective-permute" for s in shapes)
+    assert permuted == sorted(hops * (r - 1))
     for kind, dtype, shapes in found:
-        assert dtype == "f32", (kind, dtype)  # only activations / keys / values travel
+        assert dtype == "f32", (kind, dtype)  # only activations / keys / values / softmax statistics travel
         elements = sum(int(np.prod(s)) for s in shapes)
         if kind == "all-to-all":
             assert elements in (3 * b * lay.local_len * heads * d, b * lay.local_len * heads * d)
-        elif kind == "collective-permute":
-            assert shapes == [(b, cap * lay.segment_len, heads // u, d)]  # K or V of every slot
-        else:
+        elif kind == "all-gather":
             assert shapes == [(b, lay.padded_len, CFG.out_features)]
     # the analytic byte count used by `causal-dit bench --mesh` agrees with the compiled program
     sent = 0
@@ -192,7 +212,20 @@ def test_compiled_collectives_match_strategy(setup, n, strategy):
             sent += nbytes * (u - 1) // u
         elif kind == "collective-permute":
             sent += nbytes
-    assert sp.comm_bytes_per_forward(3, LH, LW, cap, batch=b, dtype_bytes=4) == CFG.num_layers * sent
+    frames = FRAMES if cached else None
+    assert sp.comm_bytes_per_forward(inference, LH, LW, frames, batch=b) == CFG.num_layers * sent
+
+
+def test_ring_sends_queries_for_a_cache_and_keys_without():
+    """At the real size (1.3B: 12 heads x 128, 4680 tokens a chunk, bf16) a ring's traffic with a KV
+    cache does not grow with the video; the K/V block (every slot) is sent only when it is smaller."""
+    from causal_dit_jax.sharding.ring import ring_traffic
+
+    args = (8, 1, 585, 12, 128)  # ring 8: 585 tokens a member
+    q_hop = 585 * 12 * 128 * (2 + 4) + 12 * 585 * 4  # bf16 q, f32 out, f32 lse
+    assert ring_traffic(*args, 7, 2, 2) == ("queries", 7 * q_hop)  # 81 frames: 7 slots
+    assert ring_traffic(*args, 2, 2, 2) == ("queries", 7 * q_hop)
+    assert ring_traffic(*args, 1, 2, 2) == ("keys", 7 * 2 * 585 * 12 * 128 * 2)  # no cache: one segment
 
 
 def test_sharded_attention_is_differentiable(setup):
@@ -214,6 +247,29 @@ def test_sharded_attention_is_differentiable(setup):
         leaves1, leaves8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
         err = max(rel(a, b) for a, b in zip(leaves8, leaves1) if float(jnp.linalg.norm(b)) > 0)
         assert err <= 1e-4, strategy
+
+
+def test_sharded_attention_with_a_cache_is_differentiable(setup):
+    """jax.grad through two chunk forwards on a ring of 8 with a KV cache (the query-passing ring: the
+    second chunk's queries visit the members' cached keys of the first): one device's gradient."""
+    dit, params, text, _ = setup
+    x = jax.random.normal(jax.random.key(7), (2, 6, LH, LW, CFG.in_dim))
+    t = jnp.full((2, 3), 700.0)
+    rope = dit.rope_tables(6, LH, LW)
+    inference = InferenceConfig(cache_dtype="float32")
+
+    def loss(model):
+        def f(p):
+            cache = model.init_cache(inference, 2, 6, LH, LW)
+            _, cache = model.forward(p, x[:, :3], t, text, cache, 0, rope)
+            out, _ = model.forward(p, x[:, 3:], t, text, cache, 3, rope)
+            return jnp.mean(out ** 2)
+        return jax.jit(jax.grad(f))(params)
+
+    g1 = loss(dit)
+    g8 = loss(SequenceParallelDiT(dit, make_mesh(8, strategy="ring", num_heads=12)))
+    err = max(rel(a, b) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)) if float(jnp.linalg.norm(b)) > 0)
+    assert err <= 1e-4
 
 
 def test_all_to_all_cache_is_in_whole_pages_for_paged_attention():

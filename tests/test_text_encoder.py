@@ -130,7 +130,7 @@ def test_text_context_zeroes_padding_and_pads_to_text_len(converted):
 
 
 def test_presets_and_param_count():
-    assert t5_param_count(T5_PRESETS["umt5-xxl"]) == 5_680_910_336  # facts §2: 5.68B
+    assert t5_param_count(T5_PRESETS["umt5-xxl"]) == 5_680_910_336  # the published umT5-XXL encoder: 5.68B
     enc = UMT5Encoder(T5_PRESETS["tiny"])
     tok = ByteTokenizer(max_length=T5_PRESETS["tiny"].text_len)
     ctx = enc.text_context(enc.init(jax.random.key(0)), *tok(["a cat", "hi"]))

@@ -180,7 +180,7 @@ def test_frame_counts_and_cache_at_wan_size():
     params = vae.abstract_params()
     assert sum(p.size for p in jax.tree.leaves(params)) == 73_295_603
     cache = jax.eval_shape(lambda: vae.init_decode_cache(1, 60, 104))
-    assert len(jax.tree.leaves(cache)) == 32  # facts §8: 32 cached causal convs
+    assert len(jax.tree.leaves(cache)) == 32  # Wan2.1's decoder caches 32 causal convs
     assert cache.convs["head"].shape == (1, 2, 480, 832, 96)
     for t, first, want in [(21, True, 81), (1, True, 1), (2, True, 5), (3, True, 9), (3, False, 12)]:
         c = VAEDecodeCache(convs=cache.convs, first_chunk=first)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from causal_dit_jax.model.config import PRESETS, InferenceConfig, KernelConfig
 
@@ -35,12 +36,14 @@ def _add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="time the DiT rollout with random weights")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--frames", type=int, default=9, help="latent frames (multiple of 3; 21 = 81 video frames)")
+    p.add_argument("--frames", type=int, default=33,
+                   help="video frames, as generate's: 1 + 4k with k+1 a multiple of 3 (33 = 9 latent frames, "
+                        "the default; 81 = 21)")
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument("--strategy", default="hybrid", choices=["ulysses", "ring", "hybrid"],
-                   help="sequence-parallel attention (with --mesh)")
+    p.add_argument("--strategy", default=None, choices=["ulysses", "ring", "hybrid"],
+                   help="sequence-parallel attention, with --mesh (default hybrid)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
     p.add_argument("--e2e", action="store_true",
@@ -74,6 +77,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", required=True,
                    help="the prompt (repeat for a batch: one video per prompt, OUT_0.mp4, OUT_1.mp4, ...)")
     p.add_argument("--out", required=True, help="output .mp4 path")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it "
+                   "exists")
     p.add_argument("--checkpoint", default=None,
                    help="folder from `causal-dit convert` (default: the embedded untrained demo model)")
     p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k with k+1 a multiple of 3 "
@@ -82,7 +87,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 832; demo 192)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument("--strategy", default="hybrid", choices=["ulysses", "ring", "hybrid"])
+    p.add_argument("--strategy", default=None, choices=["ulysses", "ring", "hybrid"],
+                   help="sequence-parallel attention, with --mesh (default hybrid)")
     p.add_argument("--local-attn-size", type=int, default=-1,
                    help="rolling KV cache window in latent frames (4 video frames each; any count, as Self-Forcing: "
                         "it must exceed --sink-size by at least 3 frames, one chunk); -1: the whole video")
@@ -123,12 +129,31 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _strategy(args) -> str | None:
+    """--mesh / --strategy checked together: the strategy (default hybrid) with a mesh, None without."""
+    if args.mesh < 0:
+        raise ValueError(f"--mesh must be a device count (0: one device, no mesh), got {args.mesh}")
+    if not args.mesh:
+        if args.strategy is not None:
+            raise ValueError(f"--strategy {args.strategy} needs --mesh N (the devices to run it on)")
+        return None
+    return args.strategy or "hybrid"
+
+
 def cmd_bench(args) -> int:
     from causal_dit_jax import bench
+    from causal_dit_jax.app.pipeline import video_spec
+    from causal_dit_jax.decoders.wan_vae import get_vae_preset
+    from causal_dit_jax.model.config import get_preset
 
+    mesh_strategy = _strategy(args)
+    config = get_preset(args.preset)
+    # --frames counts video frames, as in generate; the rollout runs their latent frames
+    latent_frames = video_spec(args.frames, args.height, args.width, config, get_vae_preset("wan2.1"),
+                               InferenceConfig().frames_per_chunk).latent_frames
     peers = [bench.load_peer(path) for path in args.compare]  # a bad file fails before any bench work
     for peer in peers:
-        peer.check_setting(preset=args.preset, latent_frames=args.frames, height=args.height, width=args.width)
+        peer.check_setting(preset=args.preset, latent_frames=latent_frames, height=args.height, width=args.width)
     if args.compilation_cache:
         import jax
 
@@ -136,9 +161,6 @@ def cmd_bench(args) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from causal_dit_jax.model.config import get_preset
-
-    config = get_preset(args.preset)
     if args.residual_dtype:
         config = config.replace(residual_dtype=args.residual_dtype)
     from causal_dit_jax.model.dit import CausalWanDiT
@@ -152,9 +174,11 @@ def cmd_bench(args) -> int:
             return 2
         from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 
-        dit, comm = sequence_parallel_dit(dit, args.mesh, args.strategy, height=args.height, width=args.width)
-        strategy = args.strategy
-    result = bench.run_dit_bench(config, args.frames, args.height, args.width, InferenceConfig(),
+        down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
+        dit, comm = sequence_parallel_dit(dit, args.mesh, mesh_strategy, InferenceConfig(), num_frames=latent_frames,
+                                          latent_height=args.height // down, latent_width=args.width // down)
+        strategy = mesh_strategy
+    result = bench.run_dit_bench(config, latent_frames, args.height, args.width, InferenceConfig(),
                                  dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
                                  profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
                                  vae_latents_per_call=args.vae_latents_per_call,
@@ -188,46 +212,58 @@ def cmd_generate(args) -> int:
     from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, video_spec
     from causal_dit_jax.app.video import Mp4Writer, check_writable
 
-    demo = args.checkpoint is None
-    frames = args.frames or (33 if demo else 81)
-    height = args.height or (128 if demo else 480)
-    width = args.width or (192 if demo else 832)
-    inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
-    kernels = KernelConfig(linear_precision=args.linear_precision)
-    model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder)  # config.json only, no weights
-    spec = video_spec(frames, height, width, model_config, decoder_config, inference.frames_per_chunk)
+    # Everything a user typed is checked before any model work (config.json at most is read).
+    for name in ("frames", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value} (leave it out for the model's default)")
+    strategy = _strategy(args)
     if any(not p.strip() for p in args.prompt):
         raise ValueError("the prompt is empty")
     outs = _out_paths(args.out, len(args.prompt))
     for o in outs:
-        check_writable(o)
+        check_writable(o, overwrite=args.overwrite)
+    demo = args.checkpoint is None
+    frames = args.frames if args.frames is not None else (33 if demo else 81)
+    height = args.height if args.height is not None else (128 if demo else 480)
+    width = args.width if args.width is not None else (192 if demo else 832)
+    inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
+    kernels = KernelConfig(linear_precision=args.linear_precision)
+    model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder)  # config.json only, no weights
+    spec = video_spec(frames, height, width, model_config, decoder_config, inference.frames_per_chunk)
     mesh = None
-    if args.mesh:
+    if strategy is not None:
         from causal_dit_jax.sharding import make_mesh
 
-        mesh = make_mesh(args.mesh, strategy=args.strategy, num_heads=model_config.num_heads)
+        mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
     if demo:
         print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
-              "the video shows the pipeline working, not a picture of the prompt.")
+              "the video shows the pipeline working, not a picture of the prompt.", flush=True)
         pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
     else:
         pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder,
                                                    kernels=kernels)
+    chunks = spec.latent_frames // inference.frames_per_chunk
     print(f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
-          f"({spec.latent_frames} latent frames, {spec.latent_frames // inference.frames_per_chunk} chunks)")
+          f"({spec.latent_frames} latent frames, {_plural(chunks, 'chunk')}); the first chunk includes "
+          "compilation", flush=True)
     stats: dict = {}
     written = 0
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # on any exception (a signal too) the partial mp4s are deleted
         writers = [stack.enter_context(Mp4Writer(o)) for o in outs]
         t0 = time.perf_counter()
-        bar = tqdm(total=spec.frames, unit="frame", desc="generating")
+        bar = None
         for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats):
             for w, video in zip(writers, chunk):
                 w.write(video)
             written += chunk.shape[1]
-            bar.update(chunk.shape[1])
-        bar.close()
+            if bar is None:  # the bar's clock starts with the first frames: its estimate leaves out compilation
+                bar = stack.enter_context(tqdm(total=spec.frames, initial=written, unit="frame", desc="generating"))
+            else:
+                bar.update(chunk.shape[1])
+        if bar is not None:
+            bar.close()
         total = time.perf_counter() - t0
     for o in outs:
         print(f"wrote {o} ({written} frames, 16 fps)")
@@ -237,11 +273,63 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command, raised in the main thread so that every `with` block cleans up
+    (partial mp4s, a half-written checkpoint folder); `main` turns it into one line and 128 + signum."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` (SIGTERM's default would end the process with no cleanup).
+    Only the first raises: signals that arrive while the command unwinds do not cut its cleanup short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    raised = []
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate}[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+_NOT_WRITTEN = {"generate": "; no video written", "convert": "; no checkpoint written"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
+    args = build_parser().parse_args(argv)
+    command = {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate}[args.command]
+    try:
+        with _signals_interrupt():
+            return command(args)
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C outside the handler's reach
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"causal-dit {args.command}: interrupted ({signal.Signals(signum).name})"
+              f"{_NOT_WRITTEN.get(args.command, '')}", file=sys.stderr)
+        return 128 + signum
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"causal-dit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

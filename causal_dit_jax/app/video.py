@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import uuid
-from typing import Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -15,12 +16,12 @@ SAMPLE_FPS = 16  # Wan2.1's frame rate
 def check_writable(path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
     """Fail before any model work if `path` cannot be written."""
     p = pathlib.Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise ValueError(f"output {p} is a directory; give an .mp4 file path (e.g. {p / 'video.mp4'})")
     if p.suffix.lower() != ".mp4":
         raise ValueError(f"output must be an .mp4 file, got {p.name!r}")
-    if p.is_dir():
-        raise ValueError(f"{p} is a directory")
     if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists")
+        raise FileExistsError(f"{p} already exists (pass --overwrite to replace it)")
     if not p.parent.is_dir():
         raise FileNotFoundError(f"output folder {p.parent} does not exist")
     if not os.access(p.parent, os.W_OK):
@@ -28,13 +29,33 @@ def check_writable(path: str | pathlib.Path, overwrite: bool = True) -> pathlib.
     return p
 
 
+@contextlib.contextmanager
+def _ffmpeg_without_preexec() -> Iterator[None]:
+    """imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (its own process group, so a Ctrl-C does
+    not reach it); a preexec_fn makes Python run its at-fork hooks, and JAX's warns that os.fork() was
+    called. IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=1 drops the preexec_fn: ffmpeg then shares our process group
+    and a Ctrl-C reaches it too, which is fine: an interrupted writer deletes its partial file anyway.
+    Set only while the writer spawns ffmpeg; the previous value is restored after."""
+    key = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 class Mp4Writer:
     """Append frame chunks [T, H, W, 3] uint8; `close()` moves the finished file into place.
 
-    Used as a context manager, an exception deletes the partial file.
+    Used as a context manager, an exception (KeyboardInterrupt included) deletes the partial file.
+    ffmpeg starts with the first frames.
     """
 
-    def __init__(self, path: str | pathlib.Path, fps: int = SAMPLE_FPS, quality: Optional[float] = 8):
+    def __init__(self, path: str | pathlib.Path, fps: int = SAMPLE_FPS, quality: float | None = 8):
         import imageio.v2 as imageio
 
         self.path = check_writable(path)
@@ -48,8 +69,12 @@ class Mp4Writer:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
         for f in frames:
-            self._writer.append_data(f)
-        self.frames += len(frames)
+            if self.frames == 0:  # the first frame starts ffmpeg
+                with _ffmpeg_without_preexec():
+                    self._writer.append_data(f)
+            else:
+                self._writer.append_data(f)
+            self.frames += 1
 
     def close(self) -> pathlib.Path:
         self._writer.close()
@@ -57,13 +82,15 @@ class Mp4Writer:
         return self.path
 
     def abort(self) -> None:
+        """Stop ffmpeg and delete the partial file; errors of a writer that is going away anyway (an
+        ffmpeg already stopped by the same Ctrl-C) do not hide the exception that aborted it."""
         try:
-            self._writer.close()
+            with contextlib.suppress(Exception):  # the partial file is deleted either way
+                self._writer.close()
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

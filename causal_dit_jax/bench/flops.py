@@ -4,8 +4,7 @@ Per layer, with L chunk tokens attending to S keys (the chunk included) and K te
 H FFN width: linear layers 2 L (3C^2 [qkv] + C^2 [o] + 2C^2 [cross q, o] + 2 C H [ffn]); self-attention
 4 L S C (q k^T and p v); cross-attention 4 L K C. The text K/V projection runs once per prompt and
 is not counted; patch embedding, time MLPs and head are under 0.1% and are left out. At 480x832
-(L = 4680, K = 512) this gives 16.18 TF + 0.8626 GF per cached token, the figure of
-shared/reference/gpu_baseline.md.
+(L = 4680, K = 512) this gives 16.18 TF + 0.8626 GF per cached token.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ class SelfAttentionFn(Protocol):
 
 def default_implementation(dtype) -> str:
     """On GPUs for 16-bit inputs cuDNN flash attention, reading the KV cache in place through paged
-    attention ('cudnn_paged': 5-7x faster than XLA's attention, and 4.6% off the rollout against
-    slicing each layer's cache out first); otherwise XLA."""
+    attention ('cudnn_paged': several times faster than XLA's attention, and no per-layer copy of
+    the cache; figures in benchmarks/NOTES.md); otherwise XLA."""
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn_paged"
     return "xla"
