@@ -25,6 +25,7 @@ LAYERS, TOKENS, SLOTS, HEADS, HEAD_DIM = 30, 4680, 7, 12, 128
 def timed(fn, state: dict, q, k_new, v_new, valid, repeats: int = 10) -> tuple[float, jax.Array]:
     """Median ms of fn with the cache donated and handed back each call (as the sampler runs it),
     and the last call's output."""
+
     def call():
         state["out"], state["k"], state["v"] = fn(q, k_new, v_new, state["k"], state["v"], valid)
         return state["out"]
@@ -34,6 +35,7 @@ def timed(fn, state: dict, q, k_new, v_new, valid, repeats: int = 10) -> tuple[f
 
 def layer_loop(page_tokens: int | None):
     """30 layers: write the chunk's k/v into slot `valid - 1`, attend over the valid slots."""
+
     def run(q, k_new, v_new, cache_k, cache_v, valid):
         def body(carry, layer):
             ck, cv = carry
@@ -46,8 +48,10 @@ def layer_loop(page_tokens: int | None):
             else:
                 out = paged_cache_attention(q, LayerCache(ck, cv, layer), kv_len, page_tokens)
             return (ck, cv), out[0, :8, 0, :8]
+
         (ck, cv), outs = jax.lax.scan(body, (cache_k, cache_v), jnp.arange(LAYERS, dtype=jnp.int32))
         return outs, ck, cv
+
     return jax.jit(run, donate_argnums=(3, 4))
 
 
@@ -61,8 +65,9 @@ def gelu_epilogue_fused() -> dict:
 
     variants = {
         "jax_gelu_bf16": lambda x, w, b: jax.nn.gelu(x @ w + b, approximate=True),
-        "jax_gelu_f32": lambda x, w, b: jax.nn.gelu(jnp.dot(x, w, preferred_element_type=f32) + b.astype(f32),
-                                                     approximate=True).astype(jnp.bfloat16),
+        "jax_gelu_f32": lambda x, w, b: jax.nn.gelu(
+            jnp.dot(x, w, preferred_element_type=f32) + b.astype(f32), approximate=True
+        ).astype(jnp.bfloat16),
         "manual_bf16": lambda x, w, b: (lambda h: 0.5 * h * (1 + jnp.tanh(c * (h + 0.044715 * h * h * h))))(x @ w + b),
         "plain_matmul": lambda x, w, b: x @ w + b,
     }
@@ -70,8 +75,12 @@ def gelu_epilogue_fused() -> dict:
     for name, fn in variants.items():
         compiled = jax.jit(fn).lower(x, w, b).compile()
         hlo = compiled.as_text()
-        out[name] = {"gelu_in_epilogue": "GELU" in hlo, "bias_in_epilogue": "BIAS" in hlo,
-                     "fusions": hlo.count(" fusion("), "ms": median_ms(compiled, x, w, b)}
+        out[name] = {
+            "gelu_in_epilogue": "GELU" in hlo,
+            "bias_in_epilogue": "BIAS" in hlo,
+            "fusions": hlo.count(" fusion("),
+            "ms": median_ms(compiled, x, w, b),
+        }
     return out
 
 

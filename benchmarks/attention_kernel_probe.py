@@ -39,8 +39,9 @@ def main() -> None:
             qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
             name = jnp.dtype(dtype).name
             ms = median_ms(ref, qc, kc, vc)
-            rows.append({"kernel": "cudnn", "dtype": name, "q": q_len, "kv": kv_len, "ms": ms,
-                         "tflops": flops / ms / 1e9})
+            rows.append(
+                {"kernel": "cudnn", "dtype": name, "q": q_len, "kv": kv_len, "ms": ms, "tflops": flops / ms / 1e9}
+            )
             print(rows[-1], flush=True)
             for block_q, block_kv, steps in ((64, 64, 2), (64, 128, 2), (64, 128, 3), (64, 128, 4)):
                 label = f"pallas mgpu bq{block_q} bkv{block_kv} steps{steps}"
@@ -49,11 +50,27 @@ def main() -> None:
                     fn = jax.jit(lambda q, k, v, cfg=cfg: mgpu.attention(q, k, v, cfg))
                     ms = median_ms(fn, qc, kc, vc)
                     err = float(jnp.max(jnp.abs(fn(qc, kc, vc).astype(jnp.float32) - expected)))
-                    rows.append({"kernel": label, "dtype": name, "q": q_len, "kv": kv_len, "ms": ms,
-                                 "tflops": flops / ms / 1e9, "max_abs_vs_cudnn_bf16": err})
+                    rows.append(
+                        {
+                            "kernel": label,
+                            "dtype": name,
+                            "q": q_len,
+                            "kv": kv_len,
+                            "ms": ms,
+                            "tflops": flops / ms / 1e9,
+                            "max_abs_vs_cudnn_bf16": err,
+                        }
+                    )
                 except Exception as e:  # a dtype or tiling the kernel refuses, reported as such
-                    rows.append({"kernel": label, "dtype": name, "q": q_len, "kv": kv_len,
-                                 "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    rows.append(
+                        {
+                            "kernel": label,
+                            "dtype": name,
+                            "q": q_len,
+                            "kv": kv_len,
+                            "error": f"{type(e).__name__}: {str(e)[:200]}",
+                        }
+                    )
                 print(rows[-1], flush=True)
     if args.json:
         write_json(args.json, rows=rows)

@@ -49,8 +49,9 @@ def main() -> None:
     if args.decoder == "wan":
         vae = WanVAE(get_vae_preset(args.vae_preset or "wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
     else:
-        vae = TAEHVDecoder(get_taehv_preset(args.vae_preset or "taew2.1").replace(dtype="bfloat16",
-                                                                                  param_dtype="bfloat16"))
+        vae = TAEHVDecoder(
+            get_taehv_preset(args.vae_preset or "taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16")
+        )
     vae_params = random_params(vae.abstract_params(), 7)
     decoder = LatentChunkDecoder(vae, latents_per_call=1)  # the product's decode loop, one latent per call
     start = jnp.asarray(0, jnp.int32)
@@ -66,8 +67,9 @@ def main() -> None:
         kv = step("KV cache zeros", lambda: sampler.init_cache(1, frames, lh, lw))
         vcache = step("decoder cache zeros", lambda: decoder.init_cache(1, lh, lw))
         eps = step("re-noising draws", lambda: draw_step_noise(key, 0, (1, c, lh, lw, cfg.in_dim), steps_n))
-        x0, kv = step(f"denoise chunk 0 ({steps_n} forwards)",
-                      lambda: denoise(params, noise[:, :c], eps, kv, text, start, rope))
+        x0, kv = step(
+            f"denoise chunk 0 ({steps_n} forwards)", lambda: denoise(params, noise[:, :c], eps, kv, text, start, rope)
+        )
         pixels, _ = step("decode latent 0", lambda: decoder(vae_params, x0[:, :1], vcache))
         step("to host", lambda: np.asarray(pixels[0]))
         return x0, kv, rope

@@ -31,11 +31,26 @@ def fp8_params(dq, dk, dv, s_scale):
     """The 17 scalars cuDNN's FP8 call takes ([1, 1, 1, 1] float32): descales of q, k, v; P is
     quantised with scale_s = s_scale (and descaled by 1 / s_scale); the output is left unscaled."""
     one = jnp.ones((1, 1, 1, 1), jnp.float32)
-    params = {name: one for name in (
-        "amax_dQ", "amax_dK", "amax_dV", "amax_dP", "descale_o", "descale_dO", "descale_dP",
-        "scale_dQ", "scale_dK", "scale_dV", "scale_dP", "scale_o")}
-    params.update(descale_q=dq * one, descale_k=dk * one, descale_v=dv * one,
-                  descale_s=one / s_scale, scale_s=one * s_scale)
+    params = {
+        name: one
+        for name in (
+            "amax_dQ",
+            "amax_dK",
+            "amax_dV",
+            "amax_dP",
+            "descale_o",
+            "descale_dO",
+            "descale_dP",
+            "scale_dQ",
+            "scale_dK",
+            "scale_dV",
+            "scale_dP",
+            "scale_o",
+        )
+    }
+    params.update(
+        descale_q=dq * one, descale_k=dk * one, descale_v=dv * one, descale_s=one / s_scale, scale_s=one * s_scale
+    )
     return params
 
 
@@ -51,7 +66,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # JAX's private API, the subject here
-    sm_scale = HEAD_DIM ** -0.5
+
+    sm_scale = HEAD_DIM**-0.5
     ks = jax.random.split(jax.random.key(0), 3)
 
     def rms(x):
@@ -63,13 +79,14 @@ def main() -> None:
 
     def bf16_attention(q, k, v, filled):
         lengths = jnp.full((1,), filled, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation="cudnn",
-                                            key_value_seq_lengths=lengths)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=sm_scale, implementation="cudnn", key_value_seq_lengths=lengths
+        )
 
     def fp8_core(q8, k8, v8, dq, dk, dv):
         out, _, _ = cudnn_fa.dot_product_attention(
-            q8, k8, v8, fp8_params=fp8_params(dq, dk, dv, F8_MAX), scale=sm_scale, use_fp8=True,
-            qkv_layout="BTNH")
+            q8, k8, v8, fp8_params=fp8_params(dq, dk, dv, F8_MAX), scale=sm_scale, use_fp8=True, qkv_layout="BTNH"
+        )
         return out
 
     def fp8_attention(q, k, v, filled):
@@ -82,8 +99,9 @@ def main() -> None:
     for filled in (4680, 32760):
         flops = 4 * QUERIES * filled * HEADS * HEAD_DIM
         k, v = cache_k[:, :filled], cache_v[:, :filled]
-        ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                           v.astype(jnp.float32), scale=sm_scale)
+        ref = jax.nn.dot_product_attention(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=sm_scale
+        )
 
         def rel(out, ref=ref):
             out = out.astype(jnp.float32)
@@ -91,8 +109,15 @@ def main() -> None:
 
         bf16 = jax.jit(bf16_attention, static_argnums=3)
         ms = median_ms(bf16, q, cache_k, cache_v, filled, repeats=30)
-        rows.append({"kernel": "bf16 cudnn", "keys": filled, "ms": ms, "tflops": flops / ms / 1e9,
-                     "rel_l2": rel(bf16(q, cache_k, cache_v, filled))})
+        rows.append(
+            {
+                "kernel": "bf16 cudnn",
+                "keys": filled,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "rel_l2": rel(bf16(q, cache_k, cache_v, filled)),
+            }
+        )
         print(rows[-1], flush=True)
         try:
             q8, dq = to_e4m3(q)
@@ -101,13 +126,28 @@ def main() -> None:
             core = jax.jit(fp8_core)
             ms = median_ms(core, q8, k8, v8, dq, dk, dv, repeats=30)
             out = core(q8, k8, v8, dq, dk, dv)
-            rows.append({"kernel": "fp8 attention only", "keys": filled, "ms": ms, "tflops": flops / ms / 1e9,
-                         "out_dtype": str(out.dtype), "rel_l2": rel(out)})
+            rows.append(
+                {
+                    "kernel": "fp8 attention only",
+                    "keys": filled,
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "out_dtype": str(out.dtype),
+                    "rel_l2": rel(out),
+                }
+            )
             print(rows[-1], flush=True)
             full = jax.jit(fp8_attention, static_argnums=3)
             ms = median_ms(full, q, cache_k, cache_v, filled, repeats=30)
-            rows.append({"kernel": "fp8 with quantisation", "keys": filled, "ms": ms,
-                         "tflops": flops / ms / 1e9, "rel_l2": rel(full(q, cache_k, cache_v, filled))})
+            rows.append(
+                {
+                    "kernel": "fp8 with quantisation",
+                    "keys": filled,
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "rel_l2": rel(full(q, cache_k, cache_v, filled)),
+                }
+            )
         except Exception as e:  # what the private API refuses, reported as such
             rows.append({"kernel": "fp8", "keys": filled, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(rows[-1], flush=True)

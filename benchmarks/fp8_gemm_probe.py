@@ -28,8 +28,14 @@ from causal_dit_jax.bench import profile_breakdown, write_json
 from causal_dit_jax.model.fp8_linear import AMAX_FLOOR, F8, F8_MAX, fp8_matmul, quantize_kernel
 
 LAYERS, TOKENS = 30, 4680
-SHAPES = {"qkv": (1536, 4608), "self_o": (1536, 1536), "cross_q": (1536, 1536), "cross_o": (1536, 1536),
-          "fc1": (1536, 8960), "fc2": (8960, 1536)}
+SHAPES = {
+    "qkv": (1536, 4608),
+    "self_o": (1536, 1536),
+    "cross_q": (1536, 1536),
+    "cross_o": (1536, 1536),
+    "fc1": (1536, 8960),
+    "fc2": (8960, 1536),
+}
 
 
 def quantize_tensor(a):
@@ -63,8 +69,7 @@ def main() -> None:
     rows = {}
     for name, (k, n) in SHAPES.items():
         xs = [jax.random.normal(jax.random.fold_in(key, 100 + i), (TOKENS, k), jnp.bfloat16) for i in range(LAYERS)]
-        ws = [jax.random.normal(jax.random.fold_in(key, 10 + i), (k, n), jnp.bfloat16) * k ** -0.5
-              for i in range(LAYERS)]
+        ws = [jax.random.normal(jax.random.fold_in(key, 10 + i), (k, n), jnp.bfloat16) * k**-0.5 for i in range(LAYERS)]
         xq = [quantize_tensor(x) for x in xs]
         wq = [quantize_tensor(w) for w in ws]
         wq_t = [(jnp.transpose(q), s) for q, s in wq]
@@ -83,12 +88,24 @@ def main() -> None:
             out = jax.block_until_ready(f(*inputs))
             b = profile_breakdown(lambda f=f, inputs=inputs: f(*inputs))
             err = jnp.linalg.norm(out[0].astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
-            row[label] = {"total_ms": b["total"], "matmul_ms": b["matmul"], "other_ms": b["other"],
-                          "tflops": 2 * TOKENS * k * n * LAYERS / b["total"] / 1e9, "f8_gemm": has_f8_gemm(hlo),
-                          "rel_l2_vs_f32": float(err), "top_kernels": dict(list(b["top_kernels"].items())[:4])}
+            row[label] = {
+                "total_ms": b["total"],
+                "matmul_ms": b["matmul"],
+                "other_ms": b["other"],
+                "tflops": 2 * TOKENS * k * n * LAYERS / b["total"] / 1e9,
+                "f8_gemm": has_f8_gemm(hlo),
+                "rel_l2_vs_f32": float(err),
+                "top_kernels": dict(list(b["top_kernels"].items())[:4]),
+            }
         rows[name] = row
-        print(f"{name:8s} " + "  ".join(f"{lb} {r['total_ms']:.2f} ms ({r['tflops']:.0f} TF/s, f8 {r['f8_gemm']}, "
-                                        f"err {r['rel_l2_vs_f32']:.4f})" for lb, r in row.items()), flush=True)
+        print(
+            f"{name:8s} "
+            + "  ".join(
+                f"{lb} {r['total_ms']:.2f} ms ({r['tflops']:.0f} TF/s, f8 {r['f8_gemm']}, err {r['rel_l2_vs_f32']:.4f})"
+                for lb, r in row.items()
+            ),
+            flush=True,
+        )
     total = {label: sum(r[label]["total_ms"] for r in rows.values()) for label in next(iter(rows.values()))}
     print("all linears of a forward (ms):", {k: round(v, 2) for k, v in total.items()}, flush=True)
     if args.json:

@@ -62,14 +62,20 @@ def packed_pass(rows_per_program: int, num_warps: int):
     def run(h, rs, cs, b):
         t, k = h.shape
         q, s = pl.pallas_call(
-            functools.partial(_packed_rows, k=k, r=r), grid=(t // r,),
-            in_specs=[pl.BlockSpec((None, r * k), lambda i: (i, 0)), pl.BlockSpec((None, r), lambda i: (i, 0)),
-                      pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
+            functools.partial(_packed_rows, k=k, r=r),
+            grid=(t // r,),
+            in_specs=[
+                pl.BlockSpec((None, r * k), lambda i: (i, 0)),
+                pl.BlockSpec((None, r), lambda i: (i, 0)),
+                pl.BlockSpec((k,), lambda i: (0,)),
+                pl.BlockSpec((k,), lambda i: (0,)),
+            ],
             out_specs=[pl.BlockSpec((None, r * k), lambda i: (i, 0)), pl.BlockSpec((None, r), lambda i: (i, 0))],
             out_shape=[jax.ShapeDtypeStruct((t // r, r * k), F8), jax.ShapeDtypeStruct((t // r, r), jnp.float32)],
             compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         )(h.reshape(t // r, r * k), rs.reshape(t // r, r), cs, b)  # t k -> (t/r) (r k)
         return q.reshape(t, k), s.reshape(t, 1)
+
     return jax.jit(run)
 
 
@@ -97,9 +103,15 @@ def main() -> None:
             ms = per_call_ms(fn, hs, rs, cs, b)
             q, s = fn(h, rs, cs, b)
             diff = float(jnp.mean((q.astype(jnp.float32) != rq.astype(jnp.float32)).astype(jnp.float32)))
-            rows.append({"kernel": name, "ms": ms, "gb_per_s": moved / ms / 1e6,
-                         "values_differing_from_xla": diff,
-                         "scale_max_rel": float(jnp.max(jnp.abs(s / rsc - 1)))})
+            rows.append(
+                {
+                    "kernel": name,
+                    "ms": ms,
+                    "gb_per_s": moved / ms / 1e6,
+                    "values_differing_from_xla": diff,
+                    "scale_max_rel": float(jnp.max(jnp.abs(s / rsc - 1))),
+                }
+            )
         except Exception as e:  # a variant Triton refuses
             rows.append({"kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(rows[-1], flush=True)

@@ -38,23 +38,36 @@ from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 def latents_error(a: np.ndarray, b: np.ndarray, frames_per_chunk: int) -> dict:
     """Relative L2 and max-abs difference of two rollouts' latents, overall and per chunk."""
     c = frames_per_chunk
-    per_chunk = [float(np.linalg.norm(a[:, i:i + c] - b[:, i:i + c]) / np.linalg.norm(b[:, i:i + c]))
-                 for i in range(0, b.shape[1], c)]
-    return {"rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-            "max_abs": float(np.max(np.abs(a - b))), "rel_l2_per_chunk": per_chunk}
+    per_chunk = [
+        float(np.linalg.norm(a[:, i : i + c] - b[:, i : i + c]) / np.linalg.norm(b[:, i : i + c]))
+        for i in range(0, b.shape[1], c)
+    ]
+    return {
+        "rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+        "max_abs": float(np.max(np.abs(a - b))),
+        "rel_l2_per_chunk": per_chunk,
+    }
 
 
 def latent_frames(args, cfg) -> int:
     """--frames (video frames, validated as `causal-dit bench` does) as the rollout's latent frames."""
-    return video_spec(args.frames, args.height, args.width, cfg, get_vae_preset("wan2.1"),
-                      InferenceConfig().frames_per_chunk).latent_frames
+    return video_spec(
+        args.frames, args.height, args.width, cfg, get_vae_preset("wan2.1"), InferenceConfig().frames_per_chunk
+    ).latent_frames
 
 
 def run_one(args, cfg, strategy: str) -> dict:
     """One configuration in this process ('single' or a strategy over args.gpus)."""
-    kw = dict(preset=cfg, latent_frames=latent_frames(args, cfg), height=args.height, width=args.width,
-              inference=InferenceConfig(), profile=True, keep_latents=True,
-              e2e_vae=None if args.no_e2e else "wan2.1")
+    kw = dict(
+        preset=cfg,
+        latent_frames=latent_frames(args, cfg),
+        height=args.height,
+        width=args.width,
+        inference=InferenceConfig(),
+        profile=True,
+        keep_latents=True,
+        e2e_vae=None if args.no_e2e else "wan2.1",
+    )
     dit = CausalWanDiT(cfg, KernelConfig(linear_precision=args.linear_precision))
     if strategy == "single":
         res = run_dit_bench(dit=dit, **kw)
@@ -62,8 +75,15 @@ def run_one(args, cfg, strategy: str) -> dict:
     else:
         sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
         down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
-        sp, comm = sequence_parallel_dit(dit, args.gpus, strategy, kw["inference"], num_frames=kw["latent_frames"],
-                                         latent_height=args.height // down, latent_width=args.width // down)
+        sp, comm = sequence_parallel_dit(
+            dit,
+            args.gpus,
+            strategy,
+            kw["inference"],
+            num_frames=kw["latent_frames"],
+            latent_height=args.height // down,
+            latent_width=args.width // down,
+        )
         res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, **kw)
         config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
     print(res.table(), flush=True)
@@ -80,8 +100,12 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--no-e2e", action="store_true")
-    ap.add_argument("--linear-precision", default="bfloat16", choices=LINEAR_PRECISIONS,
-                    help="the block linears' GEMMs, in every configuration (float8: opt-in, inference)")
+    ap.add_argument(
+        "--linear-precision",
+        default="bfloat16",
+        choices=LINEAR_PRECISIONS,
+        help="the block linears' GEMMs, in every configuration (float8: opt-in, inference)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one configuration
     ap.add_argument("--latents-out", default=None, help=argparse.SUPPRESS)
@@ -102,16 +126,40 @@ def main() -> None:
 
     def save():  # after every configuration, so a run cut short keeps what it measured
         if args.json:  # the device as the children reported it: this process starts no backend
-            write_json(args.json, device=runs[0]["device"], gpus=args.gpus, linear_precision=args.linear_precision,
-                       started=started, runs=runs)
+            write_json(
+                args.json,
+                device=runs[0]["device"],
+                gpus=args.gpus,
+                linear_precision=args.linear_precision,
+                started=started,
+                runs=runs,
+            )
 
     def child(strategy: str) -> tuple[dict, np.ndarray]:
         """Each configuration in a fresh process: its peak memory is its own, nothing is shared."""
         part, lat = os.path.join(work, f"{strategy}.json"), os.path.join(work, f"{strategy}.npy")
-        cmd = [sys.executable, __file__, "--only", strategy, "--json", part, "--latents-out", lat,
-               "--gpus", str(args.gpus), "--preset", args.preset, "--frames", str(args.frames),
-               "--height", str(args.height), "--width", str(args.width),
-               "--linear-precision", args.linear_precision] + (["--no-e2e"] if args.no_e2e else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only",
+            strategy,
+            "--json",
+            part,
+            "--latents-out",
+            lat,
+            "--gpus",
+            str(args.gpus),
+            "--preset",
+            args.preset,
+            "--frames",
+            str(args.frames),
+            "--height",
+            str(args.height),
+            "--width",
+            str(args.width),
+            "--linear-precision",
+            args.linear_precision,
+        ] + (["--no-e2e"] if args.no_e2e else [])
         subprocess.run(cmd, check=True)
         with open(part) as f:
             return json.load(f), np.load(lat)
@@ -131,13 +179,18 @@ def main() -> None:
             continue
         seen.add(sizes)
         entry, latents = child(strategy)
-        entry.update({
-            "latents_vs_1_gpu": latents_error(latents, single_latents, InferenceConfig().frames_per_chunk),
-            "speedup_dit_total": single["total_s"] / entry["total_s"],
-            "speedup_per_chunk": [a / b for a, b in zip(single["chunk_ms"], entry["chunk_ms"])],
-            "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"]})
-        print({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")},
-              flush=True)
+        entry.update(
+            {
+                "latents_vs_1_gpu": latents_error(latents, single_latents, InferenceConfig().frames_per_chunk),
+                "speedup_dit_total": single["total_s"] / entry["total_s"],
+                "speedup_per_chunk": [a / b for a, b in zip(single["chunk_ms"], entry["chunk_ms"])],
+                "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"],
+            }
+        )
+        print(
+            {k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")},
+            flush=True,
+        )
         runs.append(entry)
         save()
     save()

@@ -18,9 +18,11 @@ from causal_dit_jax.bench import median_ms, timed_ms, write_json
 from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 from causal_dit_jax.model.random_params import random_params
 
-VARIANTS = {"all frames at once": {"per_frame_stages": 0},
-            "per frame: stages 2, 3 + head": {"per_frame_stages": 2},
-            "per frame: stage 3 + head": {"per_frame_stages": 1}}
+VARIANTS = {
+    "all frames at once": {"per_frame_stages": 0},
+    "per frame: stages 2, 3 + head": {"per_frame_stages": 2},
+    "per frame: stage 3 + head": {"per_frame_stages": 1},
+}
 
 
 def probe(overrides: dict, latents: int = 1, repeats: int = 10) -> dict:
@@ -37,10 +39,16 @@ def probe(overrides: dict, latents: int = 1, repeats: int = 10) -> dict:
         frames, state["cache"] = compiled(params, z, state["cache"])
         return frames
 
-    return {**overrides, "latents": latents, "compile_s": compile_ms / 1e3,
-            "temp_gb": mem.temp_size_in_bytes / 1e9, "args_gb": mem.argument_size_in_bytes / 1e9,
-            "out_gb": mem.output_size_in_bytes / 1e9, "alias_gb": mem.alias_size_in_bytes / 1e9,
-            "median_ms": median_ms(call, repeats=repeats)}
+    return {
+        **overrides,
+        "latents": latents,
+        "compile_s": compile_ms / 1e3,
+        "temp_gb": mem.temp_size_in_bytes / 1e9,
+        "args_gb": mem.argument_size_in_bytes / 1e9,
+        "out_gb": mem.output_size_in_bytes / 1e9,
+        "alias_gb": mem.alias_size_in_bytes / 1e9,
+        "median_ms": median_ms(call, repeats=repeats),
+    }
 
 
 def main() -> None:
@@ -52,8 +60,11 @@ def main() -> None:
     for name in args.variants:
         rows[name] = probe(VARIANTS[name])
         r = rows[name]
-        print(f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
-              f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s", flush=True)
+        print(
+            f"{name:40s} temp {r['temp_gb']:.3f} GB  args {r['args_gb']:.3f}  out {r['out_gb']:.3f}  "
+            f"alias {r['alias_gb']:.3f}  {r['median_ms']:.1f} ms/latent  compile {r['compile_s']:.1f} s",
+            flush=True,
+        )
     if args.json:
         write_json(args.json, variants=rows)
 

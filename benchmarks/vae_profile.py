@@ -25,8 +25,9 @@ def main():
     parser.add_argument("--hlo", default=None, help="also write the compiled HLO text here")
     parser.add_argument("--top", type=int, default=20, help="kernels listed by name")
     args = parser.parse_args()
-    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16",
-                                                  upsample_conv=args.upsample_conv))
+    vae = WanVAE(
+        get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16", upsample_conv=args.upsample_conv)
+    )
     params = random_params(vae.abstract_params(), 0)
     cache = vae.init_decode_cache(1, 60, 104, wan_first_frame=False)
     z = jax.random.normal(jax.random.key(0), (1, args.latents, 60, 104, 16), jnp.float32)
@@ -45,9 +46,14 @@ def main():
     jax.block_until_ready(one())
     breakdown = profile_breakdown(one, top=args.top)
     cache_bytes = sum(a.nbytes for a in jax.tree.leaves(state["cache"]))
-    result = {"latents_per_call": args.latents, "upsample_conv": args.upsample_conv, "breakdown_ms": breakdown,
-              "temp_gb": mem.temp_size_in_bytes / 1e9, "cache_gb": cache_bytes / 1e9,
-              "output_gb": mem.output_size_in_bytes / 1e9}
+    result = {
+        "latents_per_call": args.latents,
+        "upsample_conv": args.upsample_conv,
+        "breakdown_ms": breakdown,
+        "temp_gb": mem.temp_size_in_bytes / 1e9,
+        "cache_gb": cache_bytes / 1e9,
+        "output_gb": mem.output_size_in_bytes / 1e9,
+    }
     pprint.pprint(result, sort_dicts=False)
     if args.json:
         write_json(args.json, **result)

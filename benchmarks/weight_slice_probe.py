@@ -31,8 +31,16 @@ def variants():
         return jax.lax.scan(lambda h, wv: (layer(h, *wv), None), x, (ws, vs))[0]
 
     def fori(x, ws, vs):
-        return jax.lax.fori_loop(0, LAYERS, lambda i, h: layer(h, jax.lax.dynamic_index_in_dim(ws, i, keepdims=False),
-                                                               jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)), x)
+        return jax.lax.fori_loop(
+            0,
+            LAYERS,
+            lambda i, h: layer(
+                h,
+                jax.lax.dynamic_index_in_dim(ws, i, keepdims=False),
+                jax.lax.dynamic_index_in_dim(vs, i, keepdims=False),
+            ),
+            x,
+        )
 
     def unrolled(x, ws, vs):
         return jax.lax.scan(lambda h, wv: (layer(h, *wv), None), x, (ws, vs), unroll=LAYERS)[0]
@@ -51,8 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     key = jax.random.key(0)
     x = jax.random.normal(key, (TOKENS, DIM), jnp.bfloat16)
-    ws = jax.random.normal(jax.random.fold_in(key, 1), (LAYERS, DIM, HIDDEN), jnp.bfloat16) * DIM ** -0.5
-    vs = jax.random.normal(jax.random.fold_in(key, 2), (LAYERS, HIDDEN, DIM), jnp.bfloat16) * HIDDEN ** -0.5
+    ws = jax.random.normal(jax.random.fold_in(key, 1), (LAYERS, DIM, HIDDEN), jnp.bfloat16) * DIM**-0.5
+    vs = jax.random.normal(jax.random.fold_in(key, 2), (LAYERS, HIDDEN, DIM), jnp.bfloat16) * HIDDEN**-0.5
     rows = {}
     for name, (fn, split) in variants().items():
         w_in, v_in = (list(ws), list(vs)) if split else (ws, vs)
@@ -60,10 +68,18 @@ def main() -> None:
         jax.block_until_ready(f(x, w_in, v_in))
         b = profile_breakdown(lambda f=f, w_in=w_in, v_in=v_in: f(x, w_in, v_in))
         copies = sum(ms for k, ms in b["top_kernels"].items() if "memcpy" in k.lower() or "copy" in k.lower())
-        rows[name] = {"matmul_ms": b["matmul"], "copy_ms": copies, "other_ms": b["other"] - copies,
-                      "total_ms": b["total"], "top_kernels": dict(list(b["top_kernels"].items())[:6])}
-        print(f"{name:10s} matmul {b['matmul']:.2f} ms  copies {copies:.2f} ms  other {b['other'] - copies:.2f} ms  "
-              f"total {b['total']:.2f} ms", flush=True)
+        rows[name] = {
+            "matmul_ms": b["matmul"],
+            "copy_ms": copies,
+            "other_ms": b["other"] - copies,
+            "total_ms": b["total"],
+            "top_kernels": dict(list(b["top_kernels"].items())[:6]),
+        }
+        print(
+            f"{name:10s} matmul {b['matmul']:.2f} ms  copies {copies:.2f} ms  other {b['other'] - copies:.2f} ms  "
+            f"total {b['total']:.2f} ms",
+            flush=True,
+        )
     if args.json:
         write_json(args.json, variants=rows)
 

@@ -57,9 +57,13 @@ def atomic_dir(out_dir: str | pathlib.Path, overwrite: bool = False) -> Iterator
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(out_dir: str | pathlib.Path, components: Mapping[str, Any],
-                    configs: Mapping[str, Any], overwrite: bool = False,
-                    extra_files: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
+def save_checkpoint(
+    out_dir: str | pathlib.Path,
+    components: Mapping[str, Any],
+    configs: Mapping[str, Any],
+    overwrite: bool = False,
+    extra_files: Callable[[pathlib.Path], None] | None = None,
+) -> pathlib.Path:
     """Write {name: params tree} with Orbax plus config.json, atomically. Returns the folder.
 
     configs: JSON-able config per component (e.g. {'dit': ModelConfig.to_dict()}).
@@ -86,25 +90,31 @@ def read_checkpoint_config(ckpt_dir: str | pathlib.Path) -> dict:
     if not d.exists():
         raise CheckpointDirError(f"checkpoint folder {d.absolute()} does not exist")
     if not d.is_dir():
-        raise CheckpointDirError(f"{d} is a file, not a checkpoint folder; a causal-dit-jax checkpoint is the "
-                                 "folder `causal-dit convert` writes")
+        raise CheckpointDirError(
+            f"{d} is a file, not a checkpoint folder; a causal-dit-jax checkpoint is the "
+            "folder `causal-dit convert` writes"
+        )
     f = d / "config.json"
     if not f.exists():
-        raise CheckpointDirError(f"{d} is not a causal-dit-jax checkpoint (no config.json); "
-                                 "convert PyTorch weights with `causal-dit convert`")
+        raise CheckpointDirError(
+            f"{d} is not a causal-dit-jax checkpoint (no config.json); "
+            "convert PyTorch weights with `causal-dit convert`"
+        )
     try:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointDirError(f"{f} is not valid JSON ({e}); write the checkpoint again with "
-                                 "`causal-dit convert`") from e
+        raise CheckpointDirError(
+            f"{f} is not valid JSON ({e}); write the checkpoint again with `causal-dit convert`"
+        ) from e
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
         raise CheckpointDirError(f"{f}: unknown format {fmt!r} (expected {FORMAT})")
     return meta
 
 
-def restore_component(ckpt_dir: str | pathlib.Path, name: str, abstract_tree: Any,
-                      sharding: jax.sharding.Sharding | None = None) -> Any:
+def restore_component(
+    ckpt_dir: str | pathlib.Path, name: str, abstract_tree: Any, sharding: jax.sharding.Sharding | None = None
+) -> Any:
     """Restore one component onto devices; `sharding` (e.g. replicated over a mesh) places it directly."""
     import orbax.checkpoint as ocp
 
@@ -113,7 +123,6 @@ def restore_component(ckpt_dir: str | pathlib.Path, name: str, abstract_tree: An
     if name not in meta["components"] or not (d / name).exists():
         raise CheckpointDirError(f"{d} has no {name!r} model (it has {meta['components']})")
     if sharding is not None:
-        abstract_tree = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_tree)
+        abstract_tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_tree)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(d / name, abstract_tree)

@@ -15,6 +15,17 @@ from causal_dit_jax.convert.taehv_convert import load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError, read_state_dict
 from causal_dit_jax.convert.vae_convert import load_vae_params
 
-__all__ = ["convert_dit_checkpoint", "convert_pipeline_checkpoint", "dit_params_from_state_dict", "infer_dit_config",
-           "load_dit_params", "load_t5_params", "load_vae_params", "load_taehv_params", "DTYPES", "Rule",
-           "CheckpointError", "read_state_dict"]
+__all__ = [
+    "convert_dit_checkpoint",
+    "convert_pipeline_checkpoint",
+    "dit_params_from_state_dict",
+    "infer_dit_config",
+    "load_dit_params",
+    "load_t5_params",
+    "load_vae_params",
+    "load_taehv_params",
+    "DTYPES",
+    "Rule",
+    "CheckpointError",
+    "read_state_dict",
+]

@@ -10,9 +10,14 @@ from causal_dit_jax.convert.rules import check_dtype
 from causal_dit_jax.model.config import ModelConfig
 
 
-def convert_dit_checkpoint(src: str | pathlib.Path, out_dir: str | pathlib.Path,
-                           config: ModelConfig | None = None, which: str = "generator_ema",
-                           overwrite: bool = False, dtype: str | None = None) -> pathlib.Path:
+def convert_dit_checkpoint(
+    src: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    config: ModelConfig | None = None,
+    which: str = "generator_ema",
+    overwrite: bool = False,
+    dtype: str | None = None,
+) -> pathlib.Path:
     """Convert a Self-Forcing `.pt` or Wan2.1 safetensors DiT into an Orbax checkpoint at `out_dir`.
 
     dtype: 'bfloat16' or 'float32' weights (None: the config's, bfloat16 when inferred); see

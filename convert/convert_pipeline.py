@@ -1,10 +1,10 @@
 """Self-Forcing DiT + a Wan2.1 model folder -> one checkpoint with DiT, umT5, VAE and the tokenizer.
 
-    Wan2.1-T2V-1.3B/
-      diffusion_pytorch_model.safetensors (+ config.json)   the base DiT (used when no .pt is given)
-      models_t5_umt5-xxl-enc-bf16.pth                        umT5-XXL encoder
-      Wan2.1_VAE.pth                                         VAE
-      google/umt5-xxl/                                       tokenizer files
+Wan2.1-T2V-1.3B/
+  diffusion_pytorch_model.safetensors (+ config.json)   the base DiT (used when no .pt is given)
+  models_t5_umt5-xxl-enc-bf16.pth                        umT5-XXL encoder
+  Wan2.1_VAE.pth                                         VAE
+  google/umt5-xxl/                                       tokenizer files
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ def wan_folder_files(wan_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     return files
 
 
-def convert_pipeline_checkpoint(wan_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
-                                dit_checkpoint: str | pathlib.Path | None = None,
-                                dit_config: ModelConfig | None = None, which: str = "generator_ema",
-                                vae_config: VAEConfig | None = None, t5_config: T5Config | None = None,
-                                overwrite: bool = False, taehv_checkpoint: str | pathlib.Path | None = None,
-                                dtype: str | None = None) -> pathlib.Path:
+def convert_pipeline_checkpoint(
+    wan_dir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    dit_checkpoint: str | pathlib.Path | None = None,
+    dit_config: ModelConfig | None = None,
+    which: str = "generator_ema",
+    vae_config: VAEConfig | None = None,
+    t5_config: T5Config | None = None,
+    overwrite: bool = False,
+    taehv_checkpoint: str | pathlib.Path | None = None,
+    dtype: str | None = None,
+) -> pathlib.Path:
     """Convert everything a `TextToVideoPipeline` needs into one Orbax checkpoint folder.
 
     dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).

@@ -45,9 +45,15 @@ def dit_key_map(config: ModelConfig) -> tuple[Rule, ...]:
     c, f = config.dim, config.ffn_dim
     b = "blocks.{i}"
     return tuple(
-        [tensor("stem/patch_embedding/kernel", "patch_embedding.weight", (c, config.in_dim, *config.patch_size),
-                patch_conv),
-         tensor("stem/patch_embedding/bias", "patch_embedding.bias", (c,))]
+        [
+            tensor(
+                "stem/patch_embedding/kernel",
+                "patch_embedding.weight",
+                (c, config.in_dim, *config.patch_size),
+                patch_conv,
+            ),
+            tensor("stem/patch_embedding/bias", "patch_embedding.bias", (c,)),
+        ]
         + dense("stem/text_embedding/fc1", "text_embedding.0", config.text_dim, c)
         + dense("stem/text_embedding/fc2", "text_embedding.2", c, c)
         + dense("stem/time_embedding/fc1", "time_embedding.0", config.freq_dim, c)
@@ -56,15 +62,19 @@ def dit_key_map(config: ModelConfig) -> tuple[Rule, ...]:
         + [tensor("blocks/modulation", f"{b}.modulation", (1, 6, c), drop_leading_one)]
         + fused_dense("blocks/self_attn/qkv", [f"{b}.self_attn.{n}" for n in "qkv"], c, c)
         + dense("blocks/self_attn/o", f"{b}.self_attn.o", c, c)
-        + [tensor("blocks/self_attn/norm_q/scale", f"{b}.self_attn.norm_q.weight", (c,)),
-           tensor("blocks/self_attn/norm_k/scale", f"{b}.self_attn.norm_k.weight", (c,)),
-           tensor("blocks/norm3/scale", f"{b}.norm3.weight", (c,)),
-           tensor("blocks/norm3/bias", f"{b}.norm3.bias", (c,))]
+        + [
+            tensor("blocks/self_attn/norm_q/scale", f"{b}.self_attn.norm_q.weight", (c,)),
+            tensor("blocks/self_attn/norm_k/scale", f"{b}.self_attn.norm_k.weight", (c,)),
+            tensor("blocks/norm3/scale", f"{b}.norm3.weight", (c,)),
+            tensor("blocks/norm3/bias", f"{b}.norm3.bias", (c,)),
+        ]
         + dense("blocks/cross_attn/q", f"{b}.cross_attn.q", c, c)
         + fused_dense("blocks/cross_attn/kv", [f"{b}.cross_attn.{n}" for n in "kv"], c, c)
         + dense("blocks/cross_attn/o", f"{b}.cross_attn.o", c, c)
-        + [tensor("blocks/cross_attn/norm_q/scale", f"{b}.cross_attn.norm_q.weight", (c,)),
-           tensor("blocks/cross_attn/norm_k/scale", f"{b}.cross_attn.norm_k.weight", (c,))]
+        + [
+            tensor("blocks/cross_attn/norm_q/scale", f"{b}.cross_attn.norm_q.weight", (c,)),
+            tensor("blocks/cross_attn/norm_k/scale", f"{b}.cross_attn.norm_k.weight", (c,)),
+        ]
         + dense("blocks/ffn/fc1", f"{b}.ffn.0", c, f)
         + dense("blocks/ffn/fc2", f"{b}.ffn.2", f, c)
         + [tensor("head/modulation", "head.modulation", (1, 2, c), drop_leading_one)]
@@ -93,8 +103,9 @@ def read_wan_config_json(path: str | pathlib.Path) -> dict:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
 
 
-def infer_dit_config(state: Mapping[str, np.ndarray], base: ModelConfig | None = None,
-                     wan_config: Mapping | None = None) -> ModelConfig:
+def infer_dit_config(
+    state: Mapping[str, np.ndarray], base: ModelConfig | None = None, wan_config: Mapping | None = None
+) -> ModelConfig:
     """Read dim, ffn_dim, layers, text/freq dims and patch size off the tensors' shapes.
 
     The head count is not visible in the shapes: it comes from Wan's config.json when given, else
@@ -117,32 +128,51 @@ def infer_dit_config(state: Mapping[str, np.ndarray], base: ModelConfig | None =
     elif dim % HEAD_DIM == 0:
         heads = dim // HEAD_DIM
     else:
-        raise CheckpointError(f"cannot tell the head count of a dim-{dim} model: pass a config "
-                              "(--preset) or put Wan's config.json beside the weights")
+        raise CheckpointError(
+            f"cannot tell the head count of a dim-{dim} model: pass a config "
+            "(--preset) or put Wan's config.json beside the weights"
+        )
     if "text_len" in wan_config:
         base = base.replace(text_len=int(wan_config["text_len"]))
     if "eps" in wan_config:
         base = base.replace(eps=float(wan_config["eps"]))
-    return base.replace(dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=layers, in_dim=in_dim,
-                        out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim, patch_size=(pt, ph, pw))
+    return base.replace(
+        dim=dim,
+        ffn_dim=ffn_dim,
+        num_heads=heads,
+        num_layers=layers,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        patch_size=(pt, ph, pw),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # conversion
 
 
-def dit_params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig, as_numpy: bool = False,
-                               consume: bool = False) -> Params:
+def dit_params_from_state_dict(
+    state: Mapping[str, np.ndarray], config: ModelConfig, as_numpy: bool = False, consume: bool = False
+) -> Params:
     """Map a (prefix-stripped) PyTorch DiT state dict onto our params tree, in config.param_dtype.
     consume: pop the tensors from `state` as they are converted (see `rules.apply_rules`)."""
-    return apply_rules(state, dit_key_map(config), dtype=config.param_dtype,
-                       abstract_params=CausalWanDiT(config).abstract_params(),
-                       what=f"the DiT config (dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim})",
-                       num_layers=config.num_layers, consume=consume, as_numpy=as_numpy)
+    return apply_rules(
+        state,
+        dit_key_map(config),
+        dtype=config.param_dtype,
+        abstract_params=CausalWanDiT(config).abstract_params(),
+        what=f"the DiT config (dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim})",
+        num_layers=config.num_layers,
+        consume=consume,
+        as_numpy=as_numpy,
+    )
 
 
-def load_dit_params(path: str | pathlib.Path, config: ModelConfig | None = None, which: str = "generator_ema",
-                    dtype: str | None = None) -> tuple[ModelConfig, Params]:
+def load_dit_params(
+    path: str | pathlib.Path, config: ModelConfig | None = None, which: str = "generator_ema", dtype: str | None = None
+) -> tuple[ModelConfig, Params]:
     """Read a Self-Forcing `.pt` or a Wan safetensors checkpoint and return (config, params) in memory.
 
     config: the expected model; when None it is inferred from the tensor shapes (Wan defaults for the

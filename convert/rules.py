@@ -120,8 +120,10 @@ def dense(ours: str, torch: str, c_in: int, c_out: int, bias: bool = True) -> li
 def fused_dense(ours: str, torches: Sequence[str], c_in: int, c_out: int) -> list[Rule]:
     """Several nn.Linear [c_out, c_in] -> one kernel [c_in, n * c_out] and bias [n * c_out] (e.g. q, k, v)."""
     n = len(torches)
-    return [Rule(f"{ours}/kernel", tuple(f"{t}.weight" for t in torches), ((c_out, c_in),) * n, fused_linear),
-            Rule(f"{ours}/bias", tuple(f"{t}.bias" for t in torches), ((c_out,),) * n, concat)]
+    return [
+        Rule(f"{ours}/kernel", tuple(f"{t}.weight" for t in torches), ((c_out, c_in),) * n, fused_linear),
+        Rule(f"{ours}/bias", tuple(f"{t}.bias" for t in torches), ((c_out,),) * n, concat),
+    ]
 
 
 def conv(ours: str, torch: str, c_in: int, c_out: int, kernel: Shape, bias: bool = True) -> list[Rule]:
@@ -150,8 +152,13 @@ def torch_shapes(rules: Sequence[Rule], num_layers: int = 0) -> dict[str, Shape]
     return shapes
 
 
-def check_state_dict(state: Mapping[str, Any], rules: Sequence[Rule], what: str, num_layers: int = 0,
-                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    state: Mapping[str, Any],
+    rules: Sequence[Rule],
+    what: str,
+    num_layers: int = 0,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> None:
     """Raise one CheckpointError naming every missing, unexpected and mis-shaped key.
 
     state: the checkpoint's tensors (torch or numpy: anything with `.shape`); keys starting with one of
@@ -177,9 +184,18 @@ def check_state_dict(state: Mapping[str, Any], rules: Sequence[Rule], what: str,
 # applying
 
 
-def apply_rules(state: Mapping[str, Any], rules: Sequence[Rule], *, dtype: str, abstract_params: Any, what: str,
-                num_layers: int = 0, ignore_prefixes: tuple[str, ...] = (), consume: bool = False,
-                as_numpy: bool = False) -> dict:
+def apply_rules(
+    state: Mapping[str, Any],
+    rules: Sequence[Rule],
+    *,
+    dtype: str,
+    abstract_params: Any,
+    what: str,
+    num_layers: int = 0,
+    ignore_prefixes: tuple[str, ...] = (),
+    consume: bool = False,
+    as_numpy: bool = False,
+) -> dict:
     """Check `state` against the table, then build our params tree from it, each leaf stored as `dtype`.
 
     abstract_params: the model's `abstract_params()`; the tree built must have its shapes (a guard on
@@ -192,6 +208,7 @@ def apply_rules(state: Mapping[str, Any], rules: Sequence[Rule], *, dtype: str, 
     take = state.pop if consume else state.__getitem__
     params: dict = {}
     for rule in rules:
+
         def one_layer(i: int | None = None, rule: Rule = rule) -> np.ndarray:
             return rule.transform(*(to_numpy(take(k if i is None else k.format(i=i))) for k in rule.torch))
 

@@ -23,11 +23,16 @@ def t5_key_map(config: T5Config) -> tuple[Rule, ...]:
     c, a, f = config.dim, config.dim_attn, config.dim_ffn
     b = "blocks.{i}"
     pos = (config.num_buckets, config.num_heads)
-    pos_rule = (tensor("pos_embedding/embedding", "pos_embedding.embedding.weight", pos) if config.shared_pos else
-                tensor("blocks/pos_embedding/embedding", f"{b}.pos_embedding.embedding.weight", pos))
+    pos_rule = (
+        tensor("pos_embedding/embedding", "pos_embedding.embedding.weight", pos)
+        if config.shared_pos
+        else tensor("blocks/pos_embedding/embedding", f"{b}.pos_embedding.embedding.weight", pos)
+    )
     return tuple(
-        [tensor("token_embedding/embedding", "token_embedding.weight", (config.vocab_size, c)),
-         tensor("blocks/norm1/scale", f"{b}.norm1.weight", (c,))]
+        [
+            tensor("token_embedding/embedding", "token_embedding.weight", (config.vocab_size, c)),
+            tensor("blocks/norm1/scale", f"{b}.norm1.weight", (c,)),
+        ]
         + dense("blocks/attn/q", f"{b}.attn.q", c, a, bias=False)
         + dense("blocks/attn/k", f"{b}.attn.k", c, a, bias=False)
         + dense("blocks/attn/v", f"{b}.attn.v", c, a, bias=False)
@@ -59,23 +64,39 @@ def infer_t5_config(state: Mapping[str, np.ndarray], base: T5Config | None = Non
         layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"cannot infer the text encoder config from this state dict (missing {e})") from e
-    return base.replace(vocab_size=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads,
-                        num_buckets=buckets, num_layers=layers, shared_pos=shared)
+    return base.replace(
+        vocab_size=vocab,
+        dim=dim,
+        dim_attn=dim_attn,
+        dim_ffn=dim_ffn,
+        num_heads=heads,
+        num_buckets=buckets,
+        num_layers=layers,
+        shared_pos=shared,
+    )
 
 
-def t5_params_from_state_dict(state: Mapping[str, np.ndarray], config: T5Config, as_numpy: bool = False,
-                              consume: bool = False) -> Params:
+def t5_params_from_state_dict(
+    state: Mapping[str, np.ndarray], config: T5Config, as_numpy: bool = False, consume: bool = False
+) -> Params:
     """Map a PyTorch umT5 state dict onto our params tree, in config.param_dtype. `state` is not modified
     unless consume (pop each tensor as it is converted: the XXL file is 11.4 GB)."""
-    return apply_rules(state, t5_key_map(config), dtype=config.param_dtype,
-                       abstract_params=UMT5Encoder(config).abstract_params(),
-                       what=f"the text encoder config (vocab={config.vocab_size}, dim={config.dim}, "
-                            f"heads={config.num_heads}, layers={config.num_layers}, ffn={config.dim_ffn})",
-                       num_layers=config.num_layers, consume=consume, as_numpy=as_numpy)
+    return apply_rules(
+        state,
+        t5_key_map(config),
+        dtype=config.param_dtype,
+        abstract_params=UMT5Encoder(config).abstract_params(),
+        what=f"the text encoder config (vocab={config.vocab_size}, dim={config.dim}, "
+        f"heads={config.num_heads}, layers={config.num_layers}, ffn={config.dim_ffn})",
+        num_layers=config.num_layers,
+        consume=consume,
+        as_numpy=as_numpy,
+    )
 
 
-def load_t5_params(path: str | pathlib.Path, config: T5Config | None = None,
-                   dtype: str | None = None) -> tuple[T5Config, Params]:
+def load_t5_params(
+    path: str | pathlib.Path, config: T5Config | None = None, dtype: str | None = None
+) -> tuple[T5Config, Params]:
     """Read Wan's `models_t5_umt5-xxl-enc-bf16.pth` and return (config, params) in memory.
 
     config: the expected encoder (checked key by key); when None it is inferred from the tensor

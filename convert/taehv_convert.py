@@ -41,7 +41,7 @@ def taehv_key_map(config: TAEHVConfig) -> tuple[Rule, ...]:
         stride = 2 if config.time_upscale[s] else 1
         rules += conv(f"stage{s}/tgrow", f"decoder.{base + 4}.conv", c[s], c[s] * stride, (1, 1), bias=False)
         rules += conv(f"stage{s}/proj", f"decoder.{base + 5}", c[s], c[s + 1], (3, 3), bias=False)
-    rules += conv("conv_out", f"decoder.{stage_base(3) + 1}", c[3], 3 * config.patch_size ** 2, (3, 3))
+    rules += conv("conv_out", f"decoder.{stage_base(3) + 1}", c[3], 3 * config.patch_size**2, (3, 3))
     return tuple(rules)
 
 
@@ -71,19 +71,27 @@ def infer_taehv_config(state: Mapping[str, object], base: TAEHVConfig | None = N
     return config
 
 
-def taehv_params_from_state_dict(state: Mapping[str, object], config: TAEHVConfig, as_numpy: bool = False,
-                                 consume: bool = False) -> Params:
+def taehv_params_from_state_dict(
+    state: Mapping[str, object], config: TAEHVConfig, as_numpy: bool = False, consume: bool = False
+) -> Params:
     """Map a TAEHV state dict (torch tensors or numpy arrays) onto our decoder params tree, in
     config.param_dtype. The state dict is copied (the time-grow trim), so consume only frees the copy."""
-    return apply_rules(_trim_time_grow(state, config), taehv_key_map(config), dtype=config.param_dtype,
-                       abstract_params=TAEHVDecoder(config).abstract_params(),
-                       what=f"the TAEHV decoder config (latent_channels={config.latent_channels}, "
-                            f"channels={config.channels}, time_upscale={config.time_upscale})",
-                       ignore_prefixes=IGNORED_PREFIXES, consume=consume, as_numpy=as_numpy)
+    return apply_rules(
+        _trim_time_grow(state, config),
+        taehv_key_map(config),
+        dtype=config.param_dtype,
+        abstract_params=TAEHVDecoder(config).abstract_params(),
+        what=f"the TAEHV decoder config (latent_channels={config.latent_channels}, "
+        f"channels={config.channels}, time_upscale={config.time_upscale})",
+        ignore_prefixes=IGNORED_PREFIXES,
+        consume=consume,
+        as_numpy=as_numpy,
+    )
 
 
-def load_taehv_params(path: str | pathlib.Path, config: TAEHVConfig | None = None,
-                      dtype: str | None = None) -> tuple[TAEHVConfig, Params]:
+def load_taehv_params(
+    path: str | pathlib.Path, config: TAEHVConfig | None = None, dtype: str | None = None
+) -> tuple[TAEHVConfig, Params]:
     """Read `taew2_1.pth` (torch.load weights_only=True) or a `.safetensors` file; return (config, params).
 
     config: default the 'taew2.1' preset with the widths and latent channels read off the file.

@@ -57,8 +57,10 @@ def _not_a_torch_file(path) -> CheckpointError:
     except OSError as e:
         return CheckpointError(f"cannot read {path}: {e}")
     what = "it is empty" if not head else f"it starts with {head!r}"
-    return CheckpointError(f"cannot read {path}: not a PyTorch checkpoint (expected a torch.save file: a zip "
-                           f"archive, or a legacy pickle starting with byte 0x80; {what})")
+    return CheckpointError(
+        f"cannot read {path}: not a PyTorch checkpoint (expected a torch.save file: a zip "
+        f"archive, or a legacy pickle starting with byte 0x80; {what})"
+    )
 
 
 def load_torch_pickle(path: str | pathlib.Path) -> dict:
@@ -66,8 +68,7 @@ def load_torch_pickle(path: str | pathlib.Path) -> dict:
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise CheckpointError(
-            f"reading {path} needs PyTorch: pip install 'causal-dit-jax[convert]'") from e
+        raise CheckpointError(f"reading {path} needs PyTorch: pip install 'causal-dit-jax[convert]'") from e
     import pickle
 
     p = pathlib.Path(path)
@@ -85,7 +86,8 @@ def load_torch_pickle(path: str | pathlib.Path) -> dict:
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (unpickling it would run code "
-            f"or build objects that weights_only=True forbids). Details: {detail}") from e
+            f"or build objects that weights_only=True forbids). Details: {detail}"
+        ) from e
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {path}") from e
     except Exception as e:  # zip errors, truncated files
@@ -97,8 +99,9 @@ def select_state_dict(obj: Mapping, which: str = "generator_ema") -> dict:
     or take a plain state dict as is."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    wrappers = [k for k in ("generator_ema", "generator", "state_dict", "model") if k in obj
-                and isinstance(obj[k], Mapping)]
+    wrappers = [
+        k for k in ("generator_ema", "generator", "state_dict", "model") if k in obj and isinstance(obj[k], Mapping)
+    ]
     if wrappers:
         if which in obj and isinstance(obj[which], Mapping):
             return dict(obj[which])
@@ -118,7 +121,7 @@ def strip_prefixes(state: Mapping[str, object]) -> dict[str, object]:
             changed = False
             for pre in STRIP_PREFIXES:
                 if cleaned.startswith(pre):
-                    cleaned = cleaned[len(pre):]
+                    cleaned = cleaned[len(pre) :]
                     changed = True
         for infix in STRIP_PREFIXES[1:]:
             cleaned = cleaned.replace("." + infix, ".")

@@ -80,19 +80,27 @@ def infer_vae_config(state: Mapping[str, object], base: VAEConfig | None = None)
     return config
 
 
-def vae_params_from_state_dict(state: Mapping[str, object], config: VAEConfig, as_numpy: bool = False,
-                               consume: bool = False) -> Params:
+def vae_params_from_state_dict(
+    state: Mapping[str, object], config: VAEConfig, as_numpy: bool = False, consume: bool = False
+) -> Params:
     """Map a Wan VAE state dict (torch tensors or numpy arrays) onto our decoder params tree, in
     config.param_dtype."""
-    return apply_rules(state, vae_decoder_key_map(config), dtype=config.param_dtype,
-                       abstract_params=WanVAE(config).abstract_params(),
-                       what=f"the VAE decoder config (dim={config.dim}, dim_mult={config.dim_mult}, "
-                            f"num_res_blocks={config.num_res_blocks})",
-                       ignore_prefixes=IGNORED_PREFIXES, consume=consume, as_numpy=as_numpy)
+    return apply_rules(
+        state,
+        vae_decoder_key_map(config),
+        dtype=config.param_dtype,
+        abstract_params=WanVAE(config).abstract_params(),
+        what=f"the VAE decoder config (dim={config.dim}, dim_mult={config.dim_mult}, "
+        f"num_res_blocks={config.num_res_blocks})",
+        ignore_prefixes=IGNORED_PREFIXES,
+        consume=consume,
+        as_numpy=as_numpy,
+    )
 
 
-def load_vae_params(path: str | pathlib.Path, config: VAEConfig | None = None,
-                    dtype: str | None = None) -> tuple[VAEConfig, Params]:
+def load_vae_params(
+    path: str | pathlib.Path, config: VAEConfig | None = None, dtype: str | None = None
+) -> tuple[VAEConfig, Params]:
     """Read `Wan2.1_VAE.pth` (torch.load weights_only=True) and return (config, decoder params).
 
     config: default the 'wan2.1' preset at the width read off the file. dtype: 'bfloat16' or 'float32'

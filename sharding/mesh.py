@@ -7,7 +7,7 @@ ring = 1, a pure ring mesh ulysses = 1, the hybrid both. 'data' splits a batch o
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -33,7 +33,8 @@ def split_sequence_devices(n: int, strategy: str, num_heads: int) -> tuple[int, 
             divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ValueError(
                 f"all-to-all over {n} devices needs the {num_heads} heads divisible by {n} (possible: "
-                f"{divisors}); use strategy='hybrid' (all-to-all x ring) or 'ring' for {n} devices")
+                f"{divisors}); use strategy='hybrid' (all-to-all x ring) or 'ring' for {n} devices"
+            )
         return 1, n
     if strategy == "ring":
         return n, 1
@@ -43,8 +44,14 @@ def split_sequence_devices(n: int, strategy: str, num_heads: int) -> tuple[int, 
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
-def make_mesh(num_devices: Optional[int] = None, *, num_heads: int, strategy: str = "hybrid",
-              data: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+    num_devices: int | None = None,
+    *,
+    num_heads: int,
+    strategy: str = "hybrid",
+    data: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
     """A ('data', 'ring', 'ulysses') mesh over `devices` (default: the first `num_devices` of
     jax.devices(), which spans every process after jax.distributed.initialize).
 
@@ -58,10 +65,15 @@ def make_mesh(num_devices: Optional[int] = None, *, num_heads: int, strategy: st
         n = num_devices or len(all_devices)
         if n > len(all_devices):
             k, backend = len(all_devices), jax.default_backend()
-            hint = (f"; to simulate {n} CPU devices, start the process with "
-                    f"XLA_FLAGS=--xla_force_host_platform_device_count={n}" if backend == "cpu" else "")
-            raise ValueError(f"asked for {n} devices, only {k} {'is' if k == 1 else 'are'} visible "
-                             f"(backend {backend}){hint}")
+            hint = (
+                f"; to simulate {n} CPU devices, start the process with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+                if backend == "cpu"
+                else ""
+            )
+            raise ValueError(
+                f"asked for {n} devices, only {k} {'is' if k == 1 else 'are'} visible (backend {backend}){hint}"
+            )
         devices = all_devices[:n]
     devices = list(devices)
     if num_devices is not None and num_devices != len(devices):
@@ -77,6 +89,7 @@ def mesh_sizes(mesh: Mesh) -> tuple[int, int, int]:
     """(data, ring, ulysses) sizes of a mesh made by `make_mesh`."""
     missing = {DATA, RING, ULYSSES} - set(mesh.axis_names)
     if missing:
-        raise ValueError(f"mesh needs axes {(DATA, RING, ULYSSES)}, missing {sorted(missing)}; "
-                         "build it with sharding.make_mesh")
+        raise ValueError(
+            f"mesh needs axes {(DATA, RING, ULYSSES)}, missing {sorted(missing)}; build it with sharding.make_mesh"
+        )
     return mesh.shape[DATA], mesh.shape[RING], mesh.shape[ULYSSES]

@@ -41,8 +41,9 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out_a * w(wa) + out_b * w(wb), lse
 
 
-def ring_traffic(ring: int, batch: int, segment: int, heads: int, head_dim: int, key_slots: int,
-                 q_bytes: int, kv_bytes: int) -> tuple[str, int]:
+def ring_traffic(
+    ring: int, batch: int, segment: int, heads: int, head_dim: int, key_slots: int, q_bytes: int, kv_bytes: int
+) -> tuple[str, int]:
     """What a ring step circulates and the bytes each member sends per layer and forward.
 
     segment: tokens per member (Lseg); heads: the heads on this member (N / ulysses); key_slots: the
@@ -59,9 +60,17 @@ def ring_traffic(ring: int, batch: int, segment: int, heads: int, head_dim: int,
     return ("queries", queries) if queries < keys else ("keys", keys)
 
 
-def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache | None,
-                        write: CacheWrite | None, *, true_len: int, axis: str = RING,
-                        implementation: str | None = None) -> tuple[jax.Array, LayerCache | None]:
+def ring_self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer_cache: LayerCache | None,
+    write: CacheWrite | None,
+    *,
+    true_len: int,
+    axis: str = RING,
+    implementation: str | None = None,
+) -> tuple[jax.Array, LayerCache | None]:
     """q/k/v [B, Lseg, N, D]: this member's segment of the chunk (segment r covers flattened tokens
     [r*Lseg, (r+1)*Lseg)); true_len: real tokens in the chunk (the rest is padding).
 
@@ -94,8 +103,9 @@ def ring_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: L
         slot, token = jnp.arange(s, dtype=jnp.int32) // seg, jnp.arange(s, dtype=jnp.int32) % seg
         mask = (slot < valid_slots) & (owner * seg + token < true_len)
         if frame_mask is not None:  # and by the frame of that token, as Self-Forcing evicts
-            mask &= frame_key_mask(frame_mask, s, seg, true_len // frame_mask.shape[1],
-                                   token_offset=owner * seg, true_len=true_len)
+            mask &= frame_key_mask(
+                frame_mask, s, seg, true_len // frame_mask.shape[1], token_offset=owner * seg, true_len=true_len
+            )
         return jnp.broadcast_to(mask, (b, s))
 
     def attend(queries, block_k, block_v, mask):

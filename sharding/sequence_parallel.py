@@ -47,8 +47,10 @@ class SequenceParallelDiT:
         self.config = self.dit.config
         self.kernels = self.dit.kernels
         if self.kernels.norm_rope_impl == "pallas" and jax.default_backend() != "gpu":
-            raise ValueError("norm_rope_impl='pallas' under sequence parallelism needs GPUs: off GPUs Pallas runs in "
-                             "JAX's interpreter, which cannot run inside shard_map; use norm_rope_impl='xla'")
+            raise ValueError(
+                "norm_rope_impl='pallas' under sequence parallelism needs GPUs: off GPUs Pallas runs in "
+                "JAX's interpreter, which cannot run inside shard_map; use norm_rope_impl='xla'"
+            )
         self.mesh = mesh
         self.data_size, self.ring_size, self.ulysses_size = mesh_sizes(mesh)
         check_heads(self.config.num_heads, self.ulysses_size)
@@ -84,8 +86,15 @@ class SequenceParallelDiT:
         local = math.ceil(true_len / self.seq_devices)
         return ChunkLayout(true_len, local, self.ulysses_size * local, local * self.seq_devices)
 
-    def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
-                   latent_width: int, origin_frame: int = 0) -> KVCache:
+    def init_cache(
+        self,
+        inference: InferenceConfig,
+        batch: int,
+        num_frames: int,
+        latent_height: int,
+        latent_width: int,
+        origin_frame: int = 0,
+    ) -> KVCache:
         """Zero cache placed on the mesh: heads split over 'ulysses'; with a ring, the sequence stays
         on the ring member that computed it (each member holds its segment of every cached chunk).
         Its dtype is `inference.cache_dtype`, or the model's when that is None."""
@@ -101,8 +110,13 @@ class SequenceParallelDiT:
         shape = (cfg.num_layers, batch, seq, cfg.num_heads, cfg.head_dim)
         dtype = cache_dtype(cfg, inference)
         where = NamedSharding(self.mesh, SPECS.cache_lbsnd)  # made in place on each device, no transfer
-        return kv_cache_for(inference, num_frames, jnp.zeros(shape, dtype, device=where),
-                            jnp.zeros(shape, dtype, device=where), origin_frame)
+        return kv_cache_for(
+            inference,
+            num_frames,
+            jnp.zeros(shape, dtype, device=where),
+            jnp.zeros(shape, dtype, device=where),
+            origin_frame,
+        )
 
     # ------------------------------------------------------------------ attention
     def self_attention(self, layout: ChunkLayout):
@@ -115,19 +129,28 @@ class SequenceParallelDiT:
         def attention(q, k, v, layer_cache, write):
             q, k, v = qkv_seq_to_heads(q, k, v)  # b l n d -> b (u l) (n/u) d
             if ring == 1:  # the whole (padded) chunk is here: cache only real tokens
-                out, layer_cache = local_self_attention(q, k[:, :true_len], v[:, :true_len],
-                                                        layer_cache, write, impl)
+                out, layer_cache = local_self_attention(q, k[:, :true_len], v[:, :true_len], layer_cache, write, impl)
             else:
-                out, layer_cache = ring_self_attention(q, k, v, layer_cache, write, true_len=true_len,
-                                                       implementation=impl)
+                out, layer_cache = ring_self_attention(
+                    q, k, v, layer_cache, write, true_len=true_len, implementation=impl
+                )
             return heads_to_seq(out), layer_cache
 
         return attention
 
     # ------------------------------------------------------------------ forward
-    def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
-                       cache: KVCache | None, start_frame, rope: RopeTables, *,
-                       grid: tuple[int, int, int]) -> tuple[jax.Array, KVCache | None]:
+    def forward_tokens(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        t: jax.Array,
+        text: TextKV,
+        cache: KVCache | None,
+        start_frame,
+        rope: RopeTables,
+        *,
+        grid: tuple[int, int, int],
+    ) -> tuple[jax.Array, KVCache | None]:
         """Patch tokens [B, true_len, P] -> [B, true_len, P_out] through the sharded transformer."""
         frames, gh, gw = grid
         lay = self.layout(frames, gh * self.config.patch_size[1], gw * self.config.patch_size[2])
@@ -142,30 +165,55 @@ class SequenceParallelDiT:
 
         def shard(params, tokens, t, text, cache, start_frame, rope):
             offset = shard_token_offset(lay.local_len)
-            return dit.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid,
-                                      token_offset=offset, attention_fn=attention)
+            return dit.forward_tokens(
+                params,
+                tokens,
+                t,
+                text,
+                cache,
+                start_frame,
+                rope,
+                grid=grid,
+                token_offset=offset,
+                attention_fn=attention,
+            )
 
-        cache_spec = None if cache is None else cache.replace(
-            k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
+        cache_spec = (
+            None if cache is None else cache.replace(k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
+        )
         text_spec = TextKV(SPECS.text_lbknd, SPECS.text_lbknd)
         out, cache = jax.shard_map(
-            shard, mesh=self.mesh,
+            shard,
+            mesh=self.mesh,
             in_specs=(P(), SPECS.tokens_blp, SPECS.time_bf, text_spec, cache_spec, P(), P()),
             out_specs=(SPECS.tokens_blp, cache_spec),
         )(params, tokens, t, text, cache, jnp.asarray(start_frame, jnp.int32), rope)
-        return out[:, :lay.true_len], cache
+        return out[:, : lay.true_len], cache
 
-    def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
-                cache: KVCache | None, start_frame, rope: RopeTables
-                ) -> tuple[jax.Array, KVCache | None]:
+    def forward(
+        self,
+        params: Params,
+        x: jax.Array,
+        t: jax.Array,
+        text: TextKV,
+        cache: KVCache | None,
+        start_frame,
+        rope: RopeTables,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
         tokens, grid = latents_to_tokens(self.config, x, t)
         out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
         return tokens_to_latents(self.config, out, grid), cache
 
     # ------------------------------------------------------------------ accounting
-    def comm_bytes_per_forward(self, inference: InferenceConfig, latent_height: int, latent_width: int,
-                               num_frames: int | None = None, batch: int = 1) -> int:
+    def comm_bytes_per_forward(
+        self,
+        inference: InferenceConfig,
+        latent_height: int,
+        latent_width: int,
+        num_frames: int | None = None,
+        batch: int = 1,
+    ) -> int:
         """Bytes each device sends per chunk forward in self-attention (all layers), as compiled.
 
         num_frames: the latent frames of the stream whose KV cache the forward carries (the cache's
@@ -196,9 +244,17 @@ class SequenceParallelDiT:
         return cfg.num_layers * (a2a + ring)
 
 
-def sequence_parallel_dit(dit: CausalWanDiT | ModelConfig, num_devices: int, strategy: str,
-                          inference: InferenceConfig, *, num_frames: int, latent_height: int, latent_width: int,
-                          batch: int = 1) -> tuple[SequenceParallelDiT, int]:
+def sequence_parallel_dit(
+    dit: CausalWanDiT | ModelConfig,
+    num_devices: int,
+    strategy: str,
+    inference: InferenceConfig,
+    *,
+    num_frames: int,
+    latent_height: int,
+    latent_width: int,
+    batch: int = 1,
+) -> tuple[SequenceParallelDiT, int]:
     """A SequenceParallelDiT on the first `num_devices` devices, plus the self-attention bytes each
     device sends per chunk of a `num_frames`-latent-frame stream: `comm_bytes_per_forward` (the same
     for every chunk) times the chunk's forwards (the denoising steps, then the cache fill)."""

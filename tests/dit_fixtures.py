@@ -6,23 +6,43 @@ import pathlib
 
 import numpy as np
 import torch
-
-from causal_dit_jax.model.config import ModelConfig
 from torch_reference.causal_wan import CausalWanModel, randomize_parameters_
 
+from causal_dit_jax.model.config import ModelConfig
+
 # 12 heads like Wan, head_dim 16 (RoPE split 4/2/2 pairs), 2 layers; a non-square 4x6 token grid.
-SMALL = ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8,
-                    freq_dim=32, param_dtype="float32", dtype="float32", residual_dtype="float32")
+SMALL = ModelConfig(
+    dim=192,
+    ffn_dim=256,
+    num_heads=12,
+    num_layers=2,
+    text_dim=32,
+    text_len=8,
+    freq_dim=32,
+    param_dtype="float32",
+    dtype="float32",
+    residual_dtype="float32",
+)
 LATENT_H, LATENT_W = 8, 12
 
 
-def torch_model(config: ModelConfig = SMALL, seed: int = 0, local_attn_size: int = -1,
-                sink_size: int = 0) -> CausalWanModel:
-    model = CausalWanModel(dim=config.dim, ffn_dim=config.ffn_dim, num_heads=config.num_heads,
-                           num_layers=config.num_layers, in_dim=config.in_dim, out_dim=config.out_dim,
-                           text_dim=config.text_dim, freq_dim=config.freq_dim, eps=config.eps,
-                           patch_size=config.patch_size, local_attn_size=local_attn_size,
-                           sink_size=sink_size)
+def torch_model(
+    config: ModelConfig = SMALL, seed: int = 0, local_attn_size: int = -1, sink_size: int = 0
+) -> CausalWanModel:
+    model = CausalWanModel(
+        dim=config.dim,
+        ffn_dim=config.ffn_dim,
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        in_dim=config.in_dim,
+        out_dim=config.out_dim,
+        text_dim=config.text_dim,
+        freq_dim=config.freq_dim,
+        eps=config.eps,
+        patch_size=config.patch_size,
+        local_attn_size=local_attn_size,
+        sink_size=sink_size,
+    )
     randomize_parameters_(model, seed=seed, std=0.05)
     return model.eval()
 

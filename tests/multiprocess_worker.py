@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
 from multiprocess_case import build_case, run_two_chunks  # noqa: E402
+
 from causal_dit_jax.sharding import SequenceParallelDiT, make_mesh  # noqa: E402
 
 

@@ -38,8 +38,7 @@ def _peer(figures, **extra):
 
 
 def test_compare_ratio_oriented_ours_faster_above_one():
-    peer = _peer({"dit_s": 3.0, "first_chunk_ms": 100, "e2e_fps_wan": 20.0, "e2e_fps_tiny": 60.0,
-                  "first_frame_s": 0.5})
+    peer = _peer({"dit_s": 3.0, "first_chunk_ms": 100, "e2e_fps_wan": 20.0, "e2e_fps_tiny": 60.0, "first_frame_s": 0.5})
     ours = {"dit_s": 2.0, "first_chunk_ms": 200.0, "e2e_fps_wan": 30.0, "e2e_fps_tiny": 40.0}
     c = bench.compare(ours, peer)
     rows = c["figures"]
@@ -56,13 +55,29 @@ def test_compare_ratio_oriented_ours_faster_above_one():
 
 def test_measured_figures_read_from_a_bench_result():
     result = bench.BenchResult(
-        preset="tiny", device="cpu", backend="cpu", num_devices=1, strategy="single", latent_shape=(1, 6, 8, 8, 16),
-        video_frames=21, forwards=10, compile_s=1.0, chunk_ms=[10.0, 20.0], first_chunk_ms=10.0, total_s=0.03,
+        preset="tiny",
+        device="cpu",
+        backend="cpu",
+        num_devices=1,
+        strategy="single",
+        latent_shape=(1, 6, 8, 8, 16),
+        video_frames=21,
+        forwards=10,
+        compile_s=1.0,
+        chunk_ms=[10.0, 20.0],
+        first_chunk_ms=10.0,
+        total_s=0.03,
         frames_per_second=700.0,
-        tiny_vae={"decode_total_s": 0.01, "first_frame_s": 0.02, "e2e_fps": 300.0})
+        tiny_vae={"decode_total_s": 0.01, "first_frame_s": 0.02, "e2e_fps": 300.0},
+    )
     assert bench.measured_figures(result) == {
-        "dit_s": 0.03, "dit_fps": 700.0, "first_chunk_ms": 10.0, "tiny_decode_s": 0.01, "first_frame_tiny_s": 0.02,
-        "e2e_fps_tiny": 300.0}  # no Wan VAE run: its figures are absent
+        "dit_s": 0.03,
+        "dit_fps": 700.0,
+        "first_chunk_ms": 10.0,
+        "tiny_decode_s": 0.01,
+        "first_frame_tiny_s": 0.02,
+        "e2e_fps_tiny": 300.0,
+    }  # no Wan VAE run: its figures are absent
     assert "latents" not in result.as_dict() and result.as_dict()["total_s"] == 0.03
 
 
@@ -95,9 +110,11 @@ def test_committed_peer_files_load(path):
 
 
 def test_peer_files_committed():
-    assert {p.name for p in PEERS} >= {"2026-12-01_h200_self_forcing_eager.json",
-                                       "2026-12-01_h200_self_forcing_compile.json",
-                                       "2026-11-24_h100_self_forcing_eager.json"}
+    assert {p.name for p in PEERS} >= {
+        "2026-12-01_h200_self_forcing_eager.json",
+        "2026-12-01_h200_self_forcing_compile.json",
+        "2026-11-24_h100_self_forcing_eager.json",
+    }
 
 
 def test_matmul_peak_on_cpu_small():
@@ -123,7 +140,6 @@ def test_timers():
 
 @pytest.mark.parametrize("probe", PROBES, ids=lambda p: p.name)
 def test_probe_parses_its_arguments(probe):
-    proc = subprocess.run([sys.executable, str(probe), "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(probe), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout

@@ -211,9 +211,13 @@ def test_unwritable_parent_refused_before_any_work(tmp_path, converted, no_conve
     try:
         if os.access(parent, os.W_OK):  # root ignores mode bits: simulate what access() says for others
             real_access = os.access
-            monkeypatch.setattr(os, "access", lambda p, mode, *a, **k:
-                                False if (mode & os.W_OK and os.fspath(p) == os.fspath(parent))
-                                else real_access(p, mode, *a, **k))
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda p, mode, *a, **k: (
+                    False if (mode & os.W_OK and os.fspath(p) == os.fspath(parent)) else real_access(p, mode, *a, **k)
+                ),
+            )
         with pytest.raises(CheckpointDirError, match="not writable"):
             convert_dit_checkpoint(pt, parent / "out", SMALL)
         assert no_conversion_work == [] and _listing(parent) == []

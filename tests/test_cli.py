@@ -37,13 +37,41 @@ def test_convert_cli_reports_bad_checkpoint(tmp_path, capsys):
 def test_bench_cli_prints_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     peer = tmp_path / "peer.json"  # made-up figures, far slower than any run: every speed-up is > 1
-    peer.write_text(json.dumps({"name": "made-up slow peer", "setting": {"preset": "tiny", "latent_frames": 6},
-                                "figures": {"dit_s": 1000.0, "first_chunk_ms": 1e6, "e2e_fps_wan": 0.001,
-                                            "first_frame_tiny_s": 1000.0}}))
-    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", "bench", "--preset", "tiny",
-                           "--frames", "21", "--height", "64", "--width", "96", "--json", str(out), "--e2e",
-                           "--vae-preset", "tiny", "--compare", str(peer)],
-                          capture_output=True, text=True, timeout=300)
+    peer.write_text(
+        json.dumps(
+            {
+                "name": "made-up slow peer",
+                "setting": {"preset": "tiny", "latent_frames": 6},
+                "figures": {"dit_s": 1000.0, "first_chunk_ms": 1e6, "e2e_fps_wan": 0.001, "first_frame_tiny_s": 1000.0},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "causal_dit_jax.app.cli",
+            "bench",
+            "--preset",
+            "tiny",
+            "--frames",
+            "21",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--json",
+            str(out),
+            "--e2e",
+            "--vae-preset",
+            "tiny",
+            "--compare",
+            str(peer),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "first-chunk latency" in proc.stdout and "video frames / s" in proc.stdout
     assert "compared with made-up slow peer" in proc.stdout
@@ -51,8 +79,12 @@ def test_bench_cli_prints_and_writes_json(tmp_path):
     assert result["device"] == "cpu" and result["date"]
     (comparison,) = result["comparison"]
     rows = comparison["figures"]
-    assert comparison["name"] == "made-up slow peer" and set(rows) == {"dit_s", "first_chunk_ms", "e2e_fps_wan",
-                                                                       "first_frame_tiny_s"}
+    assert comparison["name"] == "made-up slow peer" and set(rows) == {
+        "dit_s",
+        "first_chunk_ms",
+        "e2e_fps_wan",
+        "first_frame_tiny_s",
+    }
     assert np.isclose(rows["dit_s"]["ours"], result["total_s"])
     assert np.isclose(rows["dit_s"]["speedup"], 1000.0 / result["total_s"])  # a time: theirs / ours
     assert np.isclose(rows["e2e_fps_wan"]["speedup"], result["vae"]["e2e_fps"] / 0.001)  # a rate: ours / theirs
@@ -81,8 +113,11 @@ def test_bench_cli_compare_refuses_bad_peer_files_before_work(tmp_path, capsys, 
     assert main(args + ["--compare", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown figures ['fps']" in err and "dit_s" in err and "e2e_fps_wan" in err
-    bad.write_text(json.dumps({"name": "peer", "figures": {"dit_s": 2.0},
-                               "setting": {"preset": "wan2.1-t2v-1.3b", "latent_frames": 21}}))
+    bad.write_text(
+        json.dumps(
+            {"name": "peer", "figures": {"dit_s": 2.0}, "setting": {"preset": "wan2.1-t2v-1.3b", "latent_frames": 21}}
+        )
+    )
     assert main(args + ["--compare", str(bad)]) == 2
     assert "another setting" in capsys.readouterr().err
     assert main(args + ["--compare", str(tmp_path / "missing.json")]) == 2
@@ -107,12 +142,32 @@ def test_bench_cli_per_layer_weights(tmp_path, capsys):
 
 def test_bench_cli_sequence_parallel(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", "bench", "--preset", "tiny",
-                           "--frames", "21", "--height", "64", "--width", "96", "--mesh", "8", "--strategy", "hybrid",
-                           "--json", str(out)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ,
-                               "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "causal_dit_jax.app.cli",
+            "bench",
+            "--preset",
+            "tiny",
+            "--frames",
+            "21",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--mesh",
+            "8",
+            "--strategy",
+            "hybrid",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_devices"] == 8 and result["strategy"] == "hybrid"
@@ -133,16 +188,39 @@ def test_multi_gpu_benchmark_script(tmp_path):
 
     out = tmp_path / "multi.json"
     root = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--gpus", "4", "--preset", "tiny",
-                           "--frames", "21", "--height", "64", "--width", "64", "--no-e2e",
-                           "--strategies", "ulysses,ring,hybrid", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(root),
-                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "multi_gpu.py"),
+            "--gpus",
+            "4",
+            "--preset",
+            "tiny",
+            "--frames",
+            "21",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--no-e2e",
+            "--strategies",
+            "ulysses,ring,hybrid",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
-    assert [r["config"] for r in runs] == ["1 GPU", "4 GPUs ulysses (ring 1 x all-to-all 4)",
-                                           "4 GPUs ring (ring 4 x all-to-all 1)", "4 GPUs hybrid"]
+    assert [r["config"] for r in runs] == [
+        "1 GPU",
+        "4 GPUs ulysses (ring 1 x all-to-all 4)",
+        "4 GPUs ring (ring 4 x all-to-all 1)",
+        "4 GPUs hybrid",
+    ]
     assert runs[3]["same_as"] == "ring x ulysses = (1, 4)"  # 12 heads: the hybrid of 4 is all-to-all
     for r in runs[1:3]:
         assert r["num_devices"] == 4 and r["compilations"] == 0
@@ -163,8 +241,14 @@ def test_profile_kernel_classes():
 
 # ------------------------------------------------------------------------------------------------ refusals
 def _run_cli(*args, cwd=None, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "causal_dit_jax.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _assert_one_line_error(proc, command: str, *parts: str) -> None:
@@ -180,25 +264,46 @@ def _listing(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("args,parts", [
-    (["--frames", "0"], ["--frames must be positive, got 0"]),
-    (["--height", "0"], ["--height must be positive, got 0"]),
-    (["--width", "0"], ["--width must be positive, got 0"]),
-    (["--frames", "-9"], ["--frames must be positive, got -9"]),
-    (["--mesh", "-1"], ["--mesh must be a device count", "got -1"]),
-    (["--strategy", "ring"], ["--strategy ring needs --mesh"]),
-    (["--mesh", "4", "--strategy", "ulysses"], ["asked for 4 devices, only 2 are visible (backend cpu)",
-                                                "XLA_FLAGS=--xla_force_host_platform_device_count=4"]),
-    (["--checkpoint", "{tmp}/no-such-ckpt"], ["checkpoint folder {tmp}/no-such-ckpt does not exist"]),
-    (["--checkpoint", "{tmp}/empty"], ["{tmp}/empty is not a causal-dit-jax checkpoint (no config.json)"]),
-    (["--checkpoint", "{tmp}/corrupt"], ["{tmp}/corrupt/config.json is not valid JSON"]),
-    (["--out", "{tmp}"], ["output {tmp} is a directory", "{tmp}/video.mp4"]),
-    (["--out", "{tmp}/old.mp4"], ["{tmp}/old.mp4 already exists (pass --overwrite to replace it)"]),
-    # a batch writes OUT_0.mp4, OUT_1.mp4: each is checked
-    (["--prompt", "a second prompt", "--out", "{tmp}/batch.mp4"], ["{tmp}/batch_1.mp4 already exists"]),
-], ids=["frames0", "height0", "width0", "frames-9", "mesh-1", "strategy-without-mesh", "mesh-too-large",
-        "checkpoint-missing", "checkpoint-without-config", "checkpoint-corrupt-config", "out-directory",
-        "out-exists", "batch-out-exists"])
+@pytest.mark.parametrize(
+    "args,parts",
+    [
+        (["--frames", "0"], ["--frames must be positive, got 0"]),
+        (["--height", "0"], ["--height must be positive, got 0"]),
+        (["--width", "0"], ["--width must be positive, got 0"]),
+        (["--frames", "-9"], ["--frames must be positive, got -9"]),
+        (["--mesh", "-1"], ["--mesh must be a device count", "got -1"]),
+        (["--strategy", "ring"], ["--strategy ring needs --mesh"]),
+        (
+            ["--mesh", "4", "--strategy", "ulysses"],
+            [
+                "asked for 4 devices, only 2 are visible (backend cpu)",
+                "XLA_FLAGS=--xla_force_host_platform_device_count=4",
+            ],
+        ),
+        (["--checkpoint", "{tmp}/no-such-ckpt"], ["checkpoint folder {tmp}/no-such-ckpt does not exist"]),
+        (["--checkpoint", "{tmp}/empty"], ["{tmp}/empty is not a causal-dit-jax checkpoint (no config.json)"]),
+        (["--checkpoint", "{tmp}/corrupt"], ["{tmp}/corrupt/config.json is not valid JSON"]),
+        (["--out", "{tmp}"], ["output {tmp} is a directory", "{tmp}/video.mp4"]),
+        (["--out", "{tmp}/old.mp4"], ["{tmp}/old.mp4 already exists (pass --overwrite to replace it)"]),
+        # a batch writes OUT_0.mp4, OUT_1.mp4: each is checked
+        (["--prompt", "a second prompt", "--out", "{tmp}/batch.mp4"], ["{tmp}/batch_1.mp4 already exists"]),
+    ],
+    ids=[
+        "frames0",
+        "height0",
+        "width0",
+        "frames-9",
+        "mesh-1",
+        "strategy-without-mesh",
+        "mesh-too-large",
+        "checkpoint-missing",
+        "checkpoint-without-config",
+        "checkpoint-corrupt-config",
+        "out-directory",
+        "out-exists",
+        "batch-out-exists",
+    ],
+)
 def test_generate_refuses_bad_input_in_one_line(args, parts, tmp_path):
     """Each refusal: exit 2, one stderr line naming the problem, before any model work, nothing written."""
     (tmp_path / "empty").mkdir()
@@ -208,8 +313,15 @@ def test_generate_refuses_bad_input_in_one_line(args, parts, tmp_path):
     (tmp_path / "batch_1.mp4").write_bytes(b"an older video")
     before = _listing(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = _run_cli("generate", "--prompt", "a red fox", "--out", str(tmp_path / "new.mp4"), *args,
-                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    proc = _run_cli(
+        "generate",
+        "--prompt",
+        "a red fox",
+        "--out",
+        str(tmp_path / "new.mp4"),
+        *args,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
     _assert_one_line_error(proc, "generate", *(p.replace("{tmp}", str(tmp_path)) for p in parts))
     assert "UNTRAINED" not in proc.stdout  # no model was built
     assert _listing(tmp_path) == before
@@ -220,22 +332,32 @@ def test_convert_refuses_a_text_file_named_pt(tmp_path):
     text = tmp_path / "weights.pt"
     text.write_text("these are not weights\n")  # torch.load's unpickler: 'pop from empty list'
     proc = _run_cli("convert", "--checkpoint", str(text), "--out", str(tmp_path / "ckpt"))
-    _assert_one_line_error(proc, "convert", f"cannot read {text}: not a PyTorch checkpoint",
-                           "expected a torch.save file", "b'these are not")
+    _assert_one_line_error(
+        proc,
+        "convert",
+        f"cannot read {text}: not a PyTorch checkpoint",
+        "expected a torch.save file",
+        "b'these are not",
+    )
     assert "pop from empty list" not in proc.stderr
     assert _listing(tmp_path) == ["weights.pt"]
 
 
-@pytest.mark.parametrize("args,parts", [
-    (["--frames", "6"], ["6 frames do not fit the decoder: use 1 + 4k frames"]),  # 6 was once 6 latent frames
-    (["--frames", "17"], ["17 frames are 5 latent frames, not a multiple of the chunk size 3"]),
-    (["--strategy", "ring"], ["--strategy ring needs --mesh"]),
-    (["--mesh", "-2"], ["--mesh must be a device count", "got -2"]),
-], ids=["frames6", "frames17", "strategy-without-mesh", "mesh-2"])
+@pytest.mark.parametrize(
+    "args,parts",
+    [
+        (["--frames", "6"], ["6 frames do not fit the decoder: use 1 + 4k frames"]),  # 6 was once 6 latent frames
+        (["--frames", "17"], ["17 frames are 5 latent frames, not a multiple of the chunk size 3"]),
+        (["--strategy", "ring"], ["--strategy ring needs --mesh"]),
+        (["--mesh", "-2"], ["--mesh must be a device count", "got -2"]),
+    ],
+    ids=["frames6", "frames17", "strategy-without-mesh", "mesh-2"],
+)
 def test_bench_refuses_bad_input_in_one_line(args, parts, tmp_path):
     """bench --frames counts video frames, as generate's does, and is checked the same way."""
-    proc = _run_cli("bench", "--preset", "tiny", "--height", "64", "--width", "96", "--json",
-                    str(tmp_path / "bench.json"), *args)
+    proc = _run_cli(
+        "bench", "--preset", "tiny", "--height", "64", "--width", "96", "--json", str(tmp_path / "bench.json"), *args
+    )
     _assert_one_line_error(proc, "bench", *parts)
     assert _listing(tmp_path) == []
 

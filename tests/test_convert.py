@@ -117,8 +117,14 @@ def test_all_problems_reported_in_one_error(tmp_path):
     state["patch_embedding.weight"] = torch.zeros(192, 16, 1, 2, 3)
     state["blocks.1.modulation"] = torch.zeros(6, 192)
     msg = _error_for(state, tmp_path)
-    for key in ("head.head.bias", "blocks.1.self_attn.norm_k.weight", "blocks.5.ffn.0.weight", "extra_buffer",
-                "patch_embedding.weight", "blocks.1.modulation"):
+    for key in (
+        "head.head.bias",
+        "blocks.1.self_attn.norm_k.weight",
+        "blocks.5.ffn.0.weight",
+        "extra_buffer",
+        "patch_embedding.weight",
+        "blocks.1.modulation",
+    ):
         assert key in msg, key
     assert "missing keys (2)" in msg and "unexpected keys (2)" in msg and "wrong shapes (2)" in msg
     assert "(6, 192) (expected (1, 6, 192))" in msg
@@ -200,9 +206,14 @@ def test_generator_ema_is_default_and_generator_selectable(tmp_path, reference):
     assert params_differ(ema_params, gen_params)
 
     sf = tmp_path / "self_forcing.pt"
-    torch.save({"generator": {"model." + k: v for k, v in other.items()},
-                "generator_ema": {"model." + k: v for k, v in _state(0).items()},
-                "step": 600}, sf)
+    torch.save(
+        {
+            "generator": {"model." + k: v for k, v in other.items()},
+            "generator_ema": {"model." + k: v for k, v in _state(0).items()},
+            "step": 600,
+        },
+        sf,
+    )
     assert_params_equal(load_dit_params(sf, SMALL)[1], ema_params)
     assert_params_equal(load_dit_params(sf, SMALL, which="generator_ema")[1], ema_params)
     assert_params_equal(load_dit_params(sf, SMALL, which="generator")[1], gen_params)
@@ -262,10 +273,24 @@ def test_keys_colliding_after_stripping_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # sharded safetensors (Wan2.1 Hugging Face layout)
 
-WAN_CONFIG = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v", "dim": 192,
-              "eps": 1e-6, "ffn_dim": 256, "freq_dim": 32, "in_dim": 16, "num_heads": 12, "num_layers": 2,
-              "out_dim": 16, "patch_size": [1, 2, 2], "qk_norm": True, "cross_attn_norm": True,
-              "text_len": 8, "window_size": [-1, -1]}
+WAN_CONFIG = {
+    "_class_name": "WanModel",
+    "_diffusers_version": "0.30.0",
+    "model_type": "t2v",
+    "dim": 192,
+    "eps": 1e-6,
+    "ffn_dim": 256,
+    "freq_dim": 32,
+    "in_dim": 16,
+    "num_heads": 12,
+    "num_layers": 2,
+    "out_dim": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "text_len": 8,
+    "window_size": [-1, -1],
+}
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
@@ -305,11 +330,22 @@ def test_sharded_safetensors_equal_pt_conversion(tmp_path, reference):
 
     # with the config inferred from the shapes + Wan's config.json (heads 12 is not dim/128 here)
     cfg, params = load_dit_params(folder / INDEX)
-    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.text_len, cfg.text_dim, cfg.freq_dim,
-            cfg.patch_size) == (192, 256, 12, 2, 8, 32, 32, (1, 2, 2))
-    assert cfg == ModelConfig().replace(**{f: getattr(SMALL, f) for f in
-                                           ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim",
-                                            "text_len", "freq_dim")})
+    assert (
+        cfg.dim,
+        cfg.ffn_dim,
+        cfg.num_heads,
+        cfg.num_layers,
+        cfg.text_len,
+        cfg.text_dim,
+        cfg.freq_dim,
+        cfg.patch_size,
+    ) == (192, 256, 12, 2, 8, 32, 32, (1, 2, 2))
+    assert cfg == ModelConfig().replace(
+        **{
+            f: getattr(SMALL, f)
+            for f in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "freq_dim")
+        }
+    )
     assert params["blocks"]["ffn"]["fc1"]["kernel"].dtype == np.dtype(ml_dtypes.bfloat16)  # Wan default
     same_dtype = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), ref_params)
     assert_params_equal(params, same_dtype)
@@ -346,11 +382,15 @@ def _spy_on_transforms(monkeypatch) -> set:
             out = fn(*arrays)
             seen.add(out.dtype)
             return out
+
         return spied
 
     real = dit_convert.dit_key_map
-    monkeypatch.setattr(dit_convert, "dit_key_map", lambda config: tuple(
-        dataclasses.replace(r, transform=wrap(r.transform)) for r in real(config)))
+    monkeypatch.setattr(
+        dit_convert,
+        "dit_key_map",
+        lambda config: tuple(dataclasses.replace(r, transform=wrap(r.transform)) for r in real(config)),
+    )
     return seen
 
 
@@ -359,8 +399,13 @@ def test_bf16_checkpoint_converts_exactly_without_float64(tmp_path, monkeypatch,
     sd = {k: v.to(torch.bfloat16) for k, v in _state(4).items()}  # = torch_model(seed=4).to(torch.bfloat16)
     if fmt == "pt":
         path = tmp_path / "bf16.pt"
-        torch.save({"generator": {"model." + k: v for k, v in sd.items()},
-                    "generator_ema": {"model." + k: v for k, v in sd.items()}}, path)
+        torch.save(
+            {
+                "generator": {"model." + k: v for k, v in sd.items()},
+                "generator_ema": {"model." + k: v for k, v in sd.items()},
+            },
+            path,
+        )
     else:
         path = tmp_path / "bf16.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
@@ -384,10 +429,13 @@ def test_bf16_checkpoint_converts_exactly_without_float64(tmp_path, monkeypatch,
     blocks, stem, head = params["blocks"], params["stem"], params["head"]
     for i in range(SMALL.num_layers):
         b = f"blocks.{i}."
-        assert eq(blocks["self_attn"]["qkv"]["kernel"][i], np.concatenate(
-            [f32(b + f"self_attn.{n}.weight").T for n in "qkv"], axis=1))
-        assert eq(blocks["cross_attn"]["kv"]["bias"][i], np.concatenate(
-            [f32(b + f"cross_attn.{n}.bias") for n in "kv"]))
+        assert eq(
+            blocks["self_attn"]["qkv"]["kernel"][i],
+            np.concatenate([f32(b + f"self_attn.{n}.weight").T for n in "qkv"], axis=1),
+        )
+        assert eq(
+            blocks["cross_attn"]["kv"]["bias"][i], np.concatenate([f32(b + f"cross_attn.{n}.bias") for n in "kv"])
+        )
         assert eq(blocks["ffn"]["fc2"]["kernel"][i], f32(b + "ffn.2.weight").T)
         assert eq(blocks["modulation"][i], f32(b + "modulation")[0])
         assert eq(blocks["norm3"]["scale"][i], f32(b + "norm3.weight"))
@@ -459,8 +507,10 @@ def _to_bf16(params):
 
 def _not_bf16_representable(params) -> bool:
     """Some float32 weight that bf16 would round (so the float32 conversion kept more than bf16)."""
-    return any(not np.array_equal(np.asarray(a), np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32))
-               for a in jax.tree.leaves(params))
+    return any(
+        not np.array_equal(np.asarray(a), np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32))
+        for a in jax.tree.leaves(params)
+    )
 
 
 @pytest.fixture
@@ -542,6 +592,7 @@ def test_cli_dtype(tmp_path, capsys, inferable_pt):
 # ---------------------------------------------------------------------------------------------------
 # all four models: one engine, (config, params) from every loader, bad keys named
 
+
 def _write_model_files(folder: pathlib.Path) -> dict:
     """A small checkpoint of each model, written the way the real ones are, with the loader's config."""
     from torch_reference import umt5 as ref_t5
@@ -553,23 +604,32 @@ def _write_model_files(folder: pathlib.Path) -> dict:
     from causal_dit_jax.text.umt5 import T5Config
 
     t5_cfg = T5Config(vocab_size=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2)
-    t5 = ref_t5.randomize_parameters_(ref_t5.T5Encoder(vocab=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4,
-                                                       num_layers=2), seed=0)
+    t5 = ref_t5.randomize_parameters_(
+        ref_t5.T5Encoder(vocab=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2), seed=0
+    )
     vae_cfg = get_vae_preset("tiny")
     vae = ref_vae.randomize_vae_(ref_vae.WanVAEDecoder(dim=vae_cfg.dim), seed=0)
     taehv_cfg = get_taehv_preset("tiny")
     torch.manual_seed(0)
-    taehv = TAEHVReference(taehv_cfg.latent_channels, taehv_cfg.channels, taehv_cfg.time_upscale,
-                           taehv_cfg.space_upscale, encoder_width=8)
+    taehv = TAEHVReference(
+        taehv_cfg.latent_channels, taehv_cfg.channels, taehv_cfg.time_upscale, taehv_cfg.space_upscale, encoder_width=8
+    )
     (folder / "config.json").write_text(json.dumps({"num_heads": 12, "text_len": 8}))
-    states = {"dit": _state(0), "t5": t5.state_dict(), "taehv": taehv.state_dict(),
-              "vae": {**vae.state_dict(), "encoder.conv1.weight": torch.zeros(vae_cfg.dim, 3, 3, 3, 3)}}
+    states = {
+        "dit": _state(0),
+        "t5": t5.state_dict(),
+        "taehv": taehv.state_dict(),
+        "vae": {**vae.state_dict(), "encoder.conv1.weight": torch.zeros(vae_cfg.dim, 3, 3, 3, 3)},
+    }
     files = {}
     for name, state in states.items():
         torch.save({k: v.clone() for k, v in state.items()}, folder / f"{name}.pt")
         files[name] = folder / f"{name}.pt"
-    return {"files": files, "states": states, "configs": {"dit": SMALL_BF16, "t5": t5_cfg, "vae": vae_cfg,
-                                                          "taehv": taehv_cfg}}
+    return {
+        "files": files,
+        "states": states,
+        "configs": {"dit": SMALL_BF16, "t5": t5_cfg, "vae": vae_cfg, "taehv": taehv_cfg},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -584,8 +644,12 @@ def _loaders():
     from causal_dit_jax.text.umt5 import UMT5Encoder
 
     # name: (loader, model class, the inferred config's weight dtype)
-    return {"dit": (load_dit_params, CausalWanDiT, "bfloat16"), "t5": (load_t5_params, UMT5Encoder, "bfloat16"),
-            "vae": (load_vae_params, WanVAE, "float32"), "taehv": (load_taehv_params, TAEHVDecoder, "float32")}
+    return {
+        "dit": (load_dit_params, CausalWanDiT, "bfloat16"),
+        "t5": (load_t5_params, UMT5Encoder, "bfloat16"),
+        "vae": (load_vae_params, WanVAE, "float32"),
+        "taehv": (load_taehv_params, TAEHVDecoder, "float32"),
+    }
 
 
 @pytest.mark.parametrize("name", ["dit", "t5", "vae", "taehv"])
@@ -620,10 +684,12 @@ def test_every_loader_returns_config_and_params(model_files, name):
 
 
 # each model: a key to drop, one to add, one to truncate (none of them read by the config inference)
-BAD_KEYS = {"dit": ("blocks.1.ffn.2.bias", "blocks.0.bogus.weight", "head.head.bias"),
-            "t5": ("blocks.1.attn.k.weight", "blocks.0.attn.bogus.weight", "norm.weight"),
-            "vae": ("decoder.upsamples.7.time_conv.bias", "decoder.bogus.weight", "decoder.head.2.bias"),
-            "taehv": ("decoder.10.conv.2.bias", "decoder.bogus.weight", "decoder.22.bias")}
+BAD_KEYS = {
+    "dit": ("blocks.1.ffn.2.bias", "blocks.0.bogus.weight", "head.head.bias"),
+    "t5": ("blocks.1.attn.k.weight", "blocks.0.attn.bogus.weight", "norm.weight"),
+    "vae": ("decoder.upsamples.7.time_conv.bias", "decoder.bogus.weight", "decoder.head.2.bias"),
+    "taehv": ("decoder.10.conv.2.bias", "decoder.bogus.weight", "decoder.22.bias"),
+}
 
 
 @pytest.mark.parametrize("name", ["dit", "t5", "vae", "taehv"])
@@ -666,12 +732,19 @@ def test_table_bugs_are_caught(reference):
     with pytest.raises(AssertionError, match="head.head.bias is read twice"):
         torch_shapes(rules + (tensor("head/extra", "head.head.bias", (16,)),), SMALL.num_layers)
     # a kernel left in torch's [out, in] layout: the tree no longer matches the model's
-    broken = tuple(dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r
-                   for r in rules)
+    broken = tuple(
+        dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r for r in rules
+    )
     state = {k: v.numpy() for k, v in _state(0).items()}
     with pytest.raises(AssertionError, match="produced a different tree"):
-        apply_rules(state, broken, dtype="float32", abstract_params=CausalWanDiT(SMALL).abstract_params(),
-                    what="the DiT", num_layers=SMALL.num_layers)
+        apply_rules(
+            state,
+            broken,
+            dtype="float32",
+            abstract_params=CausalWanDiT(SMALL).abstract_params(),
+            what="the DiT",
+            num_layers=SMALL.num_layers,
+        )
 
 
 def test_consume_releases_the_state_dict_as_it_converts(reference):

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler
-from causal_dit_jax.model.patchify import from_torch_layout, to_torch_layout
-from causal_dit_jax.model.sampler import draw_step_noise
-from causal_dit_jax.convert import load_dit_params
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_safetensors, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
+
+from causal_dit_jax import CausalWanDiT, InferenceConfig, SelfForcingSampler
+from causal_dit_jax.convert import load_dit_params
+from causal_dit_jax.model.patchify import from_torch_layout, to_torch_layout
+from causal_dit_jax.model.sampler import draw_step_noise
 
 F32_TOL = 1e-4
 
@@ -48,8 +48,15 @@ def test_chunk_forward_without_cache(converted, start_frame):
         ref = model(x, t, ctx, current_start=start_frame * tpf)
     dit = CausalWanDiT(SMALL)
     rope = dit.rope_tables(start_frame + 3, LATENT_H, LATENT_W)
-    out, _ = jax.jit(dit.forward)(params, from_torch_layout(x.numpy(), "bcfhw"), jnp.asarray(t.numpy()),
-                                  dit.encode_text(params, jnp.asarray(ctx.numpy())), None, start_frame, rope)
+    out, _ = jax.jit(dit.forward)(
+        params,
+        from_torch_layout(x.numpy(), "bcfhw"),
+        jnp.asarray(t.numpy()),
+        dit.encode_text(params, jnp.asarray(ctx.numpy())),
+        None,
+        start_frame,
+        rope,
+    )
     assert rel_err(to_torch_layout(out, "bcfhw"), ref.numpy()) <= F32_TOL
 
 
@@ -73,10 +80,16 @@ def _rollout_pair(converted, frames, start_frame, local_attn_size=-1, sink_size=
         return torch.from_numpy(np.asarray(to_torch_layout(draw_step_noise(key, j, shape, n)[k], "bfchw")))
 
     with torch.no_grad():
-        ref = self_forcing_rollout(model, torch.from_numpy(np.asarray(to_torch_layout(noise, "bfchw"))),
-                                   torch.from_numpy(np.asarray(ctx)), warped_denoising_steps(), noise_fn,
-                                   local_attn_size=local_attn_size, sink_size=sink_size,
-                                   start_frame=start_frame)
+        ref = self_forcing_rollout(
+            model,
+            torch.from_numpy(np.asarray(to_torch_layout(noise, "bfchw"))),
+            torch.from_numpy(np.asarray(ctx)),
+            warped_denoising_steps(),
+            noise_fn,
+            local_attn_size=local_attn_size,
+            sink_size=sink_size,
+            start_frame=start_frame,
+        )
     return np.asarray(to_torch_layout(ours, "bfchw")), ref.numpy()
 
 
@@ -85,7 +98,7 @@ def test_rollout_with_cache_matches_reference(converted, start_frame):
     """4 chunks, 4 denoising steps + cache fill each: 20 forwards through the KV cache."""
     ours, ref = _rollout_pair(converted, frames=12, start_frame=start_frame, seed=start_frame)
     for j in range(4):
-        assert rel_err(ours[:, 3 * j:3 * j + 3], ref[:, 3 * j:3 * j + 3]) <= F32_TOL, f"chunk {j}"
+        assert rel_err(ours[:, 3 * j : 3 * j + 3], ref[:, 3 * j : 3 * j + 3]) <= F32_TOL, f"chunk {j}"
 
 
 def test_rollout_local_window_with_sink(converted):
@@ -100,8 +113,11 @@ def test_rollout_local_window_with_sink(converted):
 def test_safetensors_and_pt_convert_identically(tmp_path):
     model = torch_model(seed=5)
     _, a = load_dit_params(save_self_forcing_pt(model, tmp_path / "m.pt"), SMALL)
-    (tmp_path / "config.json").write_text(json.dumps(  # Wan's HF config beside the weights
-        {"dim": 192, "num_heads": 12, "num_layers": 2, "ffn_dim": 256, "text_len": 8, "model_type": "t2v"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(  # Wan's HF config beside the weights
+            {"dim": 192, "num_heads": 12, "num_layers": 2, "ffn_dim": 256, "text_len": 8, "model_type": "t2v"}
+        )
+    )
     cfg, b = load_dit_params(save_safetensors(model, tmp_path / "m.safetensors"))  # config inferred
     assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.text_len) == (192, 2, 12, 256, 8)
     assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u.astype(v.dtype), v)), a, b))
@@ -126,9 +142,15 @@ def test_bf16_close_to_float32_reference(tmp_path):
         _, params = load_dit_params(path, cfg)
         assert params["blocks"]["self_attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
         dit = CausalWanDiT(cfg)
-        out, _ = dit.forward(params, from_torch_layout(x.numpy(), "bcfhw"), jnp.asarray(t.numpy()),
-                             dit.encode_text(params, jnp.asarray(ctx.numpy())), None, 0,
-                             dit.rope_tables(3, LATENT_H, LATENT_W))
+        out, _ = dit.forward(
+            params,
+            from_torch_layout(x.numpy(), "bcfhw"),
+            jnp.asarray(t.numpy()),
+            dit.encode_text(params, jnp.asarray(ctx.numpy())),
+            None,
+            0,
+            dit.rope_tables(3, LATENT_H, LATENT_W),
+        )
         err = rel_err(to_torch_layout(out, "bcfhw"), ref)
         assert err <= min(1.5 * torch_err, 2e-2), (residual, err, torch_err)
 
@@ -138,8 +160,9 @@ def test_per_layer_weights_equal_stacked_weights():
     stacked scan: over a cache, the same flow (float32, 1e-5: XLA fuses the unrolled layers
     differently; measured 2e-6) and the same bf16 cache (1e-3: a few elements round to the neighbouring
     bf16 value; measured 5e-5); the number of blocks is checked and unstacking again is a no-op."""
-    from causal_dit_jax.model.dit import unstack_blocks
     from dit_fixtures import two_chunk_forwards
+
+    from causal_dit_jax.model.dit import unstack_blocks
 
     dit = CausalWanDiT(SMALL)
     stacked, cache_s = two_chunk_forwards(dit, LATENT_H, LATENT_W)
@@ -149,6 +172,12 @@ def test_per_layer_weights_equal_stacked_weights():
     params = unstack_blocks(dit.init(jax.random.key(0)))
     assert len(params["blocks"]) == SMALL.num_layers and unstack_blocks(params) is params
     with pytest.raises(ValueError, match=f"params hold {SMALL.num_layers - 1} blocks, the model {SMALL.num_layers}"):
-        dit.forward({**params, "blocks": params["blocks"][:-1]}, jnp.zeros((1, 3, LATENT_H, LATENT_W, SMALL.in_dim)),
-                    jnp.zeros((1, 3)), dit.encode_text(params, jnp.zeros((1, SMALL.text_len, SMALL.text_dim))),
-                    None, 0, dit.rope_tables(3, LATENT_H, LATENT_W))
+        dit.forward(
+            {**params, "blocks": params["blocks"][:-1]},
+            jnp.zeros((1, 3, LATENT_H, LATENT_W, SMALL.in_dim)),
+            jnp.zeros((1, 3)),
+            dit.encode_text(params, jnp.zeros((1, SMALL.text_len, SMALL.text_dim))),
+            None,
+            0,
+            dit.rope_tables(3, LATENT_H, LATENT_W),
+        )

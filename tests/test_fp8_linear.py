@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from causal_dit_jax import KernelConfig, CausalWanDiT, InferenceConfig, SelfForcingSampler
+from causal_dit_jax import CausalWanDiT, InferenceConfig, KernelConfig, SelfForcingSampler
 from causal_dit_jax.model.config import get_preset
 from causal_dit_jax.model.dit import unstack_blocks
 from causal_dit_jax.model.fp8_linear import F8, FP8_LINEARS, fp8_matmul, quantize_kernel, quantize_rows
@@ -37,14 +37,14 @@ def test_quantize_kernel_per_output_channel():
     back = jnp.swapaxes(values.astype(jnp.float32) * scale[..., None], -1, -2)
     err = jnp.abs(back - kernel)
     # 2^-4 relative in e4m3's normal range, plus its subnormal step (2^-9 of the scale) near zero
-    assert bool(jnp.all(err <= 2.0 ** -4 * jnp.abs(kernel) + 2.0 ** -9 * scale[:, None, :]))
+    assert bool(jnp.all(err <= 2.0**-4 * jnp.abs(kernel) + 2.0**-9 * scale[:, None, :]))
     assert float(jnp.max(jnp.abs(values.astype(jnp.float32)))) == 448.0  # each channel's amax maps to e4m3's max
 
 
 def test_fp8_matmul_against_float32_and_per_token():
     key = jax.random.key(1)
     x = jax.random.normal(key, (2, 50, 96), jnp.bfloat16)
-    w = jax.random.normal(jax.random.fold_in(key, 1), (96, 80), jnp.float32) * 96 ** -0.5
+    w = jax.random.normal(jax.random.fold_in(key, 1), (96, 80), jnp.float32) * 96**-0.5
     values, scale = quantize_kernel(w)
     y = fp8_matmul(x, values, scale)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 50, 80)
@@ -128,7 +128,7 @@ def test_gelu_quantize_rows_pallas_equals_xla():
     np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), rtol=1e-6)
     a, b = np.asarray(qa, np.float32), np.asarray(qb, np.float32)
     assert (a != b).mean() < 5e-3
-    np.testing.assert_allclose(b, a, rtol=2.0 ** -3, atol=2.0 ** -9)  # a flip is one e4m3 step
+    np.testing.assert_allclose(b, a, rtol=2.0**-3, atol=2.0**-9)  # a flip is one e4m3 step
     g = jax.nn.gelu(h.astype(jnp.float32) * rs * cs + bias, approximate=True)
     assert rel(jnp.asarray(a) * sa, g) < 0.05
     with pytest.raises(ValueError, match="implementation must be"):

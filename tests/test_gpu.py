@@ -4,14 +4,13 @@ against the plain JAX path on random inputs. Skipped where no GPU is present (CP
 import jax
 import jax.numpy as jnp
 import pytest
-
-from causal_dit_jax import KernelConfig, CausalWanDiT
-from causal_dit_jax.model.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
-from causal_dit_jax.model.config import get_preset
 from dit_fixtures import two_chunk_forwards
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+from causal_dit_jax import CausalWanDiT, KernelConfig
+from causal_dit_jax.model.attention import PAGE_TOKENS, cache_attention_in_place, dot_product_attention
+from causal_dit_jax.model.config import get_preset
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
 # bf16 flash attention vs XLA's bf16 attention: both round to bf16 (8-bit mantissa); 1e-2 relative.
 BF16_TOL = 1e-2
@@ -35,8 +34,10 @@ def test_cudnn_attention_with_cache_length_matches_xla(filled):
 
 def test_chunk_rollout_fast_path_matches_xla():
     cfg = get_preset("demo")
-    outs = [two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(attention_impl=impl)), 60, 104)[0]
-            for impl in ("cudnn_paged", "cudnn", "xla")]
+    outs = [
+        two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(attention_impl=impl)), 60, 104)[0]
+        for impl in ("cudnn_paged", "cudnn", "xla")
+    ]
     assert rel(outs[0], outs[2]) <= BF16_TOL and rel(outs[1], outs[2]) <= BF16_TOL
     assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) == 0.0  # paged reads the same keys, same kernel
 
@@ -59,10 +60,18 @@ def test_paged_cache_attention_and_its_gradient_match_slicing(valid):
     def paged(q, ck, cv):
         return cache_attention_in_place(q, ck, cv, layer, kv_len)
 
-    assert float(jnp.max(jnp.abs(jax.jit(paged)(q, ck, cv).astype(jnp.float32)
-                                 - jax.jit(sliced)(q, ck, cv).astype(jnp.float32)))) == 0.0
-    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, ck, cv)
-             for f in (paged, sliced)]
+    assert (
+        float(
+            jnp.max(
+                jnp.abs(jax.jit(paged)(q, ck, cv).astype(jnp.float32) - jax.jit(sliced)(q, ck, cv).astype(jnp.float32))
+            )
+        )
+        == 0.0
+    )
+    grads = [
+        jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, ck, cv)
+        for f in (paged, sliced)
+    ]
     # The same backward kernel on the same inputs; cuDNN's flash backward accumulates dq with atomics,
     # so bf16 results differ run to run by ~1e-5 relative (measured 2.5e-5): 1e-3.
     for a, b in zip(*grads):
@@ -90,7 +99,9 @@ def test_cudnn_attention_with_lse_matches_xla_values_and_gradients(kv_len):
         o, l = fn(*a)
         return jnp.sum(o * jnp.exp(l - jax.lax.stop_gradient(l)).transpose(0, 2, 1)[..., None])
 
-    g_fast = jax.jit(jax.grad(lambda *a: loss(cudnn_attention_with_lse, *a, jnp.int32(kv_len)), argnums=(0, 1, 2)))(q, k, v)
+    g_fast = jax.jit(jax.grad(lambda *a: loss(cudnn_attention_with_lse, *a, jnp.int32(kv_len)), argnums=(0, 1, 2)))(
+        q, k, v
+    )
     g_ref = jax.jit(jax.grad(lambda *a: loss(lambda *b: attention_with_lse(*b, mask), *a), argnums=(0, 1, 2)))(q, k, v)
     errs = [rel(a, b) for a, b in zip(g_fast, g_ref)]
     # The same XLA backward; the cotangent of the statistics is the forward output here, bf16-rounded by
@@ -117,7 +128,10 @@ def test_pallas_qk_norm_rope_matches_xla_at_real_size():
 
 def test_rollout_with_pallas_qk_norm_rope_matches_xla():
     cfg = get_preset("demo")
-    outs = [two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(norm_rope_impl=impl)), 60, 104)[0] for impl in ("pallas", "xla")]
+    outs = [
+        two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(norm_rope_impl=impl)), 60, 104)[0]
+        for impl in ("pallas", "xla")
+    ]
     assert rel(outs[0], outs[1]) <= BF16_TOL
 
 
@@ -127,8 +141,8 @@ def test_wan_vae_per_frame_ring_caches_match_all_frames_at_once_at_real_size():
     on the same params: the same convs grouped differently by cuDNN, bf16 activations; 2e-2 relative."""
     import numpy as np
 
-    from causal_dit_jax.model.random_params import random_params
     from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
+    from causal_dit_jax.model.random_params import random_params
 
     cfg = get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16")
     streamed, at_once = WanVAE(cfg), WanVAE(cfg.replace(per_frame_stages=0))
@@ -139,7 +153,7 @@ def test_wan_vae_per_frame_ring_caches_match_all_frames_at_once_at_real_size():
         cache = vae.init_decode_cache(1, 60, 104)
         frames = []
         for start in range(0, 3, step):
-            f, cache = jax.jit(vae.decode_chunk, donate_argnums=(2,))(params, z[:, start:start + step], cache)
+            f, cache = jax.jit(vae.decode_chunk, donate_argnums=(2,))(params, z[:, start : start + step], cache)
             frames.append(np.asarray(f))
         outs.append(jnp.asarray(np.concatenate(frames, axis=1)))
     assert outs[0].shape == outs[1].shape == (1, 9, 480, 832, 3)
@@ -155,7 +169,7 @@ def test_float8_linears_compile_to_fp8_gemms_and_stay_close_to_bf16():
     from causal_dit_jax.model.fp8_linear import fp8_matmul, gelu_quantize_rows, quantize_kernel
 
     x = jax.random.normal(jax.random.key(0), (4680, 1536), jnp.bfloat16)
-    values, scale = quantize_kernel(jax.random.normal(jax.random.key(1), (1536, 8960)) * 1536 ** -0.5)
+    values, scale = quantize_kernel(jax.random.normal(jax.random.key(1), (1536, 8960)) * 1536**-0.5)
     hlo = jax.jit(fp8_matmul).lower(x, values, scale).compile().as_text()
     computations = hlo.split("\n}\n")  # a dot whose operands are e4m3 parameters of its fusion
     f8_dot = any(" dot(" in c and re.search(r"= f8e4m3fn\[[^\n]*parameter\(", c) for c in computations)
@@ -165,8 +179,9 @@ def test_float8_linears_compile_to_fp8_gemms_and_stay_close_to_bf16():
     bias = jax.random.normal(jax.random.key(3), (8960,), jnp.bfloat16)
     rs = jax.random.uniform(jax.random.key(4), (1, 4680, 1), minval=1e-3, maxval=1e-2)
     cs = jax.random.uniform(jax.random.key(5), (8960,), minval=1e-3, maxval=1e-2)
-    (qa, sa), (qb, sb) = (jax.jit(gelu_quantize_rows, static_argnums=2)(h * 1e4, bias, impl, rs, cs)
-                          for impl in ("xla", "pallas"))
+    (qa, sa), (qb, sb) = (
+        jax.jit(gelu_quantize_rows, static_argnums=2)(h * 1e4, bias, impl, rs, cs) for impl in ("xla", "pallas")
+    )
     assert rel(sb, sa) <= 1e-6
     a, b = qa.astype(jnp.float32), qb.astype(jnp.float32)
     assert float(jnp.mean(a != b)) < 5e-3 and rel(b, a) <= 1e-2
@@ -194,7 +209,6 @@ def test_float8_dit_inside_shard_map_matches_one_device():
     err = rel(out, ref)
     print(f"float8 inside shard_map vs plain: {err:.2e} relative L2")
     assert err <= 2e-2
-
 
 
 def test_pallas_qk_norm_rope_inside_shard_map_matches_one_device():

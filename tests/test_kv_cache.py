@@ -16,8 +16,7 @@ CFG = get_preset("tiny")
 
 def slots(inference, frames, origin=0):
     cache = init_kv_cache(CFG, inference, 1, frames, 4, origin_frame=origin)
-    return cache, [tuple(int(v) for v in cache_write_index(cache, origin + 3 * j)[:2])
-                   for j in range(frames // 3)]
+    return cache, [tuple(int(v) for v in cache_write_index(cache, origin + 3 * j)[:2]) for j in range(frames // 3)]
 
 
 def test_global_cache_appends_and_is_sized_from_frames():
@@ -60,44 +59,59 @@ def test_write_chunk_overwrites_one_slot():
     ck = jnp.zeros((1, 12, 2, 4))
     k = jnp.ones((1, 4, 2, 4))
     from causal_dit_jax.model.kv_cache import CacheWrite, LayerCache
+
     out = write_chunk(LayerCache(ck[None], ck[None], jnp.int32(0)), k, 2 * k, CacheWrite(jnp.int32(1), jnp.int32(2)))
     nk, nv = out.read()
     assert float(nk[:, 4:8].min()) == 1 and float(nk[:, :4].max()) == 0 and float(nk[:, 8:].max()) == 0
     assert float(nv[:, 4:8].min()) == 2
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(local_attn_size=0), r"local_attn_size=0 must be -1 \(the whole video\) or a positive"),
-    (dict(local_attn_size=-2), "local_attn_size=-2 must be -1"),
-    (dict(local_attn_size=6, sink_size=-1), "sink_size=-1 must be >= 0"),
-    (dict(local_attn_size=6, sink_size=4), "local_attn_size=6 with sink_size=4 leaves no room for a chunk"),
-    (dict(local_attn_size=6, sink_size=6), "leaves no room for a chunk"),
-    (dict(local_attn_size=2), "local_attn_size=2 with sink_size=0 leaves no room"),
-    (dict(sink_size=1), "sink_size=1 needs a local_attn_size"),
-    (dict(cache_dtype="int8"), "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(local_attn_size=0), r"local_attn_size=0 must be -1 \(the whole video\) or a positive"),
+        (dict(local_attn_size=-2), "local_attn_size=-2 must be -1"),
+        (dict(local_attn_size=6, sink_size=-1), "sink_size=-1 must be >= 0"),
+        (dict(local_attn_size=6, sink_size=4), "local_attn_size=6 with sink_size=4 leaves no room for a chunk"),
+        (dict(local_attn_size=6, sink_size=6), "leaves no room for a chunk"),
+        (dict(local_attn_size=2), "local_attn_size=2 with sink_size=0 leaves no room"),
+        (dict(sink_size=1), "sink_size=1 needs a local_attn_size"),
+        (dict(cache_dtype="int8"), "unknown dtype"),
+    ],
+)
 def test_bad_inference_settings(kw, msg):
     with pytest.raises(ValueError, match=msg):
         InferenceConfig(**kw)
 
 
-@pytest.mark.parametrize("kw", [dict(local_attn_size=6, sink_size=1), dict(local_attn_size=7),
-                                dict(local_attn_size=4, sink_size=1), dict(local_attn_size=3),
-                                dict(local_attn_size=5, sink_size=2), dict(cache_dtype=None)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(local_attn_size=6, sink_size=1),
+        dict(local_attn_size=7),
+        dict(local_attn_size=4, sink_size=1),
+        dict(local_attn_size=3),
+        dict(local_attn_size=5, sink_size=2),
+        dict(cache_dtype=None),
+    ],
+)
 def test_frame_granular_settings_are_accepted(kw):
     InferenceConfig(**kw)
 
 
-@pytest.mark.parametrize("kw,frames,want,masked", [
-    (dict(), 15, CacheLayout(5, 0, 0, -1), False),
-    (dict(local_attn_size=6, sink_size=1), 15, CacheLayout(3, 1, 1, 6), True),  # 1 sink slot + 2 ring slots
-    (dict(local_attn_size=6, sink_size=3), 15, CacheLayout(2, 1, 3, 6), False),  # whole chunks: prefix
-    (dict(local_attn_size=7), 15, CacheLayout(3, 0, 0, 7), True),  # 7 frames need 3 slots
-    (dict(local_attn_size=7, sink_size=2), 9, CacheLayout(3, 1, 2, 7), True),  # 1 + 2 slots, all 3 chunks
-    (dict(local_attn_size=12, sink_size=3), 24, CacheLayout(4, 1, 3, 12), False),
-    (dict(local_attn_size=6, sink_size=1), 6, CacheLayout(2, 0, 0, -1), False),  # never outgrows the window
-    (dict(local_attn_size=30, sink_size=1), 15, CacheLayout(5, 0, 0, -1), False),  # huge window = global
-])
+@pytest.mark.parametrize(
+    "kw,frames,want,masked",
+    [
+        (dict(), 15, CacheLayout(5, 0, 0, -1), False),
+        (dict(local_attn_size=6, sink_size=1), 15, CacheLayout(3, 1, 1, 6), True),  # 1 sink slot + 2 ring slots
+        (dict(local_attn_size=6, sink_size=3), 15, CacheLayout(2, 1, 3, 6), False),  # whole chunks: prefix
+        (dict(local_attn_size=7), 15, CacheLayout(3, 0, 0, 7), True),  # 7 frames need 3 slots
+        (dict(local_attn_size=7, sink_size=2), 9, CacheLayout(3, 1, 2, 7), True),  # 1 + 2 slots, all 3 chunks
+        (dict(local_attn_size=12, sink_size=3), 24, CacheLayout(4, 1, 3, 12), False),
+        (dict(local_attn_size=6, sink_size=1), 6, CacheLayout(2, 0, 0, -1), False),  # never outgrows the window
+        (dict(local_attn_size=30, sink_size=1), 15, CacheLayout(5, 0, 0, -1), False),  # huge window = global
+    ],
+)
 def test_cache_layout(kw, frames, want, masked):
     inference = InferenceConfig(**kw)
     assert inference.cache_layout(frames) == want and inference.cache_chunks(frames) == want.capacity
@@ -110,8 +124,12 @@ def _self_forcing_frames(local, sink, c, chunks, calls=2):
     """The frames each chunk attends to under the PyTorch reference's rolling cache (Self-Forcing's
     published index arithmetic) at one token per frame, keys holding their frame index."""
     size = local if local != -1 else c * chunks
-    cache = {"k": torch.full((1, size, 1, 1), -1.0), "v": torch.zeros(1, size, 1, 1),
-             "global_end_index": torch.tensor([0]), "local_end_index": torch.tensor([0])}
+    cache = {
+        "k": torch.full((1, size, 1, 1), -1.0),
+        "v": torch.zeros(1, size, 1, 1),
+        "global_end_index": torch.tensor([0]),
+        "local_end_index": torch.tensor([0]),
+    }
     seen = []
     for j in range(chunks):
         k = torch.arange(j * c, (j + 1) * c, dtype=torch.float32).view(1, c, 1, 1)
@@ -147,7 +165,7 @@ def test_slots_and_frame_masks_attend_to_self_forcings_frames(c):
     each chunk equals the reference's (exact integer sets), and the rule of the task statement."""
     chunks = 7
     for local in [-1, *range(c, 4 * c + 2)]:
-        for sink in ([0] if local == -1 else range(0, local - c + 1)):
+        for sink in [0] if local == -1 else range(0, local - c + 1):
             ref = _self_forcing_frames(local, sink, c, chunks)
             for j, frames in enumerate(ref):
                 e = (j + 1) * c

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from multiprocess_case import build_case, run_two_chunks
 
 HERE = pathlib.Path(__file__).parent
@@ -28,9 +27,16 @@ def test_two_processes_equal_one(tmp_path, strategy):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(i), port, strategy,
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multiprocess_worker.py"), str(i), port, strategy, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     for p in procs:
         try:

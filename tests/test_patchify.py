@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from causal_dit_jax.model.config import get_preset
-from causal_dit_jax.model.patchify import (from_torch_layout, latents_to_tokens, patchify, to_torch_layout,
-                                           tokens_to_latents, unpatchify)
+from causal_dit_jax.model.patchify import (
+    from_torch_layout,
+    latents_to_tokens,
+    patchify,
+    to_torch_layout,
+    tokens_to_latents,
+    unpatchify,
+)
 
 # torch layout -> the permutation of its last four axes that gives channels-last (f, h, w, c)
 TO_CHANNELS_LAST = {"bfchw": (0, 2, 3, 1), "bcfhw": (1, 2, 3, 0)}

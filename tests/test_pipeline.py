@@ -13,21 +13,22 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-from causal_dit_jax import KernelConfig
-from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
-from causal_dit_jax.model.sampler import initial_noise, draw_step_noise
-from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.text.umt5 import get_t5_preset
-from causal_dit_jax.app.video import read_mp4
-from causal_dit_jax.decoders.wan_vae import get_vae_preset
-from causal_dit_jax.convert import convert_pipeline_checkpoint
-from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import LATENT_H, LATENT_W, SMALL, save_self_forcing_pt, torch_model
 from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
 from torch_reference.taehv import TAEHVReference
-from torch_reference.umt5 import T5Encoder, randomize_parameters_ as randomize_t5_
+from torch_reference.umt5 import T5Encoder
+from torch_reference.umt5 import randomize_parameters_ as randomize_t5_
 from torch_reference.wan_vae import WanVAEDecoder, randomize_vae_
+
+from causal_dit_jax import KernelConfig
+from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
+from causal_dit_jax.app.video import read_mp4
+from causal_dit_jax.convert import convert_pipeline_checkpoint
+from causal_dit_jax.convert.torch_files import CheckpointError
+from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.decoders.wan_vae import get_vae_preset
+from causal_dit_jax.model.sampler import draw_step_noise, initial_noise
+from causal_dit_jax.text.umt5 import get_t5_preset
 
 HEIGHT, WIDTH = 8 * LATENT_H, 8 * LATENT_W  # 64 x 96 pixels
 T5_CFG = get_t5_preset("tiny").replace(vocab_size=64)
@@ -40,8 +41,10 @@ def _tokenizer_folder(folder: pathlib.Path) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["a red fox runs through deep snow", "the sea at night"],
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.train_from_iterator(
+        ["a red fox runs through deep snow", "the sea at night"],
+        trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]),
+    )
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
@@ -53,9 +56,17 @@ def wan_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
     wan = root / "Wan2.1-T2V-tiny"
     _tokenizer_folder(wan / "google" / "umt5-xxl")
-    t5 = randomize_t5_(T5Encoder(vocab=T5_CFG.vocab_size, dim=T5_CFG.dim, dim_attn=T5_CFG.dim_attn,
-                                 dim_ffn=T5_CFG.dim_ffn, num_heads=T5_CFG.num_heads,
-                                 num_layers=T5_CFG.num_layers), seed=1).eval()
+    t5 = randomize_t5_(
+        T5Encoder(
+            vocab=T5_CFG.vocab_size,
+            dim=T5_CFG.dim,
+            dim_attn=T5_CFG.dim_attn,
+            dim_ffn=T5_CFG.dim_ffn,
+            num_heads=T5_CFG.num_heads,
+            num_layers=T5_CFG.num_layers,
+        ),
+        seed=1,
+    ).eval()
     torch.save(t5.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
     vae = randomize_vae_(WanVAEDecoder(dim=VAE_CFG.dim), seed=2).eval()
     torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
@@ -73,8 +84,9 @@ def wan_folder(tmp_path_factory):
 def checkpoint(wan_folder, tmp_path_factory):
     wan, pt, _ = wan_folder
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return convert_pipeline_checkpoint(wan, out, pt, dit_config=SMALL, vae_config=VAE_CFG, t5_config=T5_CFG,
-                                       taehv_checkpoint=pt.parent / "taew2_1.pth")
+    return convert_pipeline_checkpoint(
+        wan, out, pt, dit_config=SMALL, vae_config=VAE_CFG, t5_config=T5_CFG, taehv_checkpoint=pt.parent / "taew2_1.pth"
+    )
 
 
 def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
@@ -99,8 +111,9 @@ def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
             eps = draw_step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
             return torch.from_numpy(np.asarray(eps)).permute(0, 1, 4, 2, 3)
 
-        latents = self_forcing_rollout(dit, torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3),
-                                       context, warped_denoising_steps(), noise_fn)
+        latents = self_forcing_rollout(
+            dit, torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3), context, warped_denoising_steps(), noise_fn
+        )
         video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))  # b f c h w -> b c f h w
     ref = torch.round((video * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
     diff = np.abs(ours.astype(int) - ref.astype(int))
@@ -113,18 +126,37 @@ def test_stream_chunks_and_batch(checkpoint):
     assert [c.shape[1] for c in chunks] == [1] + [4] * 8  # one VAE call per latent frame
     assert all(c.shape[0] == 2 for c in chunks)
     assert not np.array_equal(chunks[1][0], chunks[1][1])  # two prompts, two videos
-    whole_chunks = list(TextToVideoPipeline.from_checkpoint(checkpoint).stream(
-        ["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
-    pipe3 = TextToVideoPipeline(pipe.dit, pipe.dit_params, pipe.text_encoder, pipe.t5_params, pipe.tokenizer,
-                                pipe.vae, pipe.vae_params, vae_latents_per_call=3)
+    whole_chunks = list(
+        TextToVideoPipeline.from_checkpoint(checkpoint).stream(
+            ["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1
+        )
+    )
+    pipe3 = TextToVideoPipeline(
+        pipe.dit,
+        pipe.dit_params,
+        pipe.text_encoder,
+        pipe.t5_params,
+        pipe.tokenizer,
+        pipe.vae,
+        pipe.vae_params,
+        vae_latents_per_call=3,
+    )
     per_chunk = list(pipe3.stream(["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1))
     assert [c.shape[1] for c in per_chunk] == [9, 12, 12]
     # the same video however the decode is split (float32 VAE: identical up to rounding to uint8)
     diff = np.abs(np.concatenate(per_chunk, 1).astype(int) - np.concatenate(whole_chunks, 1).astype(int))
     assert diff.max() <= 1
     with pytest.raises(ValueError, match="latents_per_call must be >= 1, got 0"):
-        TextToVideoPipeline(pipe.dit, pipe.dit_params, pipe.text_encoder, pipe.t5_params, pipe.tokenizer,
-                            pipe.vae, pipe.vae_params, vae_latents_per_call=0)
+        TextToVideoPipeline(
+            pipe.dit,
+            pipe.dit_params,
+            pipe.text_encoder,
+            pipe.t5_params,
+            pipe.tokenizer,
+            pipe.vae,
+            pipe.vae_params,
+            vae_latents_per_call=0,
+        )
 
 
 def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
@@ -134,8 +166,9 @@ def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
     inference = InferenceConfig(cache_dtype="float32")
     one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
     mesh = make_mesh(8, strategy="hybrid", num_heads=12)
-    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate("a red fox", 21, HEIGHT,
-                                                                                          WIDTH, 2)
+    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate(
+        "a red fox", 21, HEIGHT, WIDTH, 2
+    )
     assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
 
 
@@ -151,8 +184,9 @@ def test_tiny_decoder_pipeline_matches_the_torch_decoder(wan_folder, checkpoint)
     assert [c.shape[1] for c in chunks] == [1] + [4] * 5
     key = jax.random.key(2)
     noise = initial_noise(jax.random.fold_in(key, 0), 1, 6, LATENT_H, LATENT_W)
-    latents = pipe.sampler.generate(pipe.dit_params, pipe.encode_prompts("a red fox"), noise,
-                                    jax.random.fold_in(key, 1))
+    latents = pipe.sampler.generate(
+        pipe.dit_params, pipe.encode_prompts("a red fox"), noise, jax.random.fold_in(key, 1)
+    )
     ref = TAEHVReference(16, TAEHV_CFG.channels, encoder_width=8)
     ref.load_state_dict(torch.load(pt.parent / "taew2_1.pth", weights_only=True))
     frames = ref.decode_video(torch.from_numpy(np.asarray(latents)).permute(0, 1, 4, 2, 3))  # n t c h w
@@ -224,9 +258,15 @@ def test_long_prompt_is_truncated_with_a_warning():
         pipe.encode_prompts("   ")
 
 
-@pytest.mark.parametrize("frames,height,width,msg", [
-    (20, 128, 192, "1 \\+ 4k frames"), (17, 128, 192, "not a multiple of the chunk size"),
-    (33, 100, 192, "multiples of 16"), (33, 128, 0, "multiples of 16")])
+@pytest.mark.parametrize(
+    "frames,height,width,msg",
+    [
+        (20, 128, 192, "1 \\+ 4k frames"),
+        (17, 128, 192, "not a multiple of the chunk size"),
+        (33, 100, 192, "multiples of 16"),
+        (33, 128, 0, "multiples of 16"),
+    ],
+)
 def test_video_spec_errors(frames, height, width, msg):
     from causal_dit_jax.model.config import get_preset
 
@@ -244,8 +284,13 @@ def test_video_spec_errors(frames, height, width, msg):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "causal_dit_jax.app.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "causal_dit_jax.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_readme_main_command_writes_a_playable_mp4(tmp_path):
@@ -263,24 +308,58 @@ def test_readme_main_command_writes_a_playable_mp4(tmp_path):
 def test_generate_from_a_converted_checkpoint(wan_folder, tmp_path):
     wan, pt, _ = wan_folder
     ckpt = tmp_path / "ckpt"
-    proc = _cli("convert", "--checkpoint", str(pt), "--wan-dir", str(wan), "--out", str(ckpt), "--preset", "tiny",
-                "--taehv", str(pt.parent / "taew2_1.pth"))
+    proc = _cli(
+        "convert",
+        "--checkpoint",
+        str(pt),
+        "--wan-dir",
+        str(wan),
+        "--out",
+        str(ckpt),
+        "--preset",
+        "tiny",
+        "--taehv",
+        str(pt.parent / "taew2_1.pth"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "v.mp4"
-    proc = _cli("generate", "--checkpoint", str(ckpt), "--prompt", "the sea at night", "--out", str(out),
-                "--frames", "21", "--height", "64", "--width", "96", "--mesh", "2", "--strategy", "ulysses",
-                "--decoder", "taehv", "--linear-precision", "float8")
+    proc = _cli(
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "the sea at night",
+        "--out",
+        str(out),
+        "--frames",
+        "21",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--mesh",
+        "2",
+        "--strategy",
+        "ulysses",
+        "--decoder",
+        "taehv",
+        "--linear-precision",
+        "float8",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_mp4(out).shape == (21, 64, 96, 3)
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--prompt", "   "], "prompt is empty"),
-    (["--prompt", "x", "--frames", "20"], "1 + 4k frames"),
-    (["--prompt", "x", "--height", "100"], "multiples of 16"),
-    (["--prompt", "x", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
-    (["--prompt", "x", "--out", "video.avi"], ".mp4"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt", "x", "--frames", "20"], "1 + 4k frames"),
+        (["--prompt", "x", "--height", "100"], "multiples of 16"),
+        (["--prompt", "x", "--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+        (["--prompt", "x", "--out", "video.avi"], ".mp4"),
+    ],
+)
 def test_generate_bad_input_fails_before_model_work(args, msg, tmp_path, capsys, monkeypatch):
     from causal_dit_jax.app import cli
 
@@ -299,8 +378,20 @@ def test_generate_overwrites_only_when_asked_quietly_with_a_progress_bar_from_th
     when the first frames exist (its clock and estimate leave compilation out); '1 chunk', singular."""
     out = tmp_path / "v.mp4"
     out.write_bytes(b"an older video")
-    proc = _cli("generate", "--prompt", "a lighthouse", "--out", str(out), "--frames", "9", "--height", "64",
-                "--width", "64", "--overwrite")
+    proc = _cli(
+        "generate",
+        "--prompt",
+        "a lighthouse",
+        "--out",
+        str(out),
+        "--frames",
+        "9",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--overwrite",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_mp4(out).shape == (9, 64, 64, 3)
     assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
@@ -319,10 +410,28 @@ def test_generate_interrupted_leaves_no_file_and_says_so_in_one_line(signame, co
     import time
 
     out = tmp_path / "v.mp4"
-    proc = subprocess.Popen([sys.executable, "-m", "causal_dit_jax.app.cli", "generate", "--prompt", "a red fox",
-                             "--out", str(out), "--frames", "81", "--height", "64", "--width", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "causal_dit_jax.app.cli",
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--out",
+            str(out),
+            "--frames",
+            "81",
+            "--height",
+            "64",
+            "--width",
+            "64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.monotonic() + 500
         while not list(tmp_path.glob(".v.partial-*.mp4")):  # ffmpeg starts with the first frames

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dit_fixtures import two_chunk_forwards
 
-from causal_dit_jax import KernelConfig, CausalWanDiT, InferenceConfig
+from causal_dit_jax import CausalWanDiT, KernelConfig
 from causal_dit_jax.model.config import get_preset
 from causal_dit_jax.model.qk_norm_rope import qk_norm_rope, qk_norm_rope_pallas, qk_norm_rope_xla
-from dit_fixtures import two_chunk_forwards
 
 
 def _inputs(key, b, l, n, d, dtype):
@@ -22,8 +22,9 @@ def _inputs(key, b, l, n, d, dtype):
     return qkv, scale_q, scale_k, jnp.cos(angle), jnp.sin(angle)
 
 
-@pytest.mark.parametrize("b,l,n,d,dtype", [(2, 12, 4, 16, jnp.bfloat16), (1, 7, 12, 128, jnp.bfloat16),
-                                           (1, 5, 3, 8, jnp.float32)])
+@pytest.mark.parametrize(
+    "b,l,n,d,dtype", [(2, 12, 4, 16, jnp.bfloat16), (1, 7, 12, 128, jnp.bfloat16), (1, 5, 3, 8, jnp.float32)]
+)
 def test_pallas_equals_xla(b, l, n, d, dtype):
     """The same float32 operations, in the same order but for the sum of squares: on CPU (interpreted)
     the results are identical; widths that are not a power of 2 (12 x 128) are masked."""
@@ -43,8 +44,10 @@ def test_pallas_gradient_is_the_xla_gradient():
         q, k = fn(qkv, sq, sk, args[3], args[4], 1e-6, 4)
         return jnp.sum(q * g[0]) + jnp.sum(k * g[1])
 
-    grads = [jax.grad(lambda *a, f=f: loss(f, *a), argnums=(0, 1, 2))(*args[:3])
-             for f in (qk_norm_rope_pallas, qk_norm_rope_xla)]
+    grads = [
+        jax.grad(lambda *a, f=f: loss(f, *a), argnums=(0, 1, 2))(*args[:3])
+        for f in (qk_norm_rope_pallas, qk_norm_rope_xla)
+    ]
     for a, r in zip(*grads):
         np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-6)
 

@@ -36,8 +36,9 @@ def cli_lines() -> list[str]:
 def downloads(tmp_path_factory):
     """The README's download step, small: a Self-Forcing-layout .pt (with Wan's config.json beside it
     for what the shapes do not say) and a converted pipeline checkpoint `ckpt/`."""
-    from causal_dit_jax.app import TextToVideoPipeline, save_pipeline_checkpoint
     from dit_fixtures import save_self_forcing_pt, torch_model
+
+    from causal_dit_jax.app import TextToVideoPipeline, save_pipeline_checkpoint
 
     root = tmp_path_factory.mktemp("readme")
     (root / "checkpoints").mkdir()
@@ -55,8 +56,9 @@ def test_the_readme_has_blocks():
 def test_python_block_runs_as_written(downloads, index):
     code = readme_blocks("python")[index]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the blocks set what they need
-    result = subprocess.run([sys.executable, "-c", code], cwd=downloads, capture_output=True, text=True,
-                            timeout=900, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=downloads, capture_output=True, text=True, timeout=900, env=env
+    )
     assert result.returncode == 0, f"README python block {index} failed:\n{code}\n{result.stderr[-4000:]}"
 
 

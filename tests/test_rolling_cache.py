@@ -54,9 +54,16 @@ def _reference(model, local, sink, start_frame, seed):
         return torch.from_numpy(np.array(to_torch_layout(draw_step_noise(key, j, shape, len(steps))[k], "bfchw")))
 
     with torch.no_grad():
-        ref = self_forcing_rollout(model, torch.from_numpy(np.array(to_torch_layout(noise, "bfchw"))),
-                                   torch.from_numpy(np.array(ctx)), steps, noise_fn,
-                                   local_attn_size=local, sink_size=sink, start_frame=start_frame)
+        ref = self_forcing_rollout(
+            model,
+            torch.from_numpy(np.array(to_torch_layout(noise, "bfchw"))),
+            torch.from_numpy(np.array(ctx)),
+            steps,
+            noise_fn,
+            local_attn_size=local,
+            sink_size=sink,
+            start_frame=start_frame,
+        )
     return ref.numpy()
 
 
@@ -69,19 +76,22 @@ def _ours(params, local, sink, start_frame, seed):
     return np.asarray(to_torch_layout(ours, "bfchw")), sampler.init_cache(1, FRAMES, LATENT_H, LATENT_W)
 
 
-@pytest.mark.parametrize("local,sink,start_frame,masked", [
-    (6, 1, 0, True),  # the 1-frame sink: frames 1, 2 of the sink chunk are evicted at chunk 2
-    (6, 3, 0, False),  # whole chunks: the fast prefix path, unchanged
-    (7, 2, 4, True),  # neither is whole chunks; a stream starting at global frame 4
-    (4, 0, 0, True),  # no sink, a window of a chunk and a frame
-])
+@pytest.mark.parametrize(
+    "local,sink,start_frame,masked",
+    [
+        (6, 1, 0, True),  # the 1-frame sink: frames 1, 2 of the sink chunk are evicted at chunk 2
+        (6, 3, 0, False),  # whole chunks: the fast prefix path, unchanged
+        (7, 2, 4, True),  # neither is whole chunks; a stream starting at global frame 4
+        (4, 0, 0, True),  # no sink, a window of a chunk and a frame
+    ],
+)
 def test_frame_granular_window_matches_self_forcing(converted, local, sink, start_frame, masked):
     model, params = converted
     ours, cache = _ours(params, local, sink, start_frame, seed=local + sink)
     assert cache.frame_masked == masked
     ref = _reference(model, local, sink, start_frame, local + sink)
     for j in range(FRAMES // 3):
-        assert rel_err(ours[:, 3 * j:3 * j + 3], ref[:, 3 * j:3 * j + 3]) <= F32_TOL, f"chunk {j}"
+        assert rel_err(ours[:, 3 * j : 3 * j + 3], ref[:, 3 * j : 3 * j + 3]) <= F32_TOL, f"chunk {j}"
 
 
 def test_the_frame_mask_matters(converted):
@@ -104,9 +114,11 @@ def test_rollout_flops_count_the_frame_granular_window():
     attended = sum(f * 8 for f in (3, 6, 7, 7, 7))
     assert got == fwd * SMALL.num_layers * 4 * chunk_tokens * attended * SMALL.dim
     # the chunk-granular keyword still works and equals the same window in frames
-    assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, 2) == rollout_flops_parts(SMALL, chunk_tokens, 5, fwd,
-                                                                                      window_frames=6)
-    assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd) == rollout_flops_parts(SMALL, chunk_tokens, 5, fwd,
-                                                                                   window_frames=-1)
+    assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, 2) == rollout_flops_parts(
+        SMALL, chunk_tokens, 5, fwd, window_frames=6
+    )
+    assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd) == rollout_flops_parts(
+        SMALL, chunk_tokens, 5, fwd, window_frames=-1
+    )
     with pytest.raises(ValueError, match="not both"):
         rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, 2, window_frames=6)

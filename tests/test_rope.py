@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference.causal_wan import causal_rope_apply, rope_table
 
 from causal_dit_jax.model.config import get_preset
 from causal_dit_jax.model.rope import apply_rope, causal_rope_positions, rope_cos_sin, rope_tables
-from torch_reference.causal_wan import causal_rope_apply, rope_table
 
 CFG = get_preset("wan2.1-t2v-1.3b")
 

@@ -88,11 +88,11 @@ def test_given_step_noise_reproduces_a_pytorch_run(tmp_path):
     re-noising), our sampler takes them as given (no key) and lands on the reference rollout's latents.
     float32 on both sides: 1e-4 relative L2, as tests/test_dit_parity.py."""
     import torch
+    from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_self_forcing_pt, torch_model
+    from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
 
     from causal_dit_jax.convert import load_dit_params
     from causal_dit_jax.model.patchify import from_torch_layout
-    from dit_fixtures import LATENT_H, LATENT_W, SMALL, rel_err, save_self_forcing_pt, torch_model
-    from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_steps
 
     model = torch_model(seed=4)
     _, params = load_dit_params(save_self_forcing_pt(model, tmp_path / "sf.pt"), SMALL)
@@ -107,11 +107,13 @@ def test_given_step_noise_reproduces_a_pytorch_run(tmp_path):
     dit = CausalWanDiT(SMALL)
     sampler = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32"))
     text = dit.encode_text(params, jnp.asarray(ctx.numpy()))
-    ours = sampler.generate(params, text, from_torch_layout(noise.numpy()), None,
-                            step_noise=from_torch_layout(eps.numpy()))
+    ours = sampler.generate(
+        params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps.numpy())
+    )
     assert rel_err(ours, from_torch_layout(ref.numpy())) <= 1e-4
     with pytest.raises(ValueError, match=r"step_noise must be \[chunks, steps - 1, B, c, H, W, C\]"):
-        sampler.generate(params, text, from_torch_layout(noise.numpy()), None,
-                         step_noise=from_torch_layout(eps[:1].numpy()))
+        sampler.generate(
+            params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps[:1].numpy())
+        )
     with pytest.raises(ValueError, match="give a key"):
         sampler.generate(params, text, from_torch_layout(noise.numpy()), None)

@@ -45,8 +45,9 @@ def reference(setup):
     return _rollout(setup[0], setup, InferenceConfig(cache_dtype="float32"))
 
 
-CASES = [(n, s) for s in ("ulysses", "ring", "hybrid") for n in (1, 2, 4, 8)
-         if not (s == "ulysses" and n == 8)]  # 12 heads: all-to-all over 8 is refused (see test below)
+CASES = [
+    (n, s) for s in ("ulysses", "ring", "hybrid") for n in (1, 2, 4, 8) if not (s == "ulysses" and n == 8)
+]  # 12 heads: all-to-all over 8 is refused (see test below)
 
 
 @pytest.mark.parametrize("n,strategy", CASES)
@@ -141,8 +142,10 @@ def test_shard_positions_in_the_sharded_forward(setup, n, strategy):
 
 
 # ----------------------------------------------------------------------------- communication
-_COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter"
-                         r"|collective-broadcast)(?:-start)?\(")
+_COLLECTIVE = re.compile(
+    r"= (\(.*?\)|\S+) (all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter"
+    r"|collective-broadcast)(?:-start)?\("
+)
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
@@ -168,8 +171,10 @@ def _compiled_chunk_step(setup, n, strategy, cached=True):
     return sp, inference, hlo
 
 
-@pytest.mark.parametrize("n,strategy,cached", [(4, "ulysses", True), (8, "ring", True), (8, "hybrid", True),
-                                               (8, "ring", False), (8, "hybrid", False)])
+@pytest.mark.parametrize(
+    "n,strategy,cached",
+    [(4, "ulysses", True), (8, "ring", True), (8, "hybrid", True), (8, "ring", False), (8, "hybrid", False)],
+)
 def test_compiled_collectives_match_strategy(setup, n, strategy, cached):
     """Per layer (the scanned layer body appears once in the HLO): all-to-all strategies exchange
     q/k/v in one all-to-all and the output in another. A ring of R with a cache of several slots
@@ -238,7 +243,8 @@ def test_sharded_attention_is_differentiable(setup):
     def loss(model):
         def f(p):
             out, _ = model.forward(p, x, t, text, None, 3, rope)
-            return jnp.mean(out ** 2)
+            return jnp.mean(out**2)
+
         return jax.jit(jax.grad(f))(params)
 
     g1 = loss(dit)
@@ -263,7 +269,8 @@ def test_sharded_attention_with_a_cache_is_differentiable(setup):
             cache = model.init_cache(inference, 2, 6, LH, LW)
             _, cache = model.forward(p, x[:, :3], t, text, cache, 0, rope)
             out, _ = model.forward(p, x[:, 3:], t, text, cache, 3, rope)
-            return jnp.mean(out ** 2)
+            return jnp.mean(out**2)
+
         return jax.jit(jax.grad(f))(params)
 
     g1 = loss(dit)
@@ -280,8 +287,9 @@ def test_all_to_all_cache_is_in_whole_pages_for_paged_attention():
     chunk = 3 * CFG.tokens_per_frame(4, 6)  # 72 tokens, 2 slots for 6 frames
     paged = SequenceParallelDiT(dit, make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
     assert paged.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 256
-    plain = SequenceParallelDiT(CausalWanDiT(CFG, KernelConfig(attention_impl="xla")),
-                                make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads))
+    plain = SequenceParallelDiT(
+        CausalWanDiT(CFG, KernelConfig(attention_impl="xla")), make_mesh(2, strategy="ulysses", num_heads=CFG.num_heads)
+    )
     assert plain.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 2 * chunk
     ring = SequenceParallelDiT(dit, make_mesh(2, strategy="ring", num_heads=CFG.num_heads))
     assert ring.init_cache(inference, 1, 6, 4, 6).k.shape[2] == 2 * 2 * chunk // 2  # 2 members x 2 slots x 36

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import rel_err
 from safetensors.torch import save_file
+from torch_reference.taehv import TAEHVReference
 
-from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
 from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
 from causal_dit_jax.convert.torch_files import CheckpointError
-from dit_fixtures import rel_err
-from torch_reference.taehv import TAEHVReference
+from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
 
 CFG = get_taehv_preset("tiny")
 LATENT_H, LATENT_W = 4, 6
@@ -29,8 +29,7 @@ BF16_TOL = 3e-2
 
 def _reference(seed: int = 0) -> TAEHVReference:
     torch.manual_seed(seed)
-    model = TAEHVReference(CFG.latent_channels, CFG.channels, CFG.time_upscale, CFG.space_upscale,
-                           encoder_width=8)
+    model = TAEHVReference(CFG.latent_channels, CFG.channels, CFG.time_upscale, CFG.space_upscale, encoder_width=8)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
@@ -91,7 +90,7 @@ def test_streaming_equals_one_pass(decoder, converted, latents, whole, per_call)
     z = _channels_last(latents)
     chunks = []
     for start in range(0, NUM_LATENTS, per_call):
-        frames, cache = decoder.jit_decode_chunk(params, z[:, start:start + per_call], cache)
+        frames, cache = decoder.jit_decode_chunk(params, z[:, start : start + per_call], cache)
         chunks.append(np.asarray(frames))
     counts = [c.shape[1] for c in chunks]
     assert counts[0] == 4 * per_call - 3 and all(c == 4 * per_call for c in counts[1:-1])
@@ -131,10 +130,16 @@ def test_key_table_matches_the_released_layout():
     decoder_sd = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("decoder.")}
     rules = taehv_key_map(config)
     assert torch_shapes(rules) == decoder_sd
-    facts = {"decoder.1.weight": (256, 16, 3, 3), "decoder.3.conv.0.weight": (256, 512, 3, 3),
-             "decoder.7.conv.weight": (256, 256, 1, 1), "decoder.8.weight": (128, 256, 3, 3),
-             "decoder.13.conv.weight": (256, 128, 1, 1), "decoder.19.conv.weight": (128, 64, 1, 1),
-             "decoder.22.weight": (3, 64, 3, 3), "decoder.22.bias": (3,)}
+    facts = {
+        "decoder.1.weight": (256, 16, 3, 3),
+        "decoder.3.conv.0.weight": (256, 512, 3, 3),
+        "decoder.7.conv.weight": (256, 256, 1, 1),
+        "decoder.8.weight": (128, 256, 3, 3),
+        "decoder.13.conv.weight": (256, 128, 1, 1),
+        "decoder.19.conv.weight": (128, 64, 1, 1),
+        "decoder.22.weight": (3, 64, 3, 3),
+        "decoder.22.bias": (3,),
+    }
     for key, shape in facts.items():
         assert decoder_sd[key] == shape, key
     n = sum(int(np.prod(s)) for s in decoder_sd.values())
@@ -145,14 +150,15 @@ def test_key_table_matches_the_released_layout():
 
 def test_wider_time_grow_weight_keeps_its_last_channels(converted):
     """A stage-0 time-grow trained with x2 time (2C outputs) loads into the x1 decoder, last C kept."""
-    model, *_ , params = converted
+    model, *_, params = converted
     sd = dict(model.state_dict())
     c = CFG.channels[0]
     extra = torch.randn(c, c, 1, 1)
     sd["decoder.7.conv.weight"] = torch.cat([extra, sd["decoder.7.conv.weight"]], 0)
     trimmed = taehv_params_from_state_dict(sd, CFG)
-    np.testing.assert_array_equal(np.asarray(trimmed["stage0"]["tgrow"]["kernel"]),
-                                  np.asarray(params["stage0"]["tgrow"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(trimmed["stage0"]["tgrow"]["kernel"]), np.asarray(params["stage0"]["tgrow"]["kernel"])
+    )
 
 
 def test_converter_names_bad_keys(converted):

@@ -14,27 +14,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-from causal_dit_jax.text.umt5 import (T5_PRESETS, T5Config, UMT5Encoder, relative_position_bucket,
-                                         t5_param_count)
-from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer, clean_prompt
-from causal_dit_jax.convert.t5_convert import infer_t5_config, load_t5_params, t5_params_from_state_dict
-from causal_dit_jax.convert.torch_files import CheckpointError
 from dit_fixtures import rel_err
 from torch_reference import umt5 as ref
+
+from causal_dit_jax.convert.t5_convert import infer_t5_config, load_t5_params, t5_params_from_state_dict
+from causal_dit_jax.convert.torch_files import CheckpointError
+from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer, clean_prompt
+from causal_dit_jax.text.umt5 import T5_PRESETS, T5Config, UMT5Encoder, relative_position_bucket, t5_param_count
 
 F32_TOL = 1e-4
 BF16_TOL = 1e-2
 # dim_attn != dim and head_dim 12 so a transposed or mixed-up kernel cannot pass.
-SMALL = T5Config(vocab_size=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2, text_len=16,
-                 param_dtype="float32", dtype="float32", residual_dtype="float32")
+SMALL = T5Config(
+    vocab_size=64,
+    dim=32,
+    dim_attn=48,
+    dim_ffn=64,
+    num_heads=4,
+    num_layers=2,
+    text_len=16,
+    param_dtype="float32",
+    dtype="float32",
+    residual_dtype="float32",
+)
 LENGTHS = (12, 5, 1)  # prompts of different lengths in one batch, padded to 12
 
 
 def torch_encoder(config: T5Config = SMALL, seed: int = 0) -> ref.T5Encoder:
-    model = ref.T5Encoder(vocab=config.vocab_size, dim=config.dim, dim_attn=config.dim_attn,
-                          dim_ffn=config.dim_ffn, num_heads=config.num_heads, num_layers=config.num_layers,
-                          num_buckets=config.num_buckets, shared_pos=config.shared_pos, eps=config.eps)
+    model = ref.T5Encoder(
+        vocab=config.vocab_size,
+        dim=config.dim,
+        dim_attn=config.dim_attn,
+        dim_ffn=config.dim_ffn,
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        num_buckets=config.num_buckets,
+        shared_pos=config.shared_pos,
+        eps=config.eps,
+    )
     return ref.randomize_parameters_(model, seed=seed).eval()
 
 
@@ -49,7 +66,7 @@ def batch(lengths=LENGTHS, vocab=SMALL.vocab_size, seed=0):
     ids = np.zeros((len(lengths), width), np.int32)
     mask = np.zeros((len(lengths), width), np.int32)
     for row, n in enumerate(lengths):
-        ids[row, :n - 1] = rng.integers(3, vocab, n - 1)
+        ids[row, : n - 1] = rng.integers(3, vocab, n - 1)
         ids[row, n - 1] = 1  # eos
         mask[row, :n] = 1
     return ids, mask
@@ -144,8 +161,7 @@ def test_presets_and_param_count():
 def test_inferred_config_matches():
     state = {k: v.numpy() for k, v in torch_encoder().state_dict().items()}
     cfg = infer_t5_config(state)
-    for name in ("vocab_size", "dim", "dim_attn", "dim_ffn", "num_heads", "num_layers", "num_buckets",
-                 "shared_pos"):
+    for name in ("vocab_size", "dim", "dim_attn", "dim_ffn", "num_heads", "num_layers", "num_buckets", "shared_pos"):
         assert getattr(cfg, name) == getattr(SMALL, name), name
 
 
@@ -188,8 +204,9 @@ def tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok") / "google" / "umt5-xxl"
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "</s>", "pad_token": {"content": "<pad>", "special": True}}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "pad_token": {"content": "<pad>", "special": True}})
+    )
     return folder
 
 

@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import rel_err
+from torch_reference import wan_vae as ref
 
-from causal_dit_jax.decoders.chunked_decode import to_uint8
-from causal_dit_jax.decoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
 from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.torch_files import CheckpointError
 from causal_dit_jax.convert.vae_convert import load_vae_params, vae_decoder_key_map, vae_params_from_state_dict
-from dit_fixtures import rel_err
-from torch_reference import wan_vae as ref
+from causal_dit_jax.decoders.chunked_decode import to_uint8
+from causal_dit_jax.decoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
 
 CFG = get_vae_preset("tiny")
 LATENT_H, LATENT_W = 4, 6
@@ -28,8 +28,11 @@ BF16_TOL = 5e-2  # bf16 activations through ~35 convs; measured ~1e-2
 
 def _encoder_half() -> dict:
     """Stand-ins for the encoder keys of Wan2.1_VAE.pth, which the decoder converter must ignore."""
-    return {"encoder.conv1.weight": torch.zeros(CFG.dim, 3, 3, 3, 3),
-            "conv1.weight": torch.zeros(32, 32, 1, 1, 1), "conv1.bias": torch.zeros(32)}
+    return {
+        "encoder.conv1.weight": torch.zeros(CFG.dim, 3, 3, 3, 3),
+        "conv1.weight": torch.zeros(32, 32, 1, 1, 1),
+        "conv1.bias": torch.zeros(32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +78,9 @@ def test_whole_video_matches_torch_decode(converted, latents, whole):
     assert rel_err(whole, expected) <= F32_TOL
 
 
-@pytest.mark.parametrize("sizes, frames, newest", [((3, 3), [9, 12], [0, 0]),
-                                                   ((1,) * 6, [1] + [4] * 5, [0] * 6),
-                                                   ((1, 5), [1, 20], [0, 1])])
+@pytest.mark.parametrize(
+    "sizes, frames, newest", [((3, 3), [9, 12], [0, 0]), ((1,) * 6, [1] + [4] * 5, [0] * 6), ((1, 5), [1, 20], [0, 1])]
+)
 def test_chunks_equal_the_whole_decode(vae, converted, latents, whole, sizes, frames, newest):
     """The product's contract: latents in chunks (3 in the pipeline, 1 in the bench), caches carried,
     the same frames as one pass. The per-frame stages' ring caches flip their newer slot after an odd
@@ -88,7 +91,7 @@ def test_chunks_equal_the_whole_decode(vae, converted, latents, whole, sizes, fr
     z = _channels_last(latents)
     chunks, slots, start = [], [], 0
     for size in sizes:
-        out, cache = step(params, z[:, start:start + size], cache)
+        out, cache = step(params, z[:, start : start + size], cache)
         chunks.append(np.asarray(out))
         slots.append(cache.tail_newest)
         start += size
@@ -109,7 +112,7 @@ def test_latent_chunk_decoder_queues_the_whole_decode(vae, converted, latents, w
     z = _channels_last(latents)
     outs = []
     for start in range(0, NUM_LATENTS, 3):
-        queued, cache = decoder(params, z[:, start:start + 3], cache)
+        queued, cache = decoder(params, z[:, start : start + 3], cache)
         assert len(queued) == -(-3 // per_call) and all(q.dtype == jnp.uint8 for q in queued)
         outs += [np.asarray(q) for q in queued]
     got = np.concatenate(outs, axis=1).astype(int)
@@ -165,9 +168,8 @@ def test_self_forcing_demo_decoder(vae, converted, latents):
     z = _channels_last(latents)
     ref_cache, ours, theirs = None, [], []
     for start in range(0, NUM_LATENTS, 3):
-        frames, cache = vae.jit_decode_chunk(params, z[:, start:start + 3], cache)
-        expected, ref_cache = _torch_decode(model, latents[:, :, start:start + 3], streaming=True,
-                                            cache=ref_cache)
+        frames, cache = vae.jit_decode_chunk(params, z[:, start : start + 3], cache)
+        expected, ref_cache = _torch_decode(model, latents[:, :, start : start + 3], streaming=True, cache=ref_cache)
         ours.append(np.asarray(frames))
         theirs.append(expected)
     assert [o.shape[1] for o in ours] == [12, 12]
@@ -196,12 +198,17 @@ def test_key_table_matches_the_wan_checkpoint_layout():
     rules = vae_decoder_key_map(get_vae_preset("wan2.1"))
     assert torch_shapes(rules) == {k: tuple(v.shape) for k, v in sd.items()}
     assert len(rules) == 108
-    facts = {"decoder.conv1.weight": (384, 16, 3, 3, 3), "decoder.middle.1.to_qkv.weight": (1152, 384, 1, 1),
-             "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),
-             "decoder.upsamples.3.resample.1.weight": (192, 384, 3, 3),
-             "decoder.upsamples.4.shortcut.weight": (384, 192, 1, 1, 1),
-             "decoder.upsamples.11.resample.1.weight": (96, 192, 3, 3), "decoder.head.0.gamma": (96, 1, 1, 1),
-             "decoder.head.2.weight": (3, 96, 3, 3, 3), "conv2.weight": (16, 16, 1, 1, 1)}
+    facts = {
+        "decoder.conv1.weight": (384, 16, 3, 3, 3),
+        "decoder.middle.1.to_qkv.weight": (1152, 384, 1, 1),
+        "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),
+        "decoder.upsamples.3.resample.1.weight": (192, 384, 3, 3),
+        "decoder.upsamples.4.shortcut.weight": (384, 192, 1, 1, 1),
+        "decoder.upsamples.11.resample.1.weight": (96, 192, 3, 3),
+        "decoder.head.0.gamma": (96, 1, 1, 1),
+        "decoder.head.2.weight": (3, 96, 3, 3, 3),
+        "conv2.weight": (16, 16, 1, 1, 1),
+    }
     for key, shape in facts.items():
         assert tuple(sd[key].shape) == shape, key
 

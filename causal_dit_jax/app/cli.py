@@ -12,22 +12,39 @@ from causal_dit_jax.model.config import PRESETS, InferenceConfig, KernelConfig
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert PyTorch checkpoints to an Orbax checkpoint folder")
-    p.add_argument("--checkpoint", default=None,
-                   help="the DiT: Self-Forcing .pt, or Wan2.1 diffusion_pytorch_model.safetensors (file, index "
-                        "json or folder); default with --wan-dir: the Wan folder's own DiT")
-    p.add_argument("--wan-dir", default=None,
-                   help="Wan2.1-T2V-1.3B folder: adds the umT5 encoder, the VAE and the tokenizer, so the "
-                        "checkpoint runs `causal-dit generate`")
-    p.add_argument("--taehv", default=None,
-                   help="with --wan-dir: also convert the tiny preview decoder (taew2_1.pth or .safetensors), "
-                        "used by `generate --decoder taehv`")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the DiT: Self-Forcing .pt, or Wan2.1 diffusion_pytorch_model.safetensors (file, index "
+        "json or folder); default with --wan-dir: the Wan folder's own DiT",
+    )
+    p.add_argument(
+        "--wan-dir",
+        default=None,
+        help="Wan2.1-T2V-1.3B folder: adds the umT5 encoder, the VAE and the tokenizer, so the "
+        "checkpoint runs `causal-dit generate`",
+    )
+    p.add_argument(
+        "--taehv",
+        default=None,
+        help="with --wan-dir: also convert the tiny preview decoder (taew2_1.pth or .safetensors), "
+        "used by `generate --decoder taehv`",
+    )
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="expected model shapes (default: inferred from the weights)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="expected model shapes (default: inferred from the weights)",
+    )
     p.add_argument("--which", default="generator_ema", help="entry of a Self-Forcing .pt (generator_ema)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="weight dtype of the DiT (and, with --wan-dir, the umT5 encoder; the VAE and TAEHV stay "
-                        "float32), also over a --preset's; the config says so (residual stream float32)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="weight dtype of the DiT (and, with --wan-dir, the umT5 encoder; the VAE and TAEHV stay "
+        "float32), also over a --preset's; the config says so (residual stream float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
@@ -36,70 +53,140 @@ def _add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="time the DiT rollout with random weights")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--frames", type=int, default=33,
-                   help="video frames, as generate's: 1 + 4k with k+1 a multiple of 3 (33 = 9 latent frames, "
-                        "the default; 81 = 21)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=33,
+        help="video frames, as generate's: 1 + 4k with k+1 a multiple of 3 (33 = 9 latent frames, "
+        "the default; 81 = 21)",
+    )
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument("--strategy", default=None, choices=["ulysses", "ring", "hybrid"],
-                   help="sequence-parallel attention, with --mesh (default hybrid)")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        choices=["ulysses", "ring", "hybrid"],
+        help="sequence-parallel attention, with --mesh (default hybrid)",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
-    p.add_argument("--e2e", action="store_true",
-                   help="also run the product loop: each chunk decoded as it is made, by the Wan VAE (bf16) "
-                        "and by the tiny TAEHV decoder (bf16)")
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also run the product loop: each chunk decoded as it is made, by the Wan VAE (bf16) "
+        "and by the tiny TAEHV decoder (bf16)",
+    )
     p.add_argument("--vae-preset", default="wan2.1", help="VAE size for --e2e (wan2.1 or tiny)")
     p.add_argument("--vae-latents-per-call", type=int, default=1, help="latent frames per VAE decode call (--e2e)")
-    p.add_argument("--compilation-cache", default=None,
-                   help="JAX persistent compilation cache folder (run twice: the second run's compile is warm)")
+    p.add_argument(
+        "--compilation-cache",
+        default=None,
+        help="JAX persistent compilation cache folder (run twice: the second run's compile is warm)",
+    )
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop")
-    p.add_argument("--per-layer-weights", action="store_true",
-                   help="one weight buffer per layer (a Python layer loop: no weight copies, slower compiles)")
-    p.add_argument("--norm-rope", default="xla", choices=["xla", "pallas"],
-                   help="q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel")
-    p.add_argument("--attention", default=None, choices=["xla", "cudnn", "cudnn_paged"],
-                   help="self-attention kernel on one device (default: the model's choice for the backend)")
-    p.add_argument("--residual-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)")
-    p.add_argument("--linear-precision", default="bfloat16", choices=["bfloat16", "float8"],
-                   help="float8: the block GEMMs in e4m3 (per-channel / per-token scales; changes the output)")
+    p.add_argument(
+        "--per-layer-weights",
+        action="store_true",
+        help="one weight buffer per layer (a Python layer loop: no weight copies, slower compiles)",
+    )
+    p.add_argument(
+        "--norm-rope",
+        default="xla",
+        choices=["xla", "pallas"],
+        help="q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel",
+    )
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=["xla", "cudnn", "cudnn_paged"],
+        help="self-attention kernel on one device (default: the model's choice for the backend)",
+    )
+    p.add_argument(
+        "--residual-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)",
+    )
+    p.add_argument(
+        "--linear-precision",
+        default="bfloat16",
+        choices=["bfloat16", "float8"],
+        help="float8: the block GEMMs in e4m3 (per-channel / per-token scales; changes the output)",
+    )
     p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.add_argument("--compare", action="append", default=[], metavar="FILE.json",
-                   help="a peer's measured figures to print ours against, with the speed-up (>1: ours faster), "
-                        "also written under 'comparison' in --json (repeatable; e.g. benchmarks/peers/*.json). "
-                        "The file: {\"name\": ..., \"figures\": {NAME: value}, optional \"source\", \"setting\", "
-                        f"\"notes\"}}; figure names: {', '.join(FIGURES)} (see causal_dit_jax/bench/compare.py)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="FILE.json",
+        help="a peer's measured figures to print ours against, with the speed-up (>1: ours faster), "
+        "also written under 'comparison' in --json (repeatable; e.g. benchmarks/peers/*.json). "
+        'The file: {"name": ..., "figures": {NAME: value}, optional "source", "setting", '
+        f'"notes"}}; figure names: {", ".join(FIGURES)} (see causal_dit_jax/bench/compare.py)',
+    )
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text to video: write an mp4 while the stream runs")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="the prompt (repeat for a batch: one video per prompt, OUT_0.mp4, OUT_1.mp4, ...)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="the prompt (repeat for a batch: one video per prompt, OUT_0.mp4, OUT_1.mp4, ...)",
+    )
     p.add_argument("--out", required=True, help="output .mp4 path")
-    p.add_argument("--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it "
-                   "exists")
-    p.add_argument("--checkpoint", default=None,
-                   help="folder from `causal-dit convert` (default: the embedded untrained demo model)")
-    p.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k with k+1 a multiple of 3 "
-                   "(default 81; 33 for the embedded demo)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it exists"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder from `causal-dit convert` (default: the embedded untrained demo model)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="video frames, 1 + 4k with k+1 a multiple of 3 (default 81; 33 for the embedded demo)",
+    )
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default 480; demo 128)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 832; demo 192)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument("--strategy", default=None, choices=["ulysses", "ring", "hybrid"],
-                   help="sequence-parallel attention, with --mesh (default hybrid)")
-    p.add_argument("--local-attn-size", type=int, default=-1,
-                   help="rolling KV cache window in latent frames (4 video frames each; any count, as Self-Forcing: "
-                        "it must exceed --sink-size by at least 3 frames, one chunk); -1: the whole video")
-    p.add_argument("--sink-size", type=int, default=0,
-                   help="attention-sink latent frames (4 video frames each), the stream's first, never evicted from "
-                        "the window; needs --local-attn-size with local-attn-size - sink-size >= 3")
-    p.add_argument("--linear-precision", default="bfloat16", choices=["bfloat16", "float8"],
-                   help="float8: the DiT's block GEMMs in e4m3, about 1.4x faster GEMMs on Hopper; "
-                        "the video is close to, not equal to, the bfloat16 one")
-    p.add_argument("--decoder", default="wan", choices=["wan", "taehv"],
-                   help="wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        choices=["ulysses", "ring", "hybrid"],
+        help="sequence-parallel attention, with --mesh (default hybrid)",
+    )
+    p.add_argument(
+        "--local-attn-size",
+        type=int,
+        default=-1,
+        help="rolling KV cache window in latent frames (4 video frames each; any count, as Self-Forcing: "
+        "it must exceed --sink-size by at least 3 frames, one chunk); -1: the whole video",
+    )
+    p.add_argument(
+        "--sink-size",
+        type=int,
+        default=0,
+        help="attention-sink latent frames (4 video frames each), the stream's first, never evicted from "
+        "the window; needs --local-attn-size with local-attn-size - sink-size >= 3",
+    )
+    p.add_argument(
+        "--linear-precision",
+        default="bfloat16",
+        choices=["bfloat16", "float8"],
+        help="float8: the DiT's block GEMMs in e4m3, about 1.4x faster GEMMs on Hopper; "
+        "the video is close to, not equal to, the bfloat16 one",
+    )
+    p.add_argument(
+        "--decoder",
+        default="wan",
+        choices=["wan", "taehv"],
+        help="wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +204,16 @@ def cmd_convert(args) -> int:
 
     config = get_preset(args.preset) if args.preset else None
     if args.wan_dir:
-        out = convert_pipeline_checkpoint(args.wan_dir, args.out, args.checkpoint, config, args.which,
-                                          overwrite=args.overwrite, taehv_checkpoint=args.taehv, dtype=args.dtype)
+        out = convert_pipeline_checkpoint(
+            args.wan_dir,
+            args.out,
+            args.checkpoint,
+            config,
+            args.which,
+            overwrite=args.overwrite,
+            taehv_checkpoint=args.taehv,
+            dtype=args.dtype,
+        )
     elif args.taehv:
         raise ValueError("--taehv needs --wan-dir (the tiny decoder is part of a generation checkpoint)")
     elif args.checkpoint:
@@ -149,8 +244,9 @@ def cmd_bench(args) -> int:
     mesh_strategy = _strategy(args)
     config = get_preset(args.preset)
     # --frames counts video frames, as in generate; the rollout runs their latent frames
-    latent_frames = video_spec(args.frames, args.height, args.width, config, get_vae_preset("wan2.1"),
-                               InferenceConfig().frames_per_chunk).latent_frames
+    latent_frames = video_spec(
+        args.frames, args.height, args.width, config, get_vae_preset("wan2.1"), InferenceConfig().frames_per_chunk
+    ).latent_frames
     peers = [bench.load_peer(path) for path in args.compare]  # a bad file fails before any bench work
     for peer in peers:
         peer.check_setting(preset=args.preset, latent_frames=latent_frames, height=args.height, width=args.width)
@@ -165,8 +261,12 @@ def cmd_bench(args) -> int:
         config = config.replace(residual_dtype=args.residual_dtype)
     from causal_dit_jax.model.dit import CausalWanDiT
 
-    kernels = KernelConfig(attention_impl=args.attention, norm_rope_impl=args.norm_rope,
-                           linear_precision=args.linear_precision, scan_unroll=args.scan_unroll)
+    kernels = KernelConfig(
+        attention_impl=args.attention,
+        norm_rope_impl=args.norm_rope,
+        linear_precision=args.linear_precision,
+        scan_unroll=args.scan_unroll,
+    )
     dit, strategy, comm = CausalWanDiT(config, kernels), "single", None
     if args.mesh:
         if args.per_layer_weights:
@@ -175,14 +275,31 @@ def cmd_bench(args) -> int:
         from causal_dit_jax.sharding.sequence_parallel import sequence_parallel_dit
 
         down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
-        dit, comm = sequence_parallel_dit(dit, args.mesh, mesh_strategy, InferenceConfig(), num_frames=latent_frames,
-                                          latent_height=args.height // down, latent_width=args.width // down)
+        dit, comm = sequence_parallel_dit(
+            dit,
+            args.mesh,
+            mesh_strategy,
+            InferenceConfig(),
+            num_frames=latent_frames,
+            latent_height=args.height // down,
+            latent_width=args.width // down,
+        )
         strategy = mesh_strategy
-    result = bench.run_dit_bench(config, latent_frames, args.height, args.width, InferenceConfig(),
-                                 dit=dit, strategy=strategy, comm_bytes_per_chunk=comm, repeats=args.repeats,
-                                 profile=args.profile, e2e_vae=args.vae_preset if args.e2e else None,
-                                 vae_latents_per_call=args.vae_latents_per_call,
-                                 per_layer_weights=args.per_layer_weights)
+    result = bench.run_dit_bench(
+        config,
+        latent_frames,
+        args.height,
+        args.width,
+        InferenceConfig(),
+        dit=dit,
+        strategy=strategy,
+        comm_bytes_per_chunk=comm,
+        repeats=args.repeats,
+        profile=args.profile,
+        e2e_vae=args.vae_preset if args.e2e else None,
+        vae_latents_per_call=args.vae_latents_per_call,
+        per_layer_weights=args.per_layer_weights,
+    )
     print(result.table())
     ours = bench.measured_figures(result)
     comparison = [bench.compare(ours, peer) for peer in peers]
@@ -238,16 +355,23 @@ def cmd_generate(args) -> int:
         mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
     if demo:
-        print("No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
-              "the video shows the pipeline working, not a picture of the prompt.", flush=True)
+        print(
+            "No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
+            "the video shows the pipeline working, not a picture of the prompt.",
+            flush=True,
+        )
         pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
     else:
-        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder,
-                                                   kernels=kernels)
+        pipe = TextToVideoPipeline.from_checkpoint(
+            args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels
+        )
     chunks = spec.latent_frames // inference.frames_per_chunk
-    print(f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
-          f"({spec.latent_frames} latent frames, {_plural(chunks, 'chunk')}); the first chunk includes "
-          "compilation", flush=True)
+    print(
+        f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
+        f"({spec.latent_frames} latent frames, {_plural(chunks, 'chunk')}); the first chunk includes "
+        "compilation",
+        flush=True,
+    )
     stats: dict = {}
     written = 0
     with contextlib.ExitStack() as stack:  # on any exception (a signal too) the partial mp4s are deleted
@@ -267,9 +391,11 @@ def cmd_generate(args) -> int:
         total = time.perf_counter() - t0
     for o in outs:
         print(f"wrote {o} ({written} frames, 16 fps)")
-    print(f"first frames after {stats.get('first_frame_s', float('nan')):.2f} s (prompt encoded in "
-          f"{stats.get('encode_s', float('nan')):.2f} s); {written / total:.2f} frames per second "
-          f"end to end ({total:.1f} s, including compilation)")
+    print(
+        f"first frames after {stats.get('first_frame_s', float('nan')):.2f} s (prompt encoded in "
+        f"{stats.get('encode_s', float('nan')):.2f} s); {written / total:.2f} frames per second "
+        f"end to end ({total:.1f} s, including compilation)"
+    )
     return 0
 
 
@@ -326,8 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command(args)
     except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C outside the handler's reach
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"causal-dit {args.command}: interrupted ({signal.Signals(signum).name})"
-              f"{_NOT_WRITTEN.get(args.command, '')}", file=sys.stderr)
+        print(
+            f"causal-dit {args.command}: interrupted ({signal.Signals(signum).name})"
+            f"{_NOT_WRITTEN.get(args.command, '')}",
+            file=sys.stderr,
+        )
         return 128 + signum
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"causal-dit {args.command}: error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +18,15 @@ import numpy as np
 
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, get_preset
-from causal_dit_jax.model.random_params import random_params
-from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
-from causal_dit_jax.model.kv_cache import TextKV
-from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
-from causal_dit_jax.text.umt5 import T5Config, UMT5Encoder, get_t5_preset
-from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer
 from causal_dit_jax.decoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.decoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
+from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, get_preset
+from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
+from causal_dit_jax.model.kv_cache import TextKV
+from causal_dit_jax.model.random_params import random_params
+from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
+from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer
+from causal_dit_jax.text.umt5 import T5Config, UMT5Encoder, get_t5_preset
 
 COMPONENTS = ("dit", "t5")
 DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
@@ -44,8 +44,9 @@ class VideoSpec:
     latent_width: int
 
 
-def video_spec(frames: int, height: int, width: int, model: ModelConfig, decoder: VAEConfig | TAEHVConfig,
-               frames_per_chunk: int) -> VideoSpec:
+def video_spec(
+    frames: int, height: int, width: int, model: ModelConfig, decoder: VAEConfig | TAEHVConfig, frames_per_chunk: int
+) -> VideoSpec:
     """Validate a frame count and resolution against the configs that own them: the decoder's
     temporal factor (frames = 1 + 4 (T - 1) for Wan's VAE), T latent frames a multiple of the chunk
     size (81 frames = 21 latents = 7 chunks), and height / width multiples of the decoder's spatial
@@ -53,22 +54,29 @@ def video_spec(frames: int, height: int, width: int, model: ModelConfig, decoder
     s = decoder.spatial_factor
     _, ph, pw = model.patch_size
     if height <= 0 or width <= 0 or height % (s * ph) or width % (s * pw):
-        raise ValueError(f"height and width must be positive multiples of {s * ph} (x{s} decoder, {ph}x{pw} "
-                         f"patches), got {height}x{width}")
+        raise ValueError(
+            f"height and width must be positive multiples of {s * ph} (x{s} decoder, {ph}x{pw} "
+            f"patches), got {height}x{width}"
+        )
     tf = decoder.temporal_factor
     if frames < 1 or (frames - 1) % tf:
-        raise ValueError(f"{frames} frames do not fit the decoder: use 1 + {tf}k frames "
-                         f"(e.g. {decoder.num_frames(9)}, {decoder.num_frames(21)})")
+        raise ValueError(
+            f"{frames} frames do not fit the decoder: use 1 + {tf}k frames "
+            f"(e.g. {decoder.num_frames(9)}, {decoder.num_frames(21)})"
+        )
     latent = (frames - 1) // tf + 1
     if latent % frames_per_chunk:
         ok = [decoder.num_frames(frames_per_chunk * k) for k in range(1, 8)]
-        raise ValueError(f"{frames} frames are {latent} latent frames, not a multiple of the chunk size "
-                         f"{frames_per_chunk}; valid frame counts: {ok} ...")
+        raise ValueError(
+            f"{frames} frames are {latent} latent frames, not a multiple of the chunk size "
+            f"{frames_per_chunk}; valid frame counts: {ok} ..."
+        )
     return VideoSpec(frames, height, width, latent, height // s, width // s)
 
 
-def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan"
-                     ) -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
+def pipeline_configs(
+    ckpt_dir: str | pathlib.Path | None, decoder: str = "wan"
+) -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
     """The DiT's and the chosen decoder's configs, read without loading any weights: the embedded
     default's presets (ckpt_dir None) or a checkpoint's config.json."""
     _check_decoder(decoder)
@@ -79,14 +87,17 @@ def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan"
     have = meta.get("components", [])
     missing = [c for c in COMPONENTS if c not in have]
     if missing:
-        raise ValueError(f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
-                         "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three")
+        raise ValueError(
+            f"checkpoint {d} is missing the {', '.join(missing)} model(s); convert with "
+            "`causal-dit convert --checkpoint ... --wan-dir ...` to include all three"
+        )
     if DECODERS[decoder] not in have:
         how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
-        raise ValueError(f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
-                         f"convert with `causal-dit convert ... {how}`")
-    decoder_config = (VAEConfig.from_dict(meta["vae"]) if decoder == "wan"
-                      else TAEHVConfig.from_dict(meta["taehv"]))
+        raise ValueError(
+            f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
+            f"convert with `causal-dit convert ... {how}`"
+        )
+    decoder_config = VAEConfig.from_dict(meta["vae"]) if decoder == "wan" else TAEHVConfig.from_dict(meta["taehv"])
     return ModelConfig.from_dict(meta["dit"]), decoder_config
 
 
@@ -102,10 +113,20 @@ class TextToVideoPipeline:
     a later first frame and more memory: figures in benchmarks/NOTES.md).
     """
 
-    def __init__(self, dit: CausalWanDiT, dit_params: Params, text_encoder: UMT5Encoder, t5_params: Params,
-                 tokenizer, vae: WanVAE | TAEHVDecoder, vae_params: Params,
-                 inference: InferenceConfig = InferenceConfig(),
-                 mesh=None, untrained: bool = False, vae_latents_per_call: int = 1):
+    def __init__(
+        self,
+        dit: CausalWanDiT,
+        dit_params: Params,
+        text_encoder: UMT5Encoder,
+        t5_params: Params,
+        tokenizer,
+        vae: WanVAE | TAEHVDecoder,
+        vae_params: Params,
+        inference: InferenceConfig = InferenceConfig(),
+        mesh=None,
+        untrained: bool = False,
+        vae_latents_per_call: int = 1,
+    ):
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
         self.dit, self.text_encoder, self.tokenizer, self.vae = dit, text_encoder, tokenizer, vae
@@ -124,15 +145,19 @@ class TextToVideoPipeline:
         self.model = model
         self.sampler = SelfForcingSampler(model, inference)
         text_len = dit.config.text_len
-        self._encode = jax.jit(lambda p, ids, mask: text_encoder.text_context(p, ids[:, :text_len],
-                                                                               mask[:, :text_len]))
+        self._encode = jax.jit(lambda p, ids, mask: text_encoder.text_context(p, ids[:, :text_len], mask[:, :text_len]))
         self._text_kv = jax.jit(model.encode_text)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def embedded_default(cls, inference: InferenceConfig = InferenceConfig(), mesh=None,
-                         seed: int = 0, decoder: str = "wan", kernels: KernelConfig = KernelConfig()
-                         ) -> "TextToVideoPipeline":
+    def embedded_default(
+        cls,
+        inference: InferenceConfig = InferenceConfig(),
+        mesh=None,
+        seed: int = 0,
+        decoder: str = "wan",
+        kernels: KernelConfig = KernelConfig(),
+    ) -> TextToVideoPipeline:
         """Small presets with deterministic random weights (untrained: the video is noise-like).
         Runs on a laptop CPU in about a minute; every code path is the real model's.
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); kernels: how the DiT's
@@ -142,14 +167,28 @@ class TextToVideoPipeline:
         dit_params = dit.quantize(random_params(CausalWanDiT(config).abstract_params(), seed))
         t5 = UMT5Encoder(get_t5_preset("demo"))
         vae = WanVAE(decoder_config) if decoder == "wan" else TAEHVDecoder(decoder_config)
-        return cls(dit, dit_params, t5, random_params(t5.abstract_params(), seed + 1),
-                   ByteTokenizer(max_length=t5.config.text_len), vae, random_params(vae.abstract_params(), seed + 2),
-                   inference, mesh, untrained=True)
+        return cls(
+            dit,
+            dit_params,
+            t5,
+            random_params(t5.abstract_params(), seed + 1),
+            ByteTokenizer(max_length=t5.config.text_len),
+            vae,
+            random_params(vae.abstract_params(), seed + 2),
+            inference,
+            mesh,
+            untrained=True,
+        )
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str | pathlib.Path, inference: InferenceConfig = InferenceConfig(),
-                        mesh=None, decoder: str = "wan", kernels: KernelConfig = KernelConfig()
-                        ) -> "TextToVideoPipeline":
+    def from_checkpoint(
+        cls,
+        ckpt_dir: str | pathlib.Path,
+        inference: InferenceConfig = InferenceConfig(),
+        mesh=None,
+        decoder: str = "wan",
+        kernels: KernelConfig = KernelConfig(),
+    ) -> TextToVideoPipeline:
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
         decoder: 'wan' decodes with the Wan2.1 VAE; 'taehv' with the tiny decoder (converted with
@@ -176,8 +215,18 @@ class TextToVideoPipeline:
             tokenizer = ByteTokenizer(max_length=t5.config.text_len)
         else:
             raise ValueError(f"checkpoint {d} has no tokenizer/ folder")
-        return cls(dit, dit_params, t5, t5_params, tokenizer, vae, vae_params, inference, mesh,
-                   untrained=bool(meta.get("untrained", False)))
+        return cls(
+            dit,
+            dit_params,
+            t5,
+            t5_params,
+            tokenizer,
+            vae,
+            vae_params,
+            inference,
+            mesh,
+            untrained=bool(meta.get("untrained", False)),
+        )
 
     # ------------------------------------------------------------------ pieces
     def video_spec(self, frames: int, height: int, width: int) -> VideoSpec:
@@ -197,8 +246,15 @@ class TextToVideoPipeline:
         """Place an input of the DiT where its params live (replicated over the mesh, if any)."""
         return x if self.mesh is None else jax.device_put(x, self.model.replicated())
 
-    def stream(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
-               seed: int = 0, stats: Optional[dict] = None) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        prompts: str | Sequence[str],
+        frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        seed: int = 0,
+        stats: dict | None = None,
+    ) -> Iterator[np.ndarray]:
         """Yield uint8 frames [B, n, H, W, 3] as soon as each VAE call decodes them: with one latent per
         call, 1 frame, then 4 per latent frame (with 3, 9 then 12 per chunk).
 
@@ -215,12 +271,21 @@ class TextToVideoPipeline:
         jax.block_until_ready(text)
         t1 = time.perf_counter()
         key = jax.random.key(seed)
-        noise = self._to_dit(initial_noise(jax.random.fold_in(key, 0), batch, spec.latent_frames,
-                                           spec.latent_height, spec.latent_width, self.dit.config.in_dim))
+        noise = self._to_dit(
+            initial_noise(
+                jax.random.fold_in(key, 0),
+                batch,
+                spec.latent_frames,
+                spec.latent_height,
+                spec.latent_width,
+                self.dit.config.in_dim,
+            )
+        )
         vae_cache = self._chunk_decoder.init_cache(batch, spec.latent_height, spec.latent_width)
         first = True
-        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1),
-                                           rope=rope, cache=cache):
+        for latents in self.sampler.stream(
+            self.dit_params, text, noise, jax.random.fold_in(key, 1), rope=rope, cache=cache
+        ):
             queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
             for pixels in queued:
                 out = np.asarray(pixels)
@@ -230,28 +295,37 @@ class TextToVideoPipeline:
                 first = False
                 yield out
 
-    def generate(self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832,
-                 seed: int = 0) -> np.ndarray:
+    def generate(
+        self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832, seed: int = 0
+    ) -> np.ndarray:
         """The whole video: uint8 [B, frames, H, W, 3]."""
         return np.concatenate(list(self.stream(prompts, frames, height, width, seed)), axis=1)
 
 
-def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.Path,
-                             overwrite: bool = False) -> pathlib.Path:
+def save_pipeline_checkpoint(
+    pipe: TextToVideoPipeline, out_dir: str | pathlib.Path, overwrite: bool = False
+) -> pathlib.Path:
     """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
 
     if pipe.dit.kernels.linear_precision != "bfloat16":
-        raise ValueError(f"this pipeline's DiT holds {pipe.dit.kernels.linear_precision} weights; checkpoints keep "
-                         "the bfloat16 layout (quantise again when loading: KernelConfig(linear_precision='float8'))")
+        raise ValueError(
+            f"this pipeline's DiT holds {pipe.dit.kernels.linear_precision} weights; checkpoints keep "
+            "the bfloat16 layout (quantise again when loading: KernelConfig(linear_precision='float8'))"
+        )
 
     decoder = "vae" if isinstance(pipe.vae, WanVAE) else "taehv"
-    configs = {"dit": pipe.dit.config.to_dict(), "t5": pipe.text_encoder.config.to_dict(),
-               decoder: pipe.vae.config.to_dict(), "untrained": pipe.untrained}
+    configs = {
+        "dit": pipe.dit.config.to_dict(),
+        "t5": pipe.text_encoder.config.to_dict(),
+        decoder: pipe.vae.config.to_dict(),
+        "untrained": pipe.untrained,
+    }
     if isinstance(pipe.tokenizer, ByteTokenizer):
         configs["tokenizer"] = "bytes"
-    return save_checkpoint(out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, decoder: pipe.vae_params},
-                           configs, overwrite=overwrite)
+    return save_checkpoint(
+        out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, decoder: pipe.vae_params}, configs, overwrite=overwrite
+    )
 
 
 def _check_decoder(decoder: str) -> None:
@@ -259,5 +333,4 @@ def _check_decoder(decoder: str) -> None:
         raise ValueError(f"unknown decoder {decoder!r}; expected one of {sorted(DECODERS)}")
 
 
-__all__ = ["DECODERS", "TextToVideoPipeline", "VideoSpec", "pipeline_configs", "save_pipeline_checkpoint",
-           "video_spec"]
+__all__ = ["DECODERS", "TextToVideoPipeline", "VideoSpec", "pipeline_configs", "save_pipeline_checkpoint", "video_spec"]

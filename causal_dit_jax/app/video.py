@@ -60,8 +60,9 @@ class Mp4Writer:
 
         self.path = check_writable(path)
         self.tmp = self.path.parent / f".{self.path.stem}.partial-{uuid.uuid4().hex[:8]}.mp4"
-        self._writer = imageio.get_writer(str(self.tmp), fps=fps, codec="libx264", quality=quality,
-                                          macro_block_size=1, pixelformat="yuv420p")
+        self._writer = imageio.get_writer(
+            str(self.tmp), fps=fps, codec="libx264", quality=quality, macro_block_size=1, pixelformat="yuv420p"
+        )
         self.frames = 0
 
     def write(self, frames: np.ndarray) -> None:

@@ -17,7 +17,24 @@ from causal_dit_jax.bench.rollout import BenchResult, run_dit_bench, run_e2e
 from causal_dit_jax.bench.timing import CompileCounter, matmul_peak_tflops, median_ms, peak_memory_gb, timed_ms
 
 __all__ = [
-    "FIGURES", "BenchResult", "CompileCounter", "Peer", "chunk_forward_flops", "compare", "comparison_table",
-    "device_kind", "load_peer", "matmul_peak_tflops", "measured_figures", "median_ms", "peak_memory_gb",
-    "profile_breakdown", "rollout_flops", "run_dit_bench", "run_e2e", "timed_ms", "utc_date", "write_json",
+    "FIGURES",
+    "BenchResult",
+    "CompileCounter",
+    "Peer",
+    "chunk_forward_flops",
+    "compare",
+    "comparison_table",
+    "device_kind",
+    "load_peer",
+    "matmul_peak_tflops",
+    "measured_figures",
+    "median_ms",
+    "peak_memory_gb",
+    "profile_breakdown",
+    "rollout_flops",
+    "run_dit_bench",
+    "run_e2e",
+    "timed_ms",
+    "utc_date",
+    "write_json",
 ]

@@ -47,6 +47,7 @@ def _decoder(attr: str, key: str) -> Callable[[Any], float | None]:
     def read(result) -> float | None:
         measured = getattr(result, attr)
         return None if not measured else measured[key]
+
     return read
 
 
@@ -77,11 +78,12 @@ class Peer:
 
     def check_setting(self, **ours) -> None:
         """Refuse a run whose setting (`SETTING_KEYS`) differs from the one the peer measured."""
-        differ = [f"{k}: ours {ours[k]!r}, theirs {v!r}" for k, v in self.setting.items()
-                  if k in ours and ours[k] != v]
+        differ = [f"{k}: ours {ours[k]!r}, theirs {v!r}" for k, v in self.setting.items() if k in ours and ours[k] != v]
         if differ:
-            raise ValueError(f"peer {self.name!r} measured another setting ({'; '.join(differ)}): "
-                             "run the bench in its setting to compare")
+            raise ValueError(
+                f"peer {self.name!r} measured another setting ({'; '.join(differ)}): "
+                "run the bench in its setting to compare"
+            )
 
 
 def peer_from_dict(data: Any, origin: str = "peer") -> Peer:
@@ -107,8 +109,13 @@ def peer_from_dict(data: Any, origin: str = "peer") -> Peer:
         raise ValueError(f"{origin}: 'setting' must be an object with keys among {list(SETTING_KEYS)}, got {setting!r}")
     notes = data.get("notes", [])
     notes = [notes] if isinstance(notes, str) else list(notes)
-    return Peer(name=data["name"], figures={k: float(v) for k, v in figures.items()},
-                source=str(data.get("source", "")), setting=dict(setting), notes=tuple(str(n) for n in notes))
+    return Peer(
+        name=data["name"],
+        figures={k: float(v) for k, v in figures.items()},
+        source=str(data.get("source", "")),
+        setting=dict(setting),
+        notes=tuple(str(n) for n in notes),
+    )
 
 
 def load_peer(path: str | os.PathLike) -> Peer:
@@ -142,8 +149,7 @@ def compare(ours: Mapping[str, float], peer: Peer) -> dict:
     rows = {}
     for name, theirs in peer.figures.items():
         mine = ours.get(name)
-        rows[name] = {"ours": mine, "theirs": theirs,
-                      "speedup": None if mine is None else speedup(name, mine, theirs)}
+        rows[name] = {"ours": mine, "theirs": theirs, "speedup": None if mine is None else speedup(name, mine, theirs)}
     return {"name": peer.name, "source": peer.source, "figures": rows}
 
 
@@ -162,5 +168,14 @@ def comparison_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FIGURES", "Figure", "Peer", "compare", "comparison_table", "load_peer", "measured_figures",
-           "peer_from_dict", "speedup"]
+__all__ = [
+    "FIGURES",
+    "Figure",
+    "Peer",
+    "compare",
+    "comparison_table",
+    "load_peer",
+    "measured_figures",
+    "peer_from_dict",
+    "speedup",
+]

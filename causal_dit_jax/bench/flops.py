@@ -12,19 +12,23 @@ from __future__ import annotations
 from causal_dit_jax.model.config import ModelConfig
 
 
-def chunk_forward_flops_parts(config: ModelConfig, chunk_tokens: int, attended_tokens: int,
-                              text_tokens: int | None = None) -> dict[str, float]:
+def chunk_forward_flops_parts(
+    config: ModelConfig, chunk_tokens: int, attended_tokens: int, text_tokens: int | None = None
+) -> dict[str, float]:
     """One chunk forward's FLOPs by kind: {'linear', 'self_attention', 'cross_attention'}."""
     c, h, L = config.dim, config.ffn_dim, chunk_tokens
     k = config.text_len if text_tokens is None else text_tokens
     n = config.num_layers
-    return {"linear": float(n * 2 * L * (3 * c * c + c * c + 2 * c * c + 2 * c * h)),
-            "self_attention": float(n * 4 * L * attended_tokens * c),
-            "cross_attention": float(n * 4 * L * k * c)}
+    return {
+        "linear": float(n * 2 * L * (3 * c * c + c * c + 2 * c * c + 2 * c * h)),
+        "self_attention": float(n * 4 * L * attended_tokens * c),
+        "cross_attention": float(n * 4 * L * k * c),
+    }
 
 
-def chunk_forward_flops(config: ModelConfig, chunk_tokens: int, attended_tokens: int,
-                        text_tokens: int | None = None) -> float:
+def chunk_forward_flops(
+    config: ModelConfig, chunk_tokens: int, attended_tokens: int, text_tokens: int | None = None
+) -> float:
     return sum(chunk_forward_flops_parts(config, chunk_tokens, attended_tokens, text_tokens).values())
 
 
@@ -35,9 +39,17 @@ def attended_frames(num_chunks: int, frames_per_chunk: int, window_frames: int |
     return ends if window_frames is None or window_frames == -1 else [min(e, window_frames) for e in ends]
 
 
-def rollout_flops_parts(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
-                        window_chunks: int | None = None, text_tokens: int | None = None, *,
-                        window_frames: int | None = None, frames_per_chunk: int = 3) -> dict[str, float]:
+def rollout_flops_parts(
+    config: ModelConfig,
+    chunk_tokens: int,
+    num_chunks: int,
+    forwards_per_chunk: int,
+    window_chunks: int | None = None,
+    text_tokens: int | None = None,
+    *,
+    window_frames: int | None = None,
+    frames_per_chunk: int = 3,
+) -> dict[str, float]:
     """All forwards of a rollout by kind (`chunk_forward_flops_parts`): chunk j attends to
     min((j + 1) c, window) frames of keys (c = frames_per_chunk frames of chunk_tokens / c tokens each).
 
@@ -57,10 +69,27 @@ def rollout_flops_parts(config: ModelConfig, chunk_tokens: int, num_chunks: int,
     return total
 
 
-def rollout_flops(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int,
-                  window_chunks: int | None = None, text_tokens: int | None = None, *,
-                  window_frames: int | None = None, frames_per_chunk: int = 3) -> float:
+def rollout_flops(
+    config: ModelConfig,
+    chunk_tokens: int,
+    num_chunks: int,
+    forwards_per_chunk: int,
+    window_chunks: int | None = None,
+    text_tokens: int | None = None,
+    *,
+    window_frames: int | None = None,
+    frames_per_chunk: int = 3,
+) -> float:
     """All forwards of a rollout: chunk j attends to min((j + 1) c, window) frames of keys."""
-    return sum(rollout_flops_parts(config, chunk_tokens, num_chunks, forwards_per_chunk, window_chunks,
-                                   text_tokens, window_frames=window_frames,
-                                   frames_per_chunk=frames_per_chunk).values())
+    return sum(
+        rollout_flops_parts(
+            config,
+            chunk_tokens,
+            num_chunks,
+            forwards_per_chunk,
+            window_chunks,
+            text_tokens,
+            window_frames=window_frames,
+            frames_per_chunk=frames_per_chunk,
+        ).values()
+    )

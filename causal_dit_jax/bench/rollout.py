@@ -86,16 +86,24 @@ class BenchResult:
             rows.append(("peak device memory", f"{self.peak_memory_gb:.2f} GB"))
         if self.forward_breakdown_ms:
             b = self.forward_breakdown_ms
-            rows.append(("one forward, profiled (ms per GPU)",
-                         f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
-                         f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
+            rows.append(
+                (
+                    "one forward, profiled (ms per GPU)",
+                    f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
+                    f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}",
+                )
+            )
             for name, ms in list(b.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
         if self.first_forward_breakdown_ms:
             b = self.first_forward_breakdown_ms
-            rows.append(("first chunk's forward, profiled",
-                         f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
-                         f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}"))
+            rows.append(
+                (
+                    "first chunk's forward, profiled",
+                    f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
+                    f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}",
+                )
+            )
         if self.rollout_kernel_ms is not None:
             idle = 1e3 * self.total_s - self.rollout_kernel_ms
             rows.append(("kernel time of one rollout", f"{self.rollout_kernel_ms:.1f} ms (device idle {idle:.1f} ms)"))
@@ -103,8 +111,13 @@ class BenchResult:
             if not v:
                 continue
             rows.append((f"{label} decode, streaming (ms/chunk)", " ".join(f"{t:.1f}" for t in v["decode_ms"])))
-            rows.append((f"{label} decode total", f"{v['decode_total_s']:.3f} s ({v['vae_preset']}, {v['vae_dtype']}, "
-                                                   f"{v['latents_per_call']} latents per call)"))
+            rows.append(
+                (
+                    f"{label} decode total",
+                    f"{v['decode_total_s']:.3f} s ({v['vae_preset']}, {v['vae_dtype']}, "
+                    f"{v['latents_per_call']} latents per call)",
+                )
+            )
             rows.append((f"first frame with {label} (encoded prompt -> host)", f"{1e3 * v['first_frame_s']:.1f} ms"))
             rows.append((f"end to end, DiT + {label}", f"{v['e2e_s']:.3f} s = {v['e2e_fps']:.1f} frames/s"))
             if v.get("peak_memory_gb") is not None:
@@ -115,13 +128,23 @@ class BenchResult:
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
-def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, height: int = 128,
-                  width: int = 128, inference: InferenceConfig = InferenceConfig(),
-                  dit: CausalWanDiT | None = None, strategy: str = "single", seed: int = 0,
-                  comm_bytes_per_chunk: int | None = None, repeats: int = 1,
-                  profile: bool = False, e2e_vae: str | None = None,
-                  vae_latents_per_call: int = 1, keep_latents: bool = False,
-                  per_layer_weights: bool = False) -> BenchResult:
+def run_dit_bench(
+    preset: str | ModelConfig = "demo",
+    latent_frames: int = 9,
+    height: int = 128,
+    width: int = 128,
+    inference: InferenceConfig = InferenceConfig(),
+    dit: CausalWanDiT | None = None,
+    strategy: str = "single",
+    seed: int = 0,
+    comm_bytes_per_chunk: int | None = None,
+    repeats: int = 1,
+    profile: bool = False,
+    e2e_vae: str | None = None,
+    vae_latents_per_call: int = 1,
+    keep_latents: bool = False,
+    per_layer_weights: bool = False,
+) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout).
 
     height, width: pixels; the latents are the Wan VAE's (`VAEConfig.spatial_factor`), the video frames
@@ -131,14 +154,19 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
     mesh and the decoders of `e2e_vae` run on the first device, as in the pipeline)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
-    name = preset if isinstance(preset, str) else next(
-        (k for k, v in PRESETS.items() if v == config), f"custom (residual {config.residual_dtype})")
+    name = (
+        preset
+        if isinstance(preset, str)
+        else next((k for k, v in PRESETS.items() if v == config), f"custom (residual {config.residual_dtype})")
+    )
     vae_config = get_vae_preset(e2e_vae or "wan2.1")
     down = vae_config.spatial_factor
     multiple = down * config.patch_size[1], down * config.patch_size[2]
     if height % multiple[0] or width % multiple[1]:
-        raise ValueError(f"height and width must be multiples of {multiple[0]}x{multiple[1]} (the VAE's x{down} "
-                         f"and the DiT's patches), got {height}x{width}")
+        raise ValueError(
+            f"height and width must be multiples of {multiple[0]}x{multiple[1]} (the VAE's x{down} "
+            f"and the DiT's patches), got {height}x{width}"
+        )
     lh, lw = height // down, width // down
     frames = vae_config.num_frames(latent_frames)
     dit = dit or CausalWanDiT(config)
@@ -187,14 +215,27 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
     dit_peak = peak_memory_gb()  # before the decoders run (the counter only grows)
     vae_result = tiny_result = None
     if e2e_vae:  # the small decoder first, so each peak is its own (the Wan VAE's is the larger)
-        tiny_result = run_e2e(sampler, params, text, noise, key, "taehv" if e2e_vae == "wan2.1" else "taehv-tiny",
-                              latents_per_call=vae_latents_per_call)
+        tiny_result = run_e2e(
+            sampler,
+            params,
+            text,
+            noise,
+            key,
+            "taehv" if e2e_vae == "wan2.1" else "taehv-tiny",
+            latents_per_call=vae_latents_per_call,
+        )
         vae_result = run_e2e(sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call)
     total = sum(best) / 1e3
     n_chunks = len(best)
     tpc = inference.frames_per_chunk * config.tokens_per_frame(lh, lw)
-    flops = rollout_flops(config, tpc, n_chunks, forwards_per_chunk, window_frames=inference.local_attn_size,
-                          frames_per_chunk=inference.frames_per_chunk)
+    flops = rollout_flops(
+        config,
+        tpc,
+        n_chunks,
+        forwards_per_chunk,
+        window_frames=inference.local_attn_size,
+        frames_per_chunk=inference.frames_per_chunk,
+    )
     peak = matmul_peak_tflops() if jax.default_backend() == "gpu" else None
     n_devices = dit.num_devices  # MFU against the peak of all of them
     breakdown = first_breakdown = rollout_ms = None
@@ -202,7 +243,7 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
         from causal_dit_jax.bench.profile import profile_breakdown
 
         fwd = jax.jit(dit.forward, donate_argnums=(4,))  # the cache is donated, as in the sampler
-        x = noise[:, :inference.frames_per_chunk]
+        x = noise[:, : inference.frames_per_chunk]
         t = jnp.full(x.shape[:2], 937.5)
 
         def forward_at(start: int):
@@ -225,21 +266,47 @@ def run_dit_bench(preset: str | ModelConfig = "demo", latent_frames: int = 9, he
 
         rollout_ms = profile_breakdown(one_rollout, repeats=1)["total"]
     result = BenchResult(
-        preset=name, device=device_kind(), backend=jax.default_backend(),
-        num_devices=n_devices, strategy=strategy,
-        latent_shape=tuple(noise.shape), video_frames=frames,
-        forwards=n_chunks * forwards_per_chunk, compile_s=compile_s, chunk_ms=best,
-        first_chunk_ms=best[0], total_s=total, frames_per_second=frames / total,
-        comm_bytes_per_chunk=comm_bytes_per_chunk, dit_tflops=flops / 1e12, matmul_peak_tflops=peak,
-        mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices), compilations=counter.count,
-        peak_memory_gb=dit_peak, forward_breakdown_ms=breakdown,
-        first_forward_breakdown_ms=first_breakdown, rollout_kernel_ms=rollout_ms, vae=vae_result, tiny_vae=tiny_result,
-        linear_precision=dit.kernels.linear_precision, host=platform.node(), latents=latents)
+        preset=name,
+        device=device_kind(),
+        backend=jax.default_backend(),
+        num_devices=n_devices,
+        strategy=strategy,
+        latent_shape=tuple(noise.shape),
+        video_frames=frames,
+        forwards=n_chunks * forwards_per_chunk,
+        compile_s=compile_s,
+        chunk_ms=best,
+        first_chunk_ms=best[0],
+        total_s=total,
+        frames_per_second=frames / total,
+        comm_bytes_per_chunk=comm_bytes_per_chunk,
+        dit_tflops=flops / 1e12,
+        matmul_peak_tflops=peak,
+        mfu=None if peak is None else flops / total / 1e12 / (peak * n_devices),
+        compilations=counter.count,
+        peak_memory_gb=dit_peak,
+        forward_breakdown_ms=breakdown,
+        first_forward_breakdown_ms=first_breakdown,
+        rollout_kernel_ms=rollout_ms,
+        vae=vae_result,
+        tiny_vae=tiny_result,
+        linear_precision=dit.kernels.linear_precision,
+        host=platform.node(),
+        latents=latents,
+    )
     return result
 
 
-def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: str = "wan2.1",
-            vae_dtype: str = "bfloat16", latents_per_call: int = 3) -> dict:
+def run_e2e(
+    sampler: SelfForcingSampler,
+    params,
+    text,
+    noise,
+    key,
+    vae_preset: str = "wan2.1",
+    vae_dtype: str = "bfloat16",
+    latents_per_call: int = 3,
+) -> dict:
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
     latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
     preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random
@@ -286,10 +353,18 @@ def run_e2e(sampler: SelfForcingSampler, params, text, noise, key, vae_preset: s
     one_stream(sync=False)  # compile
     first, _, total, frames = one_stream(sync=False)
     _, dec, _, _ = one_stream(sync=True)
-    return {"vae_preset": vae_preset, "vae_dtype": vae_dtype, "latents_per_call": latents_per_call,
-            "decode_ms": dec, "decode_total_s": sum(dec) / 1e3,
-            "first_frame_s": first, "e2e_s": total, "e2e_fps": frames / total, "frames": frames,
-            "peak_memory_gb": peak_memory_gb()}
+    return {
+        "vae_preset": vae_preset,
+        "vae_dtype": vae_dtype,
+        "latents_per_call": latents_per_call,
+        "decode_ms": dec,
+        "decode_total_s": sum(dec) / 1e3,
+        "first_frame_s": first,
+        "e2e_s": total,
+        "e2e_fps": frames / total,
+        "frames": frames,
+        "peak_memory_gb": peak_memory_gb(),
+    }
 
 
 __all__ = ["BenchResult", "run_dit_bench", "run_e2e"]

@@ -43,12 +43,11 @@ def matmul_peak_tflops(n: int = 8192, products: int = 20, repeats: int = 10, dty
     if products < 1:
         raise ValueError(f"products must be >= 1, got {products}")
     x = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    w = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) * n ** -0.5).astype(dtype)
+    w = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) * n**-0.5).astype(dtype)
 
     @jax.jit
     def chain(x, w):
-        return jax.lax.fori_loop(0, products, lambda _, x: jnp.dot(x, w, preferred_element_type=dtype), x,
-                                 unroll=True)
+        return jax.lax.fori_loop(0, products, lambda _, x: jnp.dot(x, w, preferred_element_type=dtype), x, unroll=True)
 
     ms = median_ms(chain, x, w, repeats=repeats)
     return 2 * n**3 * products / ms / 1e9

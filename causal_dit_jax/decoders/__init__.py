@@ -4,5 +4,14 @@ from causal_dit_jax.decoders.chunked_decode import ChunkedDecode, LatentChunkDec
 from causal_dit_jax.decoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.decoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
 
-__all__ = ["ChunkedDecode", "LatentChunkDecoder", "TAEHVConfig", "TAEHVDecoder", "VAEConfig", "WanVAE",
-           "get_taehv_preset", "get_vae_preset", "to_uint8"]
+__all__ = [
+    "ChunkedDecode",
+    "LatentChunkDecoder",
+    "TAEHVConfig",
+    "TAEHVDecoder",
+    "VAEConfig",
+    "WanVAE",
+    "get_taehv_preset",
+    "get_vae_preset",
+    "to_uint8",
+]

@@ -31,7 +31,7 @@ class ChunkedDecode:
         step = frames_per_chunk or t
         outs = []
         for start in range(0, t, step):
-            frames, cache = self.jit_decode_chunk(params, z[:, start:start + step], cache)
+            frames, cache = self.jit_decode_chunk(params, z[:, start : start + step], cache)
             outs.append(frames)
         return jnp.concatenate(outs, axis=1)
 

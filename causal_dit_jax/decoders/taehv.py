@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import struct
 
-from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
 from causal_dit_jax.decoders.chunked_decode import ChunkedDecode
+from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
 
 Params = dict[str, Any]
 MEM_BLOCKS = 3  # memory blocks per stage
@@ -53,8 +53,10 @@ class TAEHVConfig(ConfigFields):
         object.__setattr__(self, "time_upscale", tuple(bool(t) for t in self.time_upscale))
         object.__setattr__(self, "space_upscale", tuple(bool(s) for s in self.space_upscale))
         if len(self.channels) != 4 or len(self.time_upscale) != 3 or len(self.space_upscale) != 3:
-            raise ValueError("TAEHV has 3 stages: channels needs 4 entries, time_upscale and space_upscale 3, "
-                             f"got {self.channels}, {self.time_upscale}, {self.space_upscale}")
+            raise ValueError(
+                "TAEHV has 3 stages: channels needs 4 entries, time_upscale and space_upscale 3, "
+                f"got {self.channels}, {self.time_upscale}, {self.space_upscale}"
+            )
         dtype_from_name(self.dtype)
         dtype_from_name(self.param_dtype)
 
@@ -76,7 +78,6 @@ class TAEHVConfig(ConfigFields):
         """Video frames from `latent_frames` latents: 1 + 4 (T - 1) for a video's start, else 4 T."""
         f = self.time_factor
         return 1 + f * (latent_frames - 1) if first_chunk else f * latent_frames
-
 
 
 TAEHV_PRESETS: dict[str, TAEHVConfig] = {
@@ -110,8 +111,9 @@ def conv2d(p: Params, x: jax.Array, dtype) -> jax.Array:
     else:
         b, t = x.shape[:2]
         frames = rearrange(x, "b t h w c -> (b t) h w c")
-        y = jax.lax.conv_general_dilated(frames, kernel, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+        y = jax.lax.conv_general_dilated(
+            frames, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+        )
         y = rearrange(y, "(b t) h w c -> b t h w c", b=b, t=t)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
@@ -171,13 +173,15 @@ class TAEHVDecoder(ChunkedDecode):
         c = cfg.channels
         params: Params = {"conv_in": conv(cfg.latent_channels, c[0])}
         for s in range(3):
-            stage = {f"mem{j}": {"conv0": conv(2 * c[s], c[s]), "conv1": conv(c[s], c[s]), "conv2": conv(c[s], c[s])}
-                     for j in range(MEM_BLOCKS)}
+            stage = {
+                f"mem{j}": {"conv0": conv(2 * c[s], c[s]), "conv1": conv(c[s], c[s]), "conv2": conv(c[s], c[s])}
+                for j in range(MEM_BLOCKS)
+            }
             stride = 2 if cfg.time_upscale[s] else 1
             stage["tgrow"] = conv(c[s], c[s] * stride, k=1, bias=False)
             stage["proj"] = conv(c[s], c[s + 1], bias=False)
             params[f"stage{s}"] = stage
-        params["conv_out"] = conv(c[3], 3 * cfg.patch_size ** 2)
+        params["conv_out"] = conv(c[3], 3 * cfg.patch_size**2)
         return params
 
     def abstract_params(self) -> Params:
@@ -195,29 +199,33 @@ class TAEHVDecoder(ChunkedDecode):
                 h, w = 2 * h, 2 * w
         return out
 
-    def init_decode_cache(self, batch: int, latent_height: int, latent_width: int,
-                          wan_first_frame: bool = True) -> TAEHVDecodeCache:
+    def init_decode_cache(
+        self, batch: int, latent_height: int, latent_width: int, wan_first_frame: bool = True
+    ) -> TAEHVDecodeCache:
         """Zero memories for a new video. wan_first_frame=True drops the first time_factor - 1 frames
         (latent 0 gives 1 frame, as Wan's VAE); False keeps them (every latent gives time_factor)."""
         dtype = dtype_from_name(self.config.dtype)
-        memory = {f"stage{s}": {f"mem{j}": jnp.zeros((batch, 1, h, w, c), dtype) for j in range(MEM_BLOCKS)}
-                  for s, (h, w, c) in enumerate(self.stage_shapes(latent_height, latent_width))}
+        memory = {
+            f"stage{s}": {f"mem{j}": jnp.zeros((batch, 1, h, w, c), dtype) for j in range(MEM_BLOCKS)}
+            for s, (h, w, c) in enumerate(self.stage_shapes(latent_height, latent_width))
+        }
         return TAEHVDecodeCache(memory, self.config.time_factor - 1 if wan_first_frame else 0)
 
-    def decode_chunk(self, params: Params, z: jax.Array, cache: TAEHVDecodeCache
-                     ) -> tuple[jax.Array, TAEHVDecodeCache]:
+    def decode_chunk(self, params: Params, z: jax.Array, cache: TAEHVDecodeCache) -> tuple[jax.Array, TAEHVDecodeCache]:
         """Normalised latents z [B, T, h, w, C_lat] (following those already in `cache`) ->
         (frames [B, T', 8h, 8w, 3] float32 in [-1, 1], the updated cache); T' = 4 T, less the dropped
         leading frames on a video's first call. Pure and jittable."""
         cfg = self.config
         if z.ndim != 5 or z.shape[-1] != cfg.latent_channels:
-            raise ValueError(f"latents must be [batch, frames, height, width, {cfg.latent_channels}] "
-                             f"(channels-last), got {z.shape}")
+            raise ValueError(
+                f"latents must be [batch, frames, height, width, {cfg.latent_channels}] (channels-last), got {z.shape}"
+            )
         want = self.stage_shapes(z.shape[2], z.shape[3])[0]
         have = cache.memory["stage0"]["mem0"].shape
         if have[0] != z.shape[0] or have[2:] != want:
-            raise ValueError(f"decode cache was made for batch {have[0]} at {have[2]}x{have[3]} latents, "
-                             f"got latents {z.shape}")
+            raise ValueError(
+                f"decode cache was made for batch {have[0]} at {have[2]}x{have[3]} latents, got latents {z.shape}"
+            )
         dtype = dtype_from_name(cfg.dtype)
         x = jnp.tanh(z.astype(jnp.float32) / 3.0) * 3.0
         x = jax.nn.relu(conv2d(params["conv_in"], x, dtype))
@@ -233,7 +241,7 @@ class TAEHVDecoder(ChunkedDecode):
             x = conv2d(stage["proj"], x, dtype)
         x = conv2d(params["conv_out"], jax.nn.relu(x), dtype)
         x = pixel_shuffle(x.astype(jnp.float32), cfg.patch_size)
-        x = x[:, cache.frames_to_trim:]
+        x = x[:, cache.frames_to_trim :]
         return jnp.clip(x, 0.0, 1.0) * 2.0 - 1.0, TAEHVDecodeCache(memory, 0)
 
 
@@ -250,7 +258,7 @@ def taehv_flops(config: TAEHVConfig, latent_frames: int, latent_height: int, lat
         total += 2 * c[s] * c[s] * stride * frames * h * w
         frames *= stride
         total += 2 * 9 * c[s] * c[s + 1] * frames * h * w
-    total += 2 * 9 * c[3] * 3 * config.patch_size ** 2 * frames * h * w
+    total += 2 * 9 * c[3] * 3 * config.patch_size**2 * frames * h * w
     return total
 
 

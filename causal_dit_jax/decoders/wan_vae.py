@@ -20,7 +20,6 @@ latent gives 4 frames and the caller drops the first 3 frames of the video.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -37,10 +36,42 @@ CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
 MAX_UNROLLED_FRAMES = 12  # per-frame stages unroll up to one 3-latent chunk's frames, then scan
 
 # Wan2.1 VAE latent statistics: z_raw = z * std + mean.
-LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-               0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-              1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENT_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENT_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 UPSAMPLE_CONVS = ("phases", "repeat")
@@ -75,8 +106,10 @@ class VAEConfig(ConfigFields):
         object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
         object.__setattr__(self, "temporal_upsample", tuple(bool(t) for t in self.temporal_upsample))
         if len(self.temporal_upsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temporal_upsample needs {len(self.dim_mult) - 1} entries (one per upsample), "
-                             f"got {self.temporal_upsample}")
+            raise ValueError(
+                f"temporal_upsample needs {len(self.dim_mult) - 1} entries (one per upsample), "
+                f"got {self.temporal_upsample}"
+            )
         if self.z_dim != len(LATENT_MEAN):
             raise ValueError(f"z_dim must be {len(LATENT_MEAN)} (Wan2.1's latent mean/std), got {self.z_dim}")
         dtype_from_name(self.dtype)
@@ -88,8 +121,10 @@ class VAEConfig(ConfigFields):
             raise ValueError(f"per_frame_stages must be in [0, {stages}], got {self.per_frame_stages}")
         timed = [i for i in range(stages - self.per_frame_stages, stages - 1) if self.temporal_upsample[i]]
         if timed:
-            raise ValueError(f"per_frame_stages={self.per_frame_stages} includes stage {timed[0]}, whose temporal "
-                             "upsample makes 2 frames of each: only stages that keep the frame count run per frame")
+            raise ValueError(
+                f"per_frame_stages={self.per_frame_stages} includes stage {timed[0]}, whose temporal "
+                "upsample makes 2 frames of each: only stages that keep the frame count run per frame"
+            )
 
     @property
     def decoder_dims(self) -> tuple[int, ...]:
@@ -145,7 +180,7 @@ def _precision(dtype):
 
 def _fan_in_normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
     fan_in = math.prod(shape[:-1])
-    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) / fan_in ** 0.5).astype(dtype))
+    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) / fan_in**0.5).astype(dtype))
 
 
 class Conv(nnx.Module):
@@ -170,7 +205,7 @@ class Conv(nnx.Module):
             # on GPUs (transposes around every conv: 40% of the decode time); rank-4 ones stay NHWC.
             kt = self.window[0]
             t_out = x.shape[1] - kt + 1
-            x = jnp.concatenate([x[:, j:j + t_out] for j in range(kt)], axis=-1)  # b t h w (kt c)
+            x = jnp.concatenate([x[:, j : j + t_out] for j in range(kt)], axis=-1)  # b t h w (kt c)
             kernel = rearrange(kernel, "kt kh kw i o -> kh kw (kt i) o")
         return self._frames_2d(x, kernel)
 
@@ -193,16 +228,21 @@ class Conv(nnx.Module):
         if kh == kw == 1:
             y = jnp.einsum("bthwi,io->bthwo", x, kernel[0, 0], precision=_precision(self.dtype))
         else:
-            y = jax.lax.conv_general_dilated(rearrange(x, "b t h w c -> (b t) h w c"), kernel, (1, 1),
-                                             [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             precision=_precision(self.dtype))
+            y = jax.lax.conv_general_dilated(
+                rearrange(x, "b t h w c -> (b t) h w c"),
+                kernel,
+                (1, 1),
+                [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=_precision(self.dtype),
+            )
             y = rearrange(y, "(b t) h w c -> b t h w c", b=x.shape[0])
         return y + self.bias[...].astype(self.dtype)
 
 
-def causal_conv(conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None,
-                zero_cache: bool = False) -> tuple[jax.Array, jax.Array]:
+def causal_conv(
+    conv: Conv, x: jax.Array, cache: jax.Array, newest: int | None = None, zero_cache: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """x [B, T, H, W, C] with the last CACHE_T input frames before it -> (conv output [B, T, ...],
     the new cache: the last CACHE_T frames of [cache, x], the older in slot 0).
 
@@ -264,16 +304,19 @@ class ResidualBlock(nnx.Module):
         self.conv2 = Conv(c_out, c_out, (3, 3, 3), **kw)
         self.shortcut = Conv(c_in, c_out, (1, 1, 1), **kw) if c_in != c_out else None
 
-    def __call__(self, x: jax.Array, cache: dict, newest: int | None = None, zero_cache: bool = False
-                 ) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x: jax.Array, cache: dict, newest: int | None = None, zero_cache: bool = False
+    ) -> tuple[jax.Array, dict]:
         h, c1 = causal_conv(self.conv1, jax.nn.silu(self.norm1(x)), cache["conv1"], newest, zero_cache)
         h, c2 = causal_conv(self.conv2, jax.nn.silu(self.norm2(h)), cache["conv2"], newest, zero_cache)
         skip = self.shortcut(x) if self.shortcut is not None else x
         return skip + h, {"conv1": c1, "conv2": c2}
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
-        return {"conv1": zeros_cache(batch, height, width, self.c_in, dtype),
-                "conv2": zeros_cache(batch, height, width, self.c_out, dtype)}
+        return {
+            "conv1": zeros_cache(batch, height, width, self.c_in, dtype),
+            "conv2": zeros_cache(batch, height, width, self.c_out, dtype),
+        }
 
 
 class AttentionBlock(nnx.Module):
@@ -289,8 +332,9 @@ class AttentionBlock(nnx.Module):
         b, t, h, w, c = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)  # b t h w 3c -> (b t) (h w) 3c
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each [(b t), (h w), c]
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32,
-                            precision=_precision(q.dtype)) / math.sqrt(c)
+        logits = jnp.einsum(
+            "bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32, precision=_precision(q.dtype)
+        ) / math.sqrt(c)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bqk,bkc->bqc", probs, v, precision=_precision(v.dtype))
         return x + self.proj(out.reshape(b, t, h, w, c))  # (b t) (h w) c -> b t h w c
@@ -300,8 +344,7 @@ class Upsample(nnx.Module):
     """Wan's Resample 'upsample3d' (time_conv C -> 2C making 2 frames per frame, then spatial) or
     'upsample2d' (spatial only): nearest x2 in H and W, then a 3x3 Conv2d C -> C/2 per frame."""
 
-    def __init__(self, dim: int, temporal: bool, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 upsample_conv: str = "phases"):
+    def __init__(self, dim: int, temporal: bool, *, dtype, param_dtype, rngs: nnx.Rngs, upsample_conv: str = "phases"):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dim = dim
         self.upsample_conv = upsample_conv
@@ -337,8 +380,10 @@ class Upsample(nnx.Module):
 # Output row 2i + a of "nearest x2, then a 3x3 conv" reads low-resolution rows i - 1 + a and i + a:
 # tap rows of the 3x3 kernel that land on the same low-resolution row add up. PHASE_TAPS[a][t, k]: how
 # much of kernel row k reaches the phase-a 2x2 kernel's row t (the same for columns).
-PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),   # a = 0: rows i - 1 (tap 0), i (taps 1 + 2)
-              (( 1, 1, 0), (0, 0, 1)))   # a = 1: rows i (taps 0 + 1), i + 1 (tap 2)
+PHASE_TAPS = (
+    ((1, 0, 0), (0, 1, 1)),  # a = 0: rows i - 1 (tap 0), i (taps 1 + 2)
+    ((1, 1, 0), (0, 0, 1)),
+)  # a = 1: rows i (taps 0 + 1), i + 1 (tap 2)
 
 
 def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
@@ -353,9 +398,14 @@ def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
     phases = []
     for a in (0, 1):
         for c in (0, 1):
-            y = jax.lax.conv_general_dilated(frames, k4[a, c], (1, 1), [(1 - a, a), (1 - c, c)],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             precision=_precision(conv.dtype))
+            y = jax.lax.conv_general_dilated(
+                frames,
+                k4[a, c],
+                (1, 1),
+                [(1 - a, a), (1 - c, c)],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=_precision(conv.dtype),
+            )
             phases.append(y)  # (b t) h w o: rows 2i + a, columns 2j + c
     y = jnp.stack(phases).reshape(2, 2, *phases[0].shape)  # (a c) n h w o -> a c n h w o
     y = rearrange(y, "a c (b t) h w o -> b t (h a) (w c) o", b=b, t=t)
@@ -365,8 +415,18 @@ def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
 class Stage(nnx.Module):
     """num_res_blocks + 1 residual blocks (res0, res1, ...) and, except in the last stage, an upsample."""
 
-    def __init__(self, c_in: int, c_out: int, num_blocks: int, upsample: str | None, *, dtype, param_dtype,
-                 rngs: nnx.Rngs, upsample_conv: str = "phases"):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        num_blocks: int,
+        upsample: str | None,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        upsample_conv: str = "phases",
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_blocks = num_blocks
         for j in range(num_blocks):
@@ -376,8 +436,9 @@ class Stage(nnx.Module):
     def blocks(self) -> list[tuple[str, ResidualBlock]]:
         return [(f"res{j}", getattr(self, f"res{j}")) for j in range(self.num_blocks)]
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, spatial_upsample: bool = True,
-                 newest: int | None = None) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x: jax.Array, cache: dict, first_chunk: bool, spatial_upsample: bool = True, newest: int | None = None
+    ) -> tuple[jax.Array, dict]:
         """spatial_upsample=False stops before the space half of the upsample (the caller runs
         `self.upsample.spatial` itself, frame by frame). newest: one frame through ring caches
         (`causal_conv`). first_chunk: the video's start (zero caches, Wan's first-frame rule)."""
@@ -412,8 +473,10 @@ class Middle(nnx.Module):
         return x, {"res0": c0, "res1": c1}
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
-        return {"res0": self.res0.init_cache(batch, height, width, dtype),
-                "res1": self.res1.init_cache(batch, height, width, dtype)}
+        return {
+            "res0": self.res0.init_cache(batch, height, width, dtype),
+            "res1": self.res1.init_cache(batch, height, width, dtype),
+        }
 
 
 class Head(nnx.Module):
@@ -424,8 +487,9 @@ class Head(nnx.Module):
         self.norm = RMSNorm(dim, param_dtype)
         self.conv = Conv(dim, 3, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: jax.Array, newest: int | None = None, zero_cache: bool = False
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, cache: jax.Array, newest: int | None = None, zero_cache: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
         return causal_conv(self.conv, jax.nn.silu(self.norm(x)), cache, newest, zero_cache)
 
 
@@ -443,16 +507,20 @@ class Decoder3d(nnx.Module):
         for i in range(self.num_stages):
             c_in = dims[i] if i == 0 else dims[i] // 2  # every upsample halves the width
             up = None if i == self.num_stages - 1 else ("3d" if config.temporal_upsample[i] else "2d")
-            setattr(self, f"stage{i}", Stage(c_in, dims[i + 1], config.num_res_blocks + 1, up,
-                                             upsample_conv=config.upsample_conv, **kw))
+            setattr(
+                self,
+                f"stage{i}",
+                Stage(c_in, dims[i + 1], config.num_res_blocks + 1, up, upsample_conv=config.upsample_conv, **kw),
+            )
         self.head = Head(dims[-1], **kw)
         self.per_frame_stages = config.per_frame_stages
 
     def stages(self) -> list[tuple[str, Stage]]:
         return [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(self.num_stages)]
 
-    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1
-                 ) -> tuple[jax.Array, dict, int]:
+    def __call__(
+        self, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1
+    ) -> tuple[jax.Array, dict, int]:
         """x [B, T, h, w, C] -> (frames, new caches, the new `VAEDecodeCache.tail_newest`)."""
         new_cache = {}
         x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"], zero_cache=first_chunk)
@@ -460,8 +528,9 @@ class Decoder3d(nnx.Module):
         split = self.num_stages - self.per_frame_stages
         lead_stages, tail = self.stages()[:split], self.stages()[split:]
         for k, (name, stage) in enumerate(lead_stages):  # the last one leaves its spatial upsample to the tail
-            x, new_cache[name] = stage(x, cache[name], first_chunk,
-                                       spatial_upsample=not (tail and k == len(lead_stages) - 1))
+            x, new_cache[name] = stage(
+                x, cache[name], first_chunk, spatial_upsample=not (tail and k == len(lead_stages) - 1)
+            )
         tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
         if tail:  # one frame at a time
             feed = lead_stages[-1][1].upsample if lead_stages else None
@@ -496,8 +565,10 @@ class Decoder3d(nnx.Module):
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
         """Zero caches for latents of height x width; each upsample doubles the resolution after it."""
-        cache = {"conv1": zeros_cache(batch, height, width, self.z_dim, dtype),
-                 "middle": self.middle.init_cache(batch, height, width, dtype)}
+        cache = {
+            "conv1": zeros_cache(batch, height, width, self.z_dim, dtype),
+            "middle": self.middle.init_cache(batch, height, width, dtype),
+        }
         for name, stage in self.stages():
             cache[name] = stage.init_cache(batch, height, width, dtype)
             if stage.upsample is not None:
@@ -517,8 +588,7 @@ class WanVAEDecoder(nnx.Module):
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
         pdtype = dtype_from_name(config.param_dtype)
         # conv2 runs in float32 on the float32 latent, before the cast to the compute dtype.
-        self.conv2 = Conv(config.z_dim, config.z_dim, (1, 1, 1), dtype=jnp.float32, param_dtype=pdtype,
-                          rngs=rngs)
+        self.conv2 = Conv(config.z_dim, config.z_dim, (1, 1, 1), dtype=jnp.float32, param_dtype=pdtype, rngs=rngs)
         self.decoder = Decoder3d(config, rngs=rngs)
 
 
@@ -539,16 +609,16 @@ class WanVAE(ChunkedDecode):
         """ShapeDtypeStructs of the parameter tree (no memory)."""
         return jax.eval_shape(self.init, jax.random.key(0))
 
-    def init_decode_cache(self, batch: int, latent_height: int, latent_width: int,
-                          wan_first_frame: bool = True) -> VAEDecodeCache:
+    def init_decode_cache(
+        self, batch: int, latent_height: int, latent_width: int, wan_first_frame: bool = True
+    ) -> VAEDecodeCache:
         """Zero caches for a new video. wan_first_frame=True: Wan's decode (latent 0 gives 1 frame);
         False: Self-Forcing's demo decoder (every latent gives 4 frames; drop the first 3 yourself)."""
         dtype = dtype_from_name(self.config.dtype)
         convs = self._abstract.decoder.init_cache(batch, latent_height, latent_width, dtype)
         return VAEDecodeCache(convs=convs, first_chunk=wan_first_frame)
 
-    def decode_chunk(self, params: Params, z: jax.Array, cache: VAEDecodeCache
-                     ) -> tuple[jax.Array, VAEDecodeCache]:
+    def decode_chunk(self, params: Params, z: jax.Array, cache: VAEDecodeCache) -> tuple[jax.Array, VAEDecodeCache]:
         """Normalised latents z [B, T, h, w, z_dim] (the chunk after those already in `cache`) ->
         (frames [B, T', 8h, 8w, 3] float32 in [-1, 1], the updated cache).
 
@@ -557,13 +627,17 @@ class WanVAE(ChunkedDecode):
         """
         cfg = self.config
         if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
-            raise ValueError(f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), "
-                             f"got {z.shape}")
+            raise ValueError(
+                f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), got {z.shape}"
+            )
         model = nnx.merge(self._graphdef, params)
         mean = jnp.asarray(LATENT_MEAN, jnp.float32)
         std = jnp.asarray(LATENT_STD, jnp.float32)
         x = model.conv2(z.astype(jnp.float32) * std + mean)
-        x, convs, newest = model.decoder(x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk,
-                                         cache.tail_newest)
-        return (jnp.clip(x.astype(jnp.float32), -1.0, 1.0),
-                VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest))
+        x, convs, newest = model.decoder(
+            x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk, cache.tail_newest
+        )
+        return (
+            jnp.clip(x.astype(jnp.float32), -1.0, 1.0),
+            VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest),
+        )

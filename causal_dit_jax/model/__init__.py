@@ -9,7 +9,23 @@ from causal_dit_jax.model.rope import RopeTables, causal_rope_positions, rope_ta
 from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
 
 __all__ = [
-    "CausalWanDiT", "ChunkModel", "InferenceConfig", "KVCache", "KernelConfig", "ModelConfig", "PRESETS", "RopeTables",
-    "SelfForcingSampler", "TextKV", "causal_rope_positions", "from_torch_layout", "get_preset",
-    "init_kv_cache", "initial_noise", "load_dit", "param_count", "rope_tables", "to_torch_layout",
+    "CausalWanDiT",
+    "ChunkModel",
+    "InferenceConfig",
+    "KVCache",
+    "KernelConfig",
+    "ModelConfig",
+    "PRESETS",
+    "RopeTables",
+    "SelfForcingSampler",
+    "TextKV",
+    "causal_rope_positions",
+    "from_torch_layout",
+    "get_preset",
+    "init_kv_cache",
+    "initial_noise",
+    "load_dit",
+    "param_count",
+    "rope_tables",
+    "to_torch_layout",
 ]

@@ -17,9 +17,9 @@ from causal_dit_jax.model.kv_cache import CacheWrite, LayerCache, write_chunk
 
 
 class SelfAttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache | None,
-                 write: CacheWrite | None) -> tuple[jax.Array, LayerCache | None]:
-        ...
+    def __call__(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: LayerCache | None, write: CacheWrite | None
+    ) -> tuple[jax.Array, LayerCache | None]: ...
 
 
 def default_implementation(dtype) -> str:
@@ -31,10 +31,14 @@ def default_implementation(dtype) -> str:
     return "xla"
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          kv_length: jax.Array | None = None,
-                          implementation: str | None = None,
-                          key_mask: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_length: jax.Array | None = None,
+    implementation: str | None = None,
+    key_mask: jax.Array | None = None,
+) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v for q [B, L, N, D], k/v [B, S, N, D]; keys past kv_length are ignored
     (cuDNN skips them; XLA masks them).
 
@@ -59,12 +63,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         mask = key_mask.reshape(1, 1, 1, k.shape[1])
         if implementation == "cudnn":  # cuDNN's bias must span the queries
             mask = jnp.broadcast_to(mask, (1, 1, q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_len,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_len, implementation=implementation)
 
 
-def frame_key_mask(frame_mask: jax.Array, num_keys: int, slot_tokens: int, tokens_per_frame: int,
-                   token_offset: jax.Array | int = 0, true_len: int | None = None) -> jax.Array:
+def frame_key_mask(
+    frame_mask: jax.Array,
+    num_keys: int,
+    slot_tokens: int,
+    tokens_per_frame: int,
+    token_offset: jax.Array | int = 0,
+    true_len: int | None = None,
+) -> jax.Array:
     """[num_keys] bool from a cache's per-slot frame mask (`CacheWrite.frame_mask`, [slots, c]).
 
     Key i lies in slot i // slot_tokens at token token_offset + i % slot_tokens of its chunk (a ring
@@ -82,8 +91,7 @@ def frame_key_mask(frame_mask: jax.Array, num_keys: int, slot_tokens: int, token
     return inside & frame_mask.reshape(-1)[index]
 
 
-def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Masked attention that also returns the log-sum-exp of the logits (for merging partials).
 
     q [B, L, N, D], k/v [B, S, N, D], key_mask [B, S] bool. Returns out [B, L, N, D] (float32) and
@@ -105,8 +113,9 @@ def _prefix_mask(b: int, s: int, kv_length) -> jax.Array:
 
 
 @jax.custom_vjp
-def cudnn_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array
-                             ) -> tuple[jax.Array, jax.Array]:
+def cudnn_attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """`attention_with_lse` for a prefix of valid keys (the first kv_length, >= 1) as one cuDNN flash
     attention that also returns its softmax statistics. GPU, bf16/f16 q/k/v [B, L, N, D].
 
@@ -119,8 +128,16 @@ def cudnn_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length
     b = q.shape[0]
     q_len = jnp.full((b,), q.shape[1], jnp.int32)
     kv_len = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (b,))
-    out, lse = cudnn_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_seqlen=q_len, kv_seqlen=kv_len,
-                               scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING, return_residual=True)
+    out, lse = cudnn_attention(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        q_seqlen=q_len,
+        kv_seqlen=kv_len,
+        scale=q.shape[-1] ** -0.5,
+        mask_type=MaskType.PADDING,
+        return_residual=True,
+    )
     return out.astype(jnp.float32), lse.astype(jnp.float32)
 
 
@@ -138,8 +155,9 @@ def _lse_bwd(res, g):
 cudnn_attention_with_lse.defvjp(_lse_fwd, _lse_bwd)
 
 
-def prefix_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length,
-                              implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+def prefix_attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv_length, implementation: str | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Attention of q over the first kv_length keys with its log-sum-exp (out f32 [B, L, N, D],
     lse f32 [B, N, L]): cuDNN on GPUs for 16-bit inputs, XLA's masked einsum otherwise."""
     implementation = implementation or default_implementation(q.dtype)
@@ -151,8 +169,9 @@ def prefix_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengt
 PAGE_TOKENS = 256  # keys per page of the paged cache attention (cuDNN wants a power of 2)
 
 
-def paged_cache_attention(q: jax.Array, cache: LayerCache, kv_length: jax.Array,
-                          page_tokens: int = PAGE_TOKENS) -> jax.Array:
+def paged_cache_attention(
+    q: jax.Array, cache: LayerCache, kv_length: jax.Array, page_tokens: int = PAGE_TOKENS
+) -> jax.Array:
     """cuDNN paged attention of q [B, L, N, D] over this layer's part of the stacked cache, read in place.
 
     The stacked buffers [layers, B, S, N, D] are viewed (a free reshape) as pages of `page_tokens`
@@ -166,8 +185,10 @@ def paged_cache_attention(q: jax.Array, cache: LayerCache, kv_length: jax.Array,
 
     layers, b, s, n, d = cache.k.shape
     if s % page_tokens or page_tokens & (page_tokens - 1):
-        raise ValueError(f"cache length {s} must be a multiple of the page size {page_tokens}, a power of 2 "
-                         "(make the cache with init_kv_cache(align=page_tokens))")
+        raise ValueError(
+            f"cache length {s} must be a multiple of the page size {page_tokens}, a power of 2 "
+            "(make the cache with init_kv_cache(align=page_tokens))"
+        )
     pages = s // page_tokens  # per (layer, batch row)
     k_pages = cache.k.reshape(layers * b * pages, page_tokens, n, d)  # l b (p t) n d -> (l b p) t n d
     v_pages = cache.v.reshape(layers * b * pages, page_tokens, n, d)
@@ -176,8 +197,17 @@ def paged_cache_attention(q: jax.Array, cache: LayerCache, kv_length: jax.Array,
     table = table[:, None, :, None]  # [B, 1, layers * pages, 1]
     q_len = jnp.full((b,), q.shape[1], jnp.int32)
     kv_len = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (b,))
-    return paged_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), q_len, kv_len, table, table,
-                           scale=d ** -0.5, mask_type=MaskType.PADDING)
+    return paged_attention(
+        q,
+        k_pages.astype(q.dtype),
+        v_pages.astype(q.dtype),
+        q_len,
+        kv_len,
+        table,
+        table,
+        scale=d**-0.5,
+        mask_type=MaskType.PADDING,
+    )
 
 
 def _sliced_cache_attention(q, cache_k, cache_v, layer, kv_length):
@@ -185,8 +215,9 @@ def _sliced_cache_attention(q, cache_k, cache_v, layer, kv_length):
 
 
 @jax.custom_vjp
-def cache_attention_in_place(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array,
-                             kv_length: jax.Array) -> jax.Array:
+def cache_attention_in_place(
+    q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: jax.Array, kv_length: jax.Array
+) -> jax.Array:
     """`paged_cache_attention` with a gradient: the backward pass is that of slicing the layer's
     cache and running cuDNN attention (the same function), so the fast path works under jax.grad."""
     return paged_cache_attention(q, LayerCache(cache_k, cache_v, layer), kv_length)
@@ -205,9 +236,14 @@ def _in_place_bwd(res, g):
 cache_attention_in_place.defvjp(_in_place_fwd, _in_place_bwd)
 
 
-def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         layer_cache: LayerCache | None = None, write: CacheWrite | None = None,
-                         implementation: str | None = None) -> tuple[jax.Array, LayerCache | None]:
+def local_self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layer_cache: LayerCache | None = None,
+    write: CacheWrite | None = None,
+    implementation: str | None = None,
+) -> tuple[jax.Array, LayerCache | None]:
     """Self-attention of a chunk on one device, with or without the KV cache.
 
     Without a cache the chunk attends to itself. With one, the chunk's (rotated) k/v are written to
@@ -244,6 +280,8 @@ def local_self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 def make_local_self_attention(implementation: str | None = None) -> Callable:
     """`local_self_attention` bound to an attention implementation ('xla', 'cudnn', 'cudnn_paged' or
     None: the backend's default)."""
+
     def fn(q, k, v, layer_cache=None, write=None):
         return local_self_attention(q, k, v, layer_cache, write, implementation)
+
     return fn

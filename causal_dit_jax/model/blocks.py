@@ -7,8 +7,6 @@ keys, K text tokens, N heads, D head dim, C model width.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -40,13 +38,27 @@ class SelfAttention(nnx.Module):
         self.norm_q = RMSNorm(c, config.eps, pdtype)
         self.norm_k = RMSNorm(c, config.eps, pdtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layer_cache: Optional[LayerCache],
-                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
-                 ) -> tuple[jax.Array, Optional[LayerCache]]:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        layer_cache: LayerCache | None,
+        write: CacheWrite | None,
+        attention_fn: SelfAttentionFn,
+    ) -> tuple[jax.Array, LayerCache | None]:
         qkv = self.qkv(x)  # [B, L, 3C]
-        q, k = qk_norm_rope(qkv, self.norm_q.scale[...], self.norm_k.scale[...], cos, sin, self.norm_q.eps,
-                            self.num_heads, self.norm_rope_impl)  # each [B, L, N, D], normalised and rotated
-        v = rearrange(qkv[..., 2 * qkv.shape[-1] // 3:], "b l (n d) -> b l n d", n=self.num_heads)
+        q, k = qk_norm_rope(
+            qkv,
+            self.norm_q.scale[...],
+            self.norm_k.scale[...],
+            cos,
+            sin,
+            self.norm_q.eps,
+            self.num_heads,
+            self.norm_rope_impl,
+        )  # each [B, L, N, D], normalised and rotated
+        v = rearrange(qkv[..., 2 * qkv.shape[-1] // 3 :], "b l (n d) -> b l n d", n=self.num_heads)
         out, layer_cache = attention_fn(q, k, v, layer_cache, write)
         out = rearrange(out.astype(x.dtype), "b l n d -> b l (n d)")
         return self.o(out), layer_cache
@@ -70,11 +82,14 @@ class CrossAttention(nnx.Module):
         """Keys and values of the embedded text [B, K, C] -> two [B, K, N, D]."""
         k, v = jnp.split(self.kv(text), 2, axis=-1)
         k = self.norm_k(k)
-        return (rearrange(k, "b k (n d) -> b k n d", n=self.num_heads),
-                rearrange(v, "b k (n d) -> b k n d", n=self.num_heads))
+        return (
+            rearrange(k, "b k (n d) -> b k n d", n=self.num_heads),
+            rearrange(v, "b k (n d) -> b k n d", n=self.num_heads),
+        )
 
-    def __call__(self, x: jax.Array, text_k: jax.Array, text_v: jax.Array,
-                 implementation: str | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, text_k: jax.Array, text_v: jax.Array, implementation: str | None = None
+    ) -> jax.Array:
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads)
         out = dot_product_attention(q, text_k, text_v, implementation=implementation)
         return self.o(rearrange(out.astype(x.dtype), "b l n d -> b l (n d)"))
@@ -94,13 +109,30 @@ class WanBlock(nnx.Module):
         self.self_attn = SelfAttention(config, kernels, rngs=rngs)
         self.norm3 = AffineLayerNorm(c, config.eps, pdtype)
         self.cross_attn = CrossAttention(config, kernels, rngs=rngs)
-        self.ffn = MLP(c, config.ffn_dim, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs,
-                       linear_precision=kernels.linear_precision)
+        self.ffn = MLP(
+            c,
+            config.ffn_dim,
+            c,
+            "gelu_tanh",
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+            linear_precision=kernels.linear_precision,
+        )
 
-    def __call__(self, x: jax.Array, time_mod: jax.Array, frame_ids: Optional[jax.Array], cos: jax.Array,
-                 sin: jax.Array, text_k: jax.Array, text_v: jax.Array, layer_cache: Optional[LayerCache],
-                 write: Optional[CacheWrite], attention_fn: SelfAttentionFn
-                 ) -> tuple[jax.Array, Optional[LayerCache]]:
+    def __call__(
+        self,
+        x: jax.Array,
+        time_mod: jax.Array,
+        frame_ids: jax.Array | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        text_k: jax.Array,
+        text_v: jax.Array,
+        layer_cache: LayerCache | None,
+        write: CacheWrite | None,
+        attention_fn: SelfAttentionFn,
+    ) -> tuple[jax.Array, LayerCache | None]:
         """x [B, L, C] (residual dtype); time_mod [B, F, 6, C] float32; frame_ids [L] frame of each
         token, or None when the tokens are whole frames in order."""
         cfg = self.config

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 
@@ -39,11 +39,26 @@ class ChunkModel(Protocol):
 
     def encode_text(self, params: Params, context: jax.Array) -> TextKV: ...
 
-    def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
-                   latent_width: int, origin_frame: int = 0) -> KVCache: ...
+    def init_cache(
+        self,
+        inference: InferenceConfig,
+        batch: int,
+        num_frames: int,
+        latent_height: int,
+        latent_width: int,
+        origin_frame: int = 0,
+    ) -> KVCache: ...
 
-    def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV, cache: Optional[KVCache],
-                start_frame: jax.Array | int, rope: RopeTables) -> tuple[jax.Array, Optional[KVCache]]: ...
+    def forward(
+        self,
+        params: Params,
+        x: jax.Array,
+        t: jax.Array,
+        text: TextKV,
+        cache: KVCache | None,
+        start_frame: jax.Array | int,
+        rope: RopeTables,
+    ) -> tuple[jax.Array, KVCache | None]: ...
 
 
 __all__ = ["ChunkModel"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -115,10 +115,19 @@ PRESETS: dict[str, ModelConfig] = {
     "wan2.1-t2v-1.3b": ModelConfig(),
     # Small presets: 12 heads and every code path of the real model, at a fraction of the size.
     # `demo` runs the embedded default video on a 2-core CPU; `tiny` is for tests.
-    "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=256,
-                        freq_dim=64),
-    "tiny": ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8,
-                        freq_dim=32, param_dtype="float32", dtype="float32", residual_dtype="float32"),
+    "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=256, freq_dim=64),
+    "tiny": ModelConfig(
+        dim=192,
+        ffn_dim=256,
+        num_heads=12,
+        num_layers=2,
+        text_dim=32,
+        text_len=8,
+        freq_dim=32,
+        param_dtype="float32",
+        dtype="float32",
+        residual_dtype="float32",
+    ),
 }
 
 
@@ -157,7 +166,7 @@ class KernelConfig(ConfigFields):
     changes the output). scan_unroll: layers per iteration of the layer loop (1 compiles fastest).
     """
 
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
     norm_rope_impl: str = "xla"
     linear_precision: str = "bfloat16"
     scan_unroll: int = 1
@@ -209,17 +218,20 @@ class InferenceConfig(ConfigFields):
             raise ValueError("denoising_steps must not be empty")
         c, local, sink = self.frames_per_chunk, self.local_attn_size, self.sink_size
         if local != -1 and local <= 0:
-            raise ValueError(f"local_attn_size={local} must be -1 (the whole video) or a positive number "
-                             "of latent frames")
+            raise ValueError(
+                f"local_attn_size={local} must be -1 (the whole video) or a positive number of latent frames"
+            )
         if sink < 0:
             raise ValueError(f"sink_size={sink} must be >= 0 latent frames")
         if local == -1 and sink:
-            raise ValueError(f"sink_size={sink} needs a local_attn_size (a rolling cache); "
-                             "local_attn_size=-1 keeps every frame")
+            raise ValueError(
+                f"sink_size={sink} needs a local_attn_size (a rolling cache); local_attn_size=-1 keeps every frame"
+            )
         if local != -1 and local - sink < c:
             raise ValueError(
                 f"local_attn_size={local} with sink_size={sink} leaves no room for a chunk: the window "
-                f"minus the sink must hold at least frames_per_chunk={c} latent frames")
+                f"minus the sink must hold at least frames_per_chunk={c} latent frames"
+            )
         if self.cache_dtype is not None:
             dtype_from_name(self.cache_dtype)
 
@@ -229,7 +241,8 @@ class InferenceConfig(ConfigFields):
         if num_frames <= 0 or num_frames % c:
             raise ValueError(
                 f"{num_frames} latent frames do not fit chunks of {c} frames "
-                f"(use a multiple of {c}; 21 latent frames = 81 video frames)")
+                f"(use a multiple of {c}; 21 latent frames = 81 video frames)"
+            )
         return num_frames // c
 
     def cache_layout(self, num_frames: int) -> CacheLayout:

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.model.attention import (PAGE_TOKENS, SelfAttentionFn, default_implementation,
-                                     make_local_self_attention)
+from causal_dit_jax.model.attention import (
+    PAGE_TOKENS,
+    SelfAttentionFn,
+    default_implementation,
+    make_local_self_attention,
+)
 from causal_dit_jax.model.blocks import WanBlock
 from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.model.fp8_linear import quantize_block_params
@@ -40,13 +44,10 @@ class Stem(nnx.Module):
         c = config.dim
         self.dim = c
         self.freq_dim = config.freq_dim
-        self.patch_embedding = nnx.Linear(config.patch_features, c, dtype=dtype, param_dtype=pdtype,
-                                          rngs=rngs)
-        self.text_embedding = MLP(config.text_dim, c, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype,
-                                  rngs=rngs)
+        self.patch_embedding = nnx.Linear(config.patch_features, c, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.text_embedding = MLP(config.text_dim, c, c, "gelu_tanh", dtype=dtype, param_dtype=pdtype, rngs=rngs)
         # The time path runs in float32, as in Wan2.1.
-        self.time_embedding = MLP(config.freq_dim, c, c, "silu", dtype=jnp.float32, param_dtype=pdtype,
-                                  rngs=rngs)
+        self.time_embedding = MLP(config.freq_dim, c, c, "silu", dtype=jnp.float32, param_dtype=pdtype, rngs=rngs)
         self.time_projection = nnx.Linear(c, 6 * c, dtype=jnp.float32, param_dtype=pdtype, rngs=rngs)
 
     def embed_time(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -65,10 +66,11 @@ class Head(nnx.Module):
         self.eps = config.eps
         init = jax.random.normal(rngs.params(), (2, c), jnp.float32) / c**0.5
         self.modulation = nnx.Param(init.astype(pdtype))
-        self.head = nnx.Linear(c, config.out_features, dtype=dtype_from_name(config.dtype),
-                               param_dtype=pdtype, rngs=rngs)
+        self.head = nnx.Linear(
+            c, config.out_features, dtype=dtype_from_name(config.dtype), param_dtype=pdtype, rngs=rngs
+        )
 
-    def __call__(self, x: jax.Array, e: jax.Array, frame_ids: Optional[jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, e: jax.Array, frame_ids: jax.Array | None) -> jax.Array:
         """x [B, L, C], e [B, F, C] -> [B, L, out_features] (float32)."""
         mod = e[:, :, None, :] + self.modulation[...].astype(jnp.float32)  # b f 2 c
         mod = per_token(mod, frame_ids, x.shape[1])  # b f 2 c -> b l 2 c
@@ -87,8 +89,9 @@ class CausalWanDiT:
     `kernels.attention_impl` names).
     """
 
-    def __init__(self, config: ModelConfig, kernels: KernelConfig = KernelConfig(),
-                 attention_fn: Optional[SelfAttentionFn] = None):
+    def __init__(
+        self, config: ModelConfig, kernels: KernelConfig = KernelConfig(), attention_fn: SelfAttentionFn | None = None
+    ):
         if not isinstance(kernels, KernelConfig):
             raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")
         self.config = config
@@ -115,11 +118,13 @@ class CausalWanDiT:
         def one_block(key):
             return nnx.to_pure_dict(nnx.state(WanBlock(cfg, rngs=nnx.Rngs(key))))
 
-        return self.quantize({
-            "stem": nnx.to_pure_dict(nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem)))),
-            "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.num_layers)),
-            "head": nnx.to_pure_dict(nnx.state(Head(cfg, rngs=nnx.Rngs(k_head)))),
-        })
+        return self.quantize(
+            {
+                "stem": nnx.to_pure_dict(nnx.state(Stem(cfg, rngs=nnx.Rngs(k_stem)))),
+                "blocks": jax.vmap(one_block)(jax.random.split(k_blocks, cfg.num_layers)),
+                "head": nnx.to_pure_dict(nnx.state(Head(cfg, rngs=nnx.Rngs(k_head)))),
+            }
+        )
 
     def quantize(self, params: Params) -> Params:
         """Params in the bfloat16 layout (`init` of a bfloat16 model, a converted checkpoint) -> this
@@ -142,13 +147,27 @@ class CausalWanDiT:
         self.config.tokens_per_frame(latent_height, latent_width)
         return rope_tables(self.config, max_frames, latent_height // ph, latent_width // pw)
 
-    def init_cache(self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int,
-                   latent_width: int, origin_frame: int = 0) -> KVCache:
+    def init_cache(
+        self,
+        inference: InferenceConfig,
+        batch: int,
+        num_frames: int,
+        latent_height: int,
+        latent_width: int,
+        origin_frame: int = 0,
+    ) -> KVCache:
         """Zero KV cache for a stream of `num_frames` latent frames starting at global frame `origin_frame`."""
         tpf = self.config.tokens_per_frame(latent_height, latent_width)
         align = PAGE_TOKENS if self.kernels.attention_impl == "cudnn_paged" else 1  # whole pages for paged attention
-        return init_kv_cache(self.config, inference, batch, num_frames, tpf * inference.frames_per_chunk,
-                             origin_frame=origin_frame, align=align)
+        return init_kv_cache(
+            self.config,
+            inference,
+            batch,
+            num_frames,
+            tpf * inference.frames_per_chunk,
+            origin_frame=origin_frame,
+            align=align,
+        )
 
     # ----------------------------------------------------------------- text
     def encode_text(self, params: Params, context: jax.Array) -> TextKV:
@@ -170,9 +189,16 @@ class CausalWanDiT:
         return TextKV(k=k, v=v)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, params: Params, x: jax.Array, t: jax.Array, text: TextKV,
-                cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables
-                ) -> tuple[jax.Array, Optional[KVCache]]:
+    def forward(
+        self,
+        params: Params,
+        x: jax.Array,
+        t: jax.Array,
+        text: TextKV,
+        cache: KVCache | None,
+        start_frame: jax.Array | int,
+        rope: RopeTables,
+    ) -> tuple[jax.Array, KVCache | None]:
         """One chunk: latents x [B, F, H, W, C_in], per-frame timesteps t [B, F], the prompt's TextKV,
         the KV cache (or None: the chunk attends to itself only) and the chunk's global start frame.
 
@@ -182,10 +208,20 @@ class CausalWanDiT:
         out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
         return tokens_to_latents(self.config, out, grid), cache
 
-    def forward_tokens(self, params: Params, tokens: jax.Array, t: jax.Array, text: TextKV,
-                       cache: Optional[KVCache], start_frame: jax.Array | int, rope: RopeTables, *,
-                       grid: tuple[int, int, int], token_offset: jax.Array | int = 0,
-                       attention_fn: Optional[SelfAttentionFn] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    def forward_tokens(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        t: jax.Array,
+        text: TextKV,
+        cache: KVCache | None,
+        start_frame: jax.Array | int,
+        rope: RopeTables,
+        *,
+        grid: tuple[int, int, int],
+        token_offset: jax.Array | int = 0,
+        attention_fn: SelfAttentionFn | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
@@ -228,8 +264,9 @@ class CausalWanDiT:
             for i, block_params in enumerate(params["blocks"]):
                 (x, cache_kv), _ = body((x, cache_kv), (block_params, text.k[i], text.v[i], i))
         else:
-            (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (params["blocks"], text.k, text.v, layers),
-                                            unroll=self.kernels.scan_unroll)
+            (x, cache_kv), _ = jax.lax.scan(
+                body, (x, cache_kv), (params["blocks"], text.k, text.v, layers), unroll=self.kernels.scan_unroll
+            )
         head = nnx.merge(self._head_def, params["head"])
         out = head(x, e, frame_ids)
         if cache is not None:
@@ -257,7 +294,7 @@ def unstack_blocks(params: Params) -> Params:
     return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def param_count(config: ModelConfig) -> int:
     """Number of parameters of the model described by `config`."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(CausalWanDiT(config).abstract_params()))

@@ -30,8 +30,14 @@ from causal_dit_jax.model.pallas_out import out_struct
 F8 = jnp.float8_e4m3fn
 F8_MAX = float(jnp.finfo(F8).max)  # 448
 # The linears of a Wan block that run in float8 (cross_attn.kv runs once per prompt: kept bf16).
-FP8_LINEARS = (("self_attn", "qkv"), ("self_attn", "o"), ("cross_attn", "q"), ("cross_attn", "o"),
-               ("ffn", "fc1"), ("ffn", "fc2"))
+FP8_LINEARS = (
+    ("self_attn", "qkv"),
+    ("self_attn", "o"),
+    ("cross_attn", "q"),
+    ("cross_attn", "o"),
+    ("ffn", "fc1"),
+    ("ffn", "fc2"),
+)
 AMAX_FLOOR = 1e-12  # the least amax a scale is made from: an all-zero row or channel quantises to zeros, not NaN
 
 
@@ -78,8 +84,9 @@ def _gelu_quantize_row(h_ref, rs_ref, cs_ref, b_ref, q_ref, s_ref, *, k: int):
     plgpu.store(s_ref.at[jnp.arange(1)], jnp.full((1,), scale, jnp.float32))
 
 
-def gelu_quantize_pallas(rows: jax.Array, row_scale: jax.Array, col_scale: jax.Array, bias: jax.Array,
-                         num_warps: int = 8) -> tuple[jax.Array, jax.Array]:
+def gelu_quantize_pallas(
+    rows: jax.Array, row_scale: jax.Array, col_scale: jax.Array, bias: jax.Array, num_warps: int = 8
+) -> tuple[jax.Array, jax.Array]:
     """The Pallas (Triton) pass of `gelu_quantize_rows`, one program of `num_warps` warps per row of
     rows [T, K] (row_scale [T, 1], col_scale and bias [K], float32) -> (e4m3 [T, K], scales [T, 1])."""
     from jax.experimental import pallas as pl
@@ -88,19 +95,29 @@ def gelu_quantize_pallas(rows: jax.Array, row_scale: jax.Array, col_scale: jax.A
     t, k = rows.shape
     inputs = (rows, row_scale, col_scale, bias)
     return pl.pallas_call(
-        functools.partial(_gelu_quantize_row, k=k), grid=(t,),
-        in_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0)),
-                  pl.BlockSpec((k,), lambda i: (0,)), pl.BlockSpec((k,), lambda i: (0,))],
+        functools.partial(_gelu_quantize_row, k=k),
+        grid=(t,),
+        in_specs=[
+            pl.BlockSpec((None, k), lambda i: (i, 0)),
+            pl.BlockSpec((None, 1), lambda i: (i, 0)),
+            pl.BlockSpec((k,), lambda i: (0,)),
+            pl.BlockSpec((k,), lambda i: (0,)),
+        ],
         out_specs=[pl.BlockSpec((None, k), lambda i: (i, 0)), pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[out_struct((t, k), F8, *inputs), out_struct((t, 1), jnp.float32, *inputs)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=jax.default_backend() != "gpu",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        interpret=jax.default_backend() != "gpu",
         name="gelu_quantize_rows",
     )(*inputs)
 
 
-def gelu_quantize_rows(h: jax.Array, bias: jax.Array | None = None, implementation: str | None = None,
-                       row_scale: jax.Array | None = None, col_scale: jax.Array | None = None
-                       ) -> tuple[jax.Array, jax.Array]:
+def gelu_quantize_rows(
+    h: jax.Array,
+    bias: jax.Array | None = None,
+    implementation: str | None = None,
+    row_scale: jax.Array | None = None,
+    col_scale: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """quantize_rows(gelu_tanh(h * row_scale * col_scale + bias)) for h [..., K] (fc1's product, fc2's
     input), row_scale [..., 1], col_scale [K] (an e4m3 product's dequantisation; None: ones) and
     bias [K] (fc1's; None: zeros), all in float32 and quantised without a rounding in between.
@@ -129,8 +146,9 @@ def e4m3_product(xq: jax.Array, values: jax.Array, out_dtype=jnp.bfloat16) -> ja
     return jax.lax.dot_general(xq, values, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
-def fp8_matmul_quantized(xq: jax.Array, xs: jax.Array, values: jax.Array, scale: jax.Array,
-                         out_dtype=jnp.bfloat16) -> jax.Array:
+def fp8_matmul_quantized(
+    xq: jax.Array, xs: jax.Array, values: jax.Array, scale: jax.Array, out_dtype=jnp.bfloat16
+) -> jax.Array:
     """`fp8_matmul` for activations already quantised per row: xq [..., K] e4m3, xs [..., 1]."""
     return e4m3_product(xq, values, out_dtype) * (xs * scale).astype(out_dtype)  # [..., 1] * [N]
 
@@ -190,6 +208,19 @@ def quantize_block_params(block_params: dict) -> dict:
     return out
 
 
-__all__ = ["AMAX_FLOOR", "F8", "FP8_LINEARS", "Fp8Linear", "e4m3_product",
-           "fp8_matmul", "fp8_matmul_quantized", "gelu_quantize_rows", "is_quantized", "make_linear",
-           "quantize_block_params", "quantize_kernel", "quantize_linear_params", "quantize_rows"]
+__all__ = [
+    "AMAX_FLOOR",
+    "F8",
+    "FP8_LINEARS",
+    "Fp8Linear",
+    "e4m3_product",
+    "fp8_matmul",
+    "fp8_matmul_quantized",
+    "gelu_quantize_rows",
+    "is_quantized",
+    "make_linear",
+    "quantize_block_params",
+    "quantize_kernel",
+    "quantize_linear_params",
+    "quantize_rows",
+]

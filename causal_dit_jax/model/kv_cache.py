@@ -90,18 +90,34 @@ def cache_dtype(model: ModelConfig, inference: InferenceConfig):
     return dtype_from_name(inference.cache_dtype or model.dtype)
 
 
-def kv_cache_for(inference: InferenceConfig, num_frames: int, k: jax.Array, v: jax.Array,
-                 origin_frame: int | jax.Array = 0) -> KVCache:
+def kv_cache_for(
+    inference: InferenceConfig, num_frames: int, k: jax.Array, v: jax.Array, origin_frame: int | jax.Array = 0
+) -> KVCache:
     """A KVCache over the buffers k, v with the slots and eviction rule of `inference.cache_layout`."""
     layout = inference.cache_layout(num_frames)
-    return KVCache(k=k, v=v, origin_frame=jnp.asarray(origin_frame, jnp.int32), capacity=layout.capacity,
-                   sink_chunks=layout.sink_chunks, frames_per_chunk=inference.frames_per_chunk,
-                   sink_frames=layout.sink_frames, window_frames=layout.window_frames)
+    return KVCache(
+        k=k,
+        v=v,
+        origin_frame=jnp.asarray(origin_frame, jnp.int32),
+        capacity=layout.capacity,
+        sink_chunks=layout.sink_chunks,
+        frames_per_chunk=inference.frames_per_chunk,
+        sink_frames=layout.sink_frames,
+        window_frames=layout.window_frames,
+    )
 
 
-def init_kv_cache(model: ModelConfig, inference: InferenceConfig, batch: int, num_frames: int,
-                  chunk_tokens: int, origin_frame: int | jax.Array = 0, num_heads: int | None = None,
-                  dtype=None, align: int = 1) -> KVCache:
+def init_kv_cache(
+    model: ModelConfig,
+    inference: InferenceConfig,
+    batch: int,
+    num_frames: int,
+    chunk_tokens: int,
+    origin_frame: int | jax.Array = 0,
+    num_heads: int | None = None,
+    dtype=None,
+    align: int = 1,
+) -> KVCache:
     """Zero cache sized for a video of `num_frames` latent frames (or the rolling window).
 
     chunk_tokens: keys stored per chunk slot (3 * 1560 = 4680 at 480x832 on one device).
@@ -154,9 +170,11 @@ def cache_write_index(cache: KVCache, start_frame: jax.Array | int) -> CacheWrit
     if _concrete(start_frame) and _concrete(cache.origin_frame):
         offset = int(np.asarray(start_frame)) - int(np.asarray(cache.origin_frame))
         if offset % c:
-            raise ValueError(f"start_frame={int(np.asarray(start_frame))} is not aligned with the cache's chunks: "
-                             f"it is {offset} frames from the stream's first frame "
-                             f"{int(np.asarray(cache.origin_frame))}, not a multiple of frames_per_chunk={c}")
+            raise ValueError(
+                f"start_frame={int(np.asarray(start_frame))} is not aligned with the cache's chunks: "
+                f"it is {offset} frames from the stream's first frame "
+                f"{int(np.asarray(cache.origin_frame))}, not a multiple of frames_per_chunk={c}"
+            )
     chunk = (jnp.asarray(start_frame, jnp.int32) - cache.origin_frame) // c
     sink, cap = cache.sink_chunks, cache.capacity
     ring = max(cap - sink, 1)

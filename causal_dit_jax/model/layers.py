@@ -54,8 +54,18 @@ class MLP(nnx.Module):
     """fc2(act(fc1(x))): Wan's text_embedding (GELU-tanh), time_embedding (SiLU) and ffn (GELU-tanh).
     linear_precision 'float8': both linears are `Fp8Linear`s (inference)."""
 
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, activation: str, *, dtype, param_dtype,
-                 rngs: nnx.Rngs, linear_precision: str = "bfloat16"):
+    def __init__(
+        self,
+        d_in: int,
+        d_hidden: int,
+        d_out: int,
+        activation: str,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        linear_precision: str = "bfloat16",
+    ):
         if activation not in ("gelu_tanh", "silu"):
             raise ValueError(f"unknown activation {activation!r}")
         self.activation = activation

@@ -17,12 +17,10 @@ def patchify(x: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
     return rearrange(x, "b f (h p) (w q) c -> b (f h w) (p q c)", p=ph, q=pw)
 
 
-def unpatchify(tokens: jax.Array, frames: int, grid_h: int, grid_w: int,
-               patch_size: tuple[int, int, int]) -> jax.Array:
+def unpatchify(tokens: jax.Array, frames: int, grid_h: int, grid_w: int, patch_size: tuple[int, int, int]) -> jax.Array:
     """tokens [B, F*h*w, ph*pw*C] -> [B, F, h*ph, w*pw, C] (Wan's `fhwpqrc->cfphqwr`, channels last)."""
     _, ph, pw = patch_size
-    return rearrange(tokens, "b (f h w) (p q c) -> b f (h p) (w q) c", f=frames, h=grid_h, w=grid_w,
-                     p=ph, q=pw)
+    return rearrange(tokens, "b (f h w) (p q c) -> b f (h p) (w q) c", f=frames, h=grid_h, w=grid_w, p=ph, q=pw)
 
 
 def latents_to_tokens(config, x: jax.Array, t: jax.Array) -> tuple[jax.Array, tuple[int, int, int]]:

@@ -23,18 +23,19 @@ from causal_dit_jax.model.layers import rms_norm
 from causal_dit_jax.model.pallas_out import out_struct
 from causal_dit_jax.model.rope import apply_rope
 
-def qk_norm_rope_xla(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array,
-                     sin: jax.Array, eps: float, num_heads: int) -> tuple[jax.Array, jax.Array]:
+
+def qk_norm_rope_xla(
+    qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array, sin: jax.Array, eps: float, num_heads: int
+) -> tuple[jax.Array, jax.Array]:
     """qkv [B, L, 3C] -> rotated q, k [B, L, N, D] in qkv's dtype (the plain JAX path)."""
     c = qkv.shape[-1] // 3
     q = rms_norm(qkv[..., :c], scale_q, eps)
-    k = rms_norm(qkv[..., c:2 * c], scale_k, eps)
+    k = rms_norm(qkv[..., c : 2 * c], scale_k, eps)
     q, k = (rearrange(a, "b l (n d) -> b l n d", n=num_heads) for a in (q, k))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
-def _row_kernel(qkv_ref, sq_ref, sk_ref, cos_ref, sin_ref, q_ref, k_ref, *, c: int, pairs_per_head: int,
-                eps: float):
+def _row_kernel(qkv_ref, sq_ref, sk_ref, cos_ref, sin_ref, q_ref, k_ref, *, c: int, pairs_per_head: int, eps: float):
     """One token: its q and k (each C wide, interleaved (re, im) pairs) normalised and rotated."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -73,17 +74,24 @@ def _qk_norm_rope_pallas(qkv, scale_q, scale_k, cos, sin, eps, num_heads):
     out = pl.BlockSpec((None, c), lambda i: (i, 0))
     inputs = (qkv.reshape(b * l, c3), scale_q, scale_k, cos.astype(jnp.float32), sin.astype(jnp.float32))
     q, k = pl.pallas_call(
-        kernel, grid=(b * l,), in_specs=[row, vec, vec, table, table], out_specs=[out, out],
+        kernel,
+        grid=(b * l,),
+        in_specs=[row, vec, vec, table, table],
+        out_specs=[out, out],
         out_shape=[out_struct((b * l, c), qkv.dtype, *inputs)] * 2,
-        interpret=jax.default_backend() != "gpu", name="qk_norm_rope",
+        interpret=jax.default_backend() != "gpu",
+        name="qk_norm_rope",
     )(*inputs)
-    return (q.reshape(b, l, num_heads, c // num_heads),  # (b l) (n d) -> b l n d
-            k.reshape(b, l, num_heads, c // num_heads))
+    return (
+        q.reshape(b, l, num_heads, c // num_heads),  # (b l) (n d) -> b l n d
+        k.reshape(b, l, num_heads, c // num_heads),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def qk_norm_rope_pallas(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array,
-                        sin: jax.Array, eps: float, num_heads: int) -> tuple[jax.Array, jax.Array]:
+def qk_norm_rope_pallas(
+    qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array, sin: jax.Array, eps: float, num_heads: int
+) -> tuple[jax.Array, jax.Array]:
     """`qk_norm_rope_xla` as one Pallas kernel (Triton on GPUs, interpreted elsewhere)."""
     return _qk_norm_rope_pallas(qkv, scale_q, scale_k, cos, sin, eps, num_heads)
 
@@ -100,8 +108,16 @@ def _pallas_bwd(eps, num_heads, res, g):
 qk_norm_rope_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def qk_norm_rope(qkv: jax.Array, scale_q: jax.Array, scale_k: jax.Array, cos: jax.Array, sin: jax.Array,
-                 eps: float, num_heads: int, implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+def qk_norm_rope(
+    qkv: jax.Array,
+    scale_q: jax.Array,
+    scale_k: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    eps: float,
+    num_heads: int,
+    implementation: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
     """Normalised, rotated q and k [B, L, N, D] from the QKV output [B, L, 3C] (see the module doc)."""
     if implementation == "xla":
         return qk_norm_rope_xla(qkv, scale_q, scale_k, cos, sin, eps, num_heads)

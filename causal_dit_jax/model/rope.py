@@ -59,8 +59,9 @@ def rope_tables(config: ModelConfig, max_frames: int, grid_h: int, grid_w: int) 
     return RopeTables(*out)
 
 
-def causal_rope_positions(token_index: jax.Array, grid_h: int, grid_w: int,
-                          start_frame: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def causal_rope_positions(
+    token_index: jax.Array, grid_h: int, grid_w: int, start_frame: jax.Array | int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(time, row, column) of flattened chunk tokens, order frame-major then row then column.
 
     token_index: [L] int indices into the chunk's flattened (frame, row, col) sequence; a shard passes
@@ -75,12 +76,12 @@ def causal_rope_positions(token_index: jax.Array, grid_h: int, grid_w: int,
     return frame + jnp.asarray(start_frame, jnp.int32), row, col
 
 
-def rope_cos_sin(tables: RopeTables, time: jax.Array, row: jax.Array, col: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(tables: RopeTables, time: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gather each token's rows of the tables: cos, sin [L, head_dim/2] (float32).
 
     Indices past a table's end (padding tokens) are clipped; those tokens are masked elsewhere.
     """
+
     def take(tab, idx):
         return jnp.take(tab, idx, axis=0, mode="clip")
 

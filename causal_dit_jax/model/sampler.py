@@ -11,7 +11,7 @@ chunk's fill is skipped by default: no later chunk reads it (Self-Forcing's loop
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,9 @@ from causal_dit_jax.model.rope import RopeTables
 from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
 
 
-def draw_step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...],
-                    num_steps: int) -> jax.Array:
+def draw_step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[int, ...], num_steps: int) -> jax.Array:
     """The fresh noise of one chunk's re-noising steps: [num_steps - 1, *shape] float32."""
-    return jax.random.normal(jax.random.fold_in(key, chunk_index), (max(num_steps - 1, 1), *shape),
-                             jnp.float32)
+    return jax.random.normal(jax.random.fold_in(key, chunk_index), (max(num_steps - 1, 1), *shape), jnp.float32)
 
 
 class SelfForcingSampler:
@@ -40,17 +38,27 @@ class SelfForcingSampler:
     def __init__(self, dit: ChunkModel, inference: InferenceConfig = InferenceConfig()):
         self.dit = dit
         self.inference = inference
-        self.timesteps = denoising_timesteps(inference.denoising_steps, inference.timestep_shift,
-                                             inference.num_train_timesteps, inference.warp_denoising_step)
-        self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift,
-                                         inference.num_train_timesteps)
+        self.timesteps = denoising_timesteps(
+            inference.denoising_steps,
+            inference.timestep_shift,
+            inference.num_train_timesteps,
+            inference.warp_denoising_step,
+        )
+        self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift, inference.num_train_timesteps)
         self._denoise_fn = jax.jit(self.denoise, donate_argnums=(3,))
         self._fill_fn = jax.jit(self.fill_cache, donate_argnums=(2,))
 
     # ------------------------------------------------------------------ one chunk
-    def denoise_chunk(self, params: Params, noise: jax.Array, eps: jax.Array, cache: KVCache,
-                      text: TextKV, start_frame: jax.Array, rope: RopeTables
-                      ) -> tuple[jax.Array, KVCache]:
+    def denoise_chunk(
+        self,
+        params: Params,
+        noise: jax.Array,
+        eps: jax.Array,
+        cache: KVCache,
+        text: TextKV,
+        start_frame: jax.Array,
+        rope: RopeTables,
+    ) -> tuple[jax.Array, KVCache]:
         """Denoise one chunk from pure noise [B, c, H, W, C] and fill its cache slot with the result.
 
         eps: [steps - 1, B, c, H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache.
@@ -58,8 +66,16 @@ class SelfForcingSampler:
         x0, cache = self.denoise(params, noise, eps, cache, text, start_frame, rope)
         return x0, self.fill_cache(params, x0, cache, text, start_frame, rope)
 
-    def denoise(self, params: Params, noise: jax.Array, eps: jax.Array, cache: KVCache, text: TextKV,
-                start_frame: jax.Array, rope: RopeTables) -> tuple[jax.Array, KVCache]:
+    def denoise(
+        self,
+        params: Params,
+        noise: jax.Array,
+        eps: jax.Array,
+        cache: KVCache,
+        text: TextKV,
+        start_frame: jax.Array,
+        rope: RopeTables,
+    ) -> tuple[jax.Array, KVCache]:
         """The few-step denoising of one chunk (its cache slot holds the last step's noisy keys)."""
         b, c = noise.shape[:2]
         ts = jnp.asarray(self.timesteps, jnp.float32)
@@ -77,12 +93,12 @@ class SelfForcingSampler:
             return (x_next, cache), None
 
         is_last = jnp.arange(n) == n - 1
-        (x0, cache), _ = jax.lax.scan(step, (noise.astype(jnp.float32), cache),
-                                      (ts, sig, sig_next, eps, is_last))
+        (x0, cache), _ = jax.lax.scan(step, (noise.astype(jnp.float32), cache), (ts, sig, sig_next, eps, is_last))
         return x0, cache
 
-    def fill_cache(self, params: Params, x0: jax.Array, cache: KVCache, text: TextKV,
-                   start_frame: jax.Array, rope: RopeTables) -> KVCache:
+    def fill_cache(
+        self, params: Params, x0: jax.Array, cache: KVCache, text: TextKV, start_frame: jax.Array, rope: RopeTables
+    ) -> KVCache:
         """The cache-fill pass: the clean chunk at timestep `context_noise` overwrites its cache slot."""
         b, c = x0.shape[:2]
         t_ctx = jnp.full((b, c), self.inference.context_noise, jnp.float32)
@@ -90,21 +106,29 @@ class SelfForcingSampler:
         return cache
 
     # ------------------------------------------------------------------ whole video
-    def init_cache(self, batch: int, num_frames: int, latent_height: int, latent_width: int,
-                   start_frame: int = 0) -> KVCache:
+    def init_cache(
+        self, batch: int, num_frames: int, latent_height: int, latent_width: int, start_frame: int = 0
+    ) -> KVCache:
         """A zero KV cache for a stream of `num_frames` latent frames starting at `start_frame`."""
-        return self.dit.init_cache(self.inference, batch, num_frames, latent_height, latent_width,
-                                   start_frame)
+        return self.dit.init_cache(self.inference, batch, num_frames, latent_height, latent_width, start_frame)
 
     @property
     def forwards_per_chunk(self) -> int:
         """DiT forwards of one chunk: the denoising steps and the cache-fill pass."""
         return len(self.timesteps) + 1
 
-    def stream(self, params: Params, text: TextKV, noise: jax.Array, key: Optional[jax.Array],
-               start_frame: int = 0, rope: Optional[RopeTables] = None,
-               cache: Optional[KVCache] = None, fill_last_chunk: bool = False,
-               step_noise: Optional[jax.Array] = None) -> Iterator[jax.Array]:
+    def stream(
+        self,
+        params: Params,
+        text: TextKV,
+        noise: jax.Array,
+        key: jax.Array | None,
+        start_frame: int = 0,
+        rope: RopeTables | None = None,
+        cache: KVCache | None = None,
+        fill_last_chunk: bool = False,
+        step_noise: jax.Array | None = None,
+    ) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
         noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
@@ -132,8 +156,9 @@ class SelfForcingSampler:
         if step_noise is not None:
             want = (chunks, n - 1, b, c, h, w, ch)
             if tuple(step_noise.shape) != want:
-                raise ValueError(f"step_noise must be [chunks, steps - 1, B, c, H, W, C] = {want}, "
-                                 f"got {tuple(step_noise.shape)}")
+                raise ValueError(
+                    f"step_noise must be [chunks, steps - 1, B, c, H, W, C] = {want}, got {tuple(step_noise.shape)}"
+                )
         elif key is None:
             raise ValueError("give a key for the re-noising draws, or the draws themselves as step_noise")
         if rope is None:
@@ -146,10 +171,12 @@ class SelfForcingSampler:
             expected = jax.eval_shape(lambda: self.init_cache(b, f, h, w, start_frame))
             # the static fields (slots, sink and window frames) live in the tree structure
             if (cache.k.shape, jax.tree.structure(cache)) != (expected.k.shape, jax.tree.structure(expected)):
-                raise ValueError(f"the given KV cache does not fit this stream: shape {cache.k.shape} with "
-                                 f"{cache.capacity} slots, sink {cache.sink_frames} / window {cache.window_frames} "
-                                 f"frames; it needs {expected.k.shape} with {expected.capacity} slots, sink "
-                                 f"{expected.sink_frames} / window {expected.window_frames} (make it with init_cache)")
+                raise ValueError(
+                    f"the given KV cache does not fit this stream: shape {cache.k.shape} with "
+                    f"{cache.capacity} slots, sink {cache.sink_frames} / window {cache.window_frames} "
+                    f"frames; it needs {expected.k.shape} with {expected.capacity} slots, sink "
+                    f"{expected.sink_frames} / window {expected.window_frames} (make it with init_cache)"
+                )
             cache = cache.replace(origin_frame=jnp.asarray(start_frame, jnp.int32))
         for i in range(chunks):
             if step_noise is None:
@@ -157,7 +184,7 @@ class SelfForcingSampler:
             else:  # at least one row: a 1-step schedule re-noises nothing (its row is never read)
                 eps = step_noise[i] if n > 1 else jnp.zeros((1, b, c, h, w, ch), jnp.float32)
             start = jnp.asarray(start_frame + i * c, jnp.int32)
-            x0, cache = self._denoise_fn(params, noise[:, i * c:(i + 1) * c], eps, cache, text, start, rope)
+            x0, cache = self._denoise_fn(params, noise[:, i * c : (i + 1) * c], eps, cache, text, start, rope)
             # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
             # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0
@@ -165,15 +192,22 @@ class SelfForcingSampler:
                 cache = self._fill_fn(params, x0, cache, text, start, rope)
         jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
-    def generate(self, params: Params, text: TextKV, noise: jax.Array, key: Optional[jax.Array],
-                 start_frame: int = 0, step_noise: Optional[jax.Array] = None) -> jax.Array:
+    def generate(
+        self,
+        params: Params,
+        text: TextKV,
+        noise: jax.Array,
+        key: jax.Array | None,
+        start_frame: int = 0,
+        step_noise: jax.Array | None = None,
+    ) -> jax.Array:
         """All latents of the video [B, F, H, W, C] (float32); key / step_noise as in `stream`."""
-        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame, step_noise=step_noise)),
-                               axis=1)
+        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame, step_noise=step_noise)), axis=1)
 
 
-def initial_noise(key: jax.Array, batch: int, num_frames: int, latent_height: int, latent_width: int,
-                  channels: int = 16) -> jax.Array:
+def initial_noise(
+    key: jax.Array, batch: int, num_frames: int, latent_height: int, latent_width: int, channels: int = 16
+) -> jax.Array:
     """Seeded starting noise [B, F, H, W, C] (float32)."""
     return jax.random.normal(key, (batch, num_frames, latent_height, latent_width, channels), jnp.float32)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,8 +17,9 @@ def flow_match_timesteps(shift: float = 5.0, num_train_timesteps: int = 1000) ->
     return (sigmas * num_train_timesteps).astype(np.float32), sigmas
 
 
-def denoising_timesteps(steps: Sequence[int], shift: float = 5.0, num_train_timesteps: int = 1000,
-                        warp: bool = True) -> np.ndarray:
+def denoising_timesteps(
+    steps: Sequence[int], shift: float = 5.0, num_train_timesteps: int = 1000, warp: bool = True
+) -> np.ndarray:
     """The few-step schedule: [1000, 750, 500, 250] warps to [1000, 937.5, 833.33, 625] (float32)."""
     steps = np.asarray(steps, np.int64)
     if np.any(steps <= 0) or np.any(steps > num_train_timesteps):

@@ -17,7 +17,8 @@ import json
 import pathlib
 import re
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,8 +67,10 @@ class _Tokenizer:
         ids = self._content_ids(text)
         room = self.max_length - 1
         if len(ids) > room:
-            warnings.warn(f"prompt truncated to {self.max_length} tokens: {len(ids) - room} tokens dropped "
-                          f"({prompt[:40]!r}...)", stacklevel=3)
+            warnings.warn(
+                f"prompt truncated to {self.max_length} tokens: {len(ids) - room} tokens dropped ({prompt[:40]!r}...)",
+                stacklevel=3,
+            )
             ids = ids[:room]
         return list(ids) + [self.eos_id]
 
@@ -81,8 +84,8 @@ class _Tokenizer:
         mask = np.zeros((len(prompts), self.max_length), np.int32)
         for row, prompt in enumerate(prompts):
             seq = self.encode_one(prompt)
-            ids[row, :len(seq)] = seq
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
         return Tokens(ids, mask)
 
 
@@ -108,13 +111,18 @@ def _special_token(config: dict, name: str, default: str) -> str:
 class PromptTokenizer(_Tokenizer):
     """The HF `google/umt5-xxl` tokenizer (or any T5-style one) with Wan's cleaning and padding."""
 
-    def __init__(self, backend, eos_token: str = "</s>", pad_token: str = "<pad>",
-                 max_length: int = DEFAULT_MAX_LENGTH, source: str = "tokenizer"):
+    def __init__(
+        self,
+        backend,
+        eos_token: str = "</s>",
+        pad_token: str = "<pad>",
+        max_length: int = DEFAULT_MAX_LENGTH,
+        source: str = "tokenizer",
+    ):
         super().__init__(max_length)
         self._backend = backend  # ('tokenizers', Tokenizer) or ('sentencepiece', SentencePieceProcessor)
         kind, tok = backend
-        self.vocab_size = (tok.get_vocab_size(with_added_tokens=True) if kind == "tokenizers"
-                           else tok.get_piece_size())
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True) if kind == "tokenizers" else tok.get_piece_size()
         self.eos_id = self._token_id(eos_token, "eos", source)
         self.pad_id = self._token_id(pad_token, "pad", source)
 
@@ -131,7 +139,7 @@ class PromptTokenizer(_Tokenizer):
         return int(found)
 
     @classmethod
-    def from_folder(cls, folder: str | pathlib.Path, max_length: int = DEFAULT_MAX_LENGTH) -> "PromptTokenizer":
+    def from_folder(cls, folder: str | pathlib.Path, max_length: int = DEFAULT_MAX_LENGTH) -> PromptTokenizer:
         """Load `tokenizer.json` (or `spiece.model`) from `folder`, or from `folder/google/umt5-xxl`
         (the layout of a Wan2.1 model directory)."""
         folder = pathlib.Path(folder)
@@ -154,8 +162,9 @@ class PromptTokenizer(_Tokenizer):
             try:
                 from tokenizers import Tokenizer
             except ImportError as e:
-                raise ImportError(f"reading {folder / 'tokenizer.json'} needs the `tokenizers` package: "
-                                  "pip install tokenizers") from e
+                raise ImportError(
+                    f"reading {folder / 'tokenizer.json'} needs the `tokenizers` package: pip install tokenizers"
+                ) from e
             try:
                 backend = ("tokenizers", Tokenizer.from_file(str(folder / "tokenizer.json")))
             except Exception as e:  # the library raises a bare Exception on bad files
@@ -165,13 +174,17 @@ class PromptTokenizer(_Tokenizer):
             try:
                 import sentencepiece
             except ImportError as e:
-                raise ImportError(f"{folder} has spiece.model but no tokenizer.json; reading it needs "
-                                  "`sentencepiece` (pip install sentencepiece), or add the HF tokenizer.json "
-                                  "of google/umt5-xxl") from e
+                raise ImportError(
+                    f"{folder} has spiece.model but no tokenizer.json; reading it needs "
+                    "`sentencepiece` (pip install sentencepiece), or add the HF tokenizer.json "
+                    "of google/umt5-xxl"
+                ) from e
             sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
             return cls(("sentencepiece", sp), eos, pad, max_length, source=str(folder / "spiece.model"))
-        raise FileNotFoundError(f"no tokenizer.json or spiece.model in {folder} (expected the files of "
-                                "google/umt5-xxl, found in a Wan2.1 model directory under google/umt5-xxl)")
+        raise FileNotFoundError(
+            f"no tokenizer.json or spiece.model in {folder} (expected the files of "
+            "google/umt5-xxl, found in a Wan2.1 model directory under google/umt5-xxl)"
+        )
 
     def _content_ids(self, text: str) -> list[int]:
         kind, tok = self._backend

@@ -7,9 +7,10 @@ parameters are a plain pytree:
      'blocks': {... every leaf stacked over layers ...},
      'norm': {'scale': [C]}}                      (+ 'pos_embedding' at the top when shared_pos)
 
-Math (the published umT5-XXL encoder of Wan2.1): pre-norm blocks with an RMS norm in float32 (eps 1e-6), attention with no 1/sqrt(d)
-scaling plus a learned bidirectional relative-position bias (32 buckets, one table per layer), padded
-keys masked, softmax in float32, a gated GELU-tanh FFN fc2(fc1(x) * gelu_tanh(gate(x))), a final norm.
+Math (the published umT5-XXL encoder of Wan2.1): pre-norm blocks with an RMS norm in float32
+(eps 1e-6), attention with no 1/sqrt(d) scaling plus a learned bidirectional relative-position bias
+(32 buckets, one table per layer), padded keys masked, softmax in float32, a gated GELU-tanh FFN
+fc2(fc1(x) * gelu_tanh(gate(x))), a final norm.
 
 Letters: B batch, L query tokens, S key tokens, N heads, D head dim, C channels, K text tokens.
 """
@@ -63,8 +64,7 @@ class T5Config(ConfigFields):
         if self.num_buckets < 4 or self.num_buckets % 4:
             raise ValueError(f"num_buckets must be a positive multiple of 4, got {self.num_buckets}")
         if self.max_distance <= self.num_buckets // 4:
-            raise ValueError(f"max_distance {self.max_distance} must exceed the exact range "
-                             f"{self.num_buckets // 4}")
+            raise ValueError(f"max_distance {self.max_distance} must exceed the exact range {self.num_buckets // 4}")
         for name in ("param_dtype", "dtype", "residual_dtype"):
             dtype_from_name(getattr(self, name))
             if getattr(self, name) == "float16":
@@ -75,7 +75,6 @@ class T5Config(ConfigFields):
         return self.dim_attn // self.num_heads
 
 
-
 BYTE_VOCAB = 259  # ByteTokenizer: pad 0, eos 1, unk 2, then 256 byte values
 
 T5_PRESETS: dict[str, T5Config] = {
@@ -83,10 +82,21 @@ T5_PRESETS: dict[str, T5Config] = {
     "umt5-xxl": T5Config(),
     # Untrained small encoders over `tokenizer.ByteTokenizer` ids, sized for the DiT presets of the same
     # name (dim = that preset's text_dim, text_len likewise).
-    "demo": T5Config(vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2,
-                     text_len=256),
-    "tiny": T5Config(vocab_size=BYTE_VOCAB, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
-                     text_len=8, param_dtype="float32", dtype="float32", residual_dtype="float32"),
+    "demo": T5Config(
+        vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, text_len=256
+    ),
+    "tiny": T5Config(
+        vocab_size=BYTE_VOCAB,
+        dim=32,
+        dim_attn=32,
+        dim_ffn=64,
+        num_heads=4,
+        num_layers=2,
+        text_len=8,
+        param_dtype="float32",
+        dtype="float32",
+        residual_dtype="float32",
+    ),
 }
 
 
@@ -110,8 +120,11 @@ def relative_position_bucket(rel_pos: np.ndarray, num_buckets: int = 32, max_dis
     direction = np.where(rel_pos > 0, half, 0)
     dist = np.abs(rel_pos)
     # max(dist, 1) keeps log(0) out of the float->int cast; those offsets take the exact branch.
-    scaled = (np.log(np.maximum(dist, 1).astype(np.float32) / np.float32(max_exact))
-              / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact))
+    scaled = (
+        np.log(np.maximum(dist, 1).astype(np.float32) / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(half - max_exact)
+    )
     large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
     return (direction + np.where(dist < max_exact, dist, large)).astype(np.int32)
 
@@ -126,8 +139,11 @@ class RelativePositionBias(nnx.Module):
     """A learned [num_buckets, N] table read at each (query, key) bucket -> bias [N, L, S] (float32)."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads),
-                                                     jnp.float32).astype(dtype_from_name(config.param_dtype)))
+        self.embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (config.num_buckets, config.num_heads), jnp.float32).astype(
+                dtype_from_name(config.param_dtype)
+            )
+        )
 
     def __call__(self, buckets: jax.Array) -> jax.Array:
         bias = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # l s n
@@ -148,7 +164,10 @@ class T5Attention(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, key_mask: jax.Array) -> jax.Array:
         """x [B, L, C], bias [N, L, S] float32, key_mask [B, S] bool -> [B, L, C]."""
         b, l, _ = x.shape
-        split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)  # b l (n d) -> b l n d
+
+        def split(t):
+            return t.reshape(b, l, self.num_heads, self.head_dim)  # b l (n d) -> b l n d
+
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         logits = jnp.einsum("BLND,BSND->BNLS", q, k, preferred_element_type=jnp.float32) + bias
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
@@ -161,8 +180,13 @@ class T5FeedForward(nnx.Module):
     """fc2(fc1(x) * gelu_tanh(gate(x)))."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype_from_name(config.dtype),
-                                   param_dtype=dtype_from_name(config.param_dtype), rngs=rngs)
+        linear = functools.partial(
+            nnx.Linear,
+            use_bias=False,
+            dtype=dtype_from_name(config.dtype),
+            param_dtype=dtype_from_name(config.param_dtype),
+            rngs=rngs,
+        )
         self.gate = linear(config.dim, config.dim_ffn)
         self.fc1 = linear(config.dim, config.dim_ffn)
         self.fc2 = linear(config.dim_ffn, config.dim)
@@ -182,8 +206,9 @@ class T5Block(nnx.Module):
         self.ffn = T5FeedForward(config, rngs=rngs)
         self.pos_embedding = None if config.shared_pos else RelativePositionBias(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, buckets: jax.Array, key_mask: jax.Array,
-                 shared_bias: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, buckets: jax.Array, key_mask: jax.Array, shared_bias: jax.Array | None
+    ) -> jax.Array:
         bias = shared_bias if self.pos_embedding is None else self.pos_embedding(buckets)
         x = x + self.attn(self.norm1(x), bias, key_mask).astype(x.dtype)
         return x + self.ffn(self.norm2(x)).astype(x.dtype)
@@ -255,14 +280,13 @@ class UMT5Encoder:
         """
         k, text_len = ids.shape[-1], self.config.text_len
         if k > text_len:
-            raise ValueError(f"{k} tokens exceed the text length {text_len}; tokenize with "
-                             f"max_length={text_len}")
+            raise ValueError(f"{k} tokens exceed the text length {text_len}; tokenize with max_length={text_len}")
         out = self.encode(params, ids, mask)
         out = jnp.where((jnp.asarray(mask) != 0)[:, :, None], out, jnp.zeros((), out.dtype))
         return jnp.pad(out, ((0, 0), (0, text_len - k), (0, 0)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def t5_param_count(config: T5Config) -> int:
     """Number of parameters of the encoder described by `config`."""
     return sum(math.prod(s.shape) for s in jax.tree.leaves(UMT5Encoder(config).abstract_params()))

@@ -47,13 +47,19 @@ def rope_params(max_seq_len: int, dim: int, theta: float = 10000.0) -> torch.Ten
 def rope_table(head_dim: int) -> torch.Tensor:
     """Facts §4: concat(rope_params(1024, d-4(d//6)), rope_params(1024, 2(d//6)) x2) -> [1024, d/2]."""
     d = head_dim
-    return torch.cat([rope_params(ROPE_ROWS, d - 4 * (d // 6)),
-                      rope_params(ROPE_ROWS, 2 * (d // 6)),
-                      rope_params(ROPE_ROWS, 2 * (d // 6))], dim=1)
+    return torch.cat(
+        [
+            rope_params(ROPE_ROWS, d - 4 * (d // 6)),
+            rope_params(ROPE_ROWS, 2 * (d // 6)),
+            rope_params(ROPE_ROWS, 2 * (d // 6)),
+        ],
+        dim=1,
+    )
 
 
-def causal_rope_apply(x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.Tensor,
-                      start_frame: int = 0) -> torch.Tensor:
+def causal_rope_apply(
+    x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.Tensor, start_frame: int = 0
+) -> torch.Tensor:
     """Facts §4 ``causal_rope_apply``: x [B,L,N,D], interleaved (re, im) pairs, complex128 math.
 
     Token i of the chunk with grid (f, h, w) gets concat(freqs_t[start_frame + i // (h w)],
@@ -64,9 +70,14 @@ def causal_rope_apply(x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.
     if start_frame + f > freqs.shape[0]:
         raise ValueError(f"frames {start_frame}+{f} exceed the {freqs.shape[0]}-row RoPE table")
     ft, fh, fw = freqs.to(x.device).split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
-    rot = torch.cat([ft[start_frame:start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
-                     fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-                     fw[:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, 1, c)
+    rot = torch.cat(
+        [
+            ft[start_frame : start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            fw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, c)
     xc = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], c, 2))
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
@@ -89,16 +100,16 @@ class RMSNorm(nn.Module):
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked softmax attention, scale 1/sqrt(D). q [B,L,N,D], k/v [B,S,N,D] -> [B,L,N*D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
-                                         v.to(q.dtype).transpose(1, 2))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2)
+    )
     return out.transpose(1, 2).flatten(2)
 
 
 class CausalSelfAttention(nn.Module):
     """Facts §3.4 self-attention with the §5 KV-cache update (normal and rolling paths)."""
 
-    def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
-                 eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0, eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.local_attn_size, self.sink_size = local_attn_size, sink_size
@@ -117,14 +128,19 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:  # the chunk attends only to itself (bidirectional)
             return self.o(_attention(q, k, v))
 
-        k_att, v_att = rolling_kv_cache_update(kv_cache, k, v, current_start, self.local_attn_size,
-                                               self.sink_size, tpf)
+        k_att, v_att = rolling_kv_cache_update(kv_cache, k, v, current_start, self.local_attn_size, self.sink_size, tpf)
         return self.o(_attention(q, k_att, v_att))
 
 
-def rolling_kv_cache_update(kv_cache: dict, k: torch.Tensor, v: torch.Tensor, current_start: int,
-                            local_attn_size: int, sink_size: int, tokens_per_frame: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def rolling_kv_cache_update(
+    kv_cache: dict,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    current_start: int,
+    local_attn_size: int,
+    sink_size: int,
+    tokens_per_frame: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Facts §5, Self-Forcing's ``CausalWanSelfAttention`` cache step: write the new block's (roped) k, v
     [B, n, N, D] at global tokens [current_start, current_start + n) into ``kv_cache`` (in place) and
     return the keys/values it attends to, k/v[max(0, local_end - max_att) : local_end].
@@ -143,20 +159,21 @@ def rolling_kv_cache_update(kv_cache: dict, k: torch.Tensor, v: torch.Tensor, cu
     sink = sink_size * tokens_per_frame
     # Global mode: the original hard-codes 32760 (= its cache size); here: the cache size.
     max_att = local_attn_size * tokens_per_frame if local_attn_size != -1 else cache_size
-    if (local_attn_size != -1 and current_end > global_end
-            and s + local_end_old > cache_size):  # rolling path: evict, keep the sink
+    if (
+        local_attn_size != -1 and current_end > global_end and s + local_end_old > cache_size
+    ):  # rolling path: evict, keep the sink
         evict = s + local_end_old - cache_size
         rolled = local_end_old - evict - sink
         for name in ("k", "v"):
-            src = kv_cache[name][:, sink + evict:sink + evict + rolled].clone()
-            kv_cache[name][:, sink:sink + rolled] = src
+            src = kv_cache[name][:, sink + evict : sink + evict + rolled].clone()
+            kv_cache[name][:, sink : sink + rolled] = src
         local_end = local_end_old + current_end - global_end - evict
     else:  # normal path: append a new block, or overwrite the same slots on a repeated call
         local_end = local_end_old + current_end - global_end
     if not s <= local_end <= cache_size:
         raise ValueError(f"cache write [{local_end - s}, {local_end}) outside cache of {cache_size}")
-    kv_cache["k"][:, local_end - s:local_end] = k
-    kv_cache["v"][:, local_end - s:local_end] = v
+    kv_cache["k"][:, local_end - s : local_end] = k
+    kv_cache["v"][:, local_end - s : local_end] = v
     lo = max(0, local_end - max_att)
     kv_cache["global_end_index"].fill_(current_end)
     kv_cache["local_end_index"].fill_(local_end)
@@ -206,8 +223,9 @@ class CausalWanBlock(nn.Module):
         def per_frame(t):  # [B,L,dim] -> [B,F,L/F,dim]
             return t.unflatten(1, (nf, t.shape[1] // nf))
 
-        y = self.self_attn((per_frame(self.norm1(x)) * (1 + m[1]) + m[0]).flatten(1, 2), grid, freqs,
-                           kv_cache, current_start)
+        y = self.self_attn(
+            (per_frame(self.norm1(x)) * (1 + m[1]) + m[0]).flatten(1, 2), grid, freqs, kv_cache, current_start
+        )
         x = x + (per_frame(y) * m[2]).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), ctx, crossattn_cache)
         y = self.ffn((per_frame(self.norm2(x)) * (1 + m[4]) + m[3]).flatten(1, 2))
@@ -237,9 +255,22 @@ class CausalWanModel(nn.Module):
     as Self-Forcing does for shorter inputs; ``None`` uses the context as given (pass [B,512,4096]).
     """
 
-    def __init__(self, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16,
-                 text_dim=4096, freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), local_attn_size=-1,
-                 sink_size=0, text_len: int | None = None):
+    def __init__(
+        self,
+        dim=1536,
+        ffn_dim=8960,
+        num_heads=12,
+        num_layers=30,
+        in_dim=16,
+        out_dim=16,
+        text_dim=4096,
+        freq_dim=256,
+        eps=1e-6,
+        patch_size=(1, 2, 2),
+        local_attn_size=-1,
+        sink_size=0,
+        text_len: int | None = None,
+    ):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
@@ -250,37 +281,46 @@ class CausalWanModel(nn.Module):
         self.head_dim = dim // num_heads
 
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"),
-                                            nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
-            CausalWanBlock(dim, ffn_dim, num_heads, local_attn_size, sink_size, eps) for _ in range(num_layers))
+            CausalWanBlock(dim, ffn_dim, num_heads, local_attn_size, sink_size, eps) for _ in range(num_layers)
+        )
         self.head = Head(dim, out_dim, self.patch_size, eps)
         self.freqs = rope_table(self.head_dim)  # plain attribute: not saved, not cast by .to(dtype)
 
     # -- cache helpers (facts §5) -----------------------------------------------------------------------
-    def init_kv_cache(self, batch: int, cache_size_tokens: int, dtype=torch.float32, device="cpu",
-                      start_token: int = 0) -> list[dict]:
+    def init_kv_cache(
+        self, batch: int, cache_size_tokens: int, dtype=torch.float32, device="cpu", start_token: int = 0
+    ) -> list[dict]:
         """One dict per layer: k, v zeros [B,S,N,D]; global_end_index = start_token, local_end_index = 0.
 
         ``start_token`` (not in the original, which always starts at 0) lets a fresh cache begin at a
         global token index > 0: the first call with current_start = start_token writes to local slot 0.
         """
         shape = (batch, cache_size_tokens, self.num_heads, self.head_dim)
-        return [{"k": torch.zeros(shape, dtype=dtype, device=device),
-                 "v": torch.zeros(shape, dtype=dtype, device=device),
-                 "global_end_index": torch.tensor([start_token], dtype=torch.long, device=device),
-                 "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
-                for _ in range(self.num_layers)]
+        return [
+            {
+                "k": torch.zeros(shape, dtype=dtype, device=device),
+                "v": torch.zeros(shape, dtype=dtype, device=device),
+                "global_end_index": torch.tensor([start_token], dtype=torch.long, device=device),
+                "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            }
+            for _ in range(self.num_layers)
+        ]
 
-    def init_crossattn_cache(self, batch: int, text_len: int = 512, dtype=torch.float32,
-                             device="cpu") -> list[dict]:
+    def init_crossattn_cache(self, batch: int, text_len: int = 512, dtype=torch.float32, device="cpu") -> list[dict]:
         """One dict per layer: k, v zeros [B,K,N,D], is_init False (filled on first use, then reused)."""
         shape = (batch, text_len, self.num_heads, self.head_dim)
-        return [{"k": torch.zeros(shape, dtype=dtype, device=device),
-                 "v": torch.zeros(shape, dtype=dtype, device=device), "is_init": False}
-                for _ in range(self.num_layers)]
+        return [
+            {
+                "k": torch.zeros(shape, dtype=dtype, device=device),
+                "v": torch.zeros(shape, dtype=dtype, device=device),
+                "is_init": False,
+            }
+            for _ in range(self.num_layers)
+        ]
 
     # -- forward (facts §3) ---------------------------------------------------------------------------
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -313,9 +353,16 @@ class CausalWanModel(nn.Module):
         ctx = self.text_embedding(context)
 
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, ctx, grid, self.freqs,
-                      None if kv_cache is None else kv_cache[i],
-                      None if crossattn_cache is None else crossattn_cache[i], current_start)
+            x = block(
+                x,
+                e0,
+                ctx,
+                grid,
+                self.freqs,
+                None if kv_cache is None else kv_cache[i],
+                None if crossattn_cache is None else crossattn_cache[i],
+                current_start,
+            )
         out = self.head(x, e.unflatten(0, (b, nf)).unsqueeze(2))  # [B,F,h*w,out*prod(patch)]
         return self.unpatchify(out, grid)
 
@@ -329,8 +376,7 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, std: float = 0.02) ->
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
-            is_scale = name.endswith("norm_q.weight") or name.endswith("norm_k.weight") \
-                or name.endswith("norm3.weight")
+            is_scale = name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight")
             p.copy_((noise + 1.0 if is_scale else noise).to(p.dtype))
     return model
 
@@ -345,8 +391,9 @@ def flow_match_sigmas(shift: float = 5.0, num_train_timesteps: int = 1000):
     return sigmas * num_train_timesteps, sigmas  # (timesteps, sigmas)
 
 
-def warped_denoising_steps(steps: Sequence[int] = (1000, 750, 500, 250), shift: float = 5.0,
-                           num_train_timesteps: int = 1000) -> torch.Tensor:
+def warped_denoising_steps(
+    steps: Sequence[int] = (1000, 750, 500, 250), shift: float = 5.0, num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """Facts §6 warp: t_k = cat(T, [0])[N - k] -> float32, e.g. [1000, 937.5, 833.33, 625]."""
     timesteps, _ = flow_match_sigmas(shift, num_train_timesteps)
     ext = torch.cat([timesteps, torch.zeros(1, dtype=torch.float32)])
@@ -387,11 +434,20 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t, shift: float = 5.0) -> tor
 # ----------------------------------------------------------------------------------------------------
 # Inference loop (facts §5)
 # ----------------------------------------------------------------------------------------------------
-def self_forcing_rollout(model: CausalWanModel, noise: torch.Tensor, context: torch.Tensor,
-                         denoising_timesteps, noise_fn: Callable[[int, int], torch.Tensor],
-                         num_frames_per_block: int = 3, context_noise: float = 0.0,
-                         local_attn_size: int = -1, sink_size: int = 0, cache_dtype=torch.float32,
-                         start_frame: int = 0, shift: float = 5.0) -> torch.Tensor:
+def self_forcing_rollout(
+    model: CausalWanModel,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    denoising_timesteps,
+    noise_fn: Callable[[int, int], torch.Tensor],
+    num_frames_per_block: int = 3,
+    context_noise: float = 0.0,
+    local_attn_size: int = -1,
+    sink_size: int = 0,
+    cache_dtype=torch.float32,
+    start_frame: int = 0,
+    shift: float = 5.0,
+) -> torch.Tensor:
     """Facts §5 T2V loop. noise [B,F_total,C,H,W] (pipeline layout) -> latents [B,F_total,C,H,W].
 
     Per block of ``num_frames_per_block`` frames: x = noise block; for each t_k in
@@ -416,8 +472,10 @@ def self_forcing_rollout(model: CausalWanModel, noise: torch.Tensor, context: to
     start_frame in the cache. start_frame = 0 reproduces the original.
     """
     if (local_attn_size, sink_size) != (model.local_attn_size, model.sink_size):
-        raise ValueError(f"rollout local_attn_size/sink_size {(local_attn_size, sink_size)} != model's "
-                         f"{(model.local_attn_size, model.sink_size)}")
+        raise ValueError(
+            f"rollout local_attn_size/sink_size {(local_attn_size, sink_size)} != model's "
+            f"{(model.local_attn_size, model.sink_size)}"
+        )
     b, f_total, c, hgt, wid = noise.shape
     if f_total % num_frames_per_block:
         raise ValueError(f"{f_total} frames is not a multiple of {num_frames_per_block}")
@@ -431,20 +489,21 @@ def self_forcing_rollout(model: CausalWanModel, noise: torch.Tensor, context: to
 
     def run(x_bfchw, t_value, current_start):
         t = torch.full((b, x_bfchw.shape[1]), t_value, dtype=torch.float32, device=noise.device)
-        flow = model(x_bfchw.permute(0, 2, 1, 3, 4), t, context, kv_cache, cross_cache,
-                     current_start).permute(0, 2, 1, 3, 4)
+        flow = model(x_bfchw.permute(0, 2, 1, 3, 4), t, context, kv_cache, cross_cache, current_start).permute(
+            0, 2, 1, 3, 4
+        )
         return flow, t
 
     output = torch.zeros_like(noise, dtype=dtype)
     for j, f0 in enumerate(range(0, f_total, num_frames_per_block)):
         current_start = (start_frame + f0) * tpf
-        x = noise[:, f0:f0 + num_frames_per_block].to(dtype)
+        x = noise[:, f0 : f0 + num_frames_per_block].to(dtype)
         for k, t_k in enumerate(steps):
             flow, t = run(x, t_k, current_start)
             x0 = flow_to_x0(flow, x, t, shift)
             if k < len(steps) - 1:
                 eps = noise_fn(j, k).to(x0.dtype)
                 x = add_noise(x0, eps, steps[k + 1], shift)
-        output[:, f0:f0 + num_frames_per_block] = x0
+        output[:, f0 : f0 + num_frames_per_block] = x0
         run(x0, float(context_noise), current_start)  # cache pass on the clean block
     return output

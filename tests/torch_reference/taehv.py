@@ -56,23 +56,47 @@ class TPool(nn.Module):  # encoder only (key names)
 
 
 class TAEHVReference(nn.Module):
-    def __init__(self, latent_channels: int = 16, channels=(256, 128, 64, 64), time_upscale=(False, True, True),
-                 space_upscale=(True, True, True), patch_size: int = 1, encoder_width: int = 64):
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        channels=(256, 128, 64, 64),
+        time_upscale=(False, True, True),
+        space_upscale=(True, True, True),
+        patch_size: int = 1,
+        encoder_width: int = 64,
+    ):
         super().__init__()
         self.patch_size = patch_size
         c, e = channels, encoder_width
         self.encoder = nn.Sequential(
-            conv(3 * patch_size ** 2, e), nn.ReLU(),
-            TPool(e, 2), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
-            TPool(e, 2), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
-            TPool(e, 1), conv(e, e, bias=False, stride=2), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
-            conv(e, latent_channels))
+            conv(3 * patch_size**2, e),
+            nn.ReLU(),
+            TPool(e, 2),
+            conv(e, e, bias=False, stride=2),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            TPool(e, 2),
+            conv(e, e, bias=False, stride=2),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            TPool(e, 1),
+            conv(e, e, bias=False, stride=2),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            MemBlock(e, e),
+            conv(e, latent_channels),
+        )
         layers: list[nn.Module] = [Clamp(), conv(latent_channels, c[0]), nn.ReLU()]
         for s in range(3):
             layers += [MemBlock(c[s], c[s]) for _ in range(3)]
-            layers += [nn.Upsample(scale_factor=2 if space_upscale[s] else 1),
-                       TGrow(c[s], 2 if time_upscale[s] else 1), conv(c[s], c[s + 1], bias=False)]
-        layers += [nn.ReLU(), conv(c[3], 3 * patch_size ** 2)]
+            layers += [
+                nn.Upsample(scale_factor=2 if space_upscale[s] else 1),
+                TGrow(c[s], 2 if time_upscale[s] else 1),
+                conv(c[s], c[s + 1], bias=False),
+            ]
+        layers += [nn.ReLU(), conv(c[3], 3 * patch_size**2)]
         self.decoder = nn.Sequential(*layers)
         self.frames_to_trim = 2 ** sum(time_upscale) - 1
 
@@ -103,4 +127,4 @@ class TAEHVReference(nn.Module):
         video = torch.stack(out, 1)
         if self.patch_size > 1:
             video = torch.stack([nn.functional.pixel_shuffle(f, self.patch_size) for f in video.unbind(1)], 1)
-        return video[:, self.frames_to_trim:].clamp(0, 1)
+        return video[:, self.frames_to_trim :].clamp(0, 1)

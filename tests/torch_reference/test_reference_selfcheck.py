@@ -26,14 +26,21 @@ TPF = (H // 2) * (W // 2)
 def expected_shapes(dim, ffn_dim, num_layers, in_dim, out_dim, text_dim, freq_dim, patch=(1, 2, 2)):
     """Facts section 2, written out per layer."""
     shapes = {
-        "patch_embedding.weight": (dim, in_dim, *patch), "patch_embedding.bias": (dim,),
-        "text_embedding.0.weight": (dim, text_dim), "text_embedding.0.bias": (dim,),
-        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
-        "time_embedding.0.weight": (dim, freq_dim), "time_embedding.0.bias": (dim,),
-        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
-        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "patch_embedding.weight": (dim, in_dim, *patch),
+        "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, text_dim),
+        "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim),
+        "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, freq_dim),
+        "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim),
+        "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim),
+        "time_projection.1.bias": (6 * dim,),
         "head.modulation": (1, 2, dim),
-        "head.head.weight": (out_dim * math.prod(patch), dim), "head.head.bias": (out_dim * math.prod(patch),),
+        "head.head.weight": (out_dim * math.prod(patch), dim),
+        "head.head.bias": (out_dim * math.prod(patch),),
     }
     for n in range(num_layers):
         p = f"blocks.{n}."
@@ -67,8 +74,9 @@ def tiny_inputs(frames=3, batch=1, text_tokens=7, seed=2):
 
 def test_state_dict_tiny_matches_facts():
     sd = CausalWanModel(**TINY).state_dict()
-    want = expected_shapes(**{k: TINY[k] for k in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim",
-                                                   "text_dim", "freq_dim")})
+    want = expected_shapes(
+        **{k: TINY[k] for k in ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")}
+    )
     assert {k: tuple(v.shape) for k, v in sd.items()} == want
     assert "freqs" not in sd
 
@@ -93,7 +101,7 @@ def test_rope_table():
         for pairs in split:
             j = torch.arange(pairs, dtype=torch.float64)
             want = torch.polar(torch.ones(pairs, dtype=torch.float64), 7 * 10000.0 ** (-2 * j / (2 * pairs)))
-            torch.testing.assert_close(freqs[7, start:start + pairs], want)
+            torch.testing.assert_close(freqs[7, start : start + pairs], want)
             start += pairs
 
 
@@ -174,9 +182,15 @@ def test_rolling_local_attention_with_sink():
     g = torch.Generator().manual_seed(4)
     noise = torch.randn(1, 12, TINY["in_dim"], H, W, generator=g)  # 4 blocks > 2-block window
     with torch.no_grad():
-        out = self_forcing_rollout(model, noise, ctx, warped_denoising_steps(),
-                                   lambda j, k: torch.randn(1, 3, TINY["in_dim"], H, W, generator=g),
-                                   local_attn_size=6, sink_size=1)
+        out = self_forcing_rollout(
+            model,
+            noise,
+            ctx,
+            warped_denoising_steps(),
+            lambda j, k: torch.randn(1, 3, TINY["in_dim"], H, W, generator=g),
+            local_attn_size=6,
+            sink_size=1,
+        )
     assert out.shape == noise.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError):
         self_forcing_rollout(model, noise, ctx, [1000.0], lambda j, k: None)  # window mismatch
@@ -195,7 +209,7 @@ def test_rolling_cache_indices():
     # third block evicts 3 frames after the 1-frame sink: frames [4, 6) move to [1, 3), new block at [3, 6)
     k = cache[0]["k"]
     torch.testing.assert_close(k[:, :TPF], before[:, :TPF])
-    torch.testing.assert_close(k[:, TPF:3 * TPF], before[:, 4 * TPF:6 * TPF])
+    torch.testing.assert_close(k[:, TPF : 3 * TPF], before[:, 4 * TPF : 6 * TPF])
     assert cache[0]["local_end_index"].item() == 6 * TPF and cache[0]["global_end_index"].item() == 9 * TPF
 
 
@@ -213,8 +227,12 @@ def test_rolling_cache_attends_sink_and_most_recent_frames():
     * 10 + call): chunk j of 3 frames attends to the frames f < E = 3 (j + 1) with f < sink or
     f >= E - (window - sink), each once, the current chunk with the keys of its latest call."""
     for local, sink in ((6, 1), (6, 3), (7, 0), (7, 2), (5, 2), (4, 0), (9, 1), (3, 0)):
-        cache = {"k": torch.zeros(1, local, 1, 1), "v": torch.zeros(1, local, 1, 1),
-                 "global_end_index": torch.tensor([0]), "local_end_index": torch.tensor([0])}
+        cache = {
+            "k": torch.zeros(1, local, 1, 1),
+            "v": torch.zeros(1, local, 1, 1),
+            "global_end_index": torch.tensor([0]),
+            "local_end_index": torch.tensor([0]),
+        }
         for j in range(6):
             e = 3 * (j + 1)
             for call in range(5):  # 4 denoising steps + the cache fill, on the same block
@@ -236,13 +254,25 @@ def test_huge_window_rolling_cache_equals_global_attention():
     outs = []
     with torch.no_grad():
         for local, sink in ((-1, 0), (30, 1), (12, 1)):
-            out = self_forcing_rollout(tiny_model(local_attn_size=local, sink_size=sink), noise, ctx,
-                                       warped_denoising_steps(), lambda j, k: eps[(j, k)],
-                                       local_attn_size=local, sink_size=sink)
+            out = self_forcing_rollout(
+                tiny_model(local_attn_size=local, sink_size=sink),
+                noise,
+                ctx,
+                warped_denoising_steps(),
+                lambda j, k: eps[(j, k)],
+                local_attn_size=local,
+                sink_size=sink,
+            )
             outs.append(out)
-        short = self_forcing_rollout(tiny_model(local_attn_size=6, sink_size=1), noise, ctx,
-                                     warped_denoising_steps(), lambda j, k: eps[(j, k)],
-                                     local_attn_size=6, sink_size=1)
+        short = self_forcing_rollout(
+            tiny_model(local_attn_size=6, sink_size=1),
+            noise,
+            ctx,
+            warped_denoising_steps(),
+            lambda j, k: eps[(j, k)],
+            local_attn_size=6,
+            sink_size=1,
+        )
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
     torch.testing.assert_close(outs[2], outs[0], atol=0, rtol=0)
     # and a window that rolls does change the later chunks (the first two see the same keys)

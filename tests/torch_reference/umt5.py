@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32, max_dist: int = 128,
-                             bidirectional: bool = True) -> torch.Tensor:
+def relative_position_bucket(
+    rel_pos: torch.Tensor, num_buckets: int = 32, max_dist: int = 128, bidirectional: bool = True
+) -> torch.Tensor:
     """T5 bucketing of (key - query) offsets.
 
     Bidirectional: half the buckets per direction, +num_buckets/2 when the key lies after the query.
@@ -38,8 +39,10 @@ def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32, max_d
         rel_pos = -torch.clamp(rel_pos, max=0)
     max_exact = num_buckets // 2
     # float32 log, truncation toward zero (as Wan); log(0) = -inf only reaches the unused branch.
-    large = max_exact + (torch.log(rel_pos.float() / max_exact) / math.log(max_dist / max_exact)
-                         * (num_buckets - max_exact)).long()
+    large = (
+        max_exact
+        + (torch.log(rel_pos.float() / max_exact) / math.log(max_dist / max_exact) * (num_buckets - max_exact)).long()
+    )
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(rel_pos < max_exact, rel_pos, large)
 
@@ -117,8 +120,16 @@ class T5FeedForward(nn.Module):
 class T5SelfAttention(nn.Module):
     """One encoder block: x + attn(norm1(x)), then x + ffn(norm2(x))."""
 
-    def __init__(self, dim: int, dim_attn: int, dim_ffn: int, num_heads: int, num_buckets: int,
-                 shared_pos: bool, eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        dim_attn: int,
+        dim_ffn: int,
+        num_heads: int,
+        num_buckets: int,
+        shared_pos: bool,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.shared_pos = shared_pos
         self.norm1 = T5LayerNorm(dim, eps)
@@ -136,16 +147,28 @@ class T5SelfAttention(nn.Module):
 class T5Encoder(nn.Module):
     """Wan's umT5 encoder. Defaults are umT5-XXL; tests pass tiny sizes."""
 
-    def __init__(self, vocab: int = 256384, dim: int = 4096, dim_attn: int = 4096, dim_ffn: int = 10240,
-                 num_heads: int = 64, num_layers: int = 24, num_buckets: int = 32, shared_pos: bool = False,
-                 eps: float = 1e-6):
+    def __init__(
+        self,
+        vocab: int = 256384,
+        dim: int = 4096,
+        dim_attn: int = 4096,
+        dim_ffn: int = 10240,
+        num_heads: int = 64,
+        num_layers: int = 24,
+        num_buckets: int = 32,
+        shared_pos: bool = False,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.shared_pos = shared_pos
         self.token_embedding = nn.Embedding(vocab, dim)
         self.pos_embedding = T5RelativeEmbedding(num_buckets, num_heads) if shared_pos else None
-        self.blocks = nn.ModuleList([
-            T5SelfAttention(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, eps)
-            for _ in range(num_layers)])
+        self.blocks = nn.ModuleList(
+            [
+                T5SelfAttention(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, eps)
+                for _ in range(num_layers)
+            ]
+        )
         self.norm = T5LayerNorm(dim, eps)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +184,7 @@ def self_forcing_context(encoder: T5Encoder, ids: torch.Tensor, mask: torch.Tens
     """Self-Forcing's text conditioning: the encoder output with rows past each prompt's length zeroed."""
     out = encoder(ids, mask).clone()
     for u, n in zip(out, mask.gt(0).sum(dim=1)):
-        u[int(n):] = 0.0
+        u[int(n) :] = 0.0
     return out
 
 
@@ -175,6 +198,9 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, std: float = 0.05) ->
             elif "pos_embedding" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=g) if "token_embedding" not in name
-                        else torch.randn(p.shape, generator=g))
+                p.copy_(
+                    std * torch.randn(p.shape, generator=g)
+                    if "token_embedding" not in name
+                    else torch.randn(p.shape, generator=g)
+                )
     return model

@@ -26,10 +26,42 @@ from torch import nn
 
 CACHE_T = 2
 # Facts §8: per-channel latent statistics of Wan2.1's VAE (z_raw = z * std + mean).
-LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-               0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-              1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENT_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENT_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 class FeatCache:
@@ -87,7 +119,7 @@ class RMS_norm(nn.Module):
 
     def __init__(self, dim: int, images: bool = True):
         super().__init__()
-        self.scale = dim ** 0.5
+        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +132,14 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         self.residual = nn.Sequential(
-            RMS_norm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMS_norm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout),
-            CausalConv3d(out_dim, out_dim, 3, padding=1))
+            RMS_norm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
@@ -140,8 +177,9 @@ class Resample(nn.Module):
         super().__init__()
         assert mode in ("upsample2d", "upsample3d"), mode
         self.mode = mode
-        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                      nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+        )
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
@@ -167,15 +205,22 @@ class Decoder3d(nn.Module):
     """conv1, middle (Res, Attention, Res), upsamples (per stage: num_res_blocks + 1 Res, then a
     Resample except after the last stage), head (RMS_norm, SiLU, CausalConv3d -> 3)."""
 
-    def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
-                 num_res_blocks: int = 2, temperal_upsample: Sequence[bool] = (True, True, False),
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 16,
+        dim_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temperal_upsample: Sequence[bool] = (True, True, False),
+        dropout: float = 0.0,
+    ):
         super().__init__()
         dim_mult = list(dim_mult)
         dims = [dim * u for u in [dim_mult[-1]] + dim_mult[::-1]]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0], dropout))
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0], dropout)
+        )
         ups = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
@@ -186,8 +231,7 @@ class Decoder3d(nn.Module):
             if i != len(dim_mult) - 1:
                 ups.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*ups)
-        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
-                                  CausalConv3d(out_dim, 3, 3, padding=1))
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
         x = self.conv1.cached(x, cache)
@@ -203,15 +247,22 @@ class Decoder3d(nn.Module):
 class WanVAEDecoder(nn.Module):
     """The decoder half of ``WanVAE_``: ``conv2`` (1x1x1 on the latent) and ``decoder``."""
 
-    def __init__(self, dim: int = 96, z_dim: int = 16, dim_mult: Sequence[int] = (1, 2, 4, 4),
-                 num_res_blocks: int = 2, temperal_upsample: Sequence[bool] = (True, True, False)):
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 16,
+        dim_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temperal_upsample: Sequence[bool] = (True, True, False),
+    ):
         super().__init__()
         self.z_dim = z_dim
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, temperal_upsample)
 
-    def decode(self, z: torch.Tensor, streaming: bool = False, cache: FeatCache | None = None
-               ) -> tuple[torch.Tensor, FeatCache]:
+    def decode(
+        self, z: torch.Tensor, streaming: bool = False, cache: FeatCache | None = None
+    ) -> tuple[torch.Tensor, FeatCache]:
         """z [B, z_dim, T, h, w] normalised latents -> (video [B, 3, T', H, W] in [-1, 1], cache).
 
         T' = 1 + 4 (T - 1) for Wan's decode (streaming=False, fresh cache), 4 T otherwise. Pass the
@@ -225,7 +276,7 @@ class WanVAEDecoder(nn.Module):
         outs = []
         for i in range(x.shape[2]):
             cache.idx = 0
-            outs.append(self.decoder(x[:, :, i:i + 1], cache))
+            outs.append(self.decoder(x[:, :, i : i + 1], cache))
         return torch.cat(outs, dim=2).float().clamp(-1.0, 1.0), cache
 
 
@@ -241,5 +292,5 @@ def randomize_vae_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Modu
                 p.copy_(std * noise)
             else:
                 fan_in = p[0].numel()
-                p.copy_(noise / fan_in ** 0.5)
+                p.copy_(noise / fan_in**0.5)
     return model
