@@ -86,7 +86,7 @@ def gelu_epilogue_fused() -> dict:
 
 def taehv_decode_ms() -> dict:
     """The tiny decoder at 480x832 (60x104 latents), bf16, 1 and 3 latents per call."""
-    from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+    from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
     from causal_dit_jax.model.random_params import random_params
 
     dec = TAEHVDecoder(get_taehv_preset("taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from causal_dit_jax.autoencoders.chunked_decode import LatentChunkDecoder
+from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.wan_vae import WanVAE, get_vae_preset
 from causal_dit_jax.bench import timed_ms, write_json
-from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 from causal_dit_jax.model.config import InferenceConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.model.random_params import random_params

@@ -11,7 +11,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from causal_dit_jax.decoders.wan_vae import get_vae_preset
+from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import InferenceConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.model.sampler import SelfForcingSampler

@@ -27,8 +27,8 @@ import tempfile
 import numpy as np
 
 from causal_dit_jax.app.pipeline import video_spec
+from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
 from causal_dit_jax.bench import run_dit_bench, utc_date, write_json
-from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import LINEAR_PRECISIONS, InferenceConfig, KernelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.sharding.mesh import split_sequence_devices

@@ -14,8 +14,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.autoencoders.wan_vae import WanVAE, get_vae_preset
 from causal_dit_jax.bench import median_ms, timed_ms, write_json
-from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
 from causal_dit_jax.model.random_params import random_params
 
 VARIANTS = {

@@ -12,8 +12,8 @@ import pprint
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.autoencoders.wan_vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
 from causal_dit_jax.bench import profile_breakdown, write_json
-from causal_dit_jax.decoders.wan_vae import UPSAMPLE_CONVS, WanVAE, get_vae_preset
 from causal_dit_jax.model.random_params import random_params
 
 

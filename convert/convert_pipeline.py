@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
+from causal_dit_jax.autoencoders.wan_vae import VAEConfig
 from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
 from causal_dit_jax.convert.dit_convert import load_dit_params
 from causal_dit_jax.convert.rules import check_dtype
@@ -19,7 +20,6 @@ from causal_dit_jax.convert.t5_convert import load_t5_params
 from causal_dit_jax.convert.taehv_convert import load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError
 from causal_dit_jax.convert.vae_convert import load_vae_params
-from causal_dit_jax.decoders.wan_vae import VAEConfig
 from causal_dit_jax.model.config import ModelConfig
 from causal_dit_jax.text.tokenizer import PromptTokenizer
 from causal_dit_jax.text.umt5 import T5Config

@@ -1,7 +1,7 @@
 """`taew2_1.pth` (TAEHV for Wan2.1; a plain PyTorch state dict, or safetensors) -> TAEHV decoder params:
 the key table and the config inference.
 
-The key table follows the PyTorch `decoder` nn.Sequential (see `causal_dit_jax/decoders/taehv.py`):
+The key table follows the PyTorch `decoder` nn.Sequential (see `causal_dit_jax/autoencoders/taehv.py`):
 conv_in is `decoder.1`, stage s occupies indices 3 + 6 s .. 8 + 6 s (three memory blocks with
 `.conv.{0,2,4}.{weight,bias}`, an upsample without weights, the time-grow `.conv.weight`, the
 projection `.weight`), and conv_out is `decoder.22`. The `encoder.*` half is recognised and ignored.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Mapping
 
+from causal_dit_jax.autoencoders.taehv import MEM_BLOCKS, Params, TAEHVConfig, TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.convert.rules import Rule, apply_rules, check_dtype, conv, with_dtype
 from causal_dit_jax.convert.torch_files import read_state_dict
-from causal_dit_jax.decoders.taehv import MEM_BLOCKS, Params, TAEHVConfig, TAEHVDecoder, get_taehv_preset
 
 IGNORED_PREFIXES = ("encoder.",)
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from causal_dit_jax.autoencoders.wan_vae import Params, VAEConfig, WanVAE, get_vae_preset
 from causal_dit_jax.convert.rules import Rule, apply_rules, check_dtype, conv, tensor, with_dtype
 from causal_dit_jax.convert.torch_files import load_torch_pickle, select_state_dict
-from causal_dit_jax.decoders.wan_vae import Params, VAEConfig, WanVAE, get_vae_preset
 
 IGNORED_PREFIXES = ("encoder.", "conv1.")  # the encoder half; not read by the decoder
 

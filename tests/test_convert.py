@@ -599,8 +599,8 @@ def _write_model_files(folder: pathlib.Path) -> dict:
     from torch_reference import wan_vae as ref_vae
     from torch_reference.taehv import TAEHVReference
 
-    from causal_dit_jax.decoders.taehv import get_taehv_preset
-    from causal_dit_jax.decoders.wan_vae import get_vae_preset
+    from causal_dit_jax.autoencoders.taehv import get_taehv_preset
+    from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
     from causal_dit_jax.text.umt5 import T5Config
 
     t5_cfg = T5Config(vocab_size=64, dim=32, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2)
@@ -638,9 +638,9 @@ def model_files(tmp_path_factory):
 
 
 def _loaders():
+    from causal_dit_jax.autoencoders.taehv import TAEHVDecoder
+    from causal_dit_jax.autoencoders.wan_vae import WanVAE
     from causal_dit_jax.convert import load_t5_params, load_taehv_params, load_vae_params
-    from causal_dit_jax.decoders.taehv import TAEHVDecoder
-    from causal_dit_jax.decoders.wan_vae import WanVAE
     from causal_dit_jax.text.umt5 import UMT5Encoder
 
     # name: (loader, model class, the inferred config's weight dtype)

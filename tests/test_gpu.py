@@ -141,7 +141,7 @@ def test_wan_vae_per_frame_ring_caches_match_all_frames_at_once_at_real_size():
     on the same params: the same convs grouped differently by cuDNN, bf16 activations; 2e-2 relative."""
     import numpy as np
 
-    from causal_dit_jax.decoders.wan_vae import WanVAE, get_vae_preset
+    from causal_dit_jax.autoencoders.wan_vae import WanVAE, get_vae_preset
     from causal_dit_jax.model.random_params import random_params
 
     cfg = get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16")

@@ -23,10 +23,10 @@ from torch_reference.wan_vae import WanVAEDecoder, randomize_vae_
 from causal_dit_jax import KernelConfig
 from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
 from causal_dit_jax.app.video import read_mp4
+from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
 from causal_dit_jax.convert import convert_pipeline_checkpoint
 from causal_dit_jax.convert.torch_files import CheckpointError
-from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.sampler import draw_step_noise, initial_noise
 from causal_dit_jax.text.umt5 import get_t5_preset
 

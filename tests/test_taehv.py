@@ -15,10 +15,10 @@ from dit_fixtures import rel_err
 from safetensors.torch import save_file
 from torch_reference.taehv import TAEHVReference
 
+from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
 from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
 from causal_dit_jax.convert.torch_files import CheckpointError
-from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
 
 CFG = get_taehv_preset("tiny")
 LATENT_H, LATENT_W = 4, 6

@@ -13,11 +13,11 @@ import torch
 from dit_fixtures import rel_err
 from torch_reference import wan_vae as ref
 
+from causal_dit_jax.autoencoders.chunked_decode import to_uint8
+from causal_dit_jax.autoencoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
 from causal_dit_jax.convert.rules import torch_shapes
 from causal_dit_jax.convert.torch_files import CheckpointError
 from causal_dit_jax.convert.vae_convert import load_vae_params, vae_decoder_key_map, vae_params_from_state_dict
-from causal_dit_jax.decoders.chunked_decode import to_uint8
-from causal_dit_jax.decoders.wan_vae import VAEDecodeCache, WanVAE, get_vae_preset
 
 CFG = get_vae_preset("tiny")
 LATENT_H, LATENT_W = 4, 6
@@ -104,7 +104,7 @@ def test_chunks_equal_the_whole_decode(vae, converted, latents, whole, sizes, fr
 def test_latent_chunk_decoder_queues_the_whole_decode(vae, converted, latents, whole, per_call):
     """LatentChunkDecoder (the pipeline's loop): chunks of 3 latents, `per_call` latents per jitted call,
     uint8 frames on the device equal the uint8 of the one-pass decode; a count below 1 is refused."""
-    from causal_dit_jax import LatentChunkDecoder
+    from causal_dit_jax.autoencoders import LatentChunkDecoder
 
     _, params = converted
     decoder = LatentChunkDecoder(vae, per_call)
@@ -144,7 +144,7 @@ def test_upsample_as_four_phase_convs_equals_repeat_then_conv(converted, latents
     runs the default. A method that does not exist is named."""
     from flax import nnx
 
-    from causal_dit_jax.decoders.wan_vae import Conv, upsample_conv_phases
+    from causal_dit_jax.autoencoders.wan_vae import Conv, upsample_conv_phases
 
     conv = Conv(5, 7, (3, 3), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     conv.bias[...] = jax.random.normal(jax.random.key(3), (7,))

@@ -238,7 +238,7 @@ def _strategy(args) -> str | None:
 def cmd_bench(args) -> int:
     from causal_dit_jax import bench
     from causal_dit_jax.app.pipeline import video_spec
-    from causal_dit_jax.decoders.wan_vae import get_vae_preset
+    from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
     from causal_dit_jax.model.config import get_preset
 
     mesh_strategy = _strategy(args)

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from causal_dit_jax.autoencoders.chunked_decode import LatentChunkDecoder
+from causal_dit_jax.autoencoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
-from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-from causal_dit_jax.decoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
-from causal_dit_jax.decoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
 from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
 from causal_dit_jax.model.kv_cache import TextKV
@@ -159,7 +159,8 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
     ) -> TextToVideoPipeline:
         """Small presets with deterministic random weights (untrained: the video is noise-like).
-        Runs on a laptop CPU in about a minute; every code path is the real model's.
+        Small enough for a laptop CPU (the README's first command: 33 frames at 128x192); every code
+        path is the real model's.
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); kernels: how the DiT's
         kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
         config, decoder_config = pipeline_configs(None, decoder)

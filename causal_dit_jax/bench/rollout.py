@@ -14,10 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
 from causal_dit_jax.bench.flops import rollout_flops
 from causal_dit_jax.bench.results import device_kind
 from causal_dit_jax.bench.timing import CompileCounter, matmul_peak_tflops, peak_memory_gb
-from causal_dit_jax.decoders.wan_vae import get_vae_preset
 from causal_dit_jax.model.config import PRESETS, InferenceConfig, ModelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT, unstack_blocks
 from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
@@ -316,9 +316,9 @@ def run_e2e(
     does) to the first frames on the host."""
     import numpy as np
 
-    from causal_dit_jax.decoders.chunked_decode import LatentChunkDecoder
-    from causal_dit_jax.decoders.taehv import TAEHVDecoder, get_taehv_preset
-    from causal_dit_jax.decoders.wan_vae import WanVAE
+    from causal_dit_jax.autoencoders.chunked_decode import LatentChunkDecoder
+    from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset
+    from causal_dit_jax.autoencoders.wan_vae import WanVAE
     from causal_dit_jax.model.random_params import random_params
 
     if vae_preset.startswith("taehv"):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx, struct
 
-from causal_dit_jax.decoders.chunked_decode import ChunkedDecode
+from causal_dit_jax.autoencoders.chunked_decode import ChunkedDecode
 from causal_dit_jax.model.config import ConfigFields, dtype_from_name, lookup_preset
 
 Params = dict[str, Any]

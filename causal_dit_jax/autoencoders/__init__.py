@@ -1,0 +1,18 @@
+"""Video autoencoders between latents and frames, streaming: the Wan2.1 VAE decoder, the tiny TAEHV
+decoder, the shared chunked decode and the chunk decode loop."""
+
+from causal_dit_jax.autoencoders.chunked_decode import ChunkedDecode, LatentChunkDecoder, to_uint8
+from causal_dit_jax.autoencoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
+
+__all__ = [
+    "ChunkedDecode",
+    "LatentChunkDecoder",
+    "TAEHVConfig",
+    "TAEHVDecoder",
+    "VAEConfig",
+    "WanVAE",
+    "get_taehv_preset",
+    "get_vae_preset",
+    "to_uint8",
+]
