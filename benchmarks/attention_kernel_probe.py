@@ -39,9 +39,7 @@ def main() -> None:
             qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
             name = jnp.dtype(dtype).name
             ms = median_ms(ref, qc, kc, vc)
-            rows.append(
-                {"kernel": "cudnn", "dtype": name, "q": q_len, "kv": kv_len, "ms": ms, "tflops": flops / ms / 1e9}
-            )
+            rows.append({"kernel": "cudnn", "dtype": name, "q": q_len, "kv": kv_len, "ms": ms, "tflops": flops / ms / 1e9})
             print(rows[-1], flush=True)
             for block_q, block_kv, steps in ((64, 64, 2), (64, 128, 2), (64, 128, 3), (64, 128, 4)):
                 label = f"pallas mgpu bq{block_q} bkv{block_kv} steps{steps}"

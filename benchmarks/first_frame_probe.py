@@ -49,9 +49,7 @@ def main() -> None:
     if args.decoder == "wan":
         vae = WanVAE(get_vae_preset(args.vae_preset or "wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
     else:
-        vae = TAEHVDecoder(
-            get_taehv_preset(args.vae_preset or "taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16")
-        )
+        vae = TAEHVDecoder(get_taehv_preset(args.vae_preset or "taew2.1").replace(dtype="bfloat16", param_dtype="bfloat16"))
     vae_params = random_params(vae.abstract_params(), 7)
     decoder = LatentChunkDecoder(vae, latents_per_call=1)  # the product's decode loop, one latent per call
     start = jnp.asarray(0, jnp.int32)

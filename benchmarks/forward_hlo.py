@@ -38,9 +38,7 @@ def main() -> None:
     rope = dit.rope_tables(args.frames, lh, lw)
     x = jax.ShapeDtypeStruct((1, c, lh, lw, cfg.in_dim), jnp.float32)
     t = jax.ShapeDtypeStruct((1, c), jnp.float32)
-    compiled = (
-        jax.jit(dit.forward, donate_argnums=(4,)).lower(params, x, t, text, cache, args.frames - c, rope).compile()
-    )
+    compiled = jax.jit(dit.forward, donate_argnums=(4,)).lower(params, x, t, text, cache, args.frames - c, rope).compile()
     with open(args.out, "w") as f:
         f.write(compiled.as_text())
     print(f"wrote {args.out}")

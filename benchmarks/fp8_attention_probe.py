@@ -48,9 +48,7 @@ def fp8_params(dq, dk, dv, s_scale):
             "scale_o",
         )
     }
-    params.update(
-        descale_q=dq * one, descale_k=dk * one, descale_v=dv * one, descale_s=one / s_scale, scale_s=one * s_scale
-    )
+    params.update(descale_q=dq * one, descale_k=dk * one, descale_v=dv * one, descale_s=one / s_scale, scale_s=one * s_scale)
     return params
 
 
@@ -79,9 +77,7 @@ def main() -> None:
 
     def bf16_attention(q, k, v, filled):
         lengths = jnp.full((1,), filled, jnp.int32)
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=sm_scale, implementation="cudnn", key_value_seq_lengths=lengths
-        )
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation="cudnn", key_value_seq_lengths=lengths)
 
     def fp8_core(q8, k8, v8, dq, dk, dv):
         out, _, _ = cudnn_fa.dot_product_attention(
@@ -99,55 +95,28 @@ def main() -> None:
     for filled in (4680, 32760):
         flops = 4 * QUERIES * filled * HEADS * HEAD_DIM
         k, v = cache_k[:, :filled], cache_v[:, :filled]
-        ref = jax.nn.dot_product_attention(
-            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=sm_scale
-        )
+        ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), scale=sm_scale)
 
         def rel(out, ref=ref):
             out = out.astype(jnp.float32)
             return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
-        bf16 = jax.jit(bf16_attention, static_argnums=3)
-        ms = median_ms(bf16, q, cache_k, cache_v, filled, repeats=30)
-        rows.append(
-            {
-                "kernel": "bf16 cudnn",
-                "keys": filled,
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "rel_l2": rel(bf16(q, cache_k, cache_v, filled)),
-            }
-        )
-        print(rows[-1], flush=True)
+        def row(kernel, fn, *args, filled=filled, flops=flops, **extra):
+            """Time fn(*args), and its error against the float32 reference."""
+            ms = median_ms(fn, *args, repeats=30)
+            out = fn(*args)
+            rows.append({"kernel": kernel, "keys": filled, "ms": ms, "tflops": flops / ms / 1e9, "rel_l2": rel(out), **extra})
+            print(rows[-1], flush=True)
+            return out
+
+        row("bf16 cudnn", jax.jit(bf16_attention, static_argnums=3), q, cache_k, cache_v, filled)
         try:
             q8, dq = to_e4m3(q)
             k8, dk = to_e4m3(k)
             v8, dv = to_e4m3(v)
-            core = jax.jit(fp8_core)
-            ms = median_ms(core, q8, k8, v8, dq, dk, dv, repeats=30)
-            out = core(q8, k8, v8, dq, dk, dv)
-            rows.append(
-                {
-                    "kernel": "fp8 attention only",
-                    "keys": filled,
-                    "ms": ms,
-                    "tflops": flops / ms / 1e9,
-                    "out_dtype": str(out.dtype),
-                    "rel_l2": rel(out),
-                }
-            )
-            print(rows[-1], flush=True)
-            full = jax.jit(fp8_attention, static_argnums=3)
-            ms = median_ms(full, q, cache_k, cache_v, filled, repeats=30)
-            rows.append(
-                {
-                    "kernel": "fp8 with quantisation",
-                    "keys": filled,
-                    "ms": ms,
-                    "tflops": flops / ms / 1e9,
-                    "rel_l2": rel(full(q, cache_k, cache_v, filled)),
-                }
-            )
+            out = row("fp8 attention only", jax.jit(fp8_core), q8, k8, v8, dq, dk, dv)
+            rows[-1]["out_dtype"] = str(out.dtype)
+            row("fp8 with quantisation", jax.jit(fp8_attention, static_argnums=3), q, cache_k, cache_v, filled)
         except Exception as e:  # what the private API refuses, reported as such
             rows.append({"kernel": "fp8", "keys": filled, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(rows[-1], flush=True)

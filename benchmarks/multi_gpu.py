@@ -187,10 +187,7 @@ def main() -> None:
                 "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"],
             }
         )
-        print(
-            {k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")},
-            flush=True,
-        )
+        print({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")}, flush=True)
         runs.append(entry)
         save()
     save()

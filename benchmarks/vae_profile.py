@@ -25,9 +25,7 @@ def main():
     parser.add_argument("--hlo", default=None, help="also write the compiled HLO text here")
     parser.add_argument("--top", type=int, default=20, help="kernels listed by name")
     args = parser.parse_args()
-    vae = WanVAE(
-        get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16", upsample_conv=args.upsample_conv)
-    )
+    vae = WanVAE(get_vae_preset("wan2.1").replace(dtype="bfloat16", param_dtype="bfloat16", upsample_conv=args.upsample_conv))
     params = random_params(vae.abstract_params(), 0)
     cache = vae.init_decode_cache(1, 60, 104, wan_first_frame=False)
     z = jax.random.normal(jax.random.key(0), (1, args.latents, 60, 104, 16), jnp.float32)

@@ -35,9 +35,7 @@ def variants():
             0,
             LAYERS,
             lambda i, h: layer(
-                h,
-                jax.lax.dynamic_index_in_dim(ws, i, keepdims=False),
-                jax.lax.dynamic_index_in_dim(vs, i, keepdims=False),
+                h, jax.lax.dynamic_index_in_dim(ws, i, keepdims=False), jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
             ),
             x,
         )
@@ -75,11 +73,8 @@ def main() -> None:
             "total_ms": b["total"],
             "top_kernels": dict(list(b["top_kernels"].items())[:6]),
         }
-        print(
-            f"{name:10s} matmul {b['matmul']:.2f} ms  copies {copies:.2f} ms  other {b['other'] - copies:.2f} ms  "
-            f"total {b['total']:.2f} ms",
-            flush=True,
-        )
+        times = "  ".join(f"{k[:-3]} {v:.2f} ms" for k, v in rows[name].items() if k.endswith("_ms"))
+        print(f"{name:10s} {times}", flush=True)
     if args.json:
         write_json(args.json, variants=rows)
 

@@ -91,21 +91,17 @@ def read_checkpoint_config(ckpt_dir: str | pathlib.Path) -> dict:
         raise CheckpointDirError(f"checkpoint folder {d.absolute()} does not exist")
     if not d.is_dir():
         raise CheckpointDirError(
-            f"{d} is a file, not a checkpoint folder; a causal-dit-jax checkpoint is the "
-            "folder `causal-dit convert` writes"
+            f"{d} is a file, not a checkpoint folder; a causal-dit-jax checkpoint is the folder `causal-dit convert` writes"
         )
     f = d / "config.json"
     if not f.exists():
         raise CheckpointDirError(
-            f"{d} is not a causal-dit-jax checkpoint (no config.json); "
-            "convert PyTorch weights with `causal-dit convert`"
+            f"{d} is not a causal-dit-jax checkpoint (no config.json); convert PyTorch weights with `causal-dit convert`"
         )
     try:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointDirError(
-            f"{f} is not valid JSON ({e}); write the checkpoint again with `causal-dit convert`"
-        ) from e
+        raise CheckpointDirError(f"{f} is not valid JSON ({e}); write the checkpoint again with `causal-dit convert`") from e
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
         raise CheckpointDirError(f"{f}: unknown format {fmt!r} (expected {FORMAT})")

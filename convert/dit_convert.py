@@ -13,16 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from causal_dit_jax.convert.rules import (
-    Rule,
-    apply_rules,
-    check_dtype,
-    dense,
-    fused_dense,
-    tensor,
-    torch_shapes,
-    with_dtype,
-)
+from causal_dit_jax.convert.rules import Rule, apply_rules, check_dtype, dense, fused_dense, tensor, torch_shapes, with_dtype
 from causal_dit_jax.convert.torch_files import CheckpointError, read_state_dict
 from causal_dit_jax.model.config import ModelConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
@@ -46,12 +37,7 @@ def dit_key_map(config: ModelConfig) -> tuple[Rule, ...]:
     b = "blocks.{i}"
     return tuple(
         [
-            tensor(
-                "stem/patch_embedding/kernel",
-                "patch_embedding.weight",
-                (c, config.in_dim, *config.patch_size),
-                patch_conv,
-            ),
+            tensor("stem/patch_embedding/kernel", "patch_embedding.weight", (c, config.in_dim, *config.patch_size), patch_conv),
             tensor("stem/patch_embedding/bias", "patch_embedding.bias", (c,)),
         ]
         + dense("stem/text_embedding/fc1", "text_embedding.0", config.text_dim, c)
@@ -136,17 +122,8 @@ def infer_dit_config(
         base = base.replace(text_len=int(wan_config["text_len"]))
     if "eps" in wan_config:
         base = base.replace(eps=float(wan_config["eps"]))
-    return base.replace(
-        dim=dim,
-        ffn_dim=ffn_dim,
-        num_heads=heads,
-        num_layers=layers,
-        in_dim=in_dim,
-        out_dim=out_dim,
-        text_dim=text_dim,
-        freq_dim=freq_dim,
-        patch_size=(pt, ph, pw),
-    )
+    base = base.replace(dim=dim, ffn_dim=ffn_dim, num_heads=heads, num_layers=layers, patch_size=(pt, ph, pw))
+    return base.replace(in_dim=in_dim, out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -153,11 +153,7 @@ def torch_shapes(rules: Sequence[Rule], num_layers: int = 0) -> dict[str, Shape]
 
 
 def check_state_dict(
-    state: Mapping[str, Any],
-    rules: Sequence[Rule],
-    what: str,
-    num_layers: int = 0,
-    ignore_prefixes: tuple[str, ...] = (),
+    state: Mapping[str, Any], rules: Sequence[Rule], what: str, num_layers: int = 0, ignore_prefixes: tuple[str, ...] = ()
 ) -> None:
     """Raise one CheckpointError naming every missing, unexpected and mis-shaped key.
 

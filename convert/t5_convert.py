@@ -64,16 +64,8 @@ def infer_t5_config(state: Mapping[str, np.ndarray], base: T5Config | None = Non
         layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"cannot infer the text encoder config from this state dict (missing {e})") from e
-    return base.replace(
-        vocab_size=vocab,
-        dim=dim,
-        dim_attn=dim_attn,
-        dim_ffn=dim_ffn,
-        num_heads=heads,
-        num_buckets=buckets,
-        num_layers=layers,
-        shared_pos=shared,
-    )
+    base = base.replace(vocab_size=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads)
+    return base.replace(num_buckets=buckets, num_layers=layers, shared_pos=shared)
 
 
 def t5_params_from_state_dict(

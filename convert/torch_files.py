@@ -99,9 +99,7 @@ def select_state_dict(obj: Mapping, which: str = "generator_ema") -> dict:
     or take a plain state dict as is."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    wrappers = [
-        k for k in ("generator_ema", "generator", "state_dict", "model") if k in obj and isinstance(obj[k], Mapping)
-    ]
+    wrappers = [k for k in ("generator_ema", "generator", "state_dict", "model") if k in obj and isinstance(obj[k], Mapping)]
     if wrappers:
         if which in obj and isinstance(obj[which], Mapping):
             return dict(obj[which])

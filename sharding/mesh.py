@@ -66,14 +66,11 @@ def make_mesh(
         if n > len(all_devices):
             k, backend = len(all_devices), jax.default_backend()
             hint = (
-                f"; to simulate {n} CPU devices, start the process with "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+                f"; to simulate {n} CPU devices, start the process with XLA_FLAGS=--xla_force_host_platform_device_count={n}"
                 if backend == "cpu"
                 else ""
             )
-            raise ValueError(
-                f"asked for {n} devices, only {k} {'is' if k == 1 else 'are'} visible (backend {backend}){hint}"
-            )
+            raise ValueError(f"asked for {n} devices, only {k} {'is' if k == 1 else 'are'} visible (backend {backend}){hint}")
         devices = all_devices[:n]
     devices = list(devices)
     if num_devices is not None and num_devices != len(devices):

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax.model.attention import PAGE_TOKENS, local_self_attention
+from causal_dit_jax.model.chunk_model import Array, Cache
 from causal_dit_jax.model.config import InferenceConfig, ModelConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import KVCache, TextKV, cache_dtype, cache_keys, kv_cache_for
@@ -87,13 +88,7 @@ class SequenceParallelDiT:
         return ChunkLayout(true_len, local, self.ulysses_size * local, local * self.seq_devices)
 
     def init_cache(
-        self,
-        inference: InferenceConfig,
-        batch: int,
-        num_frames: int,
-        latent_height: int,
-        latent_width: int,
-        origin_frame: int = 0,
+        self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int, latent_width: int, origin_frame=0
     ) -> KVCache:
         """Zero cache placed on the mesh: heads split over 'ulysses'; with a ring, the sequence stays
         on the ring member that computed it (each member holds its segment of every cached chunk).
@@ -111,11 +106,7 @@ class SequenceParallelDiT:
         dtype = cache_dtype(cfg, inference)
         where = NamedSharding(self.mesh, SPECS.cache_lbsnd)  # made in place on each device, no transfer
         return kv_cache_for(
-            inference,
-            num_frames,
-            jnp.zeros(shape, dtype, device=where),
-            jnp.zeros(shape, dtype, device=where),
-            origin_frame,
+            inference, num_frames, jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where), origin_frame
         )
 
     # ------------------------------------------------------------------ attention
@@ -131,26 +122,15 @@ class SequenceParallelDiT:
             if ring == 1:  # the whole (padded) chunk is here: cache only real tokens
                 out, layer_cache = local_self_attention(q, k[:, :true_len], v[:, :true_len], layer_cache, write, impl)
             else:
-                out, layer_cache = ring_self_attention(
-                    q, k, v, layer_cache, write, true_len=true_len, implementation=impl
-                )
+                out, layer_cache = ring_self_attention(q, k, v, layer_cache, write, true_len=true_len, implementation=impl)
             return heads_to_seq(out), layer_cache
 
         return attention
 
     # ------------------------------------------------------------------ forward
     def forward_tokens(
-        self,
-        params: Params,
-        tokens: jax.Array,
-        t: jax.Array,
-        text: TextKV,
-        cache: KVCache | None,
-        start_frame,
-        rope: RopeTables,
-        *,
-        grid: tuple[int, int, int],
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, params: Params, tokens: Array, t: Array, text: TextKV, cache: Cache, start_frame, rope: RopeTables, *, grid
+    ) -> tuple[Array, Cache]:
         """Patch tokens [B, true_len, P] -> [B, true_len, P_out] through the sharded transformer."""
         frames, gh, gw = grid
         lay = self.layout(frames, gh * self.config.patch_size[1], gw * self.config.patch_size[2])
@@ -166,21 +146,10 @@ class SequenceParallelDiT:
         def shard(params, tokens, t, text, cache, start_frame, rope):
             offset = shard_token_offset(lay.local_len)
             return dit.forward_tokens(
-                params,
-                tokens,
-                t,
-                text,
-                cache,
-                start_frame,
-                rope,
-                grid=grid,
-                token_offset=offset,
-                attention_fn=attention,
+                params, tokens, t, text, cache, start_frame, rope, grid=grid, token_offset=offset, attention_fn=attention
             )
 
-        cache_spec = (
-            None if cache is None else cache.replace(k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
-        )
+        cache_spec = None if cache is None else cache.replace(k=SPECS.cache_lbsnd, v=SPECS.cache_lbsnd, origin_frame=P())
         text_spec = TextKV(SPECS.text_lbknd, SPECS.text_lbknd)
         out, cache = jax.shard_map(
             shard,
@@ -191,15 +160,8 @@ class SequenceParallelDiT:
         return out[:, : lay.true_len], cache
 
     def forward(
-        self,
-        params: Params,
-        x: jax.Array,
-        t: jax.Array,
-        text: TextKV,
-        cache: KVCache | None,
-        start_frame,
-        rope: RopeTables,
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, params: Params, x: Array, t: Array, text: TextKV, cache: Cache, start_frame: Array | int, rope: RopeTables
+    ) -> tuple[Array, Cache]:
         """Same contract as `CausalWanDiT.forward`, executed over the mesh."""
         tokens, grid = latents_to_tokens(self.config, x, t)
         out, cache = self.forward_tokens(params, tokens, t, text, cache, start_frame, rope, grid=grid)
@@ -207,12 +169,7 @@ class SequenceParallelDiT:
 
     # ------------------------------------------------------------------ accounting
     def comm_bytes_per_forward(
-        self,
-        inference: InferenceConfig,
-        latent_height: int,
-        latent_width: int,
-        num_frames: int | None = None,
-        batch: int = 1,
+        self, inference: InferenceConfig, latent_height: int, latent_width: int, num_frames: int | None = None, batch: int = 1
     ) -> int:
         """Bytes each device sends per chunk forward in self-attention (all layers), as compiled.
 

@@ -26,9 +26,7 @@ SMALL = ModelConfig(
 LATENT_H, LATENT_W = 8, 12
 
 
-def torch_model(
-    config: ModelConfig = SMALL, seed: int = 0, local_attn_size: int = -1, sink_size: int = 0
-) -> CausalWanModel:
+def torch_model(config: ModelConfig = SMALL, seed: int = 0, local_attn_size: int = -1, sink_size: int = 0) -> CausalWanModel:
     model = CausalWanModel(
         dim=config.dim,
         ffn_dim=config.ffn_dim,

@@ -114,9 +114,7 @@ def test_bench_cli_compare_refuses_bad_peer_files_before_work(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "unknown figures ['fps']" in err and "dit_s" in err and "e2e_fps_wan" in err
     bad.write_text(
-        json.dumps(
-            {"name": "peer", "figures": {"dit_s": 2.0}, "setting": {"preset": "wan2.1-t2v-1.3b", "latent_frames": 21}}
-        )
+        json.dumps({"name": "peer", "figures": {"dit_s": 2.0}, "setting": {"preset": "wan2.1-t2v-1.3b", "latent_frames": 21}})
     )
     assert main(args + ["--compare", str(bad)]) == 2
     assert "another setting" in capsys.readouterr().err
@@ -275,10 +273,7 @@ def _listing(folder):
         (["--strategy", "ring"], ["--strategy ring needs --mesh"]),
         (
             ["--mesh", "4", "--strategy", "ulysses"],
-            [
-                "asked for 4 devices, only 2 are visible (backend cpu)",
-                "XLA_FLAGS=--xla_force_host_platform_device_count=4",
-            ],
+            ["asked for 4 devices, only 2 are visible (backend cpu)", "XLA_FLAGS=--xla_force_host_platform_device_count=4"],
         ),
         (["--checkpoint", "{tmp}/no-such-ckpt"], ["checkpoint folder {tmp}/no-such-ckpt does not exist"]),
         (["--checkpoint", "{tmp}/empty"], ["{tmp}/empty is not a causal-dit-jax checkpoint (no config.json)"]),
@@ -333,11 +328,7 @@ def test_convert_refuses_a_text_file_named_pt(tmp_path):
     text.write_text("these are not weights\n")  # torch.load's unpickler: 'pop from empty list'
     proc = _run_cli("convert", "--checkpoint", str(text), "--out", str(tmp_path / "ckpt"))
     _assert_one_line_error(
-        proc,
-        "convert",
-        f"cannot read {text}: not a PyTorch checkpoint",
-        "expected a torch.save file",
-        "b'these are not",
+        proc, "convert", f"cannot read {text}: not a PyTorch checkpoint", "expected a torch.save file", "b'these are not"
     )
     assert "pop from empty list" not in proc.stderr
     assert _listing(tmp_path) == ["weights.pt"]

@@ -61,11 +61,7 @@ def test_paged_cache_attention_and_its_gradient_match_slicing(valid):
         return cache_attention_in_place(q, ck, cv, layer, kv_len)
 
     assert (
-        float(
-            jnp.max(
-                jnp.abs(jax.jit(paged)(q, ck, cv).astype(jnp.float32) - jax.jit(sliced)(q, ck, cv).astype(jnp.float32))
-            )
-        )
+        float(jnp.max(jnp.abs(jax.jit(paged)(q, ck, cv).astype(jnp.float32) - jax.jit(sliced)(q, ck, cv).astype(jnp.float32))))
         == 0.0
     )
     grads = [
@@ -99,9 +95,7 @@ def test_cudnn_attention_with_lse_matches_xla_values_and_gradients(kv_len):
         o, l = fn(*a)
         return jnp.sum(o * jnp.exp(l - jax.lax.stop_gradient(l)).transpose(0, 2, 1)[..., None])
 
-    g_fast = jax.jit(jax.grad(lambda *a: loss(cudnn_attention_with_lse, *a, jnp.int32(kv_len)), argnums=(0, 1, 2)))(
-        q, k, v
-    )
+    g_fast = jax.jit(jax.grad(lambda *a: loss(cudnn_attention_with_lse, *a, jnp.int32(kv_len)), argnums=(0, 1, 2)))(q, k, v)
     g_ref = jax.jit(jax.grad(lambda *a: loss(lambda *b: attention_with_lse(*b, mask), *a), argnums=(0, 1, 2)))(q, k, v)
     errs = [rel(a, b) for a, b in zip(g_fast, g_ref)]
     # The same XLA backward; the cotangent of the statistics is the forward output here, bf16-rounded by
@@ -128,10 +122,7 @@ def test_pallas_qk_norm_rope_matches_xla_at_real_size():
 
 def test_rollout_with_pallas_qk_norm_rope_matches_xla():
     cfg = get_preset("demo")
-    outs = [
-        two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(norm_rope_impl=impl)), 60, 104)[0]
-        for impl in ("pallas", "xla")
-    ]
+    outs = [two_chunk_forwards(CausalWanDiT(cfg, KernelConfig(norm_rope_impl=impl)), 60, 104)[0] for impl in ("pallas", "xla")]
     assert rel(outs[0], outs[1]) <= BF16_TOL
 
 

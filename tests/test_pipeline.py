@@ -127,9 +127,7 @@ def test_stream_chunks_and_batch(checkpoint):
     assert all(c.shape[0] == 2 for c in chunks)
     assert not np.array_equal(chunks[1][0], chunks[1][1])  # two prompts, two videos
     whole_chunks = list(
-        TextToVideoPipeline.from_checkpoint(checkpoint).stream(
-            ["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1
-        )
+        TextToVideoPipeline.from_checkpoint(checkpoint).stream(["a red fox", "the sea at night"], 33, HEIGHT, WIDTH, seed=1)
     )
     pipe3 = TextToVideoPipeline(
         pipe.dit,
@@ -166,9 +164,7 @@ def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
     inference = InferenceConfig(cache_dtype="float32")
     one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
     mesh = make_mesh(8, strategy="hybrid", num_heads=12)
-    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate(
-        "a red fox", 21, HEIGHT, WIDTH, 2
-    )
+    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate("a red fox", 21, HEIGHT, WIDTH, 2)
     assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
 
 
@@ -184,9 +180,7 @@ def test_tiny_decoder_pipeline_matches_the_torch_decoder(wan_folder, checkpoint)
     assert [c.shape[1] for c in chunks] == [1] + [4] * 5
     key = jax.random.key(2)
     noise = initial_noise(jax.random.fold_in(key, 0), 1, 6, LATENT_H, LATENT_W)
-    latents = pipe.sampler.generate(
-        pipe.dit_params, pipe.encode_prompts("a red fox"), noise, jax.random.fold_in(key, 1)
-    )
+    latents = pipe.sampler.generate(pipe.dit_params, pipe.encode_prompts("a red fox"), noise, jax.random.fold_in(key, 1))
     ref = TAEHVReference(16, TAEHV_CFG.channels, encoder_width=8)
     ref.load_state_dict(torch.load(pt.parent / "taew2_1.pth", weights_only=True))
     frames = ref.decode_video(torch.from_numpy(np.asarray(latents)).permute(0, 1, 4, 2, 3))  # n t c h w

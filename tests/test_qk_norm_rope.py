@@ -45,8 +45,7 @@ def test_pallas_gradient_is_the_xla_gradient():
         return jnp.sum(q * g[0]) + jnp.sum(k * g[1])
 
     grads = [
-        jax.grad(lambda *a, f=f: loss(f, *a), argnums=(0, 1, 2))(*args[:3])
-        for f in (qk_norm_rope_pallas, qk_norm_rope_xla)
+        jax.grad(lambda *a, f=f: loss(f, *a), argnums=(0, 1, 2))(*args[:3]) for f in (qk_norm_rope_pallas, qk_norm_rope_xla)
     ]
     for a, r in zip(*grads):
         np.testing.assert_allclose(a, r, rtol=1e-6, atol=1e-6)

@@ -56,9 +56,7 @@ def test_the_readme_has_blocks():
 def test_python_block_runs_as_written(downloads, index):
     code = readme_blocks("python")[index]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the blocks set what they need
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=downloads, capture_output=True, text=True, timeout=900, env=env
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=downloads, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"README python block {index} failed:\n{code}\n{result.stderr[-4000:]}"
 
 

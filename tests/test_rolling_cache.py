@@ -113,12 +113,7 @@ def test_rollout_flops_count_the_frame_granular_window():
     got = rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, window_frames=7)["self_attention"]
     attended = sum(f * 8 for f in (3, 6, 7, 7, 7))
     assert got == fwd * SMALL.num_layers * 4 * chunk_tokens * attended * SMALL.dim
-    # the chunk-granular keyword still works and equals the same window in frames
-    assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, 2) == rollout_flops_parts(
-        SMALL, chunk_tokens, 5, fwd, window_frames=6
-    )
+    # -1 is the whole history, as no window
     assert rollout_flops_parts(SMALL, chunk_tokens, 5, fwd) == rollout_flops_parts(
         SMALL, chunk_tokens, 5, fwd, window_frames=-1
     )
-    with pytest.raises(ValueError, match="not both"):
-        rollout_flops_parts(SMALL, chunk_tokens, 5, fwd, 2, window_frames=6)

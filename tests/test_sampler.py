@@ -107,13 +107,9 @@ def test_given_step_noise_reproduces_a_pytorch_run(tmp_path):
     dit = CausalWanDiT(SMALL)
     sampler = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32"))
     text = dit.encode_text(params, jnp.asarray(ctx.numpy()))
-    ours = sampler.generate(
-        params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps.numpy())
-    )
+    ours = sampler.generate(params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps.numpy()))
     assert rel_err(ours, from_torch_layout(ref.numpy())) <= 1e-4
     with pytest.raises(ValueError, match=r"step_noise must be \[chunks, steps - 1, B, c, H, W, C\]"):
-        sampler.generate(
-            params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps[:1].numpy())
-        )
+        sampler.generate(params, text, from_torch_layout(noise.numpy()), None, step_noise=from_torch_layout(eps[:1].numpy()))
     with pytest.raises(ValueError, match="give a key"):
         sampler.generate(params, text, from_torch_layout(noise.numpy()), None)

@@ -7,7 +7,15 @@ import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 
-from causal_dit_jax.model.config import PRESETS, InferenceConfig, KernelConfig
+from causal_dit_jax.model.config import (
+    ATTENTION_IMPLS,
+    LINEAR_PRECISIONS,
+    NORM_ROPE_IMPLS,
+    PRESETS,
+    InferenceConfig,
+    KernelConfig,
+)
+from causal_dit_jax.sharding.mesh import STRATEGIES
 
 
 def _add_convert(sub) -> None:
@@ -32,20 +40,27 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="expected model shapes (default: inferred from the weights)",
+        "--preset", choices=sorted(PRESETS), default=None, help="expected model shapes (default: inferred from the weights)"
     )
     p.add_argument("--which", default="generator_ema", help="entry of a Self-Forcing .pt (generator_ema)")
-    p.add_argument(
+    _choice(
+        p,
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32"],
-        help="weight dtype of the DiT (and, with --wan-dir, the umT5 encoder; the VAE and TAEHV stay "
-        "float32), also over a --preset's; the config says so (residual stream float32)",
+        ("bfloat16", "float32"),
+        "bfloat16",
+        "weight dtype of the DiT (and, with --wan-dir, the "
+        "umT5 encoder; the VAE and TAEHV stay float32), also over a --preset's; the config says so",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _choice(p, flag: str, choices, default, help: str) -> None:
+    p.add_argument(flag, default=default, choices=list(choices), help=help)
+
+
+def _add_mesh(p) -> None:
+    p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
+    _choice(p, "--strategy", STRATEGIES, None, "sequence-parallel attention, with --mesh (default hybrid)")
 
 
 def _add_bench(sub) -> None:
@@ -57,18 +72,11 @@ def _add_bench(sub) -> None:
         "--frames",
         type=int,
         default=33,
-        help="video frames, as generate's: 1 + 4k with k+1 a multiple of 3 (33 = 9 latent frames, "
-        "the default; 81 = 21)",
+        help="video frames, as generate's: 1 + 4k with k+1 a multiple of 3 (33 = 9 latent frames, the default; 81 = 21)",
     )
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument(
-        "--strategy",
-        default=None,
-        choices=["ulysses", "ring", "hybrid"],
-        help="sequence-parallel attention, with --mesh (default hybrid)",
-    )
+    _add_mesh(p)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
     p.add_argument(
@@ -90,29 +98,21 @@ def _add_bench(sub) -> None:
         action="store_true",
         help="one weight buffer per layer (a Python layer loop: no weight copies, slower compiles)",
     )
-    p.add_argument(
-        "--norm-rope",
-        default="xla",
-        choices=["xla", "pallas"],
-        help="q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel",
-    )
-    p.add_argument(
-        "--attention",
-        default=None,
-        choices=["xla", "cudnn", "cudnn_paged"],
-        help="self-attention kernel on one device (default: the model's choice for the backend)",
-    )
-    p.add_argument(
+    _choice(p, "--norm-rope", NORM_ROPE_IMPLS, "xla", "q/k RMSNorm + RoPE: XLA fusions or one Pallas kernel")
+    _choice(p, "--attention", ATTENTION_IMPLS, None, "self-attention kernel (default: the backend's choice)")
+    _choice(
+        p,
         "--residual-dtype",
-        default=None,
-        choices=["float32", "bfloat16"],
-        help="override the preset's residual stream dtype (bfloat16 = Self-Forcing's all-bf16 cast)",
+        ("float32", "bfloat16"),
+        None,
+        "the residual stream's dtype over the preset's (bfloat16 = Self-Forcing's all-bf16 cast)",
     )
-    p.add_argument(
+    _choice(
+        p,
         "--linear-precision",
-        default="bfloat16",
-        choices=["bfloat16", "float8"],
-        help="float8: the block GEMMs in e4m3 (per-channel / per-token scales; changes the output)",
+        LINEAR_PRECISIONS,
+        "bfloat16",
+        "float8: the block GEMMs in e4m3 (per-channel / per-token scales; changes the output)",
     )
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.add_argument(
@@ -136,13 +136,9 @@ def _add_generate(sub) -> None:
         help="the prompt (repeat for a batch: one video per prompt, OUT_0.mp4, OUT_1.mp4, ...)",
     )
     p.add_argument("--out", required=True, help="output .mp4 path")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it exists")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it exists"
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="folder from `causal-dit convert` (default: the embedded untrained demo model)",
+        "--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded untrained demo model)"
     )
     p.add_argument(
         "--frames",
@@ -153,13 +149,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default 480; demo 128)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 832; demo 192)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mesh", type=int, default=0, help="devices for sequence parallelism (0: one device)")
-    p.add_argument(
-        "--strategy",
-        default=None,
-        choices=["ulysses", "ring", "hybrid"],
-        help="sequence-parallel attention, with --mesh (default hybrid)",
-    )
+    _add_mesh(p)
     p.add_argument(
         "--local-attn-size",
         type=int,
@@ -174,18 +164,19 @@ def _add_generate(sub) -> None:
         help="attention-sink latent frames (4 video frames each), the stream's first, never evicted from "
         "the window; needs --local-attn-size with local-attn-size - sink-size >= 3",
     )
-    p.add_argument(
+    _choice(
+        p,
         "--linear-precision",
-        default="bfloat16",
-        choices=["bfloat16", "float8"],
-        help="float8: the DiT's block GEMMs in e4m3, about 1.4x faster GEMMs on Hopper; "
-        "the video is close to, not equal to, the bfloat16 one",
+        LINEAR_PRECISIONS,
+        "bfloat16",
+        "float8: the DiT's block GEMMs in e4m3, faster GEMMs on Hopper; the video is close to, not equal to, the bfloat16 one",
     )
-    p.add_argument(
+    _choice(
+        p,
         "--decoder",
-        default="wan",
-        choices=["wan", "taehv"],
-        help="wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)",
+        ("wan", "taehv"),
+        "wan",
+        "wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)",
     )
 
 
@@ -362,9 +353,7 @@ def cmd_generate(args) -> int:
         )
         pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
     else:
-        pipe = TextToVideoPipeline.from_checkpoint(
-            args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels
-        )
+        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
     chunks = spec.latent_frames // inference.frames_per_chunk
     print(
         f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
@@ -453,8 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C outside the handler's reach
         signum = getattr(e, "signum", signal.SIGINT)
         print(
-            f"causal-dit {args.command}: interrupted ({signal.Signals(signum).name})"
-            f"{_NOT_WRITTEN.get(args.command, '')}",
+            f"causal-dit {args.command}: interrupted ({signal.Signals(signum).name}){_NOT_WRITTEN.get(args.command, '')}",
             file=sys.stderr,
         )
         return 128 + signum

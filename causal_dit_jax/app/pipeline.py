@@ -55,8 +55,7 @@ def video_spec(
     _, ph, pw = model.patch_size
     if height <= 0 or width <= 0 or height % (s * ph) or width % (s * pw):
         raise ValueError(
-            f"height and width must be positive multiples of {s * ph} (x{s} decoder, {ph}x{pw} "
-            f"patches), got {height}x{width}"
+            f"height and width must be positive multiples of {s * ph} (x{s} decoder, {ph}x{pw} patches), got {height}x{width}"
         )
     tf = decoder.temporal_factor
     if frames < 1 or (frames - 1) % tf:
@@ -74,9 +73,7 @@ def video_spec(
     return VideoSpec(frames, height, width, latent, height // s, width // s)
 
 
-def pipeline_configs(
-    ckpt_dir: str | pathlib.Path | None, decoder: str = "wan"
-) -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
+def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan") -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
     """The DiT's and the chosen decoder's configs, read without loading any weights: the embedded
     default's presets (ckpt_dir None) or a checkpoint's config.json."""
     _check_decoder(decoder)
@@ -94,8 +91,7 @@ def pipeline_configs(
     if DECODERS[decoder] not in have:
         how = "--wan-dir" if decoder == "wan" else "--taehv taew2_1.pth"
         raise ValueError(
-            f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); "
-            f"convert with `causal-dit convert ... {how}`"
+            f"checkpoint {d} has no {decoder!r} decoder (it has {sorted(have)}); convert with `causal-dit convert ... {how}`"
         )
     decoder_config = VAEConfig.from_dict(meta["vae"]) if decoder == "wan" else TAEHVConfig.from_dict(meta["taehv"])
     return ModelConfig.from_dict(meta["dit"]), decoder_config
@@ -284,9 +280,7 @@ class TextToVideoPipeline:
         )
         vae_cache = self._chunk_decoder.init_cache(batch, spec.latent_height, spec.latent_width)
         first = True
-        for latents in self.sampler.stream(
-            self.dit_params, text, noise, jax.random.fold_in(key, 1), rope=rope, cache=cache
-        ):
+        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1), rope=rope, cache=cache):
             queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
             for pixels in queued:
                 out = np.asarray(pixels)
@@ -303,9 +297,7 @@ class TextToVideoPipeline:
         return np.concatenate(list(self.stream(prompts, frames, height, width, seed)), axis=1)
 
 
-def save_pipeline_checkpoint(
-    pipe: TextToVideoPipeline, out_dir: str | pathlib.Path, overwrite: bool = False
-) -> pathlib.Path:
+def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
     """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
 

@@ -223,9 +223,7 @@ class TAEHVDecoder(ChunkedDecode):
         want = self.stage_shapes(z.shape[2], z.shape[3])[0]
         have = cache.memory["stage0"]["mem0"].shape
         if have[0] != z.shape[0] or have[2:] != want:
-            raise ValueError(
-                f"decode cache was made for batch {have[0]} at {have[2]}x{have[3]} latents, got latents {z.shape}"
-            )
+            raise ValueError(f"decode cache was made for batch {have[0]} at {have[2]}x{have[3]} latents, got latents {z.shape}")
         dtype = dtype_from_name(cfg.dtype)
         x = jnp.tanh(z.astype(jnp.float32) / 3.0) * 3.0
         x = jax.nn.relu(conv2d(params["conv_in"], x, dtype))

@@ -81,8 +81,7 @@ class Peer:
         differ = [f"{k}: ours {ours[k]!r}, theirs {v!r}" for k, v in self.setting.items() if k in ours and ours[k] != v]
         if differ:
             raise ValueError(
-                f"peer {self.name!r} measured another setting ({'; '.join(differ)}): "
-                "run the bench in its setting to compare"
+                f"peer {self.name!r} measured another setting ({'; '.join(differ)}): run the bench in its setting to compare"
             )
 
 

@@ -26,9 +26,7 @@ def chunk_forward_flops_parts(
     }
 
 
-def chunk_forward_flops(
-    config: ModelConfig, chunk_tokens: int, attended_tokens: int, text_tokens: int | None = None
-) -> float:
+def chunk_forward_flops(config: ModelConfig, chunk_tokens: int, attended_tokens: int, text_tokens: int | None = None) -> float:
     return sum(chunk_forward_flops_parts(config, chunk_tokens, attended_tokens, text_tokens).values())
 
 
@@ -44,7 +42,6 @@ def rollout_flops_parts(
     chunk_tokens: int,
     num_chunks: int,
     forwards_per_chunk: int,
-    window_chunks: int | None = None,
     text_tokens: int | None = None,
     *,
     window_frames: int | None = None,
@@ -53,14 +50,9 @@ def rollout_flops_parts(
     """All forwards of a rollout by kind (`chunk_forward_flops_parts`): chunk j attends to
     min((j + 1) c, window) frames of keys (c = frames_per_chunk frames of chunk_tokens / c tokens each).
 
-    window_frames: Self-Forcing's local_attn_size in latent frames (None or -1: the whole history);
-    window_chunks (older spelling): a window of whole chunks, window_frames = window_chunks * c.
+    window_frames: Self-Forcing's local_attn_size in latent frames (None or -1: the whole history).
     Only the attended keys count: the frames a part-chunk window masks out are not FLOPs of the model.
     """
-    if window_chunks is not None:
-        if window_frames is not None:
-            raise ValueError("give window_frames or window_chunks, not both")
-        window_frames = window_chunks * frames_per_chunk
     total = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0}
     for seen in attended_frames(num_chunks, frames_per_chunk, window_frames):
         attended = seen * chunk_tokens // frames_per_chunk
@@ -69,27 +61,6 @@ def rollout_flops_parts(
     return total
 
 
-def rollout_flops(
-    config: ModelConfig,
-    chunk_tokens: int,
-    num_chunks: int,
-    forwards_per_chunk: int,
-    window_chunks: int | None = None,
-    text_tokens: int | None = None,
-    *,
-    window_frames: int | None = None,
-    frames_per_chunk: int = 3,
-) -> float:
-    """All forwards of a rollout: chunk j attends to min((j + 1) c, window) frames of keys."""
-    return sum(
-        rollout_flops_parts(
-            config,
-            chunk_tokens,
-            num_chunks,
-            forwards_per_chunk,
-            window_chunks,
-            text_tokens,
-            window_frames=window_frames,
-            frames_per_chunk=frames_per_chunk,
-        ).values()
-    )
+def rollout_flops(config: ModelConfig, chunk_tokens: int, num_chunks: int, forwards_per_chunk: int, **kw) -> float:
+    """All forwards of a rollout (`rollout_flops_parts`'s arguments), summed over the kinds."""
+    return sum(rollout_flops_parts(config, chunk_tokens, num_chunks, forwards_per_chunk, **kw).values())

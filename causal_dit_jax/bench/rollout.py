@@ -23,6 +23,14 @@ from causal_dit_jax.model.dit import CausalWanDiT, unstack_blocks
 from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
 
 
+def _breakdown(b: dict) -> str:
+    """One profiled forward's kernel time by kind, ms."""
+    return (
+        f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  collective {b.get('collective', 0.0):.1f}  "
+        f"other {b['other']:.1f}  total {b['total']:.1f}"
+    )
+
+
 @dataclasses.dataclass
 class BenchResult:
     """One `run_dit_bench` run: times in the unit of each name's suffix (_s, _ms); `table()` for people,
@@ -85,25 +93,11 @@ class BenchResult:
         if self.peak_memory_gb is not None:
             rows.append(("peak device memory", f"{self.peak_memory_gb:.2f} GB"))
         if self.forward_breakdown_ms:
-            b = self.forward_breakdown_ms
-            rows.append(
-                (
-                    "one forward, profiled (ms per GPU)",
-                    f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
-                    f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}",
-                )
-            )
-            for name, ms in list(b.get("top_kernels", {}).items())[:12]:
+            rows.append(("one forward, profiled (ms per GPU)", _breakdown(self.forward_breakdown_ms)))
+            for name, ms in list(self.forward_breakdown_ms.get("top_kernels", {}).items())[:12]:
                 rows.append(("  kernel", f"{ms:7.3f} ms  {name[:90]}"))
         if self.first_forward_breakdown_ms:
-            b = self.first_forward_breakdown_ms
-            rows.append(
-                (
-                    "first chunk's forward, profiled",
-                    f"matmul {b['matmul']:.1f}  attention {b['attention']:.1f}  "
-                    f"collective {b.get('collective', 0.0):.1f}  other {b['other']:.1f}  total {b['total']:.1f}",
-                )
-            )
+            rows.append(("first chunk's forward, profiled", _breakdown(self.first_forward_breakdown_ms)))
         if self.rollout_kernel_ms is not None:
             idle = 1e3 * self.total_s - self.rollout_kernel_ms
             rows.append(("kernel time of one rollout", f"{self.rollout_kernel_ms:.1f} ms (device idle {idle:.1f} ms)"))

@@ -113,9 +113,7 @@ def _prefix_mask(b: int, s: int, kv_length) -> jax.Array:
 
 
 @jax.custom_vjp
-def cudnn_attention_with_lse(
-    q: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def cudnn_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`attention_with_lse` for a prefix of valid keys (the first kv_length, >= 1) as one cuDNN flash
     attention that also returns its softmax statistics. GPU, bf16/f16 q/k/v [B, L, N, D].
 
@@ -169,9 +167,7 @@ def prefix_attention_with_lse(
 PAGE_TOKENS = 256  # keys per page of the paged cache attention (cuDNN wants a power of 2)
 
 
-def paged_cache_attention(
-    q: jax.Array, cache: LayerCache, kv_length: jax.Array, page_tokens: int = PAGE_TOKENS
-) -> jax.Array:
+def paged_cache_attention(q: jax.Array, cache: LayerCache, kv_length: jax.Array, page_tokens: int = PAGE_TOKENS) -> jax.Array:
     """cuDNN paged attention of q [B, L, N, D] over this layer's part of the stacked cache, read in place.
 
     The stacked buffers [layers, B, S, N, D] are viewed (a free reshape) as pages of `page_tokens`

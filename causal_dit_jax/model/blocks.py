@@ -49,14 +49,7 @@ class SelfAttention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         qkv = self.qkv(x)  # [B, L, 3C]
         q, k = qk_norm_rope(
-            qkv,
-            self.norm_q.scale[...],
-            self.norm_k.scale[...],
-            cos,
-            sin,
-            self.norm_q.eps,
-            self.num_heads,
-            self.norm_rope_impl,
+            qkv, self.norm_q.scale[...], self.norm_k.scale[...], cos, sin, self.norm_q.eps, self.num_heads, self.norm_rope_impl
         )  # each [B, L, N, D], normalised and rotated
         v = rearrange(qkv[..., 2 * qkv.shape[-1] // 3 :], "b l (n d) -> b l n d", n=self.num_heads)
         out, layer_cache = attention_fn(q, k, v, layer_cache, write)
@@ -82,14 +75,9 @@ class CrossAttention(nnx.Module):
         """Keys and values of the embedded text [B, K, C] -> two [B, K, N, D]."""
         k, v = jnp.split(self.kv(text), 2, axis=-1)
         k = self.norm_k(k)
-        return (
-            rearrange(k, "b k (n d) -> b k n d", n=self.num_heads),
-            rearrange(v, "b k (n d) -> b k n d", n=self.num_heads),
-        )
+        return (rearrange(k, "b k (n d) -> b k n d", n=self.num_heads), rearrange(v, "b k (n d) -> b k n d", n=self.num_heads))
 
-    def __call__(
-        self, x: jax.Array, text_k: jax.Array, text_v: jax.Array, implementation: str | None = None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, text_k: jax.Array, text_v: jax.Array, implementation: str | None = None) -> jax.Array:
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", n=self.num_heads)
         out = dot_product_attention(q, text_k, text_v, implementation=implementation)
         return self.o(rearrange(out.astype(x.dtype), "b l n d -> b l (n d)"))

@@ -14,6 +14,8 @@ from causal_dit_jax.model.kv_cache import KVCache, TextKV
 from causal_dit_jax.model.rope import RopeTables
 
 Params = dict[str, Any]
+Array = jax.Array
+Cache = KVCache | None  # a chunk without a cache attends to itself only
 
 
 @runtime_checkable
@@ -40,25 +42,12 @@ class ChunkModel(Protocol):
     def encode_text(self, params: Params, context: jax.Array) -> TextKV: ...
 
     def init_cache(
-        self,
-        inference: InferenceConfig,
-        batch: int,
-        num_frames: int,
-        latent_height: int,
-        latent_width: int,
-        origin_frame: int = 0,
+        self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int, latent_width: int, origin_frame=0
     ) -> KVCache: ...
 
     def forward(
-        self,
-        params: Params,
-        x: jax.Array,
-        t: jax.Array,
-        text: TextKV,
-        cache: KVCache | None,
-        start_frame: jax.Array | int,
-        rope: RopeTables,
-    ) -> tuple[jax.Array, KVCache | None]: ...
+        self, params: Params, x: Array, t: Array, text: TextKV, cache: Cache, start_frame: Array | int, rope: RopeTables
+    ) -> tuple[Array, Cache]: ...
 
 
 __all__ = ["ChunkModel"]

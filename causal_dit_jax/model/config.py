@@ -24,6 +24,11 @@ class ConfigFields:
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
 
+    def in_float32(self):
+        """This config with float32 weights and compute (every precision field it has)."""
+        names = {f.name for f in dataclasses.fields(self)} & {"param_dtype", "dtype", "residual_dtype"}
+        return self.replace(**dict.fromkeys(names, "float32"))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -49,20 +54,20 @@ class ModelConfig(ConfigFields):
     bf16 matmuls (Wan2.1's own precision); `residual_dtype='bfloat16'` is Self-Forcing's all-bf16 cast.
     """
 
-    dim: int = 1536
-    ffn_dim: int = 8960
-    num_heads: int = 12
+    dim: int = 1536  # C, the model width
+    ffn_dim: int = 8960  # the FFN's hidden width
+    num_heads: int = 12  # N (head_dim D = C / N)
     num_layers: int = 30
-    in_dim: int = 16
-    out_dim: int = 16
-    text_dim: int = 4096
-    text_len: int = 512
-    freq_dim: int = 256
-    eps: float = 1e-6
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    param_dtype: str = "bfloat16"
-    dtype: str = "bfloat16"
-    residual_dtype: str = "float32"
+    in_dim: int = 16  # latent channels in (the VAE's z_dim)
+    out_dim: int = 16  # flow channels out
+    text_dim: int = 4096  # the text encoder's width (umT5-XXL)
+    text_len: int = 512  # K, text tokens per prompt
+    freq_dim: int = 256  # width of the sinusoidal timestep embedding
+    eps: float = 1e-6  # of every norm
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (time, rows, columns) per token
+    param_dtype: str = "bfloat16"  # how weights are stored
+    dtype: str = "bfloat16"  # matmuls and activations
+    residual_dtype: str = "float32"  # the residual stream
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -116,18 +121,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Small presets: 12 heads and every code path of the real model, at a fraction of the size.
     # `demo` runs the embedded default video on a 2-core CPU; `tiny` is for tests.
     "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=256, freq_dim=64),
-    "tiny": ModelConfig(
-        dim=192,
-        ffn_dim=256,
-        num_heads=12,
-        num_layers=2,
-        text_dim=32,
-        text_len=8,
-        freq_dim=32,
-        param_dtype="float32",
-        dtype="float32",
-        residual_dtype="float32",
-    ),
+    "tiny": ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8, freq_dim=32).in_float32(),
 }
 
 
@@ -218,9 +212,7 @@ class InferenceConfig(ConfigFields):
             raise ValueError("denoising_steps must not be empty")
         c, local, sink = self.frames_per_chunk, self.local_attn_size, self.sink_size
         if local != -1 and local <= 0:
-            raise ValueError(
-                f"local_attn_size={local} must be -1 (the whole video) or a positive number of latent frames"
-            )
+            raise ValueError(f"local_attn_size={local} must be -1 (the whole video) or a positive number of latent frames")
         if sink < 0:
             raise ValueError(f"sink_size={sink} must be >= 0 latent frames")
         if local == -1 and sink:

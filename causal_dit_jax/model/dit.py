@@ -19,13 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from causal_dit_jax.model.attention import (
-    PAGE_TOKENS,
-    SelfAttentionFn,
-    default_implementation,
-    make_local_self_attention,
-)
+from causal_dit_jax.model.attention import PAGE_TOKENS, SelfAttentionFn, default_implementation, make_local_self_attention
 from causal_dit_jax.model.blocks import WanBlock
+from causal_dit_jax.model.chunk_model import Array, Cache
 from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, dtype_from_name
 from causal_dit_jax.model.fp8_linear import quantize_block_params
 from causal_dit_jax.model.kv_cache import KVCache, LayerCache, TextKV, cache_write_index, init_kv_cache
@@ -66,9 +62,7 @@ class Head(nnx.Module):
         self.eps = config.eps
         init = jax.random.normal(rngs.params(), (2, c), jnp.float32) / c**0.5
         self.modulation = nnx.Param(init.astype(pdtype))
-        self.head = nnx.Linear(
-            c, config.out_features, dtype=dtype_from_name(config.dtype), param_dtype=pdtype, rngs=rngs
-        )
+        self.head = nnx.Linear(c, config.out_features, dtype=dtype_from_name(config.dtype), param_dtype=pdtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, e: jax.Array, frame_ids: jax.Array | None) -> jax.Array:
         """x [B, L, C], e [B, F, C] -> [B, L, out_features] (float32)."""
@@ -148,25 +142,13 @@ class CausalWanDiT:
         return rope_tables(self.config, max_frames, latent_height // ph, latent_width // pw)
 
     def init_cache(
-        self,
-        inference: InferenceConfig,
-        batch: int,
-        num_frames: int,
-        latent_height: int,
-        latent_width: int,
-        origin_frame: int = 0,
+        self, inference: InferenceConfig, batch: int, num_frames: int, latent_height: int, latent_width: int, origin_frame=0
     ) -> KVCache:
         """Zero KV cache for a stream of `num_frames` latent frames starting at global frame `origin_frame`."""
         tpf = self.config.tokens_per_frame(latent_height, latent_width)
         align = PAGE_TOKENS if self.kernels.attention_impl == "cudnn_paged" else 1  # whole pages for paged attention
         return init_kv_cache(
-            self.config,
-            inference,
-            batch,
-            num_frames,
-            tpf * inference.frames_per_chunk,
-            origin_frame=origin_frame,
-            align=align,
+            self.config, inference, batch, num_frames, tpf * inference.frames_per_chunk, origin_frame=origin_frame, align=align
         )
 
     # ----------------------------------------------------------------- text
@@ -190,15 +172,8 @@ class CausalWanDiT:
 
     # ----------------------------------------------------------------- forward
     def forward(
-        self,
-        params: Params,
-        x: jax.Array,
-        t: jax.Array,
-        text: TextKV,
-        cache: KVCache | None,
-        start_frame: jax.Array | int,
-        rope: RopeTables,
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, params: Params, x: Array, t: Array, text: TextKV, cache: Cache, start_frame: Array | int, rope: RopeTables
+    ) -> tuple[Array, Cache]:
         """One chunk: latents x [B, F, H, W, C_in], per-frame timesteps t [B, F], the prompt's TextKV,
         the KV cache (or None: the chunk attends to itself only) and the chunk's global start frame.
 
@@ -211,17 +186,17 @@ class CausalWanDiT:
     def forward_tokens(
         self,
         params: Params,
-        tokens: jax.Array,
-        t: jax.Array,
+        tokens: Array,
+        t: Array,
         text: TextKV,
-        cache: KVCache | None,
-        start_frame: jax.Array | int,
+        cache: Cache,
+        start_frame: Array | int,
         rope: RopeTables,
         *,
         grid: tuple[int, int, int],
-        token_offset: jax.Array | int = 0,
+        token_offset: Array | int = 0,
         attention_fn: SelfAttentionFn | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[Array, Cache]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at

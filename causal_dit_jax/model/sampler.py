@@ -39,33 +39,13 @@ class SelfForcingSampler:
         self.dit = dit
         self.inference = inference
         self.timesteps = denoising_timesteps(
-            inference.denoising_steps,
-            inference.timestep_shift,
-            inference.num_train_timesteps,
-            inference.warp_denoising_step,
+            inference.denoising_steps, inference.timestep_shift, inference.num_train_timesteps, inference.warp_denoising_step
         )
         self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift, inference.num_train_timesteps)
         self._denoise_fn = jax.jit(self.denoise, donate_argnums=(3,))
         self._fill_fn = jax.jit(self.fill_cache, donate_argnums=(2,))
 
     # ------------------------------------------------------------------ one chunk
-    def denoise_chunk(
-        self,
-        params: Params,
-        noise: jax.Array,
-        eps: jax.Array,
-        cache: KVCache,
-        text: TextKV,
-        start_frame: jax.Array,
-        rope: RopeTables,
-    ) -> tuple[jax.Array, KVCache]:
-        """Denoise one chunk from pure noise [B, c, H, W, C] and fill its cache slot with the result.
-
-        eps: [steps - 1, B, c, H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache.
-        """
-        x0, cache = self.denoise(params, noise, eps, cache, text, start_frame, rope)
-        return x0, self.fill_cache(params, x0, cache, text, start_frame, rope)
-
     def denoise(
         self,
         params: Params,
@@ -76,7 +56,9 @@ class SelfForcingSampler:
         start_frame: jax.Array,
         rope: RopeTables,
     ) -> tuple[jax.Array, KVCache]:
-        """The few-step denoising of one chunk (its cache slot holds the last step's noisy keys)."""
+        """The few-step denoising of one chunk from pure noise [B, c, H, W, C]; eps: [steps - 1, B, c,
+        H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache, whose slot holds
+        the last step's noisy keys until `fill_cache` overwrites it with the clean chunk's."""
         b, c = noise.shape[:2]
         ts = jnp.asarray(self.timesteps, jnp.float32)
         sig = jnp.asarray(self.sigmas, jnp.float32)
@@ -106,9 +88,7 @@ class SelfForcingSampler:
         return cache
 
     # ------------------------------------------------------------------ whole video
-    def init_cache(
-        self, batch: int, num_frames: int, latent_height: int, latent_width: int, start_frame: int = 0
-    ) -> KVCache:
+    def init_cache(self, batch: int, num_frames: int, latent_height: int, latent_width: int, start_frame: int = 0) -> KVCache:
         """A zero KV cache for a stream of `num_frames` latent frames starting at `start_frame`."""
         return self.dit.init_cache(self.inference, batch, num_frames, latent_height, latent_width, start_frame)
 
@@ -192,17 +172,9 @@ class SelfForcingSampler:
                 cache = self._fill_fn(params, x0, cache, text, start, rope)
         jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
-    def generate(
-        self,
-        params: Params,
-        text: TextKV,
-        noise: jax.Array,
-        key: jax.Array | None,
-        start_frame: int = 0,
-        step_noise: jax.Array | None = None,
-    ) -> jax.Array:
-        """All latents of the video [B, F, H, W, C] (float32); key / step_noise as in `stream`."""
-        return jnp.concatenate(list(self.stream(params, text, noise, key, start_frame, step_noise=step_noise)), axis=1)
+    def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array | None, *args, **kw) -> jax.Array:
+        """All latents of the video [B, F, H, W, C] (float32); the other arguments as `stream`'s."""
+        return jnp.concatenate(list(self.stream(params, text, noise, key, *args, **kw)), axis=1)
 
 
 def initial_noise(

@@ -43,20 +43,20 @@ class T5Config(ConfigFields):
     `text_len` is the length of the conditioning the DiT receives (Wan: 512 tokens).
     """
 
-    vocab_size: int = 256384
-    dim: int = 4096
-    dim_attn: int = 4096
-    dim_ffn: int = 10240
+    vocab_size: int = 256384  # umT5's sentencepiece vocabulary
+    dim: int = 4096  # C
+    dim_attn: int = 4096  # N * D
+    dim_ffn: int = 10240  # the gated FFN's hidden width
     num_heads: int = 64
     num_layers: int = 24
-    num_buckets: int = 32
-    max_distance: int = 128
-    shared_pos: bool = False
+    num_buckets: int = 32  # relative-position buckets (half per direction)
+    max_distance: int = 128  # beyond it, positions share the last bucket
+    shared_pos: bool = False  # one position-bias table for all layers (umT5: one per layer)
     eps: float = 1e-6
-    text_len: int = 512
-    param_dtype: str = "bfloat16"
-    dtype: str = "bfloat16"
-    residual_dtype: str = "float32"
+    text_len: int = 512  # the DiT's conditioning length (Wan: 512 tokens)
+    param_dtype: str = "bfloat16"  # Wan ships bf16 weights
+    dtype: str = "bfloat16"  # matmuls
+    residual_dtype: str = "float32"  # the residual stream
 
     def __post_init__(self):
         if self.dim_attn % self.num_heads:
@@ -82,21 +82,10 @@ T5_PRESETS: dict[str, T5Config] = {
     "umt5-xxl": T5Config(),
     # Untrained small encoders over `tokenizer.ByteTokenizer` ids, sized for the DiT presets of the same
     # name (dim = that preset's text_dim, text_len likewise).
-    "demo": T5Config(
-        vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, text_len=256
-    ),
+    "demo": T5Config(vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, text_len=256),
     "tiny": T5Config(
-        vocab_size=BYTE_VOCAB,
-        dim=32,
-        dim_attn=32,
-        dim_ffn=64,
-        num_heads=4,
-        num_layers=2,
-        text_len=8,
-        param_dtype="float32",
-        dtype="float32",
-        residual_dtype="float32",
-    ),
+        vocab_size=BYTE_VOCAB, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=8
+    ).in_float32(),
 }
 
 
@@ -206,9 +195,7 @@ class T5Block(nnx.Module):
         self.ffn = T5FeedForward(config, rngs=rngs)
         self.pos_embedding = None if config.shared_pos else RelativePositionBias(config, rngs=rngs)
 
-    def __call__(
-        self, x: jax.Array, buckets: jax.Array, key_mask: jax.Array, shared_bias: jax.Array | None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, buckets: jax.Array, key_mask: jax.Array, shared_bias: jax.Array | None) -> jax.Array:
         bias = shared_bias if self.pos_embedding is None else self.pos_embedding(buckets)
         x = x + self.attn(self.norm1(x), bias, key_mask).astype(x.dtype)
         return x + self.ffn(self.norm2(x)).astype(x.dtype)

@@ -48,18 +48,12 @@ def rope_table(head_dim: int) -> torch.Tensor:
     """Facts §4: concat(rope_params(1024, d-4(d//6)), rope_params(1024, 2(d//6)) x2) -> [1024, d/2]."""
     d = head_dim
     return torch.cat(
-        [
-            rope_params(ROPE_ROWS, d - 4 * (d // 6)),
-            rope_params(ROPE_ROWS, 2 * (d // 6)),
-            rope_params(ROPE_ROWS, 2 * (d // 6)),
-        ],
+        [rope_params(ROPE_ROWS, d - 4 * (d // 6)), rope_params(ROPE_ROWS, 2 * (d // 6)), rope_params(ROPE_ROWS, 2 * (d // 6))],
         dim=1,
     )
 
 
-def causal_rope_apply(
-    x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.Tensor, start_frame: int = 0
-) -> torch.Tensor:
+def causal_rope_apply(x: torch.Tensor, grid: tuple[int, int, int], freqs: torch.Tensor, start_frame: int = 0) -> torch.Tensor:
     """Facts §4 ``causal_rope_apply``: x [B,L,N,D], interleaved (re, im) pairs, complex128 math.
 
     Token i of the chunk with grid (f, h, w) gets concat(freqs_t[start_frame + i // (h w)],
@@ -100,9 +94,7 @@ class RMSNorm(nn.Module):
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked softmax attention, scale 1/sqrt(D). q [B,L,N,D], k/v [B,S,N,D] -> [B,L,N*D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2)
-    )
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
 
 
@@ -223,9 +215,7 @@ class CausalWanBlock(nn.Module):
         def per_frame(t):  # [B,L,dim] -> [B,F,L/F,dim]
             return t.unflatten(1, (nf, t.shape[1] // nf))
 
-        y = self.self_attn(
-            (per_frame(self.norm1(x)) * (1 + m[1]) + m[0]).flatten(1, 2), grid, freqs, kv_cache, current_start
-        )
+        y = self.self_attn((per_frame(self.norm1(x)) * (1 + m[1]) + m[0]).flatten(1, 2), grid, freqs, kv_cache, current_start)
         x = x + (per_frame(y) * m[2]).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), ctx, crossattn_cache)
         y = self.ffn((per_frame(self.norm2(x)) * (1 + m[4]) + m[3]).flatten(1, 2))
@@ -489,9 +479,7 @@ def self_forcing_rollout(
 
     def run(x_bfchw, t_value, current_start):
         t = torch.full((b, x_bfchw.shape[1]), t_value, dtype=torch.float32, device=noise.device)
-        flow = model(x_bfchw.permute(0, 2, 1, 3, 4), t, context, kv_cache, cross_cache, current_start).permute(
-            0, 2, 1, 3, 4
-        )
+        flow = model(x_bfchw.permute(0, 2, 1, 3, 4), t, context, kv_cache, cross_cache, current_start).permute(0, 2, 1, 3, 4)
         return flow, t
 
     output = torch.zeros_like(noise, dtype=dtype)

@@ -40,8 +40,7 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     # float32 log, truncation toward zero (as Wan); log(0) = -inf only reaches the unused branch.
     large = (
-        max_exact
-        + (torch.log(rel_pos.float() / max_exact) / math.log(max_dist / max_exact) * (num_buckets - max_exact)).long()
+        max_exact + (torch.log(rel_pos.float() / max_exact) / math.log(max_dist / max_exact) * (num_buckets - max_exact)).long()
     )
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(rel_pos < max_exact, rel_pos, large)
@@ -121,14 +120,7 @@ class T5SelfAttention(nn.Module):
     """One encoder block: x + attn(norm1(x)), then x + ffn(norm2(x))."""
 
     def __init__(
-        self,
-        dim: int,
-        dim_attn: int,
-        dim_ffn: int,
-        num_heads: int,
-        num_buckets: int,
-        shared_pos: bool,
-        eps: float = 1e-6,
+        self, dim: int, dim_attn: int, dim_ffn: int, num_heads: int, num_buckets: int, shared_pos: bool, eps: float = 1e-6
     ):
         super().__init__()
         self.shared_pos = shared_pos
@@ -164,10 +156,7 @@ class T5Encoder(nn.Module):
         self.token_embedding = nn.Embedding(vocab, dim)
         self.pos_embedding = T5RelativeEmbedding(num_buckets, num_heads) if shared_pos else None
         self.blocks = nn.ModuleList(
-            [
-                T5SelfAttention(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, eps)
-                for _ in range(num_layers)
-            ]
+            [T5SelfAttention(dim, dim_attn, dim_ffn, num_heads, num_buckets, shared_pos, eps) for _ in range(num_layers)]
         )
         self.norm = T5LayerNorm(dim, eps)
 
