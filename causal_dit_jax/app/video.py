@@ -105,4 +105,5 @@ def read_mp4(path: str | pathlib.Path) -> np.ndarray:
     """All frames of an mp4 as uint8 [T, H, W, 3] (for tests and notebooks)."""
     import imageio.v2 as imageio
 
-    return np.stack(list(imageio.mimread(str(path), memtest=False)))
+    with _ffmpeg_without_preexec():  # the reader starts ffmpeg too
+        return np.stack(list(imageio.mimread(str(path), memtest=False)))
