@@ -1,5 +1,5 @@
-"""Conversion of PyTorch checkpoints (Self-Forcing `.pt`, Wan2.1 safetensors, umT5, Wan VAE, TAEHV) to Flax
-params / Orbax.
+"""Conversion of PyTorch checkpoints (Self-Forcing `.pt`, Wan2.1 safetensors, umT5, Wan VAE decoder and
+encoder, TAEHV) to Flax params / Orbax.
 
 One engine (`rules.py`: the `Rule` type, the key/shape checker, the applier) and one declarative key
 table per model (`dit_convert`, `t5_convert`, `vae_convert`, `taehv_convert`). Every loader returns
@@ -13,7 +13,7 @@ from causal_dit_jax.convert.rules import DTYPES, Rule
 from causal_dit_jax.convert.t5_convert import load_t5_params
 from causal_dit_jax.convert.taehv_convert import load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError, read_state_dict
-from causal_dit_jax.convert.vae_convert import load_vae_params
+from causal_dit_jax.convert.vae_convert import load_vae_components, load_vae_encoder_params, load_vae_params
 
 __all__ = [
     "convert_dit_checkpoint",
@@ -23,6 +23,8 @@ __all__ = [
     "load_dit_params",
     "load_t5_params",
     "load_vae_params",
+    "load_vae_encoder_params",
+    "load_vae_components",
     "load_taehv_params",
     "DTYPES",
     "Rule",

@@ -1,9 +1,10 @@
-"""Self-Forcing DiT + a Wan2.1 model folder -> one checkpoint with DiT, umT5, VAE and the tokenizer.
+"""Self-Forcing DiT + a Wan2.1 model folder -> one checkpoint with DiT, umT5, VAE (decoder and encoder) and
+the tokenizer.
 
 Wan2.1-T2V-1.3B/
   diffusion_pytorch_model.safetensors (+ config.json)   the base DiT (used when no .pt is given)
   models_t5_umt5-xxl-enc-bf16.pth                        umT5-XXL encoder
-  Wan2.1_VAE.pth                                         VAE
+  Wan2.1_VAE.pth                                         VAE: decoder ('vae') and encoder ('vae_encoder')
   google/umt5-xxl/                                       tokenizer files
 """
 
@@ -19,7 +20,7 @@ from causal_dit_jax.convert.rules import check_dtype
 from causal_dit_jax.convert.t5_convert import load_t5_params
 from causal_dit_jax.convert.taehv_convert import load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError
-from causal_dit_jax.convert.vae_convert import load_vae_params
+from causal_dit_jax.convert.vae_convert import load_vae_components
 from causal_dit_jax.model.config import ModelConfig
 from causal_dit_jax.text.tokenizer import PromptTokenizer
 from causal_dit_jax.text.umt5 import T5Config
@@ -58,7 +59,9 @@ def convert_pipeline_checkpoint(
     dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).
     taehv_checkpoint: optionally `taew2_1.pth`, the tiny preview decoder (`--decoder taehv`).
     dtype: 'bfloat16' or 'float32' for the DiT and the text encoder (the weights Wan ships in bf16);
-    None: their configs' own (bfloat16 when inferred). The decoders keep their configs' dtype (float32).
+    None: their configs' own (bfloat16 when inferred). The decoders and the VAE encoder keep their configs'
+    dtype (float32). The VAE file's encoder half becomes the 'vae_encoder' component (its config under
+    'vae_encoder' in config.json, the decoder's VAEConfig); a decoder-only file gives a checkpoint without it.
     All inputs are read and checked before anything is written; the folder appears complete or not at all.
     """
     check_dtype(dtype)
@@ -70,10 +73,10 @@ def convert_pipeline_checkpoint(
     t5_config, t5_params = load_t5_params(files["t5"], t5_config, dtype=dtype)
     if t5_config.dim != config.text_dim:
         raise CheckpointError(f"text encoder width {t5_config.dim} does not match the DiT's text_dim {config.text_dim}")
-    vae_config, vae_params = load_vae_params(files["vae"], vae_config)
+    vae_config, vae_components = load_vae_components(files["vae"], vae_config)
 
-    components = {"dit": dit_params, "t5": t5_params, "vae": vae_params}
-    configs = {"dit": config.to_dict(), "t5": t5_config.to_dict(), "vae": vae_config.to_dict()}
+    components = {"dit": dit_params, "t5": t5_params, **vae_components}
+    configs = {"dit": config.to_dict(), "t5": t5_config.to_dict()} | {name: vae_config.to_dict() for name in vae_components}
     if taehv_checkpoint is not None:
         taehv_config, components["taehv"] = load_taehv_params(taehv_checkpoint)
         configs["taehv"] = taehv_config.to_dict()

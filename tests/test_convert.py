@@ -20,13 +20,7 @@ from dit_fixtures import SMALL, torch_model
 from safetensors.torch import save_file
 
 from causal_dit_jax import CausalWanDiT
-from causal_dit_jax.convert import (
-    CheckpointError,
-    dit_convert,
-    dit_params_from_state_dict,
-    load_dit_params,
-    read_state_dict,
-)
+from causal_dit_jax.convert import CheckpointError, dit_convert, dit_params_from_state_dict, load_dit_params, read_state_dict
 from causal_dit_jax.convert.dit_convert import torch_dit_shapes
 from causal_dit_jax.model.config import ModelConfig
 
@@ -330,21 +324,18 @@ def test_sharded_safetensors_equal_pt_conversion(tmp_path, reference):
 
     # with the config inferred from the shapes + Wan's config.json (heads 12 is not dim/128 here)
     cfg, params = load_dit_params(folder / INDEX)
-    assert (
-        cfg.dim,
-        cfg.ffn_dim,
-        cfg.num_heads,
-        cfg.num_layers,
-        cfg.text_len,
-        cfg.text_dim,
-        cfg.freq_dim,
-        cfg.patch_size,
-    ) == (192, 256, 12, 2, 8, 32, 32, (1, 2, 2))
+    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.text_len, cfg.text_dim, cfg.freq_dim, cfg.patch_size) == (
+        192,
+        256,
+        12,
+        2,
+        8,
+        32,
+        32,
+        (1, 2, 2),
+    )
     assert cfg == ModelConfig().replace(
-        **{
-            f: getattr(SMALL, f)
-            for f in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "freq_dim")
-        }
+        **{f: getattr(SMALL, f) for f in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "freq_dim")}
     )
     assert params["blocks"]["ffn"]["fc1"]["kernel"].dtype == np.dtype(ml_dtypes.bfloat16)  # Wan default
     same_dtype = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), ref_params)
@@ -400,10 +391,7 @@ def test_bf16_checkpoint_converts_exactly_without_float64(tmp_path, monkeypatch,
     if fmt == "pt":
         path = tmp_path / "bf16.pt"
         torch.save(
-            {
-                "generator": {"model." + k: v for k, v in sd.items()},
-                "generator_ema": {"model." + k: v for k, v in sd.items()},
-            },
+            {"generator": {"model." + k: v for k, v in sd.items()}, "generator_ema": {"model." + k: v for k, v in sd.items()}},
             path,
         )
     else:
@@ -430,12 +418,9 @@ def test_bf16_checkpoint_converts_exactly_without_float64(tmp_path, monkeypatch,
     for i in range(SMALL.num_layers):
         b = f"blocks.{i}."
         assert eq(
-            blocks["self_attn"]["qkv"]["kernel"][i],
-            np.concatenate([f32(b + f"self_attn.{n}.weight").T for n in "qkv"], axis=1),
+            blocks["self_attn"]["qkv"]["kernel"][i], np.concatenate([f32(b + f"self_attn.{n}.weight").T for n in "qkv"], axis=1)
         )
-        assert eq(
-            blocks["cross_attn"]["kv"]["bias"][i], np.concatenate([f32(b + f"cross_attn.{n}.bias") for n in "kv"])
-        )
+        assert eq(blocks["cross_attn"]["kv"]["bias"][i], np.concatenate([f32(b + f"cross_attn.{n}.bias") for n in "kv"]))
         assert eq(blocks["ffn"]["fc2"]["kernel"][i], f32(b + "ffn.2.weight").T)
         assert eq(blocks["modulation"][i], f32(b + "modulation")[0])
         assert eq(blocks["norm3"]["scale"][i], f32(b + "norm3.weight"))
@@ -625,11 +610,7 @@ def _write_model_files(folder: pathlib.Path) -> dict:
     for name, state in states.items():
         torch.save({k: v.clone() for k, v in state.items()}, folder / f"{name}.pt")
         files[name] = folder / f"{name}.pt"
-    return {
-        "files": files,
-        "states": states,
-        "configs": {"dit": SMALL_BF16, "t5": t5_cfg, "vae": vae_cfg, "taehv": taehv_cfg},
-    }
+    return {"files": files, "states": states, "configs": {"dit": SMALL_BF16, "t5": t5_cfg, "vae": vae_cfg, "taehv": taehv_cfg}}
 
 
 @pytest.fixture(scope="module")
@@ -732,9 +713,7 @@ def test_table_bugs_are_caught(reference):
     with pytest.raises(AssertionError, match="head.head.bias is read twice"):
         torch_shapes(rules + (tensor("head/extra", "head.head.bias", (16,)),), SMALL.num_layers)
     # a kernel left in torch's [out, in] layout: the tree no longer matches the model's
-    broken = tuple(
-        dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r for r in rules
-    )
+    broken = tuple(dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r for r in rules)
     state = {k: v.numpy() for k, v in _state(0).items()}
     with pytest.raises(AssertionError, match="produced a different tree"):
         apply_rules(

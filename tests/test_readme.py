@@ -9,15 +9,16 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
-BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^( *)```(\w+)\n(.*?)^\1```", re.S | re.M)  # fenced blocks, also indented in a list
 
 
 def readme_blocks(language: str) -> list[str]:
-    return [m.group(2) for m in BLOCK.finditer(README.read_text()) if m.group(1) == language]
+    return [textwrap.dedent(m.group(3)) for m in BLOCK.finditer(README.read_text()) if m.group(2) == language]
 
 
 def cli_lines() -> list[str]:
@@ -49,7 +50,7 @@ def downloads(tmp_path_factory):
 
 
 def test_the_readme_has_blocks():
-    assert len(readme_blocks("python")) >= 8 and len(cli_lines()) >= 10
+    assert len(readme_blocks("python")) >= 9 and len(cli_lines()) >= 10
 
 
 @pytest.mark.parametrize("index", range(len(readme_blocks("python"))))

@@ -1,9 +1,10 @@
-"""Video autoencoders between latents and frames, streaming: the Wan2.1 VAE decoder, the tiny TAEHV
-decoder, the shared chunked decode and the chunk decode loop."""
+"""Video autoencoders between latents and frames, streaming: the Wan2.1 VAE decoder and encoder, the tiny
+TAEHV decoder, the shared chunked decode and the chunk decode loop."""
 
 from causal_dit_jax.autoencoders.chunked_decode import ChunkedDecode, LatentChunkDecoder, to_uint8
 from causal_dit_jax.autoencoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
 from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
+from causal_dit_jax.autoencoders.wan_vae_encoder import VAEEncodeCache, WanVAEEncoder, load_vae_encoder
 
 __all__ = [
     "ChunkedDecode",
@@ -11,8 +12,11 @@ __all__ = [
     "TAEHVConfig",
     "TAEHVDecoder",
     "VAEConfig",
+    "VAEEncodeCache",
     "WanVAE",
+    "WanVAEEncoder",
     "get_taehv_preset",
     "get_vae_preset",
+    "load_vae_encoder",
     "to_uint8",
 ]

@@ -1,4 +1,5 @@
-"""The Wan2.1 VAE decoder in Flax NNX, channels-last, with functional causal-conv caches.
+"""The Wan2.1 VAE decoder in Flax NNX, channels-last, with functional causal-conv caches (the encoder,
+built from the same blocks, is in `wan_vae_encoder.py`).
 
 Video tensors are [B, T, H, W, C]. Parameters are a plain pytree (see `WanVAE.init`):
 
@@ -35,7 +36,7 @@ Params = dict[str, Any]
 CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
 MAX_UNROLLED_FRAMES = 12  # per-frame stages unroll up to one 3-latent chunk's frames, then scan
 
-# Wan2.1 VAE latent statistics: z_raw = z * std + mean.
+# Wan2.1 VAE latent statistics (the defaults of VAEConfig.latent_mean / latent_std): z_raw = z * std + mean.
 LATENT_MEAN = (
     -0.7571,
     -0.7089,
@@ -79,10 +80,14 @@ UPSAMPLE_CONVS = ("phases", "repeat")
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(ConfigFields):
-    """Shapes and precision of the Wan VAE decoder (names follow Wan's `WanVAE_` arguments).
+    """Shapes, precision and latent statistics of the Wan VAE, decoder and encoder (names follow Wan's
+    `WanVAE_` arguments; the encoder's temporal_downsample is temporal_upsample reversed).
 
     dtype: compute dtype of convs and activations (norms and softmax run in float32 regardless);
     param_dtype: how weights are stored.
+    latent_mean / latent_std: per-channel statistics of the raw latent, z_dim entries each: the encoder
+    gives (mu - mean) / std, the decoder takes z * std + mean. Wan2.1's by default; a VAE of one's own
+    carries its own (saved with the checkpoint's config).
     """
 
     dim: int = 96
@@ -101,17 +106,25 @@ class VAEConfig(ConfigFields):
     # meet one tap), then interleaves them: the x2 input is never made, and 16/36 of the MACs.
     # 'repeat': Wan's order, literally (the x2 frame, then the 3x3 conv). Same function.
     upsample_conv: str = "phases"
+    latent_mean: tuple[float, ...] = LATENT_MEAN
+    latent_std: tuple[float, ...] = LATENT_STD
 
     def __post_init__(self):
         object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
+        object.__setattr__(self, "latent_mean", tuple(float(m) for m in self.latent_mean))
+        object.__setattr__(self, "latent_std", tuple(float(s) for s in self.latent_std))
         object.__setattr__(self, "temporal_upsample", tuple(bool(t) for t in self.temporal_upsample))
         if len(self.temporal_upsample) != len(self.dim_mult) - 1:
             raise ValueError(
-                f"temporal_upsample needs {len(self.dim_mult) - 1} entries (one per upsample), "
-                f"got {self.temporal_upsample}"
+                f"temporal_upsample needs {len(self.dim_mult) - 1} entries (one per upsample), got {self.temporal_upsample}"
             )
-        if self.z_dim != len(LATENT_MEAN):
-            raise ValueError(f"z_dim must be {len(LATENT_MEAN)} (Wan2.1's latent mean/std), got {self.z_dim}")
+        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
+            raise ValueError(
+                f"latent_mean and latent_std need z_dim={self.z_dim} entries each (one per latent channel), "
+                f"got {len(self.latent_mean)} and {len(self.latent_std)}"
+            )
+        if not all(s > 0 for s in self.latent_std):
+            raise ValueError(f"latent_std must be positive, got {self.latent_std}")
         dtype_from_name(self.dtype)
         dtype_from_name(self.param_dtype)
         if self.upsample_conv not in UPSAMPLE_CONVS:
@@ -130,6 +143,16 @@ class VAEConfig(ConfigFields):
     def decoder_dims(self) -> tuple[int, ...]:
         """Channels entering each decoder stage, then the output width: (384, 384, 384, 192, 96) for Wan."""
         return tuple(self.dim * m for m in (self.dim_mult[-1],) + self.dim_mult[::-1])
+
+    @property
+    def encoder_dims(self) -> tuple[int, ...]:
+        """Channels after the encoder's conv1, then after each stage: (96, 96, 192, 384, 384) for Wan."""
+        return tuple(self.dim * m for m in (1,) + self.dim_mult)
+
+    @property
+    def temporal_downsample(self) -> tuple[bool, ...]:
+        """The encoder's downsamples that halve the frames: (False, True, True) for Wan."""
+        return self.temporal_upsample[::-1]
 
     @property
     def spatial_factor(self) -> int:
@@ -184,14 +207,31 @@ def _fan_in_normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
 
 
 class Conv(nnx.Module):
-    """A stride-1 convolution over the trailing axes before C: kernel [*window, C_in, C_out].
+    """A convolution over the trailing axes before C: kernel [*window, C_in, C_out].
 
     Conv3d layers (window (t, h, w)) see [B, T, H, W, C] with no time padding (the caller prepends
-    the cache); Conv2d layers (window (h, w)) run per frame. Space is zero-padded by k // 2.
+    the cache); Conv2d layers (window (h, w)) run per frame. Space is zero-padded by k // 2 unless
+    `padding` ((top, bottom), (left, right)) says otherwise; `stride` (one per window axis, default 1)
+    is used by the encoder's downsamples (time stride 2, space stride 2).
     """
 
-    def __init__(self, c_in: int, c_out: int, window: tuple[int, ...], *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        window: tuple[int, ...],
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        stride: tuple[int, ...] | None = None,
+        padding: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    ):
         self.window = tuple(window)
+        self.stride = tuple(stride) if stride is not None else (1,) * len(self.window)
+        if len(self.stride) != len(self.window):
+            raise ValueError(f"stride {self.stride} needs one entry per window axis {self.window}")
+        self.padding = None if padding is None else tuple(tuple(p) for p in padding)
         self.dtype = dtype
         self.kernel = _fan_in_normal(rngs, (*window, c_in, c_out), param_dtype)
         self.bias = nnx.Param(jnp.zeros((c_out,), param_dtype))
@@ -203,9 +243,9 @@ class Conv(nnx.Module):
             # A time-valid 3D conv as one 2D conv per output frame, its kt time taps stacked on the
             # channels: out[t] = sum_j conv2d(x[t + j], W[j]). XLA gives rank-5 convs the NCDHW layout
             # on GPUs (transposes around every conv: 40% of the decode time); rank-4 ones stay NHWC.
-            kt = self.window[0]
-            t_out = x.shape[1] - kt + 1
-            x = jnp.concatenate([x[:, j : j + t_out] for j in range(kt)], axis=-1)  # b t h w (kt c)
+            kt, st = self.window[0], self.stride[0]
+            t_out = (x.shape[1] - kt) // st + 1  # out[t] reads frames st t .. st t + kt - 1
+            x = jnp.concatenate([x[:, j : j + st * (t_out - 1) + 1 : st] for j in range(kt)], axis=-1)  # b t h w (kt c)
             kernel = rearrange(kernel, "kt kh kw i o -> kh kw (kt i) o")
         return self._frames_2d(x, kernel)
 
@@ -223,16 +263,18 @@ class Conv(nnx.Module):
 
     def _frames_2d(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """Every frame of x [B, T, H, W, C_in] through a 2D kernel [kh, kw, C_in, C_out] (space padded by
-        k // 2; 1x1: a matmul over channels), plus the bias -> [B, T, H, W, C_out]."""
+        k // 2 or `padding`, strided by `stride`; 1x1: a matmul over channels), plus the bias ->
+        [B, T, H', W', C_out]."""
         kh, kw = kernel.shape[:2]
-        if kh == kw == 1:
+        strides = self.stride[-2:]
+        if kh == kw == 1 and strides == (1, 1) and self.padding is None:
             y = jnp.einsum("bthwi,io->bthwo", x, kernel[0, 0], precision=_precision(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
                 rearrange(x, "b t h w c -> (b t) h w c"),
                 kernel,
-                (1, 1),
-                [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                strides,
+                self.padding or [(kh // 2, kh // 2), (kw // 2, kw // 2)],
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 precision=_precision(self.dtype),
             )
@@ -412,6 +454,15 @@ def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
     return y + conv.bias[...].astype(conv.dtype)
 
 
+def stage_cache(blocks, resamplers: dict, batch: int, height: int, width: int, dtype) -> dict:
+    """Zero caches of a stage: each residual block's, and its resampler's (when it has one) under its name."""
+    cache = {name: blk.init_cache(batch, height, width, dtype) for name, blk in blocks}
+    for name, resampler in resamplers.items():
+        if resampler is not None:
+            cache[name] = resampler.init_cache(batch, height, width, dtype)
+    return cache
+
+
 class Stage(nnx.Module):
     """num_res_blocks + 1 residual blocks (res0, res1, ...) and, except in the last stage, an upsample."""
 
@@ -452,10 +503,7 @@ class Stage(nnx.Module):
         return x, new_cache
 
     def init_cache(self, batch: int, height: int, width: int, dtype) -> dict:
-        cache = {name: blk.init_cache(batch, height, width, dtype) for name, blk in self.blocks()}
-        if self.upsample is not None:
-            cache["upsample"] = self.upsample.init_cache(batch, height, width, dtype)
-        return cache
+        return stage_cache(self.blocks(), {"upsample": self.upsample}, batch, height, width, dtype)
 
 
 class Middle(nnx.Module):
@@ -480,12 +528,12 @@ class Middle(nnx.Module):
 
 
 class Head(nnx.Module):
-    """RMS norm, SiLU, causal 3x3x3 conv to RGB."""
+    """RMS norm, SiLU, causal 3x3x3 conv to RGB (the decoder's) or to 2 z_dim channels (the encoder's)."""
 
-    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, c_out: int = 3):
         self.dim = dim
         self.norm = RMSNorm(dim, param_dtype)
-        self.conv = Conv(dim, 3, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv = Conv(dim, c_out, (3, 3, 3), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, cache: jax.Array, newest: int | None = None, zero_cache: bool = False
@@ -518,9 +566,7 @@ class Decoder3d(nnx.Module):
     def stages(self) -> list[tuple[str, Stage]]:
         return [(f"stage{i}", getattr(self, f"stage{i}")) for i in range(self.num_stages)]
 
-    def __call__(
-        self, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1
-    ) -> tuple[jax.Array, dict, int]:
+    def __call__(self, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1) -> tuple[jax.Array, dict, int]:
         """x [B, T, h, w, C] -> (frames, new caches, the new `VAEDecodeCache.tail_newest`)."""
         new_cache = {}
         x, new_cache["conv1"] = causal_conv(self.conv1, x, cache["conv1"], zero_cache=first_chunk)
@@ -528,9 +574,7 @@ class Decoder3d(nnx.Module):
         split = self.num_stages - self.per_frame_stages
         lead_stages, tail = self.stages()[:split], self.stages()[split:]
         for k, (name, stage) in enumerate(lead_stages):  # the last one leaves its spatial upsample to the tail
-            x, new_cache[name] = stage(
-                x, cache[name], first_chunk, spatial_upsample=not (tail and k == len(lead_stages) - 1)
-            )
+            x, new_cache[name] = stage(x, cache[name], first_chunk, spatial_upsample=not (tail and k == len(lead_stages) - 1))
         tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
         if tail:  # one frame at a time
             feed = lead_stages[-1][1].upsample if lead_stages else None
@@ -592,22 +636,31 @@ class WanVAEDecoder(nnx.Module):
         self.decoder = Decoder3d(config, rngs=rngs)
 
 
-class WanVAE(ChunkedDecode):
-    """The Wan2.1 VAE decoder as pure functions of (params, inputs). Build from a `VAEConfig`;
-    params come from `init` or `convert.vae_convert.load_vae_params`."""
+class PureModule:
+    """A Flax NNX module built from a `VAEConfig`, held as its graph definition: its params are a plain
+    pytree (`init`: fan-in normal kernels, zero biases, unit scales), every call a pure function."""
+
+    module: type  # the nnx.Module class, built as module(config, rngs=...)
 
     def __init__(self, config: VAEConfig):
         self.config = config
-        self._abstract = nnx.eval_shape(lambda: WanVAEDecoder(config, rngs=nnx.Rngs(0)))  # shapes only
+        self._abstract = nnx.eval_shape(lambda: self.module(config, rngs=nnx.Rngs(0)))  # shapes only
         self._graphdef = nnx.graphdef(self._abstract)
 
     def init(self, rng: jax.Array) -> Params:
-        """Random parameters {'conv2', 'decoder'} (fan-in normal kernels, zero biases, unit scales)."""
-        return nnx.to_pure_dict(nnx.state(WanVAEDecoder(self.config, rngs=nnx.Rngs(rng))))
+        """Random parameters."""
+        return nnx.to_pure_dict(nnx.state(self.module(self.config, rngs=nnx.Rngs(rng))))
 
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs of the parameter tree (no memory)."""
         return jax.eval_shape(self.init, jax.random.key(0))
+
+
+class WanVAE(PureModule, ChunkedDecode):
+    """The Wan2.1 VAE decoder as pure functions of (params, inputs). Build from a `VAEConfig`;
+    params come from `init` or `convert.vae_convert.load_vae_params`."""
+
+    module = WanVAEDecoder  # params {'conv2', 'decoder'}
 
     def init_decode_cache(
         self, batch: int, latent_height: int, latent_width: int, wan_first_frame: bool = True
@@ -627,17 +680,12 @@ class WanVAE(ChunkedDecode):
         """
         cfg = self.config
         if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
-            raise ValueError(
-                f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), got {z.shape}"
-            )
+            raise ValueError(f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), got {z.shape}")
         model = nnx.merge(self._graphdef, params)
-        mean = jnp.asarray(LATENT_MEAN, jnp.float32)
-        std = jnp.asarray(LATENT_STD, jnp.float32)
+        mean = jnp.asarray(cfg.latent_mean, jnp.float32)
+        std = jnp.asarray(cfg.latent_std, jnp.float32)
         x = model.conv2(z.astype(jnp.float32) * std + mean)
         x, convs, newest = model.decoder(
             x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk, cache.tail_newest
         )
-        return (
-            jnp.clip(x.astype(jnp.float32), -1.0, 1.0),
-            VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest),
-        )
+        return (jnp.clip(x.astype(jnp.float32), -1.0, 1.0), VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest))

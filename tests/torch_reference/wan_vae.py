@@ -1,4 +1,4 @@
-"""PyTorch reference of the Wan2.1 VAE decoder path (``wan/modules/vae.py``) for parity tests.
+"""PyTorch reference of the Wan2.1 VAE (``wan/modules/vae.py``), decoder and encoder, for parity tests.
 
 Written from ``shared/reference/self_forcing_wan_facts.md`` (the project's reference facts) sections 2
 (VAE keys) and 8. State-dict
@@ -14,6 +14,13 @@ frames per cached causal conv):
 - ``streaming=True`` (Self-Forcing ``demo_utils/vae_block3.py``): the cache starts as zero tensors
   (``ZERO_VAE_CACHE``), there is no ``'Rep'``, every latent gives 4 frames, and the cache is returned
   so the next block continues from it. The caller drops the first 3 frames of the first block.
+
+The encoder (``WanVAEEncoder``: keys ``encoder.conv1.*``, ``encoder.downsamples.{k}.*``,
+``encoder.middle.{0,1,2}.*``, ``encoder.head.{0,2}.*`` and the top-level ``conv1.*``) is Wan's
+``Encoder3d`` plus ``conv1``; its ``encode`` is ``WanVAE_.encode``: frame 0 alone, then chunks of 4 frames,
+one cache (empty at the start) carried through them. Each downsample3d keeps the last frame of its
+input; the first call stores frame 0 and skips the time conv. The full file of a VAE is
+``{**WanVAEDecoder(...).state_dict(), **WanVAEEncoder(...).state_dict()}`` (194 tensors at dim 96).
 """
 
 from __future__ import annotations
@@ -171,19 +178,29 @@ class AttentionBlock(nn.Module):
 
 class Resample(nn.Module):
     """upsample2d: nearest x2 + Conv2d C -> C/2 per frame. upsample3d: first a time_conv C -> 2C
-    (k = (3,1,1)) whose two halves become two interleaved frames, then the same as upsample2d."""
+    (k = (3,1,1)) whose two halves become two interleaved frames, then the same as upsample2d.
+    downsample2d: ZeroPad2d((0, 1, 0, 1)) (right and bottom) + Conv2d C -> C, 3x3, stride 2, per frame.
+    downsample3d: the same, then a time_conv C -> C (k = (3,1,1), stride (2,1,1), no padding) over
+    [the last cached frame, the frames]; the first call (no cache) stores the frames and skips it."""
 
     def __init__(self, dim: int, mode: str):
         super().__init__()
-        assert mode in ("upsample2d", "upsample3d"), mode
+        assert mode in ("upsample2d", "upsample3d", "downsample2d", "downsample3d"), mode
         self.mode = mode
-        self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
-        )
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            )
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        if mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
 
     def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
+        if self.mode.startswith("downsample"):
+            return self._down(x, cache)
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and cache is not None:
             old = cache.take(x)
@@ -199,6 +216,21 @@ class Resample(nn.Module):
         t = x.shape[2]
         y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
         return y.reshape(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def _down(self, x: torch.Tensor, cache: FeatCache | None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        x = y.reshape(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # (b t) c h w -> b c t h w
+        if self.mode == "downsample3d" and cache is not None:
+            old = cache.maps[cache.idx]
+            if old is None:  # the video's first call (frame 0): keep it, no time conv
+                cache.maps[cache.idx] = x.clone()
+            else:
+                last = x[:, :, -1:].clone()
+                x = self.time_conv(torch.cat([old[:, :, -1:], x], dim=2))
+                cache.maps[cache.idx] = last
+            cache.idx += 1
+        return x
 
 
 class Decoder3d(nn.Module):
@@ -278,6 +310,80 @@ class WanVAEDecoder(nn.Module):
             cache.idx = 0
             outs.append(self.decoder(x[:, :, i : i + 1], cache))
         return torch.cat(outs, dim=2).float().clamp(-1.0, 1.0), cache
+
+
+class Encoder3d(nn.Module):
+    """conv1 (3 -> dim), downsamples (per stage: num_res_blocks Res, then a Resample except after the
+    last stage), middle (Res, Attention, Res), head (RMS_norm, SiLU, CausalConv3d -> z_dim)."""
+
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 32,
+        dim_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temperal_downsample: Sequence[bool] = (False, True, True),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        dims = [dim * u for u in [1] + list(dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        downs = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                downs.append(ResidualBlock(in_dim, out_dim, dropout))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                downs.append(Resample(out_dim, "downsample3d" if temperal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*downs)
+        self.middle = nn.Sequential(
+            ResidualBlock(out_dim, out_dim, dropout), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim, dropout)
+        )
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: FeatCache | None = None) -> torch.Tensor:
+        x = self.conv1.cached(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        for layer in self.middle:
+            x = layer(x, cache) if isinstance(layer, ResidualBlock) else layer(x)
+        for layer in self.head:
+            x = layer.cached(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x
+
+
+class WanVAEEncoder(nn.Module):
+    """The encoder half of ``WanVAE_``: ``encoder`` (to 2 z_dim channels) and ``conv1`` (1x1x1)."""
+
+    def __init__(
+        self,
+        dim: int = 96,
+        z_dim: int = 16,
+        dim_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        temperal_downsample: Sequence[bool] = (False, True, True),
+    ):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = Encoder3d(dim, 2 * z_dim, dim_mult, num_res_blocks, temperal_downsample)
+        self.conv1 = CausalConv3d(2 * z_dim, 2 * z_dim, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised mu [B, z_dim, 1 + k, H/8, W/8] (float32).
+
+        Wan's order: frame 0 alone, then 4 frames at a time, one cache carried; mu = the first z_dim
+        channels of conv1's output; (mu - mean) * (1 / std), as ``WanVAE_.encode`` with ``scale``.
+        """
+        cache = FeatCache()
+        outs = []
+        for i in range(1 + (x.shape[2] - 1) // 4):
+            cache.idx = 0
+            chunk = x[:, :, :1] if i == 0 else x[:, :, 1 + 4 * (i - 1) : 1 + 4 * i]
+            outs.append(self.encoder(chunk, cache))
+        mu, _ = self.conv1(torch.cat(outs, dim=2)).chunk(2, dim=1)
+        mean = torch.tensor(LATENT_MEAN, dtype=mu.dtype).view(1, self.z_dim, 1, 1, 1)
+        std = torch.tensor(LATENT_STD, dtype=mu.dtype).view(1, self.z_dim, 1, 1, 1)
+        return ((mu - mean) * (1.0 / std)).float()
 
 
 def randomize_vae_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
