@@ -37,42 +37,12 @@ CACHE_T = 2  # input frames kept per cached causal conv (= time kernel 3 - 1)
 MAX_UNROLLED_FRAMES = 12  # per-frame stages unroll up to one 3-latent chunk's frames, then scan
 
 # Wan2.1 VAE latent statistics (the defaults of VAEConfig.latent_mean / latent_std): z_raw = z * std + mean.
-LATENT_MEAN = (
-    -0.7571,
-    -0.7089,
-    -0.9113,
-    0.1075,
-    -0.1745,
-    0.9653,
-    -0.1517,
-    1.5508,
-    0.4134,
-    -0.0715,
-    0.5517,
-    -0.3632,
-    -0.1922,
-    -0.9497,
-    0.2503,
-    -0.2921,
-)
-LATENT_STD = (
-    2.8184,
-    1.4541,
-    2.3275,
-    2.6558,
-    1.2196,
-    1.7708,
-    2.6052,
-    2.0743,
-    3.2687,
-    2.1526,
-    2.8652,
-    1.5579,
-    1.6382,
-    1.1253,
-    2.8251,
-    1.9160,
-)
+# fmt: off
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+# fmt: on
 
 
 UPSAMPLE_CONVS = ("phases", "repeat")
@@ -424,8 +394,8 @@ class Upsample(nnx.Module):
 # much of kernel row k reaches the phase-a 2x2 kernel's row t (the same for columns).
 PHASE_TAPS = (
     ((1, 0, 0), (0, 1, 1)),  # a = 0: rows i - 1 (tap 0), i (taps 1 + 2)
-    ((1, 1, 0), (0, 0, 1)),
-)  # a = 1: rows i (taps 0 + 1), i + 1 (tap 2)
+    ((1, 1, 0), (0, 0, 1)),  # a = 1: rows i (taps 0 + 1), i + 1 (tap 2)
+)
 
 
 def upsample_conv_phases(conv: Conv, x: jax.Array) -> jax.Array:
