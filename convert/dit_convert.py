@@ -135,15 +135,9 @@ def dit_params_from_state_dict(
 ) -> Params:
     """Map a (prefix-stripped) PyTorch DiT state dict onto our params tree, in config.param_dtype.
     consume: pop the tensors from `state` as they are converted (see `rules.apply_rules`)."""
+    what = f"the DiT config (dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim})"
     return apply_rules(
-        state,
-        dit_key_map(config),
-        dtype=config.param_dtype,
-        abstract_params=CausalWanDiT(config).abstract_params(),
-        what=f"the DiT config (dim={config.dim}, layers={config.num_layers}, ffn={config.ffn_dim})",
-        num_layers=config.num_layers,
-        consume=consume,
-        as_numpy=as_numpy,
+        state, dit_key_map(config), CausalWanDiT(config), what, num_layers=config.num_layers, consume=consume, as_numpy=as_numpy
     )
 
 

@@ -183,24 +183,26 @@ def check_state_dict(
 def apply_rules(
     state: Mapping[str, Any],
     rules: Sequence[Rule],
-    *,
-    dtype: str,
-    abstract_params: Any,
+    model: Any,
     what: str,
+    *,
     num_layers: int = 0,
     ignore_prefixes: tuple[str, ...] = (),
     consume: bool = False,
     as_numpy: bool = False,
 ) -> dict:
-    """Check `state` against the table, then build our params tree from it, each leaf stored as `dtype`.
+    """Check `state` against the table, then build `model`'s params tree from it.
 
-    abstract_params: the model's `abstract_params()`; the tree built must have its shapes (a guard on
-    the table). consume: pop each source tensor from `state` (a dict the caller hands over) as it is
+    model: the model the params are for (`CausalWanDiT`, `UMT5Encoder`, `WanVAE`, ...): each leaf is
+    stored as its `config.param_dtype`, and the tree built must have the shapes of its `abstract_params()`
+    (a guard on the table). what: the model and config, for error messages. consume: pop each source
+    tensor from `state` (a dict the caller hands over) as it is
     used, so a large file is released tensor by tensor instead of living beside the converted tree.
     as_numpy: leaves as numpy arrays instead of jax arrays.
     """
     check_state_dict(state, rules, what, num_layers, ignore_prefixes)
-    np_dtype = np.dtype(dtype_from_name(dtype))
+    abstract_params = model.abstract_params()
+    np_dtype = np.dtype(dtype_from_name(model.config.param_dtype))
     take = state.pop if consume else state.__getitem__
     params: dict = {}
     for rule in rules:

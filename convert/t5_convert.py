@@ -73,16 +73,12 @@ def t5_params_from_state_dict(
 ) -> Params:
     """Map a PyTorch umT5 state dict onto our params tree, in config.param_dtype. `state` is not modified
     unless consume (pop each tensor as it is converted: the XXL file is 11.4 GB)."""
+    what = (
+        f"the text encoder config (vocab={config.vocab_size}, dim={config.dim}, heads={config.num_heads}, "
+        f"layers={config.num_layers}, ffn={config.dim_ffn})"
+    )
     return apply_rules(
-        state,
-        t5_key_map(config),
-        dtype=config.param_dtype,
-        abstract_params=UMT5Encoder(config).abstract_params(),
-        what=f"the text encoder config (vocab={config.vocab_size}, dim={config.dim}, "
-        f"heads={config.num_heads}, layers={config.num_layers}, ffn={config.dim_ffn})",
-        num_layers=config.num_layers,
-        consume=consume,
-        as_numpy=as_numpy,
+        state, t5_key_map(config), UMT5Encoder(config), what, num_layers=config.num_layers, consume=consume, as_numpy=as_numpy
     )
 
 

@@ -145,16 +145,8 @@ def _half_params(state: Mapping[str, object], config: VAEConfig, half: str, as_n
         "decoder": (vae_decoder_key_map, WanVAE, ENCODER_PREFIXES),
         "encoder": (vae_encoder_key_map, WanVAEEncoder, DECODER_PREFIXES),
     }[half]
-    abstract = model(config).abstract_params()
     return apply_rules(
-        state,
-        key_map(config),
-        dtype=config.param_dtype,
-        abstract_params=abstract,
-        what=_what(config, half),
-        ignore_prefixes=ignored,
-        consume=consume,
-        as_numpy=as_numpy,
+        state, key_map(config), model(config), _what(config, half), ignore_prefixes=ignored, consume=consume, as_numpy=as_numpy
     )
 
 

@@ -716,14 +716,7 @@ def test_table_bugs_are_caught(reference):
     broken = tuple(dataclasses.replace(r, transform=identity) if r.ours == "blocks/ffn/fc1/kernel" else r for r in rules)
     state = {k: v.numpy() for k, v in _state(0).items()}
     with pytest.raises(AssertionError, match="produced a different tree"):
-        apply_rules(
-            state,
-            broken,
-            dtype="float32",
-            abstract_params=CausalWanDiT(SMALL).abstract_params(),
-            what="the DiT",
-            num_layers=SMALL.num_layers,
-        )
+        apply_rules(state, broken, CausalWanDiT(SMALL), "the DiT", num_layers=SMALL.num_layers)
 
 
 def test_consume_releases_the_state_dict_as_it_converts(reference):

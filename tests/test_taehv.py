@@ -1,9 +1,11 @@
-"""The tiny TAEHV decoder against the PyTorch reference (tests/torch_reference/taehv.py), through the
-real converter, at small widths (channels 16/12/8/8) on 4x6 latents.
+"""The tiny TAEHV decoder and encoder against the PyTorch reference (tests/torch_reference/taehv.py),
+through the real converters, at small widths (decoder channels 16/12/8/8, encoder width 8) on 4x6
+latents (decoder) and 16x24 frames (encoder).
 
 Tolerances: float32 agrees to relative error ||a-b||/||b|| <= 1e-5 (measured ~1e-7: summation order
 only; the reference runs frame by frame, ours a chunk at a time). bf16 compute against float32: <= 3e-2
-(bf16 activations through 13 convs; measured ~1e-2).
+(bf16 activations through 13 convs; measured ~1e-2). The encoder, float32: <= 1e-5 (the reference runs
+frame by frame, ours all frames at once).
 """
 
 import jax
@@ -16,8 +18,16 @@ from safetensors.torch import save_file
 from torch_reference.taehv import TAEHVReference
 
 from causal_dit_jax.autoencoders.taehv import TAEHVDecoder, get_taehv_preset, taehv_flops
+from causal_dit_jax.autoencoders.taehv_encoder import TAEHVEncoder
 from causal_dit_jax.convert.rules import torch_shapes
-from causal_dit_jax.convert.taehv_convert import load_taehv_params, taehv_key_map, taehv_params_from_state_dict
+from causal_dit_jax.convert.taehv_convert import (
+    load_taehv_encoder_params,
+    load_taehv_params,
+    taehv_encoder_key_map,
+    taehv_encoder_params_from_state_dict,
+    taehv_key_map,
+    taehv_params_from_state_dict,
+)
 from causal_dit_jax.convert.torch_files import CheckpointError
 
 CFG = get_taehv_preset("tiny")
@@ -25,6 +35,7 @@ LATENT_H, LATENT_W = 4, 6
 NUM_LATENTS = 5
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
+ENCODER_F32_TOL = 1e-5
 
 
 def _reference(seed: int = 0) -> TAEHVReference:
@@ -188,3 +199,101 @@ def test_bad_latents_and_cache(decoder, converted):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown TAEHV preset 'big'; available: \['taew2.1', 'tiny'\]"):
         get_taehv_preset("big")
+
+
+# ------------------------------------------------------------------------------------------ encoder
+@pytest.fixture(scope="module")
+def converted_encoder(converted):
+    model, path, *_ = converted
+    config, params = load_taehv_encoder_params(path)
+    return model, config, params
+
+
+def test_encoder_config_read_off_the_file(converted_encoder):
+    _, config, _ = converted_encoder
+    assert config.encoder_width == CFG.encoder_width == 8
+    assert config.latent_channels == CFG.latent_channels
+    assert config.encoder_time_downscale == (True, True, False)
+
+
+@pytest.mark.parametrize("num_frames", [5, 8, 1])
+def test_encoder_matches_the_torch_reference(converted_encoder, num_frames):
+    """1 + 4k frames -> 1 + k latents (the end padded with the last frame); 8 -> 2; 1 -> 1."""
+    model, config, params = converted_encoder
+    g = torch.Generator().manual_seed(2)
+    frames = torch.rand(1, num_frames, 3, 8 * LATENT_H, 8 * LATENT_W, generator=g)  # n t c h w in [0, 1]
+    expected = model.encode_video(frames).permute(0, 1, 3, 4, 2).numpy()  # n t c h w -> n t h w c
+    encoder = TAEHVEncoder(config)
+    ours = np.asarray(encoder.jit_encode(params, _channels_last(frames) * 2.0 - 1.0))
+    want_t = -(-num_frames // 4)
+    assert encoder.num_latents(num_frames) == want_t
+    assert ours.shape == expected.shape == (1, want_t, LATENT_H, LATENT_W, CFG.latent_channels)
+    assert rel_err(ours, expected) <= ENCODER_F32_TOL
+
+
+def test_encode_then_decode_keeps_wan_frame_counts(converted, converted_encoder):
+    """Wan's 1 + 4k frames -> k + 1 latents -> 1 + 4k frames again, at the input's size."""
+    _, _, config, dec_params = converted
+    _, enc_config, enc_params = converted_encoder
+    frames = jnp.zeros((1, 9, 8 * LATENT_H, 8 * LATENT_W, 3))
+    z = TAEHVEncoder(enc_config).encode(enc_params, frames)
+    assert z.shape == (1, 3, LATENT_H, LATENT_W, CFG.latent_channels)
+    video = TAEHVDecoder(config).decode(dec_params, z, frames_per_chunk=None)
+    assert video.shape == frames.shape
+
+
+def test_encoder_init_matches_the_key_table():
+    encoder = TAEHVEncoder(CFG)
+    params = encoder.init(jax.random.key(0))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), encoder.abstract_params()
+    )
+    z = encoder.encode(params, jnp.zeros((2, 4, 16, 16, 3)))
+    assert z.shape == (2, 1, 2, 2, CFG.latent_channels) and z.dtype == jnp.float32
+
+
+def test_encoder_names_bad_frames_before_compute():
+    """Shape errors come from the shape check: empty params would fail if any layer ran first."""
+    encoder = TAEHVEncoder(CFG)
+    with pytest.raises(ValueError, match=r"frames must be \[batch, frames, height, width, 3\].*got \(1, 4, 16, 16, 4\)"):
+        encoder.encode({}, jnp.zeros((1, 4, 16, 16, 4)))
+    with pytest.raises(ValueError, match="frames must be"):
+        encoder.encode({}, jnp.zeros((4, 16, 16, 3)))
+    with pytest.raises(ValueError, match="at least 1 frame, got a frame count of 0"):
+        encoder.encode({}, jnp.zeros((1, 0, 16, 16, 3)))
+    with pytest.raises(ValueError, match="height and width must be multiples of 8, got 20x16"):
+        encoder.encode({}, jnp.zeros((1, 4, 20, 16, 3)))
+
+
+def test_encoder_converter_names_missing_key(converted):
+    model, *_ = converted
+    sd = dict(model.state_dict())
+    del sd["encoder.9.conv.2.bias"]
+    sd["decoder.22.weight"] = torch.zeros(1)  # the decoder half is not the encoder loader's business
+    with pytest.raises(CheckpointError) as err:
+        taehv_encoder_params_from_state_dict(sd, CFG)
+    msg = str(err.value)
+    assert "missing keys (1): encoder.9.conv.2.bias" in msg
+    assert "decoder" not in msg
+
+
+def test_encoder_key_table_matches_the_released_layout():
+    """taew2_1 at full size: the encoder's keys and shapes of the reference module (meta device)."""
+    config = get_taehv_preset("taew2.1")
+    with torch.device("meta"):
+        sd = TAEHVReference().state_dict()
+    encoder_sd = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("encoder.")}
+    assert torch_shapes(taehv_encoder_key_map(config)) == encoder_sd
+    facts = {
+        "encoder.0.weight": (64, 3, 3, 3),
+        "encoder.2.conv.weight": (64, 128, 1, 1),
+        "encoder.3.weight": (64, 64, 3, 3),
+        "encoder.4.conv.0.weight": (64, 128, 3, 3),
+        "encoder.12.conv.weight": (64, 64, 1, 1),
+        "encoder.17.weight": (16, 64, 3, 3),
+        "encoder.17.bias": (16,),
+    }
+    for key, shape in facts.items():
+        assert encoder_sd[key] == shape, key
+    n = sum(int(np.prod(s)) for s in encoder_sd.values())
+    assert n == sum(a.size for a in jax.tree.leaves(TAEHVEncoder(config).abstract_params()))

@@ -1,8 +1,9 @@
 """Video autoencoders between latents and frames, streaming: the Wan2.1 VAE decoder and encoder, the tiny
-TAEHV decoder, the shared chunked decode and the chunk decode loop."""
+TAEHV decoder and encoder, the shared chunked decode and the chunk decode loop."""
 
 from causal_dit_jax.autoencoders.chunked_decode import ChunkedDecode, LatentChunkDecoder, to_uint8
 from causal_dit_jax.autoencoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.taehv_encoder import TAEHVEncoder
 from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
 from causal_dit_jax.autoencoders.wan_vae_encoder import VAEEncodeCache, WanVAEEncoder, load_vae_encoder
 
@@ -11,6 +12,7 @@ __all__ = [
     "LatentChunkDecoder",
     "TAEHVConfig",
     "TAEHVDecoder",
+    "TAEHVEncoder",
     "VAEConfig",
     "VAEEncodeCache",
     "WanVAE",

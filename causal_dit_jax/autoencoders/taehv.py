@@ -47,15 +47,25 @@ class TAEHVConfig(ConfigFields):
     patch_size: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # the encoder half (`TAEHVEncoder`): its one width, and which of its 3 stages halve time
+    encoder_width: int = 64
+    encoder_time_downscale: tuple[bool, ...] = (True, True, False)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "time_upscale", tuple(bool(t) for t in self.time_upscale))
         object.__setattr__(self, "space_upscale", tuple(bool(s) for s in self.space_upscale))
-        if len(self.channels) != 4 or len(self.time_upscale) != 3 or len(self.space_upscale) != 3:
+        object.__setattr__(self, "encoder_time_downscale", tuple(bool(t) for t in self.encoder_time_downscale))
+        if (
+            len(self.channels) != 4
+            or len(self.time_upscale) != 3
+            or len(self.space_upscale) != 3
+            or len(self.encoder_time_downscale) != 3
+        ):
             raise ValueError(
-                "TAEHV has 3 stages: channels needs 4 entries, time_upscale and space_upscale 3, "
-                f"got {self.channels}, {self.time_upscale}, {self.space_upscale}"
+                "TAEHV has 3 stages: channels needs 4 entries, time_upscale, space_upscale and "
+                f"encoder_time_downscale 3, got {self.channels}, {self.time_upscale}, {self.space_upscale}, "
+                f"{self.encoder_time_downscale}"
             )
         dtype_from_name(self.dtype)
         dtype_from_name(self.param_dtype)
@@ -82,7 +92,7 @@ class TAEHVConfig(ConfigFields):
 
 TAEHV_PRESETS: dict[str, TAEHVConfig] = {
     "taew2.1": TAEHVConfig(),  # taew2_1.pth: Wan2.1's 16-channel latents, x4 time, x8 space
-    "tiny": TAEHVConfig(channels=(16, 12, 8, 8)),  # tests and the embedded demo
+    "tiny": TAEHVConfig(channels=(16, 12, 8, 8), encoder_width=8),  # tests and the embedded demo
 }
 
 
@@ -100,19 +110,42 @@ class TAEHVDecodeCache:
 
 
 # ------------------------------------------------------------------------------------------ layers
-def conv2d(p: Params, x: jax.Array, dtype) -> jax.Array:
-    """Per-frame 'same' conv in `dtype`: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out] (+ bias).
-    1x1 kernels run as a matmul over channels; float32 runs at full precision (no TF32)."""
+def random_conv(rng: jax.Array, param_dtype):
+    """conv(c_in, c_out, k=3, bias=True) -> {'kernel' [k, k, c_in, c_out] fan-in normal, 'bias' zeros}, each call
+    with a fresh key split off `rng` (the random `init` of the TAEHV encoder and decoder)."""
+    keys = iter(jax.random.split(rng, 64))
+
+    def conv(c_in: int, c_out: int, k: int = 3, bias: bool = True) -> Params:
+        w = jax.random.normal(next(keys), (k, k, c_in, c_out), jnp.float32) * (k * k * c_in) ** -0.5
+        p = {"kernel": w.astype(param_dtype)}
+        if bias:
+            p["bias"] = jnp.zeros((c_out,), param_dtype)
+        return p
+
+    return conv
+
+
+def conv2d(p: Params, x: jax.Array, dtype, stride: int = 1) -> jax.Array:
+    """Per-frame conv in `dtype`: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out] (+ bias), padded
+    k // 2 on every side as PyTorch's `padding=1` (so stride 2 maps H to ceil(H / 2), window centred
+    as PyTorch's, not XLA's 'SAME' which pads only the bottom/right). 1x1 kernels at stride 1 run as a
+    matmul over channels; float32 runs at full precision (no TF32)."""
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     kernel = p["kernel"].astype(dtype)
     x = x.astype(dtype)
-    if kernel.shape[:2] == (1, 1):
+    if kernel.shape[:2] == (1, 1) and stride == 1:
         y = jnp.einsum("bthwi,io->bthwo", x, kernel[0, 0], precision=precision)
     else:
         b, t = x.shape[:2]
+        kh, kw = kernel.shape[:2]
         frames = rearrange(x, "b t h w c -> (b t) h w c")
         y = jax.lax.conv_general_dilated(
-            frames, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+            frames,
+            kernel,
+            (stride, stride),
+            [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=precision,
         )
         y = rearrange(y, "(b t) h w c -> b t h w c", b=b, t=t)
     if "bias" in p:
@@ -160,16 +193,7 @@ class TAEHVDecoder(ChunkedDecode):
     def init(self, rng: jax.Array) -> Params:
         """Random parameters (fan-in normal kernels, zero biases) of the tree documented above."""
         cfg = self.config
-        pdtype = dtype_from_name(cfg.param_dtype)
-        keys = iter(jax.random.split(rng, 64))
-
-        def conv(c_in, c_out, k=3, bias=True):
-            w = jax.random.normal(next(keys), (k, k, c_in, c_out), jnp.float32) * (k * k * c_in) ** -0.5
-            p = {"kernel": w.astype(pdtype)}
-            if bias:
-                p["bias"] = jnp.zeros((c_out,), pdtype)
-            return p
-
+        conv = random_conv(rng, dtype_from_name(cfg.param_dtype))
         c = cfg.channels
         params: Params = {"conv_in": conv(cfg.latent_channels, c[0])}
         for s in range(3):

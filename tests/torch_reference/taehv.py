@@ -1,9 +1,15 @@
-"""PyTorch reference of the TAEHV decoder (the `taew2_1.pth` architecture) for parity tests.
+"""PyTorch reference of the TAEHV decoder and encoder (the `taew2_1.pth` architecture) for parity tests.
 
 Written for this project from the published architecture: a `decoder` nn.Sequential whose indices are
 the checkpoint's key names (`decoder.1.weight`, `decoder.3.conv.0.weight`, `decoder.7.conv.weight`,
-...), plus an `encoder` Sequential of the published layout so a state dict of this module has every
-key a real `taew2_1.pth` has (the converter must ignore the encoder half).
+...), and an `encoder` Sequential of the published layout (`encoder.0.weight`, `encoder.2.conv.weight`,
+`encoder.4.conv.0.weight`, ... `encoder.17.weight`), so a state dict of this module has every key a
+real `taew2_1.pth` has (the decoder converter ignores the encoder half, the encoder converter the
+decoder half).
+
+Encoding (`encode_video`) is likewise frame by frame: each time-pool layer collects `stride` frames
+before passing one on, each memory block remembers its previous input; T is first padded at the end
+with copies of the last frame to a multiple of the time factor, as the published `encode_video`.
 
 Decoding here is deliberately the other algorithm from the Flax port: one frame at a time through the
 layer list, each memory block remembering its previous input, each time-grow layer emitting its
@@ -49,10 +55,14 @@ class TGrow(nn.Module):
         return list(self.conv(x).chunk(self.stride, dim=1))
 
 
-class TPool(nn.Module):  # encoder only (key names)
+class TPool(nn.Module):  # encoder only
     def __init__(self, c: int, stride: int):
         super().__init__()
+        self.stride = stride
         self.conv = nn.Conv2d(c * stride, c, 1, bias=False)
+
+    def forward(self, frames):  # list of `stride` frames [1, C, H, W] -> [1, C, H, W]
+        return self.conv(torch.cat(frames, 1))
 
 
 class TAEHVReference(nn.Module):
@@ -64,30 +74,18 @@ class TAEHVReference(nn.Module):
         space_upscale=(True, True, True),
         patch_size: int = 1,
         encoder_width: int = 64,
+        encoder_time_downscale=(True, True, False),
     ):
         super().__init__()
         self.patch_size = patch_size
         c, e = channels, encoder_width
-        self.encoder = nn.Sequential(
-            conv(3 * patch_size**2, e),
-            nn.ReLU(),
-            TPool(e, 2),
-            conv(e, e, bias=False, stride=2),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            TPool(e, 2),
-            conv(e, e, bias=False, stride=2),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            TPool(e, 1),
-            conv(e, e, bias=False, stride=2),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            MemBlock(e, e),
-            conv(e, latent_channels),
-        )
+        enc: list[nn.Module] = [conv(3 * patch_size**2, e), nn.ReLU()]
+        for s in range(3):
+            enc += [TPool(e, 2 if encoder_time_downscale[s] else 1), conv(e, e, bias=False, stride=2)]
+            enc += [MemBlock(e, e) for _ in range(3)]
+        enc += [conv(e, latent_channels)]
+        self.encoder = nn.Sequential(*enc)
+        self.t_downscale = 2 ** sum(encoder_time_downscale)
         layers: list[nn.Module] = [Clamp(), conv(latent_channels, c[0]), nn.ReLU()]
         for s in range(3):
             layers += [MemBlock(c[s], c[s]) for _ in range(3)]
@@ -128,3 +126,33 @@ class TAEHVReference(nn.Module):
         if self.patch_size > 1:
             video = torch.stack([nn.functional.pixel_shuffle(f, self.patch_size) for f in video.unbind(1)], 1)
         return video[:, self.frames_to_trim :].clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_video(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N=1, T, 3, H, W] in [0, 1] -> latents [1, ceil(T / t_downscale), C, H/8, W/8], one frame at a time."""
+        assert x.shape[0] == 1
+        if self.patch_size > 1:
+            x = torch.stack([nn.functional.pixel_unshuffle(f, self.patch_size) for f in x.unbind(1)], 1)
+        if x.shape[1] % self.t_downscale:
+            pad = self.t_downscale - x.shape[1] % self.t_downscale
+            x = torch.cat([x, x[:, -1:].repeat_interleave(pad, dim=1)], 1)
+        memory: dict[int, object] = {}
+        out: list[torch.Tensor] = []
+        for t in range(x.shape[1]):
+            h = x[:, t]
+            for i, layer in enumerate(self.encoder):
+                if isinstance(layer, MemBlock):
+                    past = memory.get(i, torch.zeros_like(h))
+                    memory[i] = h
+                    h = layer(h, past)
+                elif isinstance(layer, TPool):
+                    pending = memory.setdefault(i, [])
+                    pending.append(h)
+                    if len(pending) < layer.stride:
+                        break  # this frame is waiting for the rest of its group
+                    h, memory[i] = layer(pending), []
+                else:
+                    h = layer(h)
+            else:
+                out.append(h)
+        return torch.stack(out, 1)
