@@ -7,10 +7,16 @@ chunk's cache slot with clean keys/values. The denoising steps of a chunk run in
 reuses the same executable (the start frame is traced). The cache fill is a separate call queued
 after the chunk is handed out, so the consumer's decode of it is not delayed by the fill. The last
 chunk's fill is skipped by default: no later chunk reads it (Self-Forcing's loop runs it anyway).
+
+Conditioning on video (`stream`'s `context` and `first_step`): clean context latents (an encoded
+image or clip) are run chunk by chunk at t=0 into the cache before the first generated chunk, as
+Self-Forcing's `initial_latent` path; video-to-video starts each chunk at a later denoising step from
+an encoded video noised to that step (`noise_to_step`, `first_step_for_strength`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -42,8 +48,9 @@ class SelfForcingSampler:
             inference.denoising_steps, inference.timestep_shift, inference.num_train_timesteps, inference.warp_denoising_step
         )
         self.sigmas = sigma_for_timestep(self.timesteps, inference.timestep_shift, inference.num_train_timesteps)
-        self._denoise_fn = jax.jit(self.denoise, donate_argnums=(3,))
+        self._denoise_fn = jax.jit(self.denoise, donate_argnums=(3,), static_argnames=("first_step",))
         self._fill_fn = jax.jit(self.fill_cache, donate_argnums=(2,))
+        self._context_fn = jax.jit(functools.partial(self.fill_cache, timestep=0.0), donate_argnums=(2,))
 
     # ------------------------------------------------------------------ one chunk
     def denoise(
@@ -55,16 +62,19 @@ class SelfForcingSampler:
         text: TextKV,
         start_frame: jax.Array,
         rope: RopeTables,
+        first_step: int = 0,
     ) -> tuple[jax.Array, KVCache]:
         """The few-step denoising of one chunk from pure noise [B, c, H, W, C]; eps: [steps - 1, B, c,
-        H, W, C] re-noising draws. Returns x0 [B, c, H, W, C] float32 and the cache, whose slot holds
-        the last step's noisy keys until `fill_cache` overwrites it with the clean chunk's."""
+        H, W, C] re-noising draws (row k re-noises after step k). Returns x0 [B, c, H, W, C] float32
+        and the cache, whose slot holds the last step's noisy keys until `fill_cache` overwrites it
+        with the clean chunk's. first_step (static): start at that step of the schedule, `noise` then
+        being the chunk at that step's noise level (video-to-video); rows before it are not read."""
         b, c = noise.shape[:2]
-        ts = jnp.asarray(self.timesteps, jnp.float32)
-        sig = jnp.asarray(self.sigmas, jnp.float32)
-        n = len(self.timesteps)
+        ts = jnp.asarray(self.timesteps[first_step:], jnp.float32)
+        sig = jnp.asarray(self.sigmas[first_step:], jnp.float32)
+        n = len(ts)
         sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
-        eps = jnp.concatenate([eps[: n - 1], jnp.zeros((1, *noise.shape), jnp.float32)], axis=0)[:n]
+        eps = jnp.concatenate([eps[first_step : first_step + n - 1], jnp.zeros((1, *noise.shape), jnp.float32)], axis=0)
 
         def step(carry, xs):
             x, cache = carry
@@ -79,11 +89,20 @@ class SelfForcingSampler:
         return x0, cache
 
     def fill_cache(
-        self, params: Params, x0: jax.Array, cache: KVCache, text: TextKV, start_frame: jax.Array, rope: RopeTables
+        self,
+        params: Params,
+        x0: jax.Array,
+        cache: KVCache,
+        text: TextKV,
+        start_frame: jax.Array,
+        rope: RopeTables,
+        timestep: float | None = None,
     ) -> KVCache:
-        """The cache-fill pass: the clean chunk at timestep `context_noise` overwrites its cache slot."""
+        """The cache-fill pass: the clean chunk at timestep `context_noise` (or `timestep`: 0 for the
+        context latents, as Self-Forcing's initial_latent pass) overwrites its cache slot."""
         b, c = x0.shape[:2]
-        t_ctx = jnp.full((b, c), self.inference.context_noise, jnp.float32)
+        t_value = self.inference.context_noise if timestep is None else timestep
+        t_ctx = jnp.full((b, c), t_value, jnp.float32)
         _, cache = self.dit.forward(params, x0, t_ctx, text, cache, start_frame, rope)
         return cache
 
@@ -97,6 +116,35 @@ class SelfForcingSampler:
         """DiT forwards of one chunk: the denoising steps and the cache-fill pass."""
         return len(self.timesteps) + 1
 
+    def prefill(
+        self, params: Params, text: TextKV, context: jax.Array, cache: KVCache, start_frame: int, rope: RopeTables
+    ) -> KVCache:
+        """Run clean context latents [B, P, H, W, C] (P a multiple of frames_per_chunk) chunk by chunk
+        at t=0 into the cache at frames start_frame .. start_frame + P - 1 (Self-Forcing's
+        initial_latent pass: one forward per chunk, its output discarded). The cache is consumed."""
+        c = self.inference.frames_per_chunk
+        for j in range(context.shape[1] // c):
+            start = jnp.asarray(start_frame + j * c, jnp.int32)
+            cache = self._context_fn(params, context[:, j * c : (j + 1) * c], cache, text, start, rope)
+        return cache
+
+    def first_step_for_strength(self, strength: float) -> int:
+        """The denoising step a video-to-video `strength` in (0, 1] starts from: int(strength * steps)
+        steps run (as diffusers' img2img), so 1 is text-to-video from pure noise and 1 / steps the
+        least change (the last step alone)."""
+        n = len(self.timesteps)
+        if not 0.0 < strength <= 1.0 or int(strength * n) < 1:
+            raise ValueError(
+                f"strength must be in [{1 / n:g}, 1] for a {n}-step schedule (it runs int(strength * {n}) steps), "
+                f"got {strength}"
+            )
+        return n - int(strength * n)
+
+    def noise_to_step(self, latents: jax.Array, noise: jax.Array, first_step: int) -> jax.Array:
+        """Clean latents noised to the level of denoising step `first_step`: (1 - sigma) x + sigma eps."""
+        sigma = float(self.sigmas[first_step])
+        return (1.0 - sigma) * latents.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
+
     def stream(
         self,
         params: Params,
@@ -108,12 +156,14 @@ class SelfForcingSampler:
         cache: KVCache | None = None,
         fill_last_chunk: bool = False,
         step_noise: jax.Array | None = None,
+        context: jax.Array | None = None,
+        first_step: int = 0,
     ) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
         noise: the initial noise of the whole video [B, F, H, W, C] (F a multiple of frames_per_chunk);
         key: seeds the re-noising draws (`step_noise` below); start_frame: the global latent frame of
-        the first chunk.
+        the stream's first chunk.
         rope, cache: may be made ahead by the caller (`dit.rope_tables`, `init_cache`), so that their
         setup is not on the path to the first frame; the cache is consumed (donated).
         fill_last_chunk: also run the last chunk's cache-fill pass, whose keys no chunk of this stream
@@ -122,6 +172,12 @@ class SelfForcingSampler:
         PyTorch's, to reproduce a Self-Forcing run: [chunks, steps - 1, B, c, H, W, C], entry [i, k] the
         eps that re-noises chunk i's x0 after denoising step k (Self-Forcing's `torch.randn_like` after
         each step but the last; convert from its [B, c, C, H, W] with `from_torch_layout`).
+        context: clean latents [B, P, H, W, C] (P a multiple of frames_per_chunk: an encoded image or
+        clip) run chunk by chunk at t=0 into the cache at frames start_frame .. start_frame + P - 1, as
+        Self-Forcing's `initial_latent`; the generated chunks follow from frame start_frame + P (they
+        are what is yielded; the cache and RoPE tables then cover P + F frames).
+        first_step: start every chunk at this step of the schedule, `noise` holding the chunks at its
+        noise level (video-to-video: `noise_to_step`); 0 starts from pure noise.
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
@@ -133,6 +189,16 @@ class SelfForcingSampler:
         chunks = self.inference.num_chunks(f)
         c = self.inference.frames_per_chunk
         n = len(self.timesteps)
+        if not 0 <= first_step < n:
+            raise ValueError(f"first_step must be in [0, {n - 1}] for a {n}-step schedule, got {first_step}")
+        p = 0
+        if context is not None:
+            p = context.shape[1]
+            if context.ndim != 5 or (context.shape[0], *context.shape[2:]) != (b, h, w, ch) or p == 0 or p % c:
+                raise ValueError(
+                    f"context must be clean latents [B, P, H, W, C] = [{b}, P, {h}, {w}, {ch}] with P a positive "
+                    f"multiple of frames_per_chunk={c}, got {tuple(context.shape)}"
+                )
         if step_noise is not None:
             want = (chunks, n - 1, b, c, h, w, ch)
             if tuple(step_noise.shape) != want:
@@ -141,14 +207,15 @@ class SelfForcingSampler:
                 )
         elif key is None:
             raise ValueError("give a key for the re-noising draws, or the draws themselves as step_noise")
+        total = p + f
         if rope is None:
-            rope = self.dit.rope_tables(start_frame + f, h, w)
-        elif rope.max_frames < start_frame + f:
-            raise ValueError(f"RoPE tables cover {rope.max_frames} frames, the stream needs {start_frame + f}")
+            rope = self.dit.rope_tables(start_frame + total, h, w)
+        elif rope.max_frames < start_frame + total:
+            raise ValueError(f"RoPE tables cover {rope.max_frames} frames, the stream needs {start_frame + total}")
         if cache is None:
-            cache = self.init_cache(b, f, h, w, start_frame)
+            cache = self.init_cache(b, total, h, w, start_frame)
         else:
-            expected = jax.eval_shape(lambda: self.init_cache(b, f, h, w, start_frame))
+            expected = jax.eval_shape(lambda: self.init_cache(b, total, h, w, start_frame))
             # the static fields (slots, sink and window frames) live in the tree structure
             if (cache.k.shape, jax.tree.structure(cache)) != (expected.k.shape, jax.tree.structure(expected)):
                 raise ValueError(
@@ -158,13 +225,17 @@ class SelfForcingSampler:
                     f"{expected.sink_frames} / window {expected.window_frames} (make it with init_cache)"
                 )
             cache = cache.replace(origin_frame=jnp.asarray(start_frame, jnp.int32))
+        if context is not None:
+            cache = self.prefill(params, text, context, cache, start_frame, rope)
         for i in range(chunks):
             if step_noise is None:
                 eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
             else:  # at least one row: a 1-step schedule re-noises nothing (its row is never read)
                 eps = step_noise[i] if n > 1 else jnp.zeros((1, b, c, h, w, ch), jnp.float32)
-            start = jnp.asarray(start_frame + i * c, jnp.int32)
-            x0, cache = self._denoise_fn(params, noise[:, i * c : (i + 1) * c], eps, cache, text, start, rope)
+            start = jnp.asarray(start_frame + p + i * c, jnp.int32)
+            x0, cache = self._denoise_fn(
+                params, noise[:, i * c : (i + 1) * c], eps, cache, text, start, rope, first_step=first_step
+            )
             # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
             # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0

@@ -437,6 +437,7 @@ def self_forcing_rollout(
     cache_dtype=torch.float32,
     start_frame: int = 0,
     shift: float = 5.0,
+    initial_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Facts §5 T2V loop. noise [B,F_total,C,H,W] (pipeline layout) -> latents [B,F_total,C,H,W].
 
@@ -460,14 +461,21 @@ def self_forcing_rollout(
     global_end_index = start_frame * tokens_per_frame (local_end_index 0), so local slots start at 0 and
     the caching/eviction behaves exactly like a start_frame = 0 rollout; nothing precedes frame
     start_frame in the cache. start_frame = 0 reproduces the original.
+
+    ``initial_latent`` [B, P, C, H, W] (P a multiple of the block size): the original's context path for
+    a model without an independent first frame: each block of it is copied to the output and run once
+    at t = 0 into the cache, then the noise blocks follow from frame P. Output [B, P + F, C, H, W].
     """
     if (local_attn_size, sink_size) != (model.local_attn_size, model.sink_size):
         raise ValueError(
             f"rollout local_attn_size/sink_size {(local_attn_size, sink_size)} != model's "
             f"{(model.local_attn_size, model.sink_size)}"
         )
+    num_input = 0 if initial_latent is None else initial_latent.shape[1]
+    if initial_latent is not None:
+        noise = torch.cat([initial_latent.to(noise.dtype), noise], dim=1)
     b, f_total, c, hgt, wid = noise.shape
-    if f_total % num_frames_per_block:
+    if f_total % num_frames_per_block or num_input % num_frames_per_block:
         raise ValueError(f"{f_total} frames is not a multiple of {num_frames_per_block}")
     _, ph, pw = model.patch_size
     tpf = (hgt // ph) * (wid // pw)
@@ -483,7 +491,11 @@ def self_forcing_rollout(
         return flow, t
 
     output = torch.zeros_like(noise, dtype=dtype)
-    for j, f0 in enumerate(range(0, f_total, num_frames_per_block)):
+    for f0 in range(0, num_input, num_frames_per_block):  # the context blocks, at t = 0
+        ref = initial_latent[:, f0 : f0 + num_frames_per_block].to(dtype)
+        output[:, f0 : f0 + num_frames_per_block] = ref
+        run(ref, 0.0, (start_frame + f0) * tpf)
+    for j, f0 in enumerate(range(num_input, f_total, num_frames_per_block)):
         current_start = (start_frame + f0) * tpf
         x = noise[:, f0 : f0 + num_frames_per_block].to(dtype)
         for k, t_k in enumerate(steps):
