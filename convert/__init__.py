@@ -11,7 +11,7 @@ from causal_dit_jax.convert.convert_pipeline import convert_pipeline_checkpoint
 from causal_dit_jax.convert.dit_convert import dit_params_from_state_dict, infer_dit_config, load_dit_params
 from causal_dit_jax.convert.rules import DTYPES, Rule
 from causal_dit_jax.convert.t5_convert import load_t5_params
-from causal_dit_jax.convert.taehv_convert import load_taehv_encoder_params, load_taehv_params
+from causal_dit_jax.convert.taehv_convert import load_taehv_components, load_taehv_encoder_params, load_taehv_params
 from causal_dit_jax.convert.torch_files import CheckpointError, read_state_dict
 from causal_dit_jax.convert.vae_convert import load_vae_components, load_vae_encoder_params, load_vae_params
 
@@ -27,6 +27,7 @@ __all__ = [
     "load_vae_components",
     "load_taehv_params",
     "load_taehv_encoder_params",
+    "load_taehv_components",
     "DTYPES",
     "Rule",
     "CheckpointError",

@@ -18,7 +18,7 @@ from causal_dit_jax.checkpoint import check_output_dir, save_checkpoint
 from causal_dit_jax.convert.dit_convert import load_dit_params
 from causal_dit_jax.convert.rules import check_dtype
 from causal_dit_jax.convert.t5_convert import load_t5_params
-from causal_dit_jax.convert.taehv_convert import load_taehv_params
+from causal_dit_jax.convert.taehv_convert import load_taehv_components
 from causal_dit_jax.convert.torch_files import CheckpointError
 from causal_dit_jax.convert.vae_convert import load_vae_components
 from causal_dit_jax.model.config import ModelConfig
@@ -57,7 +57,8 @@ def convert_pipeline_checkpoint(
     """Convert everything a `TextToVideoPipeline` needs into one Orbax checkpoint folder.
 
     dit_checkpoint: the Self-Forcing `.pt` (default: the Wan folder's own safetensors DiT).
-    taehv_checkpoint: optionally `taew2_1.pth`, the tiny preview decoder (`--decoder taehv`).
+    taehv_checkpoint: optionally `taew2_1.pth`, the tiny preview decoder (`--decoder taehv`) and, when the
+    file has it, its encoder half ('taehv_encoder', `--encoder taehv`).
     dtype: 'bfloat16' or 'float32' for the DiT and the text encoder (the weights Wan ships in bf16);
     None: their configs' own (bfloat16 when inferred). The decoders and the VAE encoder keep their configs'
     dtype (float32). The VAE file's encoder half becomes the 'vae_encoder' component (its config under
@@ -78,8 +79,9 @@ def convert_pipeline_checkpoint(
     components = {"dit": dit_params, "t5": t5_params, **vae_components}
     configs = {"dit": config.to_dict(), "t5": t5_config.to_dict()} | {name: vae_config.to_dict() for name in vae_components}
     if taehv_checkpoint is not None:
-        taehv_config, components["taehv"] = load_taehv_params(taehv_checkpoint)
-        configs["taehv"] = taehv_config.to_dict()
+        taehv_config, taehv_components = load_taehv_components(taehv_checkpoint)
+        components |= taehv_components
+        configs |= {name: taehv_config.to_dict() for name in taehv_components}
 
     def copy_tokenizer(tmp: pathlib.Path) -> None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")

@@ -179,7 +179,25 @@ def load_taehv_encoder_params(
     return config, taehv_encoder_params_from_state_dict(state, config, consume=True)
 
 
+def load_taehv_components(
+    path: str | pathlib.Path, config: TAEHVConfig | None = None, dtype: str | None = None
+) -> tuple[TAEHVConfig, dict[str, Params]]:
+    """Both halves of `taew2_1.pth` from one read: (config, {'taehv': decoder params, 'taehv_encoder':
+    encoder params}), one config for both (the encoder's fields read off the file too); a file without
+    any `encoder.*` key gives {'taehv': ...} alone. The checkpoint components of `causal-dit convert
+    --taehv`."""
+    check_dtype(dtype)
+    state = read_state_dict(path)
+    with_encoder = any(k.startswith("encoder.") for k in state)
+    config = with_dtype(config or (infer_taehv_encoder_config(state) if with_encoder else infer_taehv_config(state)), dtype)
+    components = {"taehv": taehv_params_from_state_dict(state, config)}
+    if with_encoder:
+        components["taehv_encoder"] = taehv_encoder_params_from_state_dict(state, config, consume=True)
+    return config, components
+
+
 __all__ = [
+    "load_taehv_components",
     "taehv_key_map",
     "infer_taehv_config",
     "taehv_params_from_state_dict",

@@ -18,7 +18,7 @@ from torch_reference.causal_wan import self_forcing_rollout, warped_denoising_st
 from torch_reference.taehv import TAEHVReference
 from torch_reference.umt5 import T5Encoder
 from torch_reference.umt5 import randomize_parameters_ as randomize_t5_
-from torch_reference.wan_vae import WanVAEDecoder, randomize_vae_
+from torch_reference.wan_vae import WanVAEDecoder, WanVAEEncoder, randomize_vae_
 
 from causal_dit_jax import KernelConfig
 from causal_dit_jax.app.pipeline import TextToVideoPipeline, save_pipeline_checkpoint, video_spec
@@ -69,7 +69,8 @@ def wan_folder(tmp_path_factory):
     ).eval()
     torch.save(t5.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
     vae = randomize_vae_(WanVAEDecoder(dim=VAE_CFG.dim), seed=2).eval()
-    torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
+    encoder = randomize_vae_(WanVAEEncoder(dim=VAE_CFG.dim), seed=6).eval()
+    torch.save({**vae.state_dict(), **encoder.state_dict()}, wan / "Wan2.1_VAE.pth")  # both halves, as Wan ships it
     dit = torch_model(seed=3)
     pt = save_self_forcing_pt(dit, root / "self_forcing_dmd.pt")
     torch.manual_seed(5)
@@ -77,7 +78,7 @@ def wan_folder(tmp_path_factory):
     with torch.no_grad():
         taehv.decoder[-1].bias.fill_(0.5)  # frames centred in [0, 1]
     torch.save(taehv.state_dict(), root / "taew2_1.pth")
-    return wan, pt, (t5, dit, vae)
+    return wan, pt, (t5, dit, vae, encoder)
 
 
 @pytest.fixture(scope="module")
@@ -93,31 +94,81 @@ def test_pipeline_frames_match_pytorch_chain(wan_folder, checkpoint):
     """float32 everywhere: the uint8 frames agree with the PyTorch chain to within one level."""
     from causal_dit_jax import InferenceConfig
 
-    _, _, (t5, dit, vae) = wan_folder
+    _, _, (_, _, vae, _) = wan_folder
     pipe = TextToVideoPipeline.from_checkpoint(checkpoint, InferenceConfig(cache_dtype="float32"))
     prompt, frames, seed = "a red fox runs through deep snow", 21, 4
     ours = pipe.generate(prompt, frames, HEIGHT, WIDTH, seed)
     assert ours.shape == (1, 21, HEIGHT, WIDTH, 3) and ours.dtype == np.uint8
 
+    with torch.no_grad():
+        latents = _torch_chain(pipe, wan_folder, prompt, seed, 6)
+        video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))  # b f c h w -> b c f h w
+    diff = np.abs(ours.astype(int) - _uint8(video).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def _torch_chain(pipe, wan_folder, prompt, seed, new_latents, initial_latent=None):
+    """The PyTorch chain's latents: umT5, then the Self-Forcing rollout with our seeded draws."""
+    _, _, (t5, dit, _, _) = wan_folder
     tokens = pipe.tokenizer([prompt])
     ids, mask = torch.from_numpy(tokens.ids).long(), torch.from_numpy(tokens.mask)
+    context = t5(ids, mask) * mask[:, :, None]  # Self-Forcing zeroes the padded rows
+    key = jax.random.key(seed)
+    noise = initial_noise(jax.random.fold_in(key, 0), 1, new_latents, LATENT_H, LATENT_W)
+    shape = (1, 3, LATENT_H, LATENT_W, 16)
+
+    def noise_fn(j, k):
+        eps = draw_step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
+        return torch.from_numpy(np.asarray(eps)).permute(0, 1, 4, 2, 3)
+
+    return self_forcing_rollout(
+        dit,
+        torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3),
+        context,
+        warped_denoising_steps(),
+        noise_fn,
+        initial_latent=initial_latent,
+    )
+
+
+def _uint8(video: torch.Tensor) -> np.ndarray:
+    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3], as the pipeline rounds."""
+    return torch.round((video * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+
+def test_image_to_video_and_extend_match_pytorch_chain(wan_folder, checkpoint):
+    """float32 everywhere. Image-to-video: the PyTorch Wan encoder encodes the image held still for 9
+    frames (its first latent the image's alone), Self-Forcing's rollout runs it as initial_latent (t=0
+    into the KV cache), the Wan decoder decodes all latents: our frames agree within one uint8 level.
+    Continuation: the clip's last 9 frames are the context, the new frames are the decode's tail."""
+    from causal_dit_jax import InferenceConfig
+
+    _, _, (_, _, vae, encoder) = wan_folder
+    pipe = TextToVideoPipeline.from_checkpoint(checkpoint, InferenceConfig(cache_dtype="float32"))
+    image = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    prompt, seed = "a red fox runs through deep snow", 4
+    ours = pipe.generate(prompt, 21, image=image, seed=seed)
+    assert ours.shape == (1, 21, HEIGHT, WIDTH, 3)
     with torch.no_grad():
-        context = t5(ids, mask) * mask[:, :, None]  # Self-Forcing zeroes the padded rows
-        key = jax.random.key(seed)
-        noise = initial_noise(jax.random.fold_in(key, 0), 1, 6, LATENT_H, LATENT_W)
-        shape = (1, 3, LATENT_H, LATENT_W, 16)
+        still = torch.from_numpy(image).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None].repeat(1, 1, 9, 1, 1)
+        z = encoder.encode(still)  # [1, 16, 3, h, w]
+        alone = encoder.encode(still[:, :, :1])
+        torch.testing.assert_close(z[:, :, :1], alone, atol=1e-5, rtol=0)  # the image's latent is its own
+        latents = _torch_chain(pipe, wan_folder, prompt, seed, 3, initial_latent=z.permute(0, 2, 1, 3, 4))
+        video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))
+    diff = np.abs(ours.astype(int) - _uint8(video).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
-        def noise_fn(j, k):
-            eps = draw_step_noise(jax.random.fold_in(key, 1), j, shape, 4)[k]
-            return torch.from_numpy(np.asarray(eps)).permute(0, 1, 4, 2, 3)
-
-        latents = self_forcing_rollout(
-            dit, torch.from_numpy(np.asarray(noise)).permute(0, 1, 4, 2, 3), context, warped_denoising_steps(), noise_fn
-        )
-        video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))  # b f c h w -> b c f h w
-    ref = torch.round((video * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
-    diff = np.abs(ours.astype(int) - ref.astype(int))
-    assert diff.max() <= 1 and diff.mean() < 0.01
+    clip = ours[0]  # continue the video just made: its last 9 frames are the context
+    new = pipe.generate(prompt, 12, extend=clip, context_chunks=1, seed=seed + 1)
+    assert new.shape == (1, 12, HEIGHT, WIDTH, 3)
+    with torch.no_grad():
+        tail = torch.from_numpy(clip[-9:]).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        z = encoder.encode(tail)
+        latents = _torch_chain(pipe, wan_folder, prompt, seed + 1, 3, initial_latent=z.permute(0, 2, 1, 3, 4))
+        video, _ = vae.decode(latents.permute(0, 2, 1, 3, 4))
+    diff = np.abs(new.astype(int) - _uint8(video)[:, 9:].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 def test_stream_chunks_and_batch(checkpoint):
@@ -164,7 +215,13 @@ def test_pipeline_on_a_mesh_equals_one_device(checkpoint):
     inference = InferenceConfig(cache_dtype="float32")
     one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, HEIGHT, WIDTH, 2)
     mesh = make_mesh(8, strategy="hybrid", num_heads=12)
-    many = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh).generate("a red fox", 21, HEIGHT, WIDTH, 2)
+    sharded = TextToVideoPipeline.from_checkpoint(checkpoint, inference, mesh=mesh)
+    many = sharded.generate("a red fox", 21, HEIGHT, WIDTH, 2)
+    assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
+    # image-to-video: the image's chunk runs into the sharded KV cache as into one device's
+    image = np.random.default_rng(1).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    one = TextToVideoPipeline.from_checkpoint(checkpoint, inference).generate("a red fox", 21, image=image, seed=2)
+    many = sharded.generate("a red fox", 21, image=image, seed=2)
     assert np.abs(one.astype(int) - many.astype(int)).max() <= 1
 
 
@@ -342,6 +399,18 @@ def test_generate_from_a_converted_checkpoint(wan_folder, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_mp4(out).shape == (21, 64, 96, 3)
+    # the checkpoint holds both encoders: image-to-video through TAEHV's, decoded by the Wan VAE
+    import imageio.v3 as iio
+
+    from causal_dit_jax.checkpoint import read_checkpoint_config
+
+    assert {"vae_encoder", "taehv_encoder"} <= set(read_checkpoint_config(ckpt)["components"])
+    iio.imwrite(tmp_path / "start.png", read_mp4(out)[0])
+    i2v = tmp_path / "i2v.mp4"
+    args = ["--checkpoint", str(ckpt), "--prompt", "the sea", "--frames", "21", "--image", str(tmp_path / "start.png")]
+    proc = _cli("generate", *args, "--encoder", "taehv", "--out", str(i2v))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from the image" in proc.stdout and read_mp4(i2v).shape == (21, 64, 96, 3)
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,51 @@ def _add_generate(sub) -> None:
         "wan",
         "wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)",
     )
+    start = p.add_argument_group(
+        "starting from an image or a video (at most one; the video takes its size, so leave --height/--width out)"
+    )
+    start.add_argument(
+        "--image",
+        metavar="PNG",
+        default=None,
+        help="image-to-video: the image (held still for 9 frames) is encoded and run at t=0 into the KV cache; "
+        "the video's first frames are it, the rest continue from it",
+    )
+    start.add_argument(
+        "--extend",
+        metavar="MP4",
+        default=None,
+        help="continue this clip: its last frames are the context; --out gets the clip followed by --frames new "
+        "frames (a multiple of 12; default 48)",
+    )
+    start.add_argument(
+        "--context-chunks",
+        type=int,
+        default=2,
+        help="with --extend: chunks of latents taken from the clip's end as context (1 + 4 (3m - 1) frames; default 2)",
+    )
+    start.add_argument(
+        "--video",
+        metavar="MP4",
+        default=None,
+        help="video-to-video: the clip (its first --frames frames, default all that make whole chunks) is "
+        "encoded, noised to the step --strength selects and denoised chunk by chunk",
+    )
+    start.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --video: how far the video may change, (0, 1]: int(strength * 4) of the 4 steps run "
+        "(1: the video is ignored; default 0.5)",
+    )
+    _choice(
+        start,
+        "--encoder",
+        ("wan", "taehv"),
+        None,
+        "frames -> latents: wan: the Wan2.1 VAE encoder; taehv: TAEHV's fast, approximate encoder (default: "
+        "the --decoder's kind)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +362,7 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, video_spec
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, plan_request
     from causal_dit_jax.app.video import Mp4Writer, check_writable
 
     # Everything a user typed is checked before any model work (config.json at most is read).
@@ -332,13 +377,18 @@ def cmd_generate(args) -> int:
     for o in outs:
         check_writable(o, overwrite=args.overwrite)
     demo = args.checkpoint is None
-    frames = args.frames if args.frames is not None else (33 if demo else 81)
-    height = args.height if args.height is not None else (128 if demo else 480)
-    width = args.width if args.width is not None else (192 if demo else 832)
+    media, clip = _read_start(args)
+    frames, height, width = args.frames, args.height, args.width
+    if media is None or args.image:  # text or image: the model's default length
+        frames = frames if frames is not None else (33 if demo else 81)
+    if media is None:
+        height = height if height is not None else (128 if demo else 480)
+        width = width if width is not None else (192 if demo else 832)
     inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     kernels = KernelConfig(linear_precision=args.linear_precision)
     model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder)  # config.json only, no weights
-    spec = video_spec(frames, height, width, model_config, decoder_config, inference.frames_per_chunk)
+    plan = plan_request(model_config, decoder_config, inference, len(args.prompt), frames, height, width, **media or {})
+    height, width = plan.latent_height * decoder_config.spatial_factor, plan.latent_width * decoder_config.spatial_factor
     mesh = None
     if strategy is not None:
         from causal_dit_jax.sharding import make_mesh
@@ -351,41 +401,80 @@ def cmd_generate(args) -> int:
             "the video shows the pipeline working, not a picture of the prompt.",
             flush=True,
         )
-        pipe = TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
+        pipe = TextToVideoPipeline.embedded_default(
+            inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
+        )
     else:
-        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels)
-    chunks = spec.latent_frames // inference.frames_per_chunk
+        pipe = TextToVideoPipeline.from_checkpoint(
+            args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
+        )
+    if media:
+        pipe.plan(len(args.prompt), frames, height, width, **media)  # and that its encoder can take them
+    c = inference.frames_per_chunk
+    latents = plan.context_latents + plan.generated_latents
+    split = f": {plan.context_latents // c} of context, {plan.generated_latents // c} generated" if plan.context_latents else ""
+    start = {"text": "", "image": " from the image", "extend": " after the clip", "video": " from the video"}
     print(
-        f"models ready in {time.perf_counter() - t_load:.1f} s; {spec.frames} frames at {height}x{width} "
-        f"({spec.latent_frames} latent frames, {_plural(chunks, 'chunk')}); the first chunk includes "
-        "compilation",
+        f"models ready in {time.perf_counter() - t_load:.1f} s; {plan.output_frames} frames at {height}x{width}"
+        f"{start[plan.conditioning.mode]} ({latents} latent frames, {_plural(latents // c, 'chunk')}{split}); the "
+        "first chunk includes compilation",
         flush=True,
     )
     stats: dict = {}
     written = 0
     with contextlib.ExitStack() as stack:  # on any exception (a signal too) the partial mp4s are deleted
         writers = [stack.enter_context(Mp4Writer(o)) for o in outs]
+        if clip is not None:  # the extended clip first, as it is
+            for w in writers:
+                w.write(clip)
         t0 = time.perf_counter()
         bar = None
-        for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats):
+        for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats, **media or {}):
             for w, video in zip(writers, chunk):
                 w.write(video)
             written += chunk.shape[1]
             if bar is None:  # the bar's clock starts with the first frames: its estimate leaves out compilation
-                bar = stack.enter_context(tqdm(total=spec.frames, initial=written, unit="frame", desc="generating"))
+                bar = stack.enter_context(tqdm(total=plan.output_frames, initial=written, unit="frame", desc="generating"))
             else:
                 bar.update(chunk.shape[1])
         if bar is not None:
             bar.close()
         total = time.perf_counter() - t0
+    before = 0 if clip is None else len(clip)
     for o in outs:
-        print(f"wrote {o} ({written} frames, 16 fps)")
+        print(f"wrote {o} ({before + written} frames, 16 fps{f'; {before} from the clip' if before else ''})")
     print(
         f"first frames after {stats.get('first_frame_s', float('nan')):.2f} s (prompt encoded in "
         f"{stats.get('encode_s', float('nan')):.2f} s); {written / total:.2f} frames per second "
         f"end to end ({total:.1f} s, including compilation)"
     )
     return 0
+
+
+def _read_start(args) -> tuple[dict | None, object]:
+    """--image / --extend / --video read and paired with their options, before any model work: the
+    keywords for `TextToVideoPipeline.stream` (None: text only) and the clip to extend (else None)."""
+    from causal_dit_jax.app.conditioning import read_image, read_video
+
+    given = [f"--{n}" for n in ("image", "extend", "video") if getattr(args, n)]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of --image, --extend and --video, got {' and '.join(given)}")
+    if args.strength is not None and not args.video:
+        raise ValueError("--strength needs --video (the clip to restyle)")
+    if args.context_chunks != 2 and not args.extend:
+        raise ValueError("--context-chunks needs --extend (the clip to continue)")
+    if args.encoder is not None and not given:
+        raise ValueError("--encoder needs --image, --extend or --video (text-to-video encodes no frames)")
+    if (args.height is not None or args.width is not None) and given:
+        raise ValueError(f"{given[0]} sets the video's size: leave --height and --width out")
+    if args.image:
+        return {"image": read_image(args.image)}, None
+    if args.extend:
+        clip = read_video(args.extend)
+        return {"extend": clip, "context_chunks": args.context_chunks}, clip
+    if args.video:
+        return {"video": read_video(args.video), "strength": 0.5 if args.strength is None else args.strength}, None
+    return None, None
 
 
 def _plural(n: int, word: str) -> str:

@@ -2,7 +2,9 @@
 TAEHV decoder), streaming.
 
 Each latent chunk is decoded as soon as it is denoised, with the decoder's causal caches carried
-between chunks, so the first frames exist long before the video is done.
+between chunks, so the first frames exist long before the video is done. With an encoder (the Wan VAE
+encoder or TAEHV's), a request may also start from an image, continue a clip, or restyle a video
+(`app/conditioning.py`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from causal_dit_jax.app.conditioning import Conditioning, batched, extend_context, still_clip, video_frames
 from causal_dit_jax.autoencoders.chunked_decode import LatentChunkDecoder
 from causal_dit_jax.autoencoders.taehv import TAEHVConfig, TAEHVDecoder, get_taehv_preset
+from causal_dit_jax.autoencoders.taehv_encoder import TAEHVEncoder
 from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE, get_vae_preset
+from causal_dit_jax.autoencoders.wan_vae_encoder import WanVAEEncoder
 from causal_dit_jax.checkpoint import read_checkpoint_config, restore_component
 from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT, Params, load_dit
 from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.random_params import random_params
-from causal_dit_jax.model.sampler import SelfForcingSampler, initial_noise
+from causal_dit_jax.model.sampler import SelfForcingSampler, first_step_for_strength, initial_noise
 from causal_dit_jax.text.tokenizer import ByteTokenizer, PromptTokenizer
 from causal_dit_jax.text.umt5 import T5Config, UMT5Encoder, get_t5_preset
 
 COMPONENTS = ("dit", "t5")
 DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
+ENCODERS = {"wan": "vae_encoder", "taehv": "taehv_encoder"}  # --encoder name -> checkpoint component
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,19 @@ def video_spec(
     return VideoSpec(frames, height, width, latent, height // s, width // s)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestPlan:
+    """A request checked and sized before any model work: its conditioning, the latent frames run as
+    context (P) and generated (G), the latent grid, and the frames it yields."""
+
+    conditioning: Conditioning
+    context_latents: int
+    generated_latents: int
+    latent_height: int
+    latent_width: int
+    output_frames: int
+
+
 def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan") -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
     """The DiT's and the chosen decoder's configs, read without loading any weights: the embedded
     default's presets (ckpt_dir None) or a checkpoint's config.json."""
@@ -97,6 +116,75 @@ def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan") 
     return ModelConfig.from_dict(meta["dit"]), decoder_config
 
 
+def plan_request(
+    model: ModelConfig,
+    decoder: VAEConfig | TAEHVConfig,
+    inference: InferenceConfig,
+    batch: int,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    image: np.ndarray | None = None,
+    extend: np.ndarray | None = None,
+    video: np.ndarray | None = None,
+    strength: float = 0.5,
+    context_chunks: int = 2,
+) -> RequestPlan:
+    """Check a request against the configs that own its sizes and size it, with no weights loaded
+    (the CLI runs it before loading the models); the arguments as `TextToVideoPipeline.stream`'s."""
+    given = [name for name, x in (("image", image), ("extend", extend), ("video", video)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of image, extend and video, got {' and '.join(given)}")
+    mode = given[0] if given else "text"
+    c = inference.frames_per_chunk
+    if mode != "text":
+        what = "image" if mode == "image" else "video"
+        media = batched({"image": image, "extend": extend, "video": video}[mode], 3 if mode == "image" else 4, batch, what)
+        mh, mw = media.shape[-3:-1]
+        if (height, width) not in ((None, None), (mh, mw)):
+            raise ValueError(
+                f"the {what} is {mh}x{mw}, but {height}x{width} was asked: resize it, or leave height and width "
+                "out to use its size"
+            )
+        height, width = mh, mw
+    height, width = (480 if height is None else height), (832 if width is None else width)
+
+    def spec(n: int) -> VideoSpec:
+        return video_spec(n, height, width, model, decoder, c)
+
+    tf = decoder.temporal_factor
+    context_latents = 0
+    if mode in ("text", "image"):
+        s = spec(81 if frames is None else frames)
+        total, out = s.latent_frames, s.frames
+        cond = Conditioning("text", None)
+        if mode == "image":
+            context_latents = c
+            if total < 2 * c:
+                raise ValueError(
+                    f"an image-to-video request needs at least {decoder.num_frames(2 * c)} frames (the image's still "
+                    f"chunk, then at least one generated chunk), got {s.frames}"
+                )
+            cond = Conditioning("image", still_clip(media, decoder.num_frames(c)))
+    elif mode == "extend":
+        new = 4 * tf * c if frames is None else frames
+        if new <= 0 or new % (tf * c):
+            raise ValueError(f"extend adds a positive multiple of {tf * c} frames (one chunk each), got {new}")
+        spec(decoder.num_frames(c))  # the size rule
+        context = extend_context(media, context_chunks, tf, c)
+        context_latents = (context.shape[1] - 1) // tf + 1
+        total, out = context_latents + new // tf, new
+        cond = Conditioning("extend", context)
+    else:
+        clip = video_frames(media, frames, tf, c)
+        s = spec(clip.shape[1])
+        total, out = s.latent_frames, s.frames
+        cond = Conditioning("video", clip, first_step_for_strength(strength, len(inference.denoising_steps)))
+    f = decoder.spatial_factor
+    return RequestPlan(cond, context_latents, total - context_latents, height // f, width // f, out)
+
+
 class TextToVideoPipeline:
     """Holds the converted params (DiT, umT5, a video decoder), the tokenizer and optionally a mesh.
 
@@ -107,6 +195,8 @@ class TextToVideoPipeline:
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
     and the smallest activation memory; 3 decodes a whole chunk per call (a little more throughput,
     a later first frame and more memory: figures in benchmarks/NOTES.md).
+    encoder: frames -> latents (`WanVAEEncoder` or the approximate `TAEHVEncoder`), for requests that
+    start from an image or a video; None: text-to-video only.
     """
 
     def __init__(
@@ -122,11 +212,20 @@ class TextToVideoPipeline:
         mesh=None,
         untrained: bool = False,
         vae_latents_per_call: int = 1,
+        encoder: WanVAEEncoder | TAEHVEncoder | None = None,
+        encoder_params: Params | None = None,
     ):
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
+        if (encoder is None) != (encoder_params is None):
+            raise ValueError("give the encoder and its params together (or neither)")
+        if encoder is not None and _latent_channels(encoder) != dit.config.in_dim:
+            raise ValueError(
+                f"the encoder makes {_latent_channels(encoder)}-channel latents, the DiT reads {dit.config.in_dim}"
+            )
         self.dit, self.text_encoder, self.tokenizer, self.vae = dit, text_encoder, tokenizer, vae
         self.dit_params, self.t5_params, self.vae_params = dit_params, t5_params, vae_params
+        self.encoder, self.encoder_params = encoder, encoder_params
         self.inference = inference
         self.untrained = untrained
         self.vae_latents_per_call = vae_latents_per_call
@@ -153,13 +252,18 @@ class TextToVideoPipeline:
         seed: int = 0,
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
+        encoder: str | None = None,
     ) -> TextToVideoPipeline:
         """Small presets with deterministic random weights (untrained: the video is noise-like).
         Small enough for a laptop CPU (the README's first command: 33 frames at 128x192); every code
         path is the real model's.
-        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); kernels: how the DiT's
+        decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); encoder: the same
+        choice for the frames -> latents half (None: the decoder's kind); kernels: how the DiT's
         kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
         config, decoder_config = pipeline_configs(None, decoder)
+        encoder = decoder if encoder is None else encoder
+        _check_encoder(encoder)
+        frame_encoder = WanVAEEncoder(get_vae_preset("tiny")) if encoder == "wan" else TAEHVEncoder(get_taehv_preset("tiny"))
         dit = CausalWanDiT(config, kernels)
         dit_params = dit.quantize(random_params(CausalWanDiT(config).abstract_params(), seed))
         t5 = UMT5Encoder(get_t5_preset("demo"))
@@ -175,6 +279,8 @@ class TextToVideoPipeline:
             inference,
             mesh,
             untrained=True,
+            encoder=frame_encoder,
+            encoder_params=random_params(frame_encoder.abstract_params(), seed + 3),
         )
 
     @classmethod
@@ -185,11 +291,14 @@ class TextToVideoPipeline:
         mesh=None,
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
+        encoder: str | None = None,
     ) -> TextToVideoPipeline:
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
         decoder: 'wan' decodes with the Wan2.1 VAE; 'taehv' with the tiny decoder (converted with
         `causal-dit convert ... --taehv taew2_1.pth`); only the chosen decoder is loaded.
+        encoder: 'wan' or 'taehv', the encoder for image / video requests (None: the decoder's kind,
+        loaded when the checkpoint has it; a checkpoint without it serves text-to-video only).
         kernels: how the DiT's kernels run (`KernelConfig`; linear_precision='float8' quantises its block
         linears to e4m3 after loading)."""
         _, decoder_config = pipeline_configs(ckpt_dir, decoder)  # checks the components
@@ -205,6 +314,22 @@ class TextToVideoPipeline:
         dit, dit_params = load_dit(d, sharding, kernels)
         t5_params = restore_component(d, "t5", t5.abstract_params())
         vae_params = restore_component(d, DECODERS[decoder], vae.abstract_params())
+        frame_encoder = encoder_params = None
+        kind = decoder if encoder is None else encoder
+        _check_encoder(kind)
+        if ENCODERS[kind] in meta.get("components", []):
+            name = ENCODERS[kind]
+            frame_encoder = (
+                WanVAEEncoder(VAEConfig.from_dict(meta[name]))
+                if kind == "wan"
+                else TAEHVEncoder(TAEHVConfig.from_dict(meta[name]))
+            )
+            encoder_params = restore_component(d, name, frame_encoder.abstract_params())
+        elif encoder is not None:
+            raise ValueError(
+                f"checkpoint {d} has no {encoder!r} encoder (it has {sorted(meta.get('components', []))}); "
+                + _HOW_ENCODER[encoder]
+            )
         tok_dir = d / "tokenizer"
         if tok_dir.exists():
             tokenizer = PromptTokenizer.from_folder(tok_dir, max_length=t5.config.text_len)
@@ -223,6 +348,8 @@ class TextToVideoPipeline:
             inference,
             mesh,
             untrained=bool(meta.get("untrained", False)),
+            encoder=frame_encoder,
+            encoder_params=encoder_params,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -243,45 +370,124 @@ class TextToVideoPipeline:
         """Place an input of the DiT where its params live (replicated over the mesh, if any)."""
         return x if self.mesh is None else jax.device_put(x, self.model.replicated())
 
+    def plan(self, batch: int, *args, **kw) -> RequestPlan:
+        """Check a request and size it, before any model work (the arguments as `stream`'s): the
+        checks of `plan_request`, and that this pipeline has an encoder that fits them."""
+        plan = plan_request(self.dit.config, self.vae.config, self.inference, batch, *args, **kw)
+        frames = plan.conditioning.frames
+        if frames is None:
+            return plan
+        if self.encoder is None:
+            what = "an image" if plan.conditioning.mode == "image" else "a video"
+            raise ValueError(
+                f"this pipeline has no encoder, so it cannot take {what}: "
+                "load a checkpoint converted with the VAE's encoder half (`causal-dit convert --wan-dir ...`)"
+            )
+        shape = frames.shape
+        if isinstance(self.encoder, WanVAEEncoder):
+            self.encoder.check_frames(shape, first_chunk=True)
+        else:
+            self.encoder.check_frames(jax.ShapeDtypeStruct(shape, jnp.float32))
+        if _temporal_factor(self.encoder) != self.vae.config.temporal_factor:
+            raise ValueError(
+                f"the encoder makes a latent of {_temporal_factor(self.encoder)} frames, the decoder of "
+                f"{self.vae.config.temporal_factor}"
+            )
+        return plan
+
+    def encode_frames(self, frames: np.ndarray) -> jax.Array:
+        """uint8 frames [B, 1 + 4k, H, W, 3] -> the DiT's latents [B, 1 + k, H/8, W/8, C] (float32), with
+        this pipeline's encoder, placed where the DiT's inputs live."""
+        x = jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
+        if isinstance(self.encoder, WanVAEEncoder):
+            z = self.encoder.encode(self.encoder_params, x, latents_per_chunk=self.inference.frames_per_chunk)
+        else:
+            z = self.encoder.jit_encode(self.encoder_params, x)
+        return self._to_dit(z)
+
     def stream(
         self,
         prompts: str | Sequence[str],
-        frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         seed: int = 0,
         stats: dict | None = None,
+        *,
+        image: np.ndarray | None = None,
+        extend: np.ndarray | None = None,
+        video: np.ndarray | None = None,
+        strength: float = 0.5,
+        context_chunks: int = 2,
     ) -> Iterator[np.ndarray]:
         """Yield uint8 frames [B, n, H, W, 3] as soon as each VAE call decodes them: with one latent per
         call, 1 frame, then 4 per latent frame (with 3, 9 then 12 per chunk).
 
+        frames, height, width: the video's size (default 81 frames at 480x832; an image's or video's
+        own size when one is given). At most one of:
+        image: uint8 [H, W, 3] (or one per prompt, [B, H, W, 3]): image-to-video. The image held still
+        for 9 frames is encoded (its first latent is the image's alone) and run at t=0 into the KV
+        cache; the video's first 9 frames are that chunk decoded, the rest continue from it.
+        extend: uint8 [T, H, W, 3] (or [B, T, H, W, 3]): continue the clip. Its last frames
+        (`context_chunks` chunks of latents, 1 + 4 (3 m - 1) frames) are the context; `frames` new
+        frames are yielded (a multiple of 12; default 48), the clip itself is not.
+        video: uint8 [T, H, W, 3] (or [B, ...]): video-to-video. Its first `frames` frames (default:
+        all that make whole chunks) are encoded, noised to the step `strength` selects (int(strength *
+        steps) steps run; 1 ignores the video) and denoised chunk by chunk.
+
         stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
         'encode_s'.
         """
-        spec = self.video_spec(frames, height, width)
         batch = 1 if isinstance(prompts, str) else len(prompts)
+        plan = self.plan(
+            batch,
+            frames,
+            height,
+            width,
+            image=image,
+            extend=extend,
+            video=video,
+            strength=strength,
+            context_chunks=context_chunks,
+        )
+        cond, p, g = plan.conditioning, plan.context_latents, plan.generated_latents
+        h, w = plan.latent_height, plan.latent_width
         # Prompt-independent setup first (queued on the device while the prompt is encoded).
-        rope = self.model.rope_tables(spec.latent_frames, spec.latent_height, spec.latent_width)
-        cache = self.sampler.init_cache(batch, spec.latent_frames, spec.latent_height, spec.latent_width)
+        rope = self.model.rope_tables(p + g, h, w)
+        cache = self.sampler.init_cache(batch, p + g, h, w)
         t0 = time.perf_counter()
         text = self.encode_prompts(prompts)
         jax.block_until_ready(text)
         t1 = time.perf_counter()
         key = jax.random.key(seed)
-        noise = self._to_dit(
-            initial_noise(
-                jax.random.fold_in(key, 0),
-                batch,
-                spec.latent_frames,
-                spec.latent_height,
-                spec.latent_width,
-                self.dit.config.in_dim,
-            )
-        )
-        vae_cache = self._chunk_decoder.init_cache(batch, spec.latent_height, spec.latent_width)
+        noise = self._to_dit(initial_noise(jax.random.fold_in(key, 0), batch, g, h, w, self.dit.config.in_dim))
+        context = None
+        if cond.mode in ("image", "extend"):
+            context = self.encode_frames(cond.frames)
+        elif cond.mode == "video":
+            noise = self.sampler.noise_to_step(self.encode_frames(cond.frames), noise, cond.first_step)
+        vae_cache = self._chunk_decoder.init_cache(batch, h, w)
         first = True
-        for latents in self.sampler.stream(self.dit_params, text, noise, jax.random.fold_in(key, 1), rope=rope, cache=cache):
+
+        def latent_chunks():
+            if context is not None:
+                yield context, cond.mode == "image"  # the image's still chunk is shown; a clip's context is not
+            for latents in self.sampler.stream(
+                self.dit_params,
+                text,
+                noise,
+                jax.random.fold_in(key, 1),
+                rope=rope,
+                cache=cache,
+                context=context,
+                first_step=cond.first_step,
+            ):
+                yield latents, True
+
+        for latents, shown in latent_chunks():
             queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
+            if not shown:  # decoded only to carry the decoder's caches into the new frames
+                continue
             for pixels in queued:
                 out = np.asarray(pixels)
                 if stats is not None and first:
@@ -290,15 +496,15 @@ class TextToVideoPipeline:
                 first = False
                 yield out
 
-    def generate(
-        self, prompts: str | Sequence[str], frames: int = 81, height: int = 480, width: int = 832, seed: int = 0
-    ) -> np.ndarray:
-        """The whole video: uint8 [B, frames, H, W, 3]."""
-        return np.concatenate(list(self.stream(prompts, frames, height, width, seed)), axis=1)
+    def generate(self, prompts: str | Sequence[str], frames: int | None = None, *args, **kw) -> np.ndarray:
+        """The whole video: uint8 [B, frames, H, W, 3] (with `extend`, the new frames); the arguments as
+        `stream`'s."""
+        return np.concatenate(list(self.stream(prompts, frames, *args, **kw)), axis=1)
 
 
 def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
-    """Write all three models (and a byte tokenizer marker or the tokenizer files) as one checkpoint."""
+    """Write all three models, the encoder if the pipeline has one, and a byte tokenizer marker or the
+    tokenizer files, as one checkpoint."""
     from causal_dit_jax.checkpoint import save_checkpoint
 
     if pipe.dit.kernels.linear_precision != "bfloat16":
@@ -314,11 +520,13 @@ def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.P
         decoder: pipe.vae.config.to_dict(),
         "untrained": pipe.untrained,
     }
+    components = {"dit": pipe.dit_params, "t5": pipe.t5_params, decoder: pipe.vae_params}
+    if pipe.encoder is not None:  # the frames -> latents half, for image and video requests
+        name = ENCODERS["wan" if isinstance(pipe.encoder, WanVAEEncoder) else "taehv"]
+        components[name], configs[name] = pipe.encoder_params, pipe.encoder.config.to_dict()
     if isinstance(pipe.tokenizer, ByteTokenizer):
         configs["tokenizer"] = "bytes"
-    return save_checkpoint(
-        out_dir, {"dit": pipe.dit_params, "t5": pipe.t5_params, decoder: pipe.vae_params}, configs, overwrite=overwrite
-    )
+    return save_checkpoint(out_dir, components, configs, overwrite=overwrite)
 
 
 def _check_decoder(decoder: str) -> None:
@@ -326,4 +534,33 @@ def _check_decoder(decoder: str) -> None:
         raise ValueError(f"unknown decoder {decoder!r}; expected one of {sorted(DECODERS)}")
 
 
-__all__ = ["DECODERS", "TextToVideoPipeline", "VideoSpec", "pipeline_configs", "save_pipeline_checkpoint", "video_spec"]
+def _check_encoder(encoder: str) -> None:
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
+
+
+_HOW_ENCODER = {
+    "wan": "convert with `causal-dit convert --wan-dir ...` from a Wan2.1_VAE.pth that has its encoder.* keys",
+    "taehv": "convert with `causal-dit convert ... --taehv taew2_1.pth` (a file with its encoder.* half)",
+}
+
+
+def _latent_channels(encoder) -> int:
+    return encoder.config.z_dim if isinstance(encoder, WanVAEEncoder) else encoder.config.latent_channels
+
+
+def _temporal_factor(encoder) -> int:
+    return encoder.config.temporal_factor if isinstance(encoder, WanVAEEncoder) else encoder.temporal_factor
+
+
+__all__ = [
+    "DECODERS",
+    "ENCODERS",
+    "RequestPlan",
+    "TextToVideoPipeline",
+    "VideoSpec",
+    "pipeline_configs",
+    "plan_request",
+    "save_pipeline_checkpoint",
+    "video_spec",
+]

@@ -34,6 +34,18 @@ def draw_step_noise(key: jax.Array, chunk_index: int | jax.Array, shape: tuple[i
     return jax.random.normal(jax.random.fold_in(key, chunk_index), (max(num_steps - 1, 1), *shape), jnp.float32)
 
 
+def first_step_for_strength(strength: float, num_steps: int) -> int:
+    """The denoising step a video-to-video `strength` in (0, 1] starts from: int(strength * steps)
+    steps run (as diffusers' img2img), so 1 is text-to-video from pure noise and 1 / steps the least
+    change (the last step alone)."""
+    n = num_steps
+    if not 0.0 < strength <= 1.0 or int(strength * n) < 1:
+        raise ValueError(
+            f"strength must be in [{1 / n:g}, 1] for a {n}-step schedule (it runs int(strength * {n}) steps), got {strength}"
+        )
+    return n - int(strength * n)
+
+
 class SelfForcingSampler:
     """Streams latents of a video chunk by chunk.
 
@@ -129,16 +141,8 @@ class SelfForcingSampler:
         return cache
 
     def first_step_for_strength(self, strength: float) -> int:
-        """The denoising step a video-to-video `strength` in (0, 1] starts from: int(strength * steps)
-        steps run (as diffusers' img2img), so 1 is text-to-video from pure noise and 1 / steps the
-        least change (the last step alone)."""
-        n = len(self.timesteps)
-        if not 0.0 < strength <= 1.0 or int(strength * n) < 1:
-            raise ValueError(
-                f"strength must be in [{1 / n:g}, 1] for a {n}-step schedule (it runs int(strength * {n}) steps), "
-                f"got {strength}"
-            )
-        return n - int(strength * n)
+        """`first_step_for_strength` for this sampler's schedule."""
+        return first_step_for_strength(strength, len(self.timesteps))
 
     def noise_to_step(self, latents: jax.Array, noise: jax.Array, first_step: int) -> jax.Array:
         """Clean latents noised to the level of denoising step `first_step`: (1 - sigma) x + sigma eps."""
@@ -255,4 +259,4 @@ def initial_noise(
     return jax.random.normal(key, (batch, num_frames, latent_height, latent_width, channels), jnp.float32)
 
 
-__all__ = ["SelfForcingSampler", "draw_step_noise", "initial_noise"]
+__all__ = ["SelfForcingSampler", "draw_step_noise", "first_step_for_strength", "initial_noise"]
