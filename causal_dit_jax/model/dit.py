@@ -196,13 +196,18 @@ class CausalWanDiT:
         grid: tuple[int, int, int],
         token_offset: Array | int = 0,
         attention_fn: SelfAttentionFn | None = None,
+        frame_time: Array | None = None,
+        remat: bool = False,
     ) -> tuple[Array, Cache]:
         """The transformer on patch tokens [B, L, ph*pw*C_in] -> [B, L, ph*pw*C_out] (float32).
 
         `tokens` may be a shard of the chunk's flattened (frame, row, col) sequence starting at
         `token_offset` (0 on one device); positions, frames and RoPE rows are derived from it locally.
         attention_fn overrides the model's self-attention kernel (sequence parallelism binds one per
-        chunk shape).
+        chunk shape; training binds a block-attention plan).
+        frame_time: [F] int32, each frame's RoPE time index instead of start_frame + frame (training's
+        [clean | noisy] sequence gives both copies the same positions).
+        remat: recompute each block's activations in the backward pass (jax.checkpoint), for training.
         """
         attention_fn = attention_fn or self.attention_fn
         cfg = self.config
@@ -212,6 +217,8 @@ class CausalWanDiT:
         res_dtype = dtype_from_name(cfg.residual_dtype)
         index = jnp.asarray(token_offset, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         time, row, col = causal_rope_positions(index, gh, gw, start_frame)
+        if frame_time is not None:
+            time = jnp.asarray(frame_time, jnp.int32)[jnp.clip(index // (gh * gw), 0, frames - 1)]
         cos, sin = rope_cos_sin(rope, time, row, col)
         whole_frames = isinstance(token_offset, int) and token_offset == 0 and tokens.shape[1] == frames * gh * gw
         frame_ids = None if whole_frames else jnp.clip(index // (gh * gw), 0, frames - 1)
@@ -231,6 +238,8 @@ class CausalWanDiT:
             x, layer_cache = block(x, e0, frame_ids, cos, sin, tk, tv, layer_cache, write, attention_fn)
             return (x, None if layer_cache is None else (layer_cache.k, layer_cache.v)), None
 
+        if remat:
+            body = jax.checkpoint(body)
         # The cache rides in the carry: each layer updates its chunk slot in place.
         cache_kv = None if cache is None else (cache.k, cache.v)
         if _per_layer(params["blocks"]):  # unstack_blocks: a Python loop

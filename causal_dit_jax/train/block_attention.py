@@ -1,0 +1,113 @@
+"""Attention over a whole training sequence under a block mask, as a static plan of dense attentions.
+
+Training runs the causal DiT over all frames at once (no KV cache), so attention needs Self-Forcing's
+masks: block-causal (diffusion forcing: block i sees blocks 0..i), teacher forcing's [clean | noisy]
+sequence (a clean block sees clean blocks up to itself, a noisy block the clean blocks before it and
+itself), or none at all (a bidirectional teacher: the whole clip is one block). Every such mask is,
+per query block, a few contiguous ranges of key frames; the plan lists them, built once per shape in
+Python (no per-step host work, nothing traced). Each query block then runs one dense attention over
+its gathered keys with the backend's fast kernel (cuDNN on GPUs): no [L, L] mask is ever built, and
+the masked-out blocks cost no FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from causal_dit_jax.model.attention import dot_product_attention
+
+Ranges = tuple[tuple[int, int], ...]  # [start, end) in frames
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockAttentionPlan:
+    """query_blocks[i] = (start, end): the query frames of block i; key_ranges[i]: the key frame
+    ranges it attends. The query blocks tile the sequence's `num_frames` frames in order."""
+
+    num_frames: int
+    query_blocks: tuple[tuple[int, int], ...]
+    key_ranges: tuple[Ranges, ...]
+
+    def __post_init__(self):
+        edges = [s for s, _ in self.query_blocks] + [self.query_blocks[-1][1]]
+        if edges[0] != 0 or edges[-1] != self.num_frames or any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"query blocks {self.query_blocks} do not tile {self.num_frames} frames")
+        if len(self.key_ranges) != len(self.query_blocks):
+            raise ValueError("one tuple of key ranges per query block")
+        for ranges in self.key_ranges:
+            if not ranges or any(not 0 <= a < b <= self.num_frames for a, b in ranges):
+                raise ValueError(f"key ranges {ranges} must be non-empty [start, end) within {self.num_frames} frames")
+
+    def frame_mask(self) -> np.ndarray:
+        """[num_frames, num_frames] bool: query frame i attends key frame j (for tests and plots)."""
+        mask = np.zeros((self.num_frames, self.num_frames), bool)
+        for (qs, qe), ranges in zip(self.query_blocks, self.key_ranges):
+            for ks, ke in ranges:
+                mask[qs:qe, ks:ke] = True
+        return mask
+
+
+def _blocks(num_frames: int, block: int) -> list[tuple[int, int]]:
+    if block < 1 or num_frames < 1 or num_frames % block:
+        raise ValueError(f"{num_frames} frames are not whole blocks of {block}")
+    return [(s, s + block) for s in range(0, num_frames, block)]
+
+
+def block_causal_plan(num_frames: int, block: int = 3) -> BlockAttentionPlan:
+    """Diffusion forcing: block i attends blocks 0..i (bidirectional inside a block)."""
+    qb = _blocks(num_frames, block)
+    return BlockAttentionPlan(num_frames, tuple(qb), tuple(((0, e),) for _, e in qb))
+
+
+def teacher_forcing_plan(num_frames: int, block: int = 3) -> BlockAttentionPlan:
+    """The sequence [clean (F frames) | noisy (F frames)]: clean block i attends clean frames [0, end_i);
+    noisy block i attends clean frames [0, start_i) and its own noisy frames."""
+    f = num_frames
+    qb = _blocks(f, block)
+    clean = [((0, e),) for _, e in qb]
+    noisy = [(((0, s),) if s else ()) + ((f + s, f + e),) for s, e in qb]
+    return BlockAttentionPlan(2 * f, tuple(qb) + tuple((f + s, f + e) for s, e in qb), tuple(clean + noisy))
+
+
+def bidirectional_plan(num_frames: int) -> BlockAttentionPlan:
+    """The whole clip as one block (Wan's base model, Self-Forcing's teacher and critic)."""
+    return BlockAttentionPlan(num_frames, ((0, num_frames),), (((0, num_frames),),))
+
+
+def make_block_attention(plan: BlockAttentionPlan, tokens_per_frame: int, implementation: str | None = None):
+    """A `SelfAttentionFn` for `CausalWanDiT.forward_tokens` (no cache): q, k, v [B, L, N, D] with
+    L = plan.num_frames * tokens_per_frame -> [B, L, N, D], one dense attention per query block."""
+    t = tokens_per_frame
+
+    def fn(q, k, v, layer_cache=None, write=None):
+        if layer_cache is not None:
+            raise ValueError("block attention runs over a whole sequence, without a KV cache")
+        if q.shape[1] != plan.num_frames * t:
+            raise ValueError(f"{q.shape[1]} tokens, the plan has {plan.num_frames} frames of {t}")
+        outs = []
+        for (qs, qe), ranges in zip(plan.query_blocks, plan.key_ranges):
+            kk = jnp.concatenate([k[:, a * t : b * t] for a, b in ranges], axis=1)  # b s n d
+            vv = jnp.concatenate([v[:, a * t : b * t] for a, b in ranges], axis=1)
+            outs.append(dot_product_attention(q[:, qs * t : qe * t], kk, vv, implementation=implementation))
+        return jnp.concatenate(outs, axis=1), None
+
+    return fn
+
+
+def attended_pairs(plan: BlockAttentionPlan, tokens_per_frame: int) -> int:
+    """Query-key token pairs the plan computes (its attention FLOPs are 4 D N times this)."""
+    t = tokens_per_frame
+    return sum((qe - qs) * t * sum((b - a) * t for a, b in r) for (qs, qe), r in zip(plan.query_blocks, plan.key_ranges))
+
+
+__all__ = [
+    "BlockAttentionPlan",
+    "attended_pairs",
+    "bidirectional_plan",
+    "block_causal_plan",
+    "make_block_attention",
+    "teacher_forcing_plan",
+]
