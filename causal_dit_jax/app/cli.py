@@ -225,13 +225,36 @@ def _add_generate(sub) -> None:
     )
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the causal DiT from a run config (teacher or diffusion forcing on precomputed latents)",
+        description="Train (or resume) the run a JSON config describes (causal_dit_jax.train.run.RunConfig): "
+        "checkpoints, metrics.jsonl, loss.png and the exported EMA weights go to its out_dir.",
+    )
+    p.add_argument("--config", required=True, metavar="RUN.json", help="the run config (RunConfig fields as JSON)")
+    p.add_argument(
+        "--stop-after", type=int, default=None, metavar="N", help="stop after N steps with a checkpoint (resume later)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="causal-dit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_bench(sub)
     _add_generate(sub)
+    _add_train(sub)
     return parser
+
+
+def cmd_train(args) -> int:
+    from causal_dit_jax.train.run import RunConfig, train
+
+    config = RunConfig.from_file(args.config)
+    train(config, progress=not args.quiet, stop_after=args.stop_after)
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -517,14 +540,18 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-_NOT_WRITTEN = {"generate": "; no video written", "convert": "; no checkpoint written"}
+_NOT_WRITTEN = {
+    "generate": "; no video written",
+    "convert": "; no checkpoint written",
+    "train": "; the run resumes from its last checkpoint",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
-    command = {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate}[args.command]
+    command = {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate, "train": cmd_train}[args.command]
     try:
         with _signals_interrupt():
             return command(args)

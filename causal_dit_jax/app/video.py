@@ -30,7 +30,7 @@ def check_writable(path: str | pathlib.Path, overwrite: bool = True) -> pathlib.
 
 
 @contextlib.contextmanager
-def _ffmpeg_without_preexec() -> Iterator[None]:
+def ffmpeg_without_preexec() -> Iterator[None]:
     """imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (its own process group, so a Ctrl-C does
     not reach it); a preexec_fn makes Python run its at-fork hooks, and JAX's warns that os.fork() was
     called. IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=1 drops the preexec_fn: ffmpeg then shares our process group
@@ -71,7 +71,7 @@ class Mp4Writer:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
         for f in frames:
             if self.frames == 0:  # the first frame starts ffmpeg
-                with _ffmpeg_without_preexec():
+                with ffmpeg_without_preexec():
                     self._writer.append_data(f)
             else:
                 self._writer.append_data(f)
@@ -105,5 +105,5 @@ def read_mp4(path: str | pathlib.Path) -> np.ndarray:
     """All frames of an mp4 as uint8 [T, H, W, 3] (for tests and notebooks)."""
     import imageio.v2 as imageio
 
-    with _ffmpeg_without_preexec():  # the reader starts ffmpeg too
+    with ffmpeg_without_preexec():  # the reader starts ffmpeg too
         return np.stack(list(imageio.mimread(str(path), memtest=False)))

@@ -179,10 +179,10 @@ class VideoCaptionSource:
     def _frames(self, path: pathlib.Path) -> np.ndarray:
         import imageio.v2 as imageio
 
-        from causal_dit_jax.app.video import _ffmpeg_without_preexec
+        from causal_dit_jax.app.video import ffmpeg_without_preexec
 
         want = (self.height, self.width, 3)
-        with _FFMPEG_SPAWN, _ffmpeg_without_preexec():
+        with _FFMPEG_SPAWN, ffmpeg_without_preexec():
             reader = imageio.get_reader(str(path), format="FFMPEG")
         try:
             w, h = reader.get_meta_data().get("size", (self.width, self.height))
