@@ -6,9 +6,10 @@ import contextlib
 import os
 import pathlib
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
+
+from causal_dit_jax.ffmpeg import ffmpeg_without_preexec
 
 SAMPLE_FPS = 16  # Wan2.1's frame rate
 
@@ -27,25 +28,6 @@ def check_writable(path: str | pathlib.Path, overwrite: bool = True) -> pathlib.
     if not os.access(p.parent, os.W_OK):
         raise PermissionError(f"output folder {p.parent} is not writable")
     return p
-
-
-@contextlib.contextmanager
-def ffmpeg_without_preexec() -> Iterator[None]:
-    """imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (its own process group, so a Ctrl-C does
-    not reach it); a preexec_fn makes Python run its at-fork hooks, and JAX's warns that os.fork() was
-    called. IMAGEIO_FFMPEG_NO_PREVENT_SIGINT=1 drops the preexec_fn: ffmpeg then shares our process group
-    and a Ctrl-C reaches it too, which is fine: an interrupted writer deletes its partial file anyway.
-    Set only while the writer spawns ffmpeg; the previous value is restored after."""
-    key = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 class Mp4Writer:

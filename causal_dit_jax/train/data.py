@@ -155,7 +155,7 @@ class LatentTextSource:
 # Videos + captions
 # --------------------------------------------------------------------------------------------------
 
-# ffmpeg is started with an environment variable set for the spawn (see app.video); grain reads with
+# ffmpeg is started with an environment variable set for the spawn (see causal_dit_jax/ffmpeg.py); grain reads with
 # several threads, so the set-and-restore is serialised.
 _FFMPEG_SPAWN = threading.Lock()
 
@@ -179,7 +179,7 @@ class VideoCaptionSource:
     def _frames(self, path: pathlib.Path) -> np.ndarray:
         import imageio.v2 as imageio
 
-        from causal_dit_jax.app.video import ffmpeg_without_preexec
+        from causal_dit_jax.ffmpeg import ffmpeg_without_preexec
 
         want = (self.height, self.width, 3)
         with _FFMPEG_SPAWN, ffmpeg_without_preexec():
