@@ -133,20 +133,26 @@ class Trainer:
         metrics = jax.tree.map(jnp.mean, metrics)
         return metrics["loss"], metrics, grads
 
-    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    def apply_gradients(self, state: dict, grads: Params, key: jax.Array) -> tuple[dict, dict]:
+        """The optimiser update and the EMA from gradients: (new state with `key` as its rng, metrics
+        {'grad_norm', 'learning_rate'})."""
         params = state["params"]
-        _, metrics, grads = self.loss_and_grads(params, batch, sub)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         cfg = self.config
         decay = jnp.where(state["step"] >= cfg.ema_start, cfg.ema_decay, 0.0)  # before ema_start: a copy
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state["step"])}
+        metrics = {"grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state["step"])}
         new = {"params": params, "ema": ema, "opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(key)}
         if self.mesh is not None:  # the state keeps its FSDP layout from step to step
             new = jax.lax.with_sharding_constraint(new, self.state_shardings(new))
         return new, metrics
+
+    def _step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        key, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        _, metrics, grads = self.loss_and_grads(state["params"], batch, sub)
+        new, update_metrics = self.apply_gradients(state, grads, key)
+        return new, {**metrics, **update_metrics}
 
     @functools.cached_property
     def _jit_step(self):

@@ -1,0 +1,220 @@
+"""Self-Forcing's distribution matching distillation (DMD) on the generator's own KV-cached rollouts.
+
+The generator rolls a video out chunk by chunk exactly as at inference (`generator_rollout`): per
+chunk the few-step schedule up to an exit step, the chunk's x0 at the exit step is its output, then
+the cache-fill pass. Only the exit step's forward keeps gradients (the same exit step for every chunk
+of a rollout); the earlier steps and the cache-fill pass are stop-gradient, so the gradient is that of
+one forward per chunk reading a cache of clean, gradient-free keys.
+
+Two score models judge the video at a random noise level: the frozen teacher ("real score", with
+classifier-free guidance) and the trainable critic ("fake score", trained by flow matching on the
+generator's videos, `critic_loss`). Both may be bidirectional (Wan's base model: the whole clip one
+block). The generator's loss is 0.5 * MSE(x, stopgrad(x - g)) with the normalised DMD gradient
+g = (x0_fake - x0_real) / mean|x - x0_real| (per video), whose gradient in x is g itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from causal_dit_jax.model.config import InferenceConfig
+from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.sampler import draw_step_noise
+from causal_dit_jax.model.scheduler import denoising_timesteps, flow_match_timesteps, sigma_for_timestep
+from causal_dit_jax.train.block_attention import BlockAttentionPlan, bidirectional_plan
+from causal_dit_jax.train.objectives import sequence_forward
+
+sg = jax.lax.stop_gradient
+
+
+def generator_rollout(
+    dit: CausalWanDiT,
+    params: Params,
+    noise: jax.Array,
+    context: jax.Array,
+    key: jax.Array,
+    exit_step: int,
+    inference: InferenceConfig = InferenceConfig(),
+) -> jax.Array:
+    """The generator's video [B, F, H, W, C] float32 from noise [B, F, H, W, C] and text-encoder states
+    context [B, K, text_dim], with the KV cache as at inference; exit_step (static, 0 .. steps - 1): the
+    step whose x0 is each chunk's output, the only forward with gradients. key draws the re-noising
+    eps as the sampler does (`draw_step_noise`)."""
+    ts = denoising_timesteps(
+        inference.denoising_steps, inference.timestep_shift, inference.num_train_timesteps, inference.warp_denoising_step
+    )
+    sig = sigma_for_timestep(ts, inference.timestep_shift, inference.num_train_timesteps)
+    n = len(ts)
+    if not 0 <= exit_step < n:
+        raise ValueError(f"exit_step must be in [0, {n - 1}], got {exit_step}")
+    b, f, h, w, ch = noise.shape
+    c = inference.frames_per_chunk
+    chunks = inference.num_chunks(f)
+    text = dit.encode_text(params, context)
+    text_sg = sg(text)
+    rope = dit.rope_tables(f, h, w)
+    cache = dit.init_cache(inference, b, f, h, w)
+    outs = []
+    for i in range(chunks):
+        eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
+        x = noise[:, i * c : (i + 1) * c].astype(jnp.float32)
+        start = jnp.int32(i * c)
+        for k in range(exit_step + 1):
+            exiting = k == exit_step
+            p, tk = (params, text) if exiting else (sg(params), text_sg)
+            flow, cache = dit.forward(p, x, jnp.full((b, c), float(ts[k])), tk, cache, start, rope)
+            x0 = x - float(sig[k]) * flow
+            if not exiting:
+                x = (1.0 - float(sig[k + 1])) * sg(x0) + float(sig[k + 1]) * eps[k]
+        outs.append(x0)
+        if i + 1 < chunks:  # the cache-fill pass on the clean chunk, without gradients
+            t_ctx = jnp.full((b, c), inference.context_noise, jnp.float32)
+            _, cache = dit.forward(sg(params), sg(x0), t_ctx, text_sg, cache, start, rope)
+            cache = sg(cache)
+    return jnp.concatenate(outs, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMDConfig:
+    """guidance_scale: the teacher's classifier-free guidance (Self-Forcing: 3.0); timesteps of the
+    score models drawn per video from the table indices [min_timestep, max_timestep)."""
+
+    guidance_scale: float = 3.0
+    min_timestep: int = 20
+    max_timestep: int = 980
+    shift: float = 5.0
+
+
+class DMD:
+    """The generator's and the critic's losses. generator: the causal DiT being trained; teacher and
+    critic: score models (`teacher_plan` / `critic_plan` their attention; default bidirectional)."""
+
+    def __init__(
+        self,
+        generator: CausalWanDiT,
+        teacher: CausalWanDiT,
+        critic: CausalWanDiT,
+        config: DMDConfig = DMDConfig(),
+        inference: InferenceConfig = InferenceConfig(),
+        teacher_plan: BlockAttentionPlan | None = None,
+        critic_plan: BlockAttentionPlan | None = None,
+    ):
+        self.generator, self.teacher, self.critic = generator, teacher, critic
+        self.config, self.inference = config, inference
+        self.teacher_plan, self.critic_plan = teacher_plan, critic_plan
+        self.timesteps, self.sigmas = flow_match_timesteps(config.shift)
+
+    def _noised(self, key: jax.Array, x: jax.Array):
+        """x at one table timestep per video: (x_t, t [B, F], sigma [B, 1, 1, 1, 1], eps)."""
+        cfg = self.config
+        b, f = x.shape[:2]
+        k_t, k_eps = jax.random.split(key)
+        idx = jax.random.randint(k_t, (b,), cfg.min_timestep, cfg.max_timestep)
+        t = jnp.repeat(jnp.asarray(self.timesteps)[idx][:, None], f, axis=1)
+        sigma = jnp.asarray(self.sigmas)[idx][:, None, None, None, None]
+        eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+        return (1.0 - sigma) * x + sigma * eps, t, sigma, eps
+
+    def _x0(self, dit, params, plan, xt, t, sigma, context):
+        f = xt.shape[1]
+        plan = bidirectional_plan(f) if plan is None else plan
+        return xt - sigma * sequence_forward(dit, params, xt, t, context, plan, np.arange(f))
+
+    def dmd_gradient(self, teacher_params, critic_params, video, batch, key) -> jax.Array:
+        """The normalised DMD gradient g [B, F, H, W, C] at a random noise level (no gradients)."""
+        video = sg(video)
+        xt, t, sigma, _ = self._noised(key, video)
+        cond = self._x0(self.teacher, teacher_params, self.teacher_plan, xt, t, sigma, batch["text"])
+        uncond = self._x0(self.teacher, teacher_params, self.teacher_plan, xt, t, sigma, batch["negative_text"])
+        real = uncond + self.config.guidance_scale * (cond - uncond)
+        fake = self._x0(self.critic, critic_params, self.critic_plan, xt, t, sigma, batch["text"])
+        norm = jnp.mean(jnp.abs(video - real), axis=(1, 2, 3, 4), keepdims=True)
+        return sg(jnp.nan_to_num((fake - real) / norm))
+
+    def generator_loss(self, params, teacher_params, critic_params, batch: dict, key: jax.Array, exit_step: int):
+        """(loss, metrics) for the generator; batch {'text', 'negative_text': [B, K, text_dim], 'noise':
+        [B, F, H, W, C]}."""
+        k_roll, k_score = jax.random.split(key)
+        video = generator_rollout(self.generator, params, batch["noise"], batch["text"], k_roll, exit_step, self.inference)
+        g = self.dmd_gradient(teacher_params, critic_params, video, batch, k_score)
+        loss = 0.5 * jnp.mean((video - sg(video - g)) ** 2)
+        return loss, {"loss": loss, "dmd_grad_norm": jnp.sqrt(jnp.mean(g**2))}
+
+    def critic_loss(self, critic_params, generator_params, batch: dict, key: jax.Array, exit_step: int):
+        """(loss, metrics) for the critic: flow matching (target eps - x0) on the generator's video."""
+        k_roll, k_noise = jax.random.split(key)
+        video = sg(
+            generator_rollout(
+                self.generator, generator_params, batch["noise"], batch["text"], k_roll, exit_step, self.inference
+            )
+        )
+        xt, t, _, eps = self._noised(k_noise, video)
+        f = video.shape[1]
+        plan = bidirectional_plan(f) if self.critic_plan is None else self.critic_plan
+        flow = sequence_forward(self.critic, critic_params, xt, t, batch["text"], plan, np.arange(f))
+        loss = jnp.mean((flow - (eps - video)) ** 2)
+        return loss, {"loss": loss}
+
+
+def exit_step_for(step: int, seed: int, num_steps: int) -> int:
+    """The exit step of generator update `step`: drawn uniformly, the same on every host, and the same
+    again when a run is resumed (a function of the seed and the step alone)."""
+    return int(np.random.default_rng([seed, step]).integers(num_steps))
+
+
+class DMDTrainer:
+    """Alternates the critic's and the generator's updates: each `step` runs `critic_steps` critic
+    updates on the generator's current videos, then one generator update (Self-Forcing's 5 : 1).
+    Two train states ({'generator', 'critic'}), each as `Trainer` keeps them (float32 master weights,
+    AdamW, EMA); the teacher's params are given to every step and never change."""
+
+    def __init__(self, dmd: DMD, generator_optimizer, critic_optimizer, critic_steps: int = 5, mesh=None):
+        from causal_dit_jax.train.trainer import Trainer
+
+        if critic_steps < 1:
+            raise ValueError(f"critic_steps must be >= 1, got {critic_steps}")
+        self.dmd, self.critic_steps = dmd, critic_steps
+        self.generator = Trainer(None, generator_optimizer, mesh)
+        self.critic = Trainer(None, critic_optimizer, mesh)
+        self._jit = {}
+
+    def init_state(self, generator_params: Params, critic_params: Params, seed: int = 0) -> dict:
+        return {
+            "generator": self.generator.init_state(generator_params, seed),
+            "critic": self.critic.init_state(critic_params, seed + 1),
+        }
+
+    def _step(self, state, teacher_params, batch, exit_step: int):
+        critic_state, gen_state = state["critic"], state["generator"]
+        critic_grad = jax.value_and_grad(self.dmd.critic_loss, has_aux=True)
+        for _ in range(self.critic_steps):
+            key, sub = jax.random.split(jax.random.wrap_key_data(critic_state["rng"]))
+            (_, critic_metrics), grads = critic_grad(critic_state["params"], sg(gen_state["params"]), batch, sub, exit_step)
+            critic_state, _ = self.critic.apply_gradients(critic_state, grads, key)
+        key, sub = jax.random.split(jax.random.wrap_key_data(gen_state["rng"]))
+        gen_grad = jax.value_and_grad(self.dmd.generator_loss, has_aux=True)
+        (_, gen_metrics), grads = gen_grad(
+            gen_state["params"], teacher_params, sg(critic_state["params"]), batch, sub, exit_step
+        )
+        gen_state, update = self.generator.apply_gradients(gen_state, grads, key)
+        metrics = {"generator_loss": gen_metrics["loss"], "critic_loss": critic_metrics["loss"], **gen_metrics, **update}
+        return {"generator": gen_state, "critic": critic_state}, metrics
+
+    def step(self, state: dict, teacher_params: Params, batch: dict, seed: int = 0) -> tuple[dict, dict]:
+        """One generator update after `critic_steps` critic updates; batch {'text', 'negative_text',
+        'noise'}. The exit step follows from the generator's step number (`exit_step_for`)."""
+        n = len(self.dmd.inference.denoising_steps)
+        exit_step = exit_step_for(int(state["generator"]["step"]), seed, n)
+        if exit_step not in self._jit:  # one executable per exit step
+            self._jit[exit_step] = jax.jit(lambda s, t, b, e=exit_step: self._step(s, t, b, e), donate_argnums=(0,))
+        if self.generator.mesh is not None:
+            batch = jax.device_put(batch, self.generator.batch_sharding(batch))
+        state, metrics = self._jit[exit_step](state, teacher_params, batch)
+        return state, {**metrics, "exit_step": exit_step}
+
+
+__all__ = ["DMD", "DMDConfig", "DMDTrainer", "exit_step_for", "generator_rollout"]
