@@ -55,6 +55,11 @@ def test_a_stopped_run_resumes_exactly(tmp_path, data):
     assert (run / "loss.png").stat().st_size > 1000
     assert json.loads((run / "run_config.json").read_text())["steps"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+    # a run initialised from a converted checkpoint (here the export) starts from its weights
+    init = train(_config(tmp_path / "fine", data, init=str(run / "export"), steps=1), progress=False)
+    assert init["step"] == 1 and (tmp_path / "fine" / "export").exists()
+    first_loss = _losses(tmp_path / "fine")[0]
+    assert first_loss != _losses(tmp_path / "whole")[0]  # not the random start
     # another config in the same folder is refused
     with pytest.raises(ValueError, match="holds a run with another config"):
         train(_config(tmp_path / "whole", data, steps=8), progress=False)
