@@ -91,3 +91,39 @@ def test_cli_train_and_bad_configs(tmp_path, data, capsys):
     assert main(["train", "--config", str(tmp_path / "broken.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written for a refused config
+
+
+def test_prepare_data_from_videos_then_train(tmp_path, capsys):
+    """`causal-dit prepare-data`: captioned mp4s -> latents + umT5 states (the embedded default's
+    encoders), equal to the pipeline's own encodings; then a run of the demo DiT trains on them."""
+    from causal_dit_jax.app.cli import main
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+    from causal_dit_jax.app.video import Mp4Writer, read_mp4
+    from causal_dit_jax.train.data import LatentTextSource
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(1)
+    for i, caption in enumerate(["a red circle moving left", "a blue square moving up"]):
+        with Mp4Writer(videos / f"clip{i}.mp4") as w:
+            w.write(rng.integers(0, 256, (21, 64, 96, 3), dtype=np.uint8))
+        (videos / f"clip{i}.txt").write_text(caption)
+    out = tmp_path / "latents"
+    assert main(["prepare-data", "--videos", str(videos), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    source = LatentTextSource(out)
+    assert len(source) == 2 and source.shapes["latents"] == (6, 8, 12, 16)
+    pipe = TextToVideoPipeline.embedded_default()
+    np.testing.assert_allclose(
+        source[0]["latents"], np.asarray(pipe.encode_frames(read_mp4(videos / "clip0.mp4")[None]))[0], atol=1e-5
+    )
+    np.testing.assert_allclose(source[1]["text"], np.asarray(pipe.text_context("a blue square moving up"))[0], atol=1e-6)
+    assert main(["prepare-data", "--videos", str(videos), "--out", str(out)]) == 2  # exists: refused
+    assert "already exists" in capsys.readouterr().err
+    (videos / "clip1.txt").unlink()
+    assert main(["prepare-data", "--videos", str(videos), "--out", str(tmp_path / "other")]) == 2
+    assert "has no caption file" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    result = train(
+        RunConfig.from_dict({"out_dir": str(tmp_path / "run"), "data": str(out), "preset": "demo", "steps": 1}), progress=False
+    )
+    assert result["step"] == 1 and np.isfinite(result["loss"])

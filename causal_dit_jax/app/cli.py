@@ -239,6 +239,34 @@ def _add_train(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_prepare_data(sub) -> None:
+    p = sub.add_parser(
+        "prepare-data", help="training data: captioned videos (name.mp4 + name.txt) -> latents and text states (.npz)"
+    )
+    p.add_argument("--videos", required=True, help="folder of .mp4 clips, each with a same-stem .txt caption")
+    p.add_argument("--out", required=True, help="the folder to write (train's 'data')")
+    p.add_argument("--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded demo model)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip, 1 + 4k (default 81; 21 for the demo)")
+    _choice(p, "--encoder", ("wan", "taehv"), None, "the frames -> latents encoder (default wan)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def cmd_prepare_data(args) -> int:
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+    from causal_dit_jax.app.prepare_data import prepare_latents
+    from causal_dit_jax.checkpoint import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)  # before any model is built
+    if args.checkpoint is None:
+        pipe = TextToVideoPipeline.embedded_default(encoder=args.encoder)
+    else:
+        pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, encoder=args.encoder)
+    frames = args.frames if args.frames is not None else (21 if args.checkpoint is None else 81)
+    out = prepare_latents(pipe, args.videos, args.out, frames, overwrite=args.overwrite)
+    print(f"wrote {out} ({len(list(out.glob('*.npz')))} clips)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="causal-dit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_generate(sub)
     _add_train(sub)
+    _add_prepare_data(sub)
     return parser
 
 
@@ -544,6 +573,7 @@ _NOT_WRITTEN = {
     "generate": "; no video written",
     "convert": "; no checkpoint written",
     "train": "; the run resumes from its last checkpoint",
+    "prepare-data": "; no data folder written",
 }
 
 
@@ -551,7 +581,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
-    command = {"convert": cmd_convert, "bench": cmd_bench, "generate": cmd_generate, "train": cmd_train}[args.command]
+    command = {
+        "convert": cmd_convert,
+        "bench": cmd_bench,
+        "generate": cmd_generate,
+        "train": cmd_train,
+        "prepare-data": cmd_prepare_data,
+    }[args.command]
     try:
         with _signals_interrupt():
             return command(args)

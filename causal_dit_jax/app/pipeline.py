@@ -357,14 +357,18 @@ class TextToVideoPipeline:
         """`video_spec` against this pipeline's DiT, decoder and chunking."""
         return video_spec(frames, height, width, self.dit.config, self.vae.config, self.inference.frames_per_chunk)
 
-    def encode_prompts(self, prompts: str | Sequence[str]) -> TextKV:
-        """Tokenize, run umT5 once, and build the DiT's cross-attention K/V for the prompts."""
+    def text_context(self, prompts: str | Sequence[str]) -> jax.Array:
+        """Tokenize and run umT5: the text-encoder states [B, K, text_dim] the DiT reads (what training
+        data stores as 'text')."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompt given")
         tokens = self.tokenizer(prompts)
-        context = self._encode(self.t5_params, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
-        return self._text_kv(self.dit_params, self._to_dit(context))
+        return self._encode(self.t5_params, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
+
+    def encode_prompts(self, prompts: str | Sequence[str]) -> TextKV:
+        """Tokenize, run umT5 once, and build the DiT's cross-attention K/V for the prompts."""
+        return self._text_kv(self.dit_params, self._to_dit(self.text_context(prompts)))
 
     def _to_dit(self, x):
         """Place an input of the DiT where its params live (replicated over the mesh, if any)."""
