@@ -80,6 +80,7 @@ def test_cli_train_and_bad_configs(tmp_path, data, capsys):
         "width": ({"out_dir": "x", "data": str(data), "model": {**CFG.to_dict(), "text_dim": 64}}, "text of width 64"),
         "accumulate": ({"out_dir": "x", "data": str(data), "batch_size": 3, "optimizer": {"accumulate": 2}}, "accumulate=2"),
         "mesh": ({"out_dir": "x", "data": str(data), "mesh": 64, "batch_size": 64}, "mesh=64 devices"),
+        "seq": ({"out_dir": "x", "data": str(data), "mesh": 8, "seq": 3}, "seq=3 must divide"),
     }
     for name, (body, msg) in bad.items():
         path = tmp_path / f"{name}.json"

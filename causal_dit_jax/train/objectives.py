@@ -44,10 +44,13 @@ def sequence_forward(
     frame_time: np.ndarray,
     remat: bool = False,
     implementation: str | None = None,
+    token_sharding: jax.sharding.NamedSharding | None = None,
 ) -> jax.Array:
     """The DiT over a whole sequence: latents x [B, F, H, W, C], timesteps t [B, F], text-encoder states
     context [B, K, text_dim], attention under `plan`, frame_time [F] (static numpy: each frame's RoPE
-    time) -> flow [B, F, H, W, C] float32. No KV cache; differentiable in params."""
+    time) -> flow [B, F, H, W, C] float32. No KV cache; differentiable in params.
+    token_sharding: where the patch tokens [B, L, C] live (e.g. batch over 'data', tokens over 'seq':
+    `sequence_sharding`); XLA partitions the blocks along it and gathers keys/values for attention."""
     frame_time = np.asarray(frame_time, np.int32)
     if frame_time.shape != (x.shape[1],) or plan.num_frames != x.shape[1]:
         raise ValueError(f"{x.shape[1]} frames, {frame_time.shape} frame times, a plan of {plan.num_frames} frames")
@@ -56,19 +59,34 @@ def sequence_forward(
     _, gh, gw = grid
     rope = dit.rope_tables(int(frame_time.max()) + 1, x.shape[2], x.shape[3])
     attention = make_block_attention(plan, gh * gw, implementation)
+    if token_sharding is not None:
+        tokens = jax.lax.with_sharding_constraint(tokens, token_sharding)
     out, _ = dit.forward_tokens(
         params, tokens, t, text, None, 0, rope, grid=grid, attention_fn=attention, frame_time=frame_time, remat=remat
     )
+    if token_sharding is not None:
+        out = jax.lax.with_sharding_constraint(out, token_sharding)
     return tokens_to_latents(dit.config, out, grid)
+
+
+def sequence_sharding(mesh: jax.sharding.Mesh | None) -> jax.sharding.NamedSharding | None:
+    """Tokens [B, L, C] with the batch over 'data' and the sequence over 'seq', for a mesh that has a
+    'seq' axis (None otherwise: the tokens follow the batch)."""
+    if mesh is None or "seq" not in mesh.axis_names:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec("data" if "data" in mesh.axis_names else None, "seq", None))
 
 
 class FlowObjective:
     """Teacher forcing or diffusion forcing (`ObjectiveConfig.kind`) as a pure loss of (params, batch,
     key). batch: {'latents': [B, F, H, W, C] clean latents, 'text': [B, K, text_dim] encoder states}."""
 
-    def __init__(self, dit: CausalWanDiT, config: ObjectiveConfig | None = None, remat: bool = False):
+    def __init__(self, dit: CausalWanDiT, config: ObjectiveConfig | None = None, remat: bool = False, mesh=None):
         config = ObjectiveConfig() if config is None else config
         self.dit, self.config, self.remat = dit, config, remat
+        self.token_sharding = sequence_sharding(mesh)  # a mesh with a 'seq' axis splits the sequence
         timesteps, sigmas = flow_match_timesteps(config.shift, config.num_train_timesteps)
         self.timesteps, self.sigmas = timesteps, sigmas
         self.weights = bell_weights(timesteps) if config.bell_weight else np.ones_like(timesteps)
@@ -103,16 +121,27 @@ class FlowObjective:
         if self.config.kind == "teacher_forcing":
             seq = jnp.concatenate([x0, xt], axis=1)  # b (2 f) h w c: [clean | noisy]
             ts = jnp.concatenate([jnp.full((b, f), self.config.clean_timestep, jnp.float32), t], axis=1)
+            frame_time = np.concatenate([time, time])  # both copies at the same positions
             flow = sequence_forward(
-                self.dit, params, seq, ts, batch["text"], self.plan(f), np.concatenate([time, time]), self.remat
+                self.dit,
+                params,
+                seq,
+                ts,
+                batch["text"],
+                self.plan(f),
+                frame_time,
+                self.remat,
+                token_sharding=self.token_sharding,
             )
             flow = flow[:, f:]
         else:
-            flow = sequence_forward(self.dit, params, xt, t, batch["text"], self.plan(f), time, self.remat)
+            flow = sequence_forward(
+                self.dit, params, xt, t, batch["text"], self.plan(f), time, self.remat, token_sharding=self.token_sharding
+            )
         per_frame = jnp.mean((flow - target) ** 2, axis=(2, 3, 4))  # b f
         weight = jnp.asarray(self.weights)[idx]
         loss = jnp.mean(per_frame * weight)
         return loss, {"loss": loss, "mse": jnp.mean(per_frame), "timestep": jnp.mean(t)}
 
 
-__all__ = ["FlowObjective", "bell_weights", "sequence_forward"]
+__all__ = ["FlowObjective", "bell_weights", "sequence_forward", "sequence_sharding"]

@@ -27,8 +27,9 @@ from causal_dit_jax.train.config import ObjectiveConfig, OptimizerConfig
 class RunConfig(ConfigFields):
     """One training run. data: a folder of .npz latents + text states (`train.data.LatentTextSource`);
     init: a converted DiT checkpoint folder to start from (`causal-dit convert`), or None for random
-    weights of `preset` (or of `model`, a ModelConfig dict, when given); mesh: devices on the data axis
-    (0: one device); steps: optimiser updates in all (a resumed run continues to it)."""
+    weights of `preset` (or of `model`, a ModelConfig dict, when given); mesh: devices (0: one device),
+    mesh / seq of them on the data axis and `seq` splitting each sequence's tokens; steps: optimiser
+    updates in all (a resumed run continues to it)."""
 
     out_dir: str
     data: str
@@ -39,6 +40,7 @@ class RunConfig(ConfigFields):
     steps: int = 100
     seed: int = 0
     mesh: int = 0
+    seq: int = 1
     remat: bool = False
     save_every: int = 50
     keep: int = 3
@@ -54,9 +56,13 @@ class RunConfig(ConfigFields):
             raise ValueError(f"mesh must be a device count (0: one device), got {self.mesh}")
         if self.batch_size % self.optimizer.accumulate:
             raise ValueError(f"batch_size {self.batch_size} does not split into accumulate={self.optimizer.accumulate}")
-        if self.mesh and (self.batch_size // self.optimizer.accumulate) % self.mesh:
+        if self.seq < 1 or (self.seq > 1 and (not self.mesh or self.mesh % self.seq)):
+            raise ValueError(f"seq={self.seq} must divide the mesh's {self.mesh} devices (seq > 1 needs a mesh)")
+        data = self.mesh // self.seq if self.mesh else 1
+        if (self.batch_size // self.optimizer.accumulate) % data:
             raise ValueError(
-                f"each micro-batch ({self.batch_size // self.optimizer.accumulate}) must split over mesh={self.mesh} devices"
+                f"each micro-batch ({self.batch_size // self.optimizer.accumulate}) must split over the data "
+                f"axis's {data} devices"
             )
 
     @classmethod
@@ -168,8 +174,8 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
         _, params = load_dit(config.init)
     else:
         params = dit.init(jax.random.key(config.seed))
-    mesh = train_mesh(config.mesh) if config.mesh else None
-    trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat), config.optimizer, mesh)
+    mesh = train_mesh(config.mesh, seq=config.seq) if config.mesh else None
+    trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat, mesh=mesh), config.optimizer, mesh)
     state = trainer.init_state(params, config.seed)
     del params
     dataset = make_dataset(

@@ -28,13 +28,20 @@ DATA_AXIS = "data"
 MIN_SHARDED_SIZE = 1024  # leaves smaller than this stay replicated (norm scales, biases)
 
 
-def train_mesh(num_devices: int | None = None) -> Mesh:
-    """A mesh of `num_devices` (default all) along the data axis, for `Trainer` (sharding propagated by
-    XLA: an Auto axis)."""
+def train_mesh(num_devices: int | None = None, seq: int = 1) -> Mesh:
+    """A mesh of `num_devices` (default all): num_devices / seq along the data axis and, with seq > 1,
+    seq along a 'seq' axis that splits each sequence's tokens (`FlowObjective(..., mesh=)`). Auto axes:
+    XLA propagates the shardings."""
     n = jax.device_count() if num_devices is None else num_devices
     if not 1 <= n <= jax.device_count():
         raise ValueError(f"a training mesh of {n} devices, but {jax.device_count()} are visible")
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    if seq < 1 or n % seq:
+        raise ValueError(f"seq={seq} does not divide {n} devices")
+    devices = jax.devices()[:n]
+    if seq == 1:
+        return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((n // seq, seq), (DATA_AXIS, "seq"), axis_types=auto, devices=devices)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -110,7 +117,7 @@ class Trainer:
 
     def batch_sharding(self, batch) -> object:
         """The batch split along its leading axis over the data axis."""
-        return jax.tree.map(lambda x: NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)), batch)
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)), batch)  # replicated over 'seq'
 
     # ------------------------------------------------------------------ the step
     def loss_and_grads(self, params: Params, batch: dict, key: jax.Array) -> tuple[jax.Array, dict, Params]:
