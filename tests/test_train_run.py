@@ -124,7 +124,14 @@ def test_prepare_data_from_videos_then_train(tmp_path, capsys):
     (videos / "clip1.txt").unlink()
     assert main(["prepare-data", "--videos", str(videos), "--out", str(tmp_path / "other")]) == 2
     assert "has no caption file" in capsys.readouterr().err and not (tmp_path / "other").exists()
-    result = train(
-        RunConfig.from_dict({"out_dir": str(tmp_path / "run"), "data": str(out), "preset": "demo", "steps": 1}), progress=False
-    )
-    assert result["step"] == 1 and np.isfinite(result["loss"])
+    # a run of the demo DiT on them, with sample videos from the embedded default's umT5 and VAE
+    run = {"out_dir": str(tmp_path / "run"), "data": str(out), "preset": "demo", "steps": 2, "save_every": 1}
+    run |= {"sample_prompts": ["a red circle moving left", "a blue square moving up"], "sample_with": "embedded"}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--quiet"]) == 0
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["step_000001_0.mp4", "step_000001_1.mp4", "step_000002_0.mp4", "step_000002_1.mp4"]
+    assert read_mp4(tmp_path / "run" / "samples" / "step_000002_1.mp4").shape == (21, 64, 96, 3)
+    assert np.isfinite(_losses(tmp_path / "run")).all()
+    with pytest.raises(ValueError, match="sample_prompts need sample_with"):
+        RunConfig.from_dict({**run, "sample_with": None})

@@ -282,7 +282,12 @@ def cmd_train(args) -> int:
     from causal_dit_jax.train.run import RunConfig, train
 
     config = RunConfig.from_file(args.config)
-    train(config, progress=not args.quiet, stop_after=args.stop_after)
+    on_checkpoint = None
+    if config.sample_prompts:
+        from causal_dit_jax.app.samples import SampleWriter
+
+        on_checkpoint = SampleWriter.for_run(config)  # checks the pipeline against the run before training
+    train(config, progress=not args.quiet, stop_after=args.stop_after, on_checkpoint=on_checkpoint)
     return 0
 
 

@@ -29,7 +29,10 @@ class RunConfig(ConfigFields):
     init: a converted DiT checkpoint folder to start from (`causal-dit convert`), or None for random
     weights of `preset` (or of `model`, a ModelConfig dict, when given); mesh: devices (0: one device),
     mesh / seq of them on the data axis and `seq` splitting each sequence's tokens; steps: optimiser
-    updates in all (a resumed run continues to it)."""
+    updates in all (a resumed run continues to it). sample_prompts: at every checkpoint the EMA weights
+    make one `sample_frames`-frame video per prompt into samples/, decoded with the text encoder and
+    VAE of `sample_with` ('embedded': the embedded default's; or a `causal-dit convert` folder), at
+    the data's size; `causal-dit train` wires this up (the library's `train` takes an `on_checkpoint`)."""
 
     out_dir: str
     data: str
@@ -45,6 +48,9 @@ class RunConfig(ConfigFields):
     save_every: int = 50
     keep: int = 3
     log_every: int = 10
+    sample_prompts: tuple[str, ...] = ()
+    sample_with: str | None = None
+    sample_frames: int = 21
     objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -56,6 +62,9 @@ class RunConfig(ConfigFields):
             raise ValueError(f"mesh must be a device count (0: one device), got {self.mesh}")
         if self.batch_size % self.optimizer.accumulate:
             raise ValueError(f"batch_size {self.batch_size} does not split into accumulate={self.optimizer.accumulate}")
+        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        if self.sample_prompts and self.sample_with is None:
+            raise ValueError("sample_prompts need sample_with: 'embedded' or a converted checkpoint folder (its umT5 and VAE)")
         if self.seq < 1 or (self.seq > 1 and (not self.mesh or self.mesh % self.seq)):
             raise ValueError(f"seq={self.seq} must divide the mesh's {self.mesh} devices (seq > 1 needs a mesh)")
         data = self.mesh // self.seq if self.mesh else 1
@@ -143,8 +152,10 @@ def save_loss_curve(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
     tmp.replace(png)
 
 
-def train(config: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(config: RunConfig, progress: bool = True, stop_after: int | None = None, on_checkpoint=None) -> dict:
     """Run (or resume) the training run; returns {'step', 'loss' (the last logged), 'resumed_from'}.
+
+    on_checkpoint(step, ema_params, out_dir): called after each checkpoint (e.g. to write samples).
 
     stop_after: end this process after that many steps with a checkpoint (a job with a time limit,
     resumed by running the same config again); the export is written only when the run is complete."""
@@ -219,6 +230,8 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
                 ckpts.save(step, state, data.get_state(), config.to_dict(), force=True)
                 if metrics_path.exists():
                     save_loss_curve(metrics_path, out / "loss.png")
+                if on_checkpoint is not None:
+                    on_checkpoint(step, state["ema"], out)
         bar.close()
     if step < config.steps:
         print(f"stopped at step {step} of {config.steps}; run the same config again to resume", flush=True)
