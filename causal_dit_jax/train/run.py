@@ -175,7 +175,7 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
     config_json = json.dumps(config.to_dict(), indent=2)
     print(config_json, flush=True)
     saved = out / "run_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != config.to_dict():
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(config_json):  # compared as JSON (tuples: lists)
         raise ValueError(f"{out} holds a run with another config ({saved}); use a new out_dir to start another run")
     saved.write_text(config_json)
 
