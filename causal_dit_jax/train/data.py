@@ -106,6 +106,11 @@ def write_latent_text_example(
     return path
 
 
+# np.load parses each array's header with ast.literal_eval, which CPython 3.11 does not make safe for
+# threads ("AST constructor recursion depth mismatch" under grain's reader threads): one read at a time.
+_NPY_READ = threading.Lock()
+
+
 class LatentTextSource:
     """Records {"latents": f32 [F, H, W, C], "text": f32 [K, D]} from FOLDER/*.npz (sorted by name).
 
@@ -125,7 +130,7 @@ class LatentTextSource:
 
     def _load(self, path: pathlib.Path, check: bool = True) -> dict[str, np.ndarray]:
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with _NPY_READ, np.load(path, allow_pickle=False) as f:
                 missing = [k for k in self.KEYS if k not in f.files]
                 if missing:
                     raise ValueError(f"{path} lacks {missing} (it holds {f.files}; needs {list(self.KEYS)})")
