@@ -19,7 +19,7 @@ H, W = 64, 96
 
 @pytest.fixture(scope="module")
 def pipe():
-    return TextToVideoPipeline.embedded_default()
+    return TextToVideoPipeline.random_demo()
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,11 @@ def test_a_pipeline_without_an_encoder_says_so(pipe, image):
 
 def test_taehv_encoder_option(image):
     """The approximate TAEHV encoder serves the same requests (its latents fill the same KV cache)."""
-    fast = TextToVideoPipeline.embedded_default(encoder="taehv")
+    fast = TextToVideoPipeline.random_demo(encoder="taehv")
     video = fast.generate("a red circle", 21, image=image, seed=3)
     assert video.shape == (1, 21, H, W, 3)
     with pytest.raises(ValueError, match="unknown encoder 'vq'"):
-        TextToVideoPipeline.embedded_default(encoder="vq")
+        TextToVideoPipeline.random_demo(encoder="vq")
 
 
 def test_reading_media(tmp_path, image):

@@ -281,7 +281,7 @@ def test_convert_refuses_an_incomplete_wan_folder(wan_folder, tmp_path):
 
 @pytest.mark.parametrize("decoder", ["wan", "taehv"])
 def test_embedded_default_round_trips_through_a_checkpoint(tmp_path, decoder):
-    pipe = TextToVideoPipeline.embedded_default(decoder=decoder)
+    pipe = TextToVideoPipeline.random_demo(decoder=decoder)
     a = pipe.generate("a lighthouse", 9, 64, 64, seed=3)
     assert a.shape == (1, 9, 64, 64, 3) and a.std() > 1.0
     out = save_pipeline_checkpoint(pipe, tmp_path / "demo")
@@ -292,8 +292,8 @@ def test_embedded_default_round_trips_through_a_checkpoint(tmp_path, decoder):
 def test_float8_pipeline_is_close_to_bfloat16_and_is_not_saved(tmp_path):
     # e4m3 block GEMMs (demo model, random weights): frames within a few levels of the bfloat16 ones
     # (measured 1.5 mean absolute levels of 255), where another seed differs by ~56
-    a = TextToVideoPipeline.embedded_default().generate("a lighthouse", 9, 64, 64, seed=3).astype(np.float32)
-    pipe8 = TextToVideoPipeline.embedded_default(kernels=KernelConfig(linear_precision="float8"))
+    a = TextToVideoPipeline.random_demo().generate("a lighthouse", 9, 64, 64, seed=3).astype(np.float32)
+    pipe8 = TextToVideoPipeline.random_demo(kernels=KernelConfig(linear_precision="float8"))
     b = pipe8.generate("a lighthouse", 9, 64, 64, seed=3).astype(np.float32)
     assert b.shape == a.shape and 0.0 < np.abs(a - b).mean() < 5.0
     with pytest.raises(ValueError, match="float8 weights"):
@@ -302,7 +302,7 @@ def test_float8_pipeline_is_close_to_bfloat16_and_is_not_saved(tmp_path):
 
 
 def test_long_prompt_is_truncated_with_a_warning():
-    pipe = TextToVideoPipeline.embedded_default()
+    pipe = TextToVideoPipeline.random_demo()
     with pytest.warns(UserWarning, match="dropped"):
         pipe.encode_prompts("snow " * 200)
     with pytest.raises(ValueError, match="empty"):

@@ -13,9 +13,13 @@ from causal_dit_jax.train.procedural import (
     COLOURS,
     DIRECTIONS,
     SHAPES,
+    SPEED,
     ClipLabels,
     ProceduralClips,
+    draw_frames,
+    draw_labels,
     parse_caption,
+    render_batch,
     render_clip,
 )
 
@@ -25,24 +29,50 @@ def _object(frame: np.ndarray, background: str) -> np.ndarray:
     return np.abs(frame.astype(int) - np.asarray(BACKGROUNDS[background])).sum(-1) > 60
 
 
+def _circular_centre(mask: np.ndarray) -> tuple[float, float]:
+    """(y, x) of a mask's centre on the torus (a circular mean per axis)."""
+    out = []
+    for axis, n in ((0, mask.shape[0]), (1, mask.shape[1])):
+        pos = np.nonzero(mask)[axis] + 0.5
+        angle = 2 * np.pi * pos / n
+        out.append((np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) * n / (2 * np.pi)) % n)
+    return tuple(out)
+
+
 def test_clips_show_their_labels():
     rng = np.random.default_rng(0)
     areas = {}
     for colour, shape, direction in itertools.product(COLOURS, SHAPES, DIRECTIONS):
         labels = ClipLabels(colour, shape, direction, "gray")
-        clip = render_clip(labels, 9, 64, 96, rng)
-        assert clip.shape == (9, 64, 96, 3) and clip.dtype == np.uint8
-        first, last = _object(clip[0], "gray"), _object(clip[-1], "gray")
-        assert first.sum() > 50 and abs(int(first.sum()) - int(last.sum())) < 0.1 * first.sum()  # stays in view
-        ys, xs = np.nonzero(first)
-        inner = clip[0][first]
+        clip = render_clip(labels, 33, 64, 96, rng)
+        assert clip.shape == (33, 64, 96, 3) and clip.dtype == np.uint8
+        masks = [_object(frame, "gray") for frame in clip]
+        sizes = np.array([m.sum() for m in masks])
+        assert sizes.min() > 50 and sizes.max() - sizes.min() < 0.1 * sizes.mean()  # whole on the torus, every frame
+        inner = clip[0][masks[0]]
         np.testing.assert_allclose(np.median(inner, axis=0), COLOURS[colour], atol=2)
-        (y0, x0), (y1, x1) = np.argwhere(first).mean(0), np.argwhere(last).mean(0)
-        move = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
-        assert move[direction] > 20 and all(abs(v) < 3 for d, v in move.items() if d not in (direction, _opposite(direction)))
-        areas.setdefault(shape, []).append(first.sum())
+        (y0, x0), (y1, x1) = _circular_centre(masks[0]), _circular_centre(masks[16])
+        dx, dy = (x1 - x0 + 48) % 96 - 48, (y1 - y0 + 32) % 64 - 32  # wrapped displacement over 16 frames
+        move = {"left": -dx, "right": dx, "up": -dy, "down": dy}
+        want = SPEED * (96 if direction in ("left", "right") else 64) * 16  # a quarter of the frame
+        assert abs(move[direction] - want) < 1.0 and all(
+            abs(v) < 1.0 for d, v in move.items() if d not in (direction, _opposite(direction))
+        )
+        areas.setdefault(shape, []).append(sizes.mean())
     circle, square, triangle = (np.mean(areas[s]) for s in SHAPES)
     assert square > circle > triangle  # distinguishable by area alone: 3.61 r^2 > pi r^2 > 1.62 r^2
+
+
+def test_numpy_and_jax_draw_the_same_clips():
+    labels, captions = draw_labels(np.random.default_rng(1), 4, 32, 48)
+    batch = np.asarray(render_batch(labels, 9, 32, 48))
+    assert batch.shape == (4, 9, 32, 48, 3) and len(captions) == 4
+    for i, caption in enumerate(captions):
+        want = draw_frames(np, *(labels[k][i] for k in ("colour", "shape", "direction", "background", "x0", "y0")), 9, 32, 48)
+        np.testing.assert_allclose(batch[i], want / 127.5 - 1.0, atol=1e-4)  # float32 arithmetic in both
+        parsed = parse_caption(caption)
+        assert list(COLOURS).index(parsed["colour"]) == labels["colour"][i]
+        assert list(BACKGROUNDS).index(parsed["background"]) == labels["background"][i]
 
 
 def _opposite(d: str) -> str:

@@ -45,7 +45,7 @@ def downloads(tmp_path_factory):
     (root / "checkpoints").mkdir()
     save_self_forcing_pt(torch_model(), root / "checkpoints" / "self_forcing_dmd.pt")
     (root / "checkpoints" / "config.json").write_text(json.dumps({"num_heads": 12, "text_len": 8}))
-    save_pipeline_checkpoint(TextToVideoPipeline.embedded_default(), root / "ckpt")
+    save_pipeline_checkpoint(TextToVideoPipeline.random_demo(), root / "ckpt")
     return root
 
 

@@ -245,7 +245,7 @@ class TextToVideoPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def embedded_default(
+    def random_demo(
         cls,
         inference: InferenceConfig = InferenceConfig(),
         mesh=None,

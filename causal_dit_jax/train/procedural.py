@@ -2,9 +2,11 @@
 
 Captions follow the grammar `a {colour} {shape} moving {direction}`, optionally `... on a {background}
 background` (black when none is named), with a few synonyms in training ("a red ball going left").
-Clips are rendered in numpy, anti-aliased by a signed distance, seeded per record: record i of a
-source is the same clip on every host and every epoch, so the source shards and resumes like any
-other (`train.data.make_dataset`).
+The shape travels at a constant speed on a torus (what leaves one side enters the other), so a clip
+of any length keeps the object and its motion. Clips are drawn anti-aliased by a signed distance,
+by one function in numpy (`render_clip`, the grain source `ProceduralClips`, seeded per record:
+record i is the same clip on every host and every epoch) or in JAX on the accelerator
+(`render_batch`, for a trainer that draws its own batches with `draw_labels`).
 """
 
 from __future__ import annotations
@@ -85,44 +87,107 @@ def parse_caption(text: str) -> dict[str, str | None]:
     return found
 
 
-def _signed_inside(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Pixels inside minus outside (a signed distance, positive inside) of a shape of radius r at 0."""
-    if shape == "circle":
-        return r - np.sqrt(x**2 + y**2)
-    if shape == "square":
-        return np.minimum(r * 0.95 - np.abs(x), r * 0.95 - np.abs(y))
+SPEED = 1.0 / 64  # of the frame's side per frame: half the frame over a 33-frame clip
+SIZE = 0.2  # the shape's radius, of the frame's shorter side
+_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def _signed_inside(xp, shape: int, x, y, r):
+    """Pixels inside minus outside (a signed distance, positive inside) of shape SHAPES[shape] of radius
+    r centred at 0; x, y broadcast. xp: numpy or jax.numpy (shape may then be traced: all three are
+    computed and one selected)."""
+    circle = r - xp.sqrt(x**2 + y**2)
+    square = xp.minimum(r * 0.95 - xp.abs(x), r * 0.95 - xp.abs(y))
     # an upward triangle, apex (0, -r), base corners (+-0.9 r, 0.8 r): the least distance to its edges
-    corners = [(0.0, -r), (0.9 * r, 0.8 * r), (-0.9 * r, 0.8 * r)]
-    centroid = np.mean(corners, axis=0)
-    inside = None
+    corners = [(0.0, -1.0), (0.9, 0.8), (-0.9, 0.8)]
+    cx, cy = np.mean(corners, axis=0)
+    triangle = None
     for (ax, ay), (bx, by) in zip(corners, corners[1:] + corners[:1]):
         nx, ny = by - ay, ax - bx  # a normal of the edge a -> b
         norm = np.hypot(nx, ny)
-        sign = np.sign(nx * (centroid[0] - ax) + ny * (centroid[1] - ay))  # pointing inwards
-        d = sign * (nx * (x - ax) + ny * (y - ay)) / norm
-        inside = d if inside is None else np.minimum(inside, d)
-    return inside
+        sign = np.sign(nx * (cx - ax) + ny * (cy - ay))  # pointing inwards
+        d = sign * (nx * (x - ax * r) + ny * (y - ay * r)) / norm
+        triangle = d if triangle is None else xp.minimum(triangle, d)
+    return xp.where(shape == 0, circle, xp.where(shape == 1, square, triangle))
 
 
-def render_clip(
-    labels: ClipLabels, frames: int, height: int, width: int, rng: np.random.Generator, size: float = 0.2
-) -> np.ndarray:
-    """uint8 [frames, height, width, 3]: the shape (radius size * min(height, width)) crossing about
-    half the frame in its direction, from a random start that keeps it in view, on the background."""
-    r = size * min(height, width)
-    travel_x, travel_y = 0.5 * width, 0.5 * height
-    dx, dy = {"left": (-travel_x, 0), "right": (travel_x, 0), "up": (0, -travel_y), "down": (0, travel_y)}[labels.direction]
-    lo_x, hi_x = r + max(-dx, 0), width - r - max(dx, 0)
-    lo_y, hi_y = r + max(-dy, 0), height - r - max(dy, 0)
-    x0 = rng.uniform(lo_x, max(lo_x, hi_x))
-    y0 = rng.uniform(lo_y, max(lo_y, hi_y))
-    t = np.linspace(0.0, 1.0, frames)[:, None, None]  # f 1 1
-    cx, cy = x0 + dx * t, y0 + dy * t
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    alpha = np.clip(0.5 + _signed_inside(labels.shape, xs[None] - cx, ys[None] - cy, r), 0.0, 1.0)[..., None]  # f h w 1
-    colour = np.asarray(COLOURS[labels.colour], np.float32)
-    background = np.asarray(BACKGROUNDS[labels.background], np.float32)
-    return np.round(alpha * colour + (1.0 - alpha) * background).astype(np.uint8)
+def _wrapped(xp, d, period):
+    """Offsets d taken to the nearest copy on a torus of `period`: in [-period / 2, period / 2)."""
+    return (d + period / 2) % period - period / 2
+
+
+def draw_frames(xp, colour, shape, direction, background, x0, y0, frames: int, height: int, width: int):
+    """float32 [frames, height, width, 3] in 0..255: shape SHAPES[shape] in COLOURS[colour] starting at
+    pixel (x0, y0), moving SPEED of the frame per frame in DIRECTIONS[direction], on the background.
+    The frame is a torus: what leaves one side enters the other, so any clip length keeps the object
+    and its motion. Label arguments are indices (traceable under jax)."""
+    colours = xp.asarray(np.asarray(list(COLOURS.values()), np.float32))
+    backgrounds = xp.asarray(np.asarray(list(BACKGROUNDS.values()), np.float32))
+    steps = xp.asarray(np.asarray([_STEP[d] for d in DIRECTIONS], np.float32))
+    r = SIZE * min(height, width)
+    t = xp.arange(frames, dtype=xp.float32)[:, None, None]  # f 1 1
+    step = steps[direction]
+    cx = x0 + step[0] * SPEED * width * t
+    cy = y0 + step[1] * SPEED * height * t
+    ys = (xp.arange(height, dtype=xp.float32) + 0.5)[None, :, None]  # 1 h 1
+    xs = (xp.arange(width, dtype=xp.float32) + 0.5)[None, None, :]  # 1 1 w
+    inside = _signed_inside(xp, shape, _wrapped(xp, xs - cx, width), _wrapped(xp, ys - cy, height), r)
+    alpha = xp.clip(0.5 + inside, 0.0, 1.0)[..., None]  # f h w 1
+    return alpha * colours[colour] + (1.0 - alpha) * backgrounds[background]
+
+
+def render_clip(labels: ClipLabels, frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: the labelled clip from a random start anywhere in the frame."""
+    x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
+    out = draw_frames(
+        np,
+        list(COLOURS).index(labels.colour),
+        SHAPES.index(labels.shape),
+        DIRECTIONS.index(labels.direction),
+        list(BACKGROUNDS).index(labels.background),
+        x0,
+        y0,
+        frames,
+        height,
+        width,
+    )
+    return np.round(out).astype(np.uint8)
+
+
+def render_batch(labels: dict, frames: int, height: int, width: int):
+    """Clips on the accelerator: labels {'colour', 'shape', 'direction', 'background': int [B], 'x0',
+    'y0': float [B] start pixels} -> float32 [B, frames, height, width, 3] in [-1, 1] (jit-able)."""
+    import jax
+    import jax.numpy as jnp
+
+    def one(c, s, d, b, x0, y0):
+        return draw_frames(jnp, c, s, d, b, x0, y0, frames, height, width)
+
+    keys = ("colour", "shape", "direction", "background", "x0", "y0")
+    out = jax.vmap(one)(*(jnp.asarray(labels[k]) for k in keys))
+    return out / 127.5 - 1.0
+
+
+def draw_labels(rng: np.random.Generator, n: int, height: int, width: int, backgrounds=tuple(BACKGROUNDS), synonyms=True):
+    """n random clips' labels and captions: ({'colour', 'shape', 'direction', 'background': int [n],
+    'x0', 'y0': float32 [n]}, [caption]) for `render_batch`."""
+    out = {k: np.zeros(n, np.int32) for k in ("colour", "shape", "direction", "background")}
+    captions = []
+    for i in range(n):
+        labels = ClipLabels(
+            colour=str(rng.choice(list(COLOURS))),
+            shape=str(rng.choice(SHAPES)),
+            direction=str(rng.choice(DIRECTIONS)),
+            background=str(rng.choice(list(backgrounds))),
+        )
+        out["colour"][i] = list(COLOURS).index(labels.colour)
+        out["shape"][i] = SHAPES.index(labels.shape)
+        out["direction"][i] = DIRECTIONS.index(labels.direction)
+        out["background"][i] = list(BACKGROUNDS).index(labels.background)
+        captions.append(labels.caption(rng if synonyms else None))
+    out["x0"] = rng.uniform(0, width, n).astype(np.float32)
+    out["y0"] = rng.uniform(0, height, n).astype(np.float32)
+    return out, captions
 
 
 class ProceduralClips:
@@ -181,12 +246,17 @@ class ProceduralClips:
 
 __all__ = [
     "BACKGROUNDS",
+    "SIZE",
+    "SPEED",
     "COLOURS",
     "DIRECTIONS",
     "SHAPES",
     "SYNONYMS",
     "ClipLabels",
     "ProceduralClips",
+    "draw_frames",
+    "draw_labels",
     "parse_caption",
+    "render_batch",
     "render_clip",
 ]
