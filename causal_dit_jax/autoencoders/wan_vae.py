@@ -659,3 +659,15 @@ class WanVAE(PureModule, ChunkedDecode):
             x.astype(dtype_from_name(cfg.dtype)), cache.convs, cache.first_chunk, cache.tail_newest
         )
         return (jnp.clip(x.astype(jnp.float32), -1.0, 1.0), VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=newest))
+
+    def decode_raw(self, params: Params, z: jax.Array) -> jax.Array:
+        """Raw (unnormalised) latents z [B, 1 + k, h, w, z_dim] of a whole clip, in one pass -> frames
+        [B, 1 + 4k, 8h, 8w, 3] float32, not clipped: what training an autoencoder differentiates."""
+        cfg = self.config
+        if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
+            raise ValueError(f"latents must be [batch, frames, height, width, {cfg.z_dim}] (channels-last), got {z.shape}")
+        model = nnx.merge(self._graphdef, params)
+        cache = self.init_decode_cache(z.shape[0], z.shape[2], z.shape[3])
+        x = model.conv2(z.astype(jnp.float32))
+        x, _, _ = model.decoder(x.astype(dtype_from_name(cfg.dtype)), cache.convs, True, cache.tail_newest)
+        return x.astype(jnp.float32)

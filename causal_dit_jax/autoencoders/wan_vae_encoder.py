@@ -249,6 +249,18 @@ class WanVAEEncoder(PureModule):
         std = jnp.asarray(cfg.latent_std, jnp.float32)
         return (mu - mean) / std, VAEEncodeCache(convs=convs, first_chunk=False)
 
+    def moments(self, params: Params, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A whole clip [B, 1 + 4k, H, W, 3] in [-1, 1], in one pass -> the posterior's raw mean and
+        log-variance [B, 1 + k, H/8, W/8, z_dim] float32 each (no latent statistics applied): what
+        training an autoencoder differentiates."""
+        self.check_frames(frames.shape, first_chunk=True)
+        b, _, h, w, _ = frames.shape
+        cache = self.init_encode_cache(b, h, w)
+        model = nnx.merge(self._graphdef, params)
+        x, _ = model.encoder(frames.astype(dtype_from_name(self.config.dtype)), cache.convs, True)
+        moments = model.conv1(x.astype(jnp.float32))
+        return moments[..., : self.config.z_dim], moments[..., self.config.z_dim :]
+
     @functools.cached_property
     def jit_encode_chunk(self):
         """`encode_chunk` under `jax.jit`, kept on the instance (one compile per chunk shape and flag)."""

@@ -16,8 +16,9 @@ import numpy as np
 
 from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
-from causal_dit_jax.train.block_attention import BlockAttentionPlan, block_causal_plan
+from causal_dit_jax.train.block_attention import BlockAttentionPlan, block_causal_plan, teacher_forcing_plan
 from causal_dit_jax.train.objectives import sequence_forward
 
 
@@ -29,16 +30,29 @@ def record_sigmas(inference: InferenceConfig = InferenceConfig()) -> np.ndarray:
     return sigma_for_timestep(t, inference.timestep_shift, inference.num_train_timesteps)
 
 
-def ode_sigma_grid(record: np.ndarray, steps_per_segment: int) -> np.ndarray:
+def _segment_steps(record: np.ndarray, steps_per_segment) -> tuple[int, ...]:
+    steps = (steps_per_segment,) * len(record) if np.isscalar(steps_per_segment) else tuple(steps_per_segment)
+    if len(steps) != len(record) or min(steps) < 1:
+        raise ValueError(f"steps_per_segment must be >= 1 for each of the {len(record)} segments, got {steps_per_segment}")
+    return tuple(int(n) for n in steps)
+
+
+def ode_sigma_grid(record: np.ndarray, steps_per_segment) -> np.ndarray:
     """Euler grid from record[0] down to 0 that passes through every recorded sigma: each segment
-    between consecutive levels (and the last one to 0) split into `steps_per_segment` equal steps."""
-    if steps_per_segment < 1:
-        raise ValueError(f"steps_per_segment must be >= 1, got {steps_per_segment}")
+    between consecutive levels (and the last one to 0) split into equal steps, `steps_per_segment`
+    of them (one count for all, or one per segment: the last, to 0, is where detail forms)."""
+    steps = _segment_steps(np.asarray(record), steps_per_segment)
     levels = np.concatenate([np.asarray(record, np.float64), [0.0]])
     if np.any(np.diff(levels) >= 0):
         raise ValueError(f"recorded sigmas must decrease to 0, got {record}")
-    parts = [np.linspace(a, b, steps_per_segment + 1)[:-1] for a, b in zip(levels[:-1], levels[1:])]
+    parts = [np.linspace(a, b, n + 1)[:-1] for a, b, n in zip(levels[:-1], levels[1:], steps)]
     return np.concatenate([*parts, [0.0]]).astype(np.float32)
+
+
+def record_indices(record: np.ndarray, steps_per_segment) -> np.ndarray:
+    """Positions of the recorded sigmas in `ode_sigma_grid(record, steps_per_segment)` (int [S])."""
+    steps = _segment_steps(np.asarray(record), steps_per_segment)
+    return np.concatenate([[0], np.cumsum(steps)[:-1]]).astype(np.int32)
 
 
 def ode_trajectory(
@@ -82,17 +96,81 @@ def ode_trajectory(
 
     pairs = jnp.stack([jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])], axis=1)  # steps 2
     end, states = jax.lax.scan(step, noise.astype(jnp.float32), pairs)  # states: the x before each step
-    recorded = states[::steps_per_segment]  # the grid's record points: every segment's start
+    recorded = states[record_indices(record, steps_per_segment)]  # the grid's record points: every segment's start
     return jnp.concatenate([jnp.moveaxis(recorded, 0, 1), end[:, None]], axis=1)
+
+
+def causal_ode_trajectory(
+    dit: CausalWanDiT,
+    params: Params,
+    noise: jax.Array,
+    text: TextKV,
+    inference: InferenceConfig = InferenceConfig(),
+    steps_per_segment=12,
+    record: np.ndarray | None = None,
+    guidance_scale: float = 1.0,
+    negative_text: TextKV | None = None,
+) -> jax.Array:
+    """A causal teacher's flow ODE as it streams: chunk by chunk with the KV cache, each chunk of noise
+    [B, F, H, W, C] integrated by Euler steps through the recorded sigmas, its end then run through the
+    cache-fill pass (at `inference.context_noise`) for the chunks after it. text / negative_text: the
+    prompts' `dit.encode_text`. Classifier-free guidance (guidance_scale != 1) keeps a second cache
+    for the negative prompt. Returns [B, S + 1, F, H, W, C] float32, the states at the S recorded
+    sigmas and the end, chunk by chunk: the targets of `OdeRegression(clean_context=True)`."""
+    record = record_sigmas(inference) if record is None else np.asarray(record, np.float32)
+    guided = guidance_scale != 1.0
+    if guided and negative_text is None:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs a negative_text")
+    b, f, h, w, _ = noise.shape
+    c, chunks = inference.frames_per_chunk, inference.num_chunks(f)
+    grid = ode_sigma_grid(record, steps_per_segment)
+    pairs = jnp.stack([jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])], axis=1)  # steps 2
+    rope = dit.rope_tables(f, h, w)
+    caches = [dit.init_cache(inference, b, f, h, w)] * (2 if guided else 1)
+    prompts = [text, negative_text] if guided else [text]
+    scale = float(inference.num_train_timesteps)
+    outs = []
+    for i in range(chunks):
+        start = jnp.int32(i * c)
+
+        def step(carry, sigmas, start=start):
+            x, caches = carry
+            t = jnp.full((b, c), sigmas[0] * scale, jnp.float32)
+            flows, caches = zip(*(dit.forward(params, x, t, p, cache, start, rope) for p, cache in zip(prompts, caches)))
+            v = flows[0] if not guided else flows[1] + guidance_scale * (flows[0] - flows[1])
+            return (x + (sigmas[1] - sigmas[0]) * v, list(caches)), x
+
+        x = noise[:, i * c : (i + 1) * c].astype(jnp.float32)
+        (end, caches), states = jax.lax.scan(step, (x, caches), pairs)  # states: the x before each step
+        recorded = jnp.moveaxis(states[record_indices(record, steps_per_segment)], 0, 1)  # b s c h w ch
+        outs.append(jnp.concatenate([recorded, end[:, None]], axis=1))
+        if i + 1 < chunks:  # the cache-fill pass on the clean chunk
+            t_ctx = jnp.full((b, c), inference.context_noise, jnp.float32)
+            caches = [dit.forward(params, end, t_ctx, p, cache, start, rope)[1] for p, cache in zip(prompts, caches)]
+    return jnp.concatenate(outs, axis=2)
 
 
 class OdeRegression:
     """The student's loss on teacher trajectories: batch {'trajectory': [B, S + 1, F, H, W, C] (as
-    `ode_trajectory` returns), 'text': [B, K, text_dim]}. Each block draws a step k in [0, S); the
-    student's x0 from the blocks' states (block-causal, each at its sigma_k) regresses onto the end."""
+    `ode_trajectory` / `causal_ode_trajectory` return), 'text': [B, K, text_dim]}. Each block draws a
+    step k in [0, S); the student's x0 = x_k - sigma_k v regresses onto the trajectory's end.
 
-    def __init__(self, dit: CausalWanDiT, record: np.ndarray | None = None, frames_per_block: int = 3, remat: bool = False):
+    clean_context False (Self-Forcing's ODE initialisation): the student sees every block's state
+    block-causally at its sigma_k. True: it sees [the clean end | the states] under the teacher-forcing
+    mask, each noisy block attending to the clean blocks before it, as the KV cache holds them when
+    the sampler streams (the targets of `causal_ode_trajectory`)."""
+
+    def __init__(
+        self,
+        dit: CausalWanDiT,
+        record: np.ndarray | None = None,
+        frames_per_block: int = 3,
+        remat: bool = False,
+        clean_context: bool = False,
+        clean_timestep: float = 0.0,
+    ):
         self.dit, self.frames_per_block, self.remat = dit, frames_per_block, remat
+        self.clean_context, self.clean_timestep = clean_context, clean_timestep
         self.record = record_sigmas() if record is None else np.asarray(record, np.float32)
 
     def draw(self, key: jax.Array, batch: int, frames: int) -> jax.Array:
@@ -112,11 +190,19 @@ class OdeRegression:
         x = jnp.take_along_axis(traj, k[:, None, :, None, None, None], axis=1)[:, 0]
         sigma = jnp.asarray(self.record)[k]  # b f
         t = sigma * 1000.0
-        plan = block_causal_plan(f, self.frames_per_block)
-        flow = sequence_forward(self.dit, params, x, t, batch["text"], plan, np.arange(f), self.remat)
+        time = np.arange(f)
+        if self.clean_context:
+            seq = jnp.concatenate([traj[:, -1], x], axis=1)  # b (2 f) h w c: [clean end | states]
+            ts = jnp.concatenate([jnp.full((b, f), self.clean_timestep, jnp.float32), t], axis=1)
+            plan = teacher_forcing_plan(f, self.frames_per_block)
+            flow = sequence_forward(self.dit, params, seq, ts, batch["text"], plan, np.concatenate([time, time]), self.remat)
+            flow = flow[:, f:]
+        else:
+            plan = block_causal_plan(f, self.frames_per_block)
+            flow = sequence_forward(self.dit, params, x, t, batch["text"], plan, time, self.remat)
         x0 = x - sigma[:, :, None, None, None] * flow
         loss = jnp.mean((x0 - traj[:, -1]) ** 2)
         return loss, {"loss": loss, "mse": loss, "timestep": jnp.mean(t)}
 
 
-__all__ = ["OdeRegression", "ode_sigma_grid", "ode_trajectory", "record_sigmas"]
+__all__ = ["OdeRegression", "causal_ode_trajectory", "ode_sigma_grid", "ode_trajectory", "record_indices", "record_sigmas"]
