@@ -88,6 +88,17 @@ def test_blank_clip_reads_no_object(background):
         assert read_clip(clip) == {"colour": None, "shape": None, "direction": None, "background": background}
 
 
+def test_noise_reads_within_the_vocabulary():
+    # exact: whatever random pixels read as (an untrained generator's output), the values are vocabulary or None
+    vocabulary = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS, "background": BACKGROUNDS}
+    rng = np.random.default_rng(0)
+    for clip in (rng.integers(0, 256, (9, 64, 96, 3), dtype=np.uint8), rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)):
+        got = read_clip(clip)
+        assert set(got) == set(ATTRIBUTES) and all(v is None or v in vocabulary[a] for a, v in got.items())
+    with pytest.raises(ValueError, match="F, H, W, 3"):
+        read_clip(np.zeros((9, 64, 96), np.uint8))
+
+
 def test_still_object_has_no_direction():
     # exact: a clip of one frame repeated shows the object but no motion
     clip = render_clip(ClipLabels("blue", "square", "left", "white"), 1, 64, 96, np.random.default_rng(0))

@@ -13,7 +13,7 @@ How a clip is read (the frame is a torus, as in the world: the object may stradd
   on the torus (stray blobs and noise dropped);
 - colour: the nearest of COLOURS to the median colour of the objects' interiors (eroded by a pixel);
 - shape: the fill ratio of the object in its bounding box, taken with the object rolled to the frame's
-  centre (triangle ~0.5, circle ~0.785, square ~1.0), median over frames;
+  centre (triangle ~0.5, circle ~0.785, square ~1.0; cut at FILL_THRESHOLDS), median over frames;
 - direction: the median per-frame velocity of the object's circular centre (displacements wrapped on
   the torus), its dominant axis and sign; None when slower than a fifth of the world's speed.
 """
@@ -30,7 +30,10 @@ from scipy import ndimage
 from causal_dit_jax.train.procedural import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SPEED, ClipLabels
 
 ATTRIBUTES = ("colour", "shape", "direction", "background")
-FILL_THRESHOLDS = (0.64, 0.9)  # triangle < 0.64 < circle < 0.9 < square (ideal ratios 0.5, 0.785, 1.0)
+# Shape cuts of the fill ratio: triangle < 0.66 < circle < 0.86 < square (ideal 0.5, 0.785, 1.0). Blur rounds
+# corners, raising a triangle's ratio and lowering a square's while a circle's stays, so both cuts sit
+# above the midpoints: a square reads as one until its corners round to 0.4 of its side.
+FILL_THRESHOLDS = (0.66, 0.86)
 MIN_CONTRAST = 40.0  # an object differs from the background by at least this (RGB distance, 0..441)
 MIN_AREA = 0.002  # of the frame: smaller components are no object
 MIN_SPEED = 0.2  # of the world's SPEED: slower objects have no direction
@@ -117,7 +120,7 @@ def fill_ratio(mask: np.ndarray) -> float:
 
 
 def shape_of(ratio: float) -> str:
-    """The shape whose fill ratio in its bounding box `ratio` is nearest (FILL_THRESHOLDS)."""
+    """The shape a fill ratio (area / bounding-box area) reads as: cut at FILL_THRESHOLDS."""
     return SHAPES[2] if ratio < FILL_THRESHOLDS[0] else SHAPES[0] if ratio < FILL_THRESHOLDS[1] else SHAPES[1]
 
 
@@ -142,9 +145,9 @@ def read_clip(frames: np.ndarray) -> dict[str, str | None]:
     """What a clip shows: uint8 frames [F, H, W, 3] -> {'colour', 'shape', 'direction', 'background'},
     vocabulary names (None where nothing can be read: no object, or no motion for the direction)."""
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected frames [F, H, W, 3], got shape {frames.shape}")
-    f, h, w, _ = frames.shape
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"expected frames [F, H, W, 3] (none empty), got shape {frames.shape}")
+    h, w = frames.shape[1:3]
     median = np.median(frames[:, ::2, ::2].reshape(-1, 3), axis=0).astype(np.float32)  # 3, of every 4th pixel
     found: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
     found["background"] = _nearest(median, BACKGROUNDS)

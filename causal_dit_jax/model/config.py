@@ -122,6 +122,8 @@ PRESETS: dict[str, ModelConfig] = {
     # `demo` runs the embedded default video on a 2-core CPU; `tiny` is for tests.
     "demo": ModelConfig(dim=384, ffn_dim=1024, num_heads=12, num_layers=4, text_dim=256, text_len=256, freq_dim=64),
     "tiny": ModelConfig(dim=192, ffn_dim=256, num_heads=12, num_layers=2, text_dim=32, text_len=8, freq_dim=32).in_float32(),
+    # The embedded default's DiT (trained on the procedural world, `train/recipe.py`): 64-wide heads.
+    "procedural": ModelConfig(dim=320, ffn_dim=1024, num_heads=5, num_layers=4, text_dim=256, text_len=64, freq_dim=64),
 }
 
 

@@ -83,6 +83,7 @@ T5_PRESETS: dict[str, T5Config] = {
     # Untrained small encoders over `tokenizer.ByteTokenizer` ids, sized for the DiT presets of the same
     # name (dim = that preset's text_dim, text_len likewise).
     "demo": T5Config(vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, text_len=256),
+    "procedural": T5Config(vocab_size=BYTE_VOCAB, dim=256, dim_attn=256, dim_ffn=512, num_heads=4, num_layers=2, text_len=64),
     "tiny": T5Config(
         vocab_size=BYTE_VOCAB, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=8
     ).in_float32(),

@@ -1,0 +1,544 @@
+"""The embedded default's recipe: a VAE, a text encoder and a causal DiT trained from scratch on the
+procedural world (`train/procedural.py`), then distilled to the 4-step sampler.
+
+Stages, each resumable from its own Orbax checkpoints and finished by a result file in the run folder:
+  vae      the Wan-architecture VAE as an autoencoder on short clips (`train/autoencoder.py`), then its
+           latent statistics measured on full clips -> vae.npz, vae_config.json
+  teacher  teacher forcing on the VAE's latents, the umT5 encoder trained jointly through the loss
+           with caption dropout (`train/text_conditioning.py`) -> teacher_dit.npz, text.npz
+  student  a pool of the teacher's streamed ODE trajectories with classifier-free guidance
+           (`causal_ode_trajectory`), then ODE regression of the student (initialised from the teacher)
+           onto the 4-step schedule with clean context (`OdeRegression(clean_context=True)`) -> student_dit.npz
+  export   the shippable model: embedded/{dit,text,vae}.npz + config.json (`embedded.load_embedded`)
+Clips are drawn on the accelerator (`render_batch`) from labels drawn on the host, seeded by (seed,
+stage, step), so a resumed stage sees the batches it would have seen. A stage stopped by the time
+budget either checkpoints and ends the process (resume by running again) or, with finish_early,
+writes its result from the EMA weights so far; the steps run are recorded in the export's config.
+
+    python -m causal_dit_jax.train.recipe --config recipes/embedded_default.json --out runs/default
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from causal_dit_jax.model.config import ConfigFields, InferenceConfig
+
+STAGES = ("vae", "teacher", "student", "export")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig(ConfigFields):
+    """One stage's optimisation: AdamW (b1 0.9, b2 0.99) with warmup then a constant rate, clipping,
+    an EMA of the weights (the result). max_seconds: the stage also ends (with its result) after that
+    much training time, whichever comes first (None: steps alone)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    clip_norm: float = 1.0
+    weight_decay: float = 0.01
+    max_seconds: float | None = None
+
+    def optimizer(self):
+        from causal_dit_jax.train.config import OptimizerConfig
+
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            schedule="constant",
+            total_steps=self.steps,
+            b1=0.9,
+            b2=0.99,
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+            ema_decay=self.ema_decay,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig(ConfigFields):
+    """The whole recipe. frames / height / width: the clips (and the default video) the DiT learns;
+    dit / text / vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k);
+    trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
+    per segment of the 4-step schedule and guidance_scale."""
+
+    frames: int = 33
+    height: int = 128
+    width: int = 192
+    dit: str = "procedural"
+    text: str = "procedural"
+    vae: str = "tiny"
+    seed: int = 0
+    vae_frames: int = 9
+    kl_weight: float = 1e-4
+    statistics_clips: int = 256
+    caption_dropout: float = 0.1
+    trajectories: int = 2048
+    trajectory_batch: int = 128
+    ode_steps: tuple[int, ...] = (2, 2, 4, 16)
+    guidance_scale: float = 2.5
+    save_every: int = 500
+    log_every: int = 50
+    vae_stage: StageConfig = StageConfig(steps=1500, batch_size=16, learning_rate=1e-3, ema_decay=0.99)
+    teacher_stage: StageConfig = StageConfig(steps=4000, batch_size=32, learning_rate=3e-4)
+    student_stage: StageConfig = StageConfig(steps=2000, batch_size=32, learning_rate=1e-4, warmup_steps=50)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ode_steps", tuple(int(n) for n in self.ode_steps))
+        for name in ("vae_stage", "teacher_stage", "student_stage"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, StageConfig.from_dict(value))
+        if (self.frames - 1) % 4 or (self.vae_frames - 1) % 4:
+            raise ValueError(f"frames ({self.frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        if self.trajectories % self.trajectory_batch:
+            raise ValueError(f"trajectories ({self.trajectories}) must be whole batches of {self.trajectory_batch}")
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 + (self.frames - 1) // 4
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> RecipeConfig:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe config {p} does not exist")
+        return cls.from_dict(json.loads(p.read_text()))
+
+    def configs(self):
+        """(ModelConfig, T5Config, VAEConfig) of the presets."""
+        from causal_dit_jax.autoencoders.wan_vae import get_vae_preset
+        from causal_dit_jax.model.config import get_preset
+        from causal_dit_jax.text.umt5 import get_t5_preset
+
+        dit, text, vae = get_preset(self.dit), get_t5_preset(self.text), get_vae_preset(self.vae)
+        if dit.text_dim != text.dim or dit.text_len != text.text_len or dit.in_dim != vae.z_dim:
+            raise ValueError(
+                f"presets do not fit: DiT text {dit.text_dim}x{dit.text_len} vs umT5 {text.dim}x{text.text_len}, "
+                f"DiT in_dim {dit.in_dim} vs VAE z_dim {vae.z_dim}"
+            )
+        return dit, text, vae
+
+
+# ---------------------------------------------------------------------- the stage loop
+class StageStopped(Exception):
+    """The time budget ended a stage before its last step (its checkpoint is on disk)."""
+
+
+def _stage_rng(config: RecipeConfig, stage: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, STAGES.index(stage), step])
+
+
+def _run_stage(
+    name, out, trainer, params, next_batch, stage: StageConfig, config: RecipeConfig, deadline, finish_early, progress
+):
+    """Train to stage.steps from `params` (or the stage's latest checkpoint); returns (state, steps run).
+    At the deadline: checkpoint, then StageStopped, or with finish_early return the state so far."""
+    from tqdm import tqdm
+
+    from causal_dit_jax.train.checkpoints import RunCheckpoints
+    from causal_dit_jax.train.run import save_loss_curve
+
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics_path = folder / "metrics.jsonl"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    capped = None if stage.max_seconds is None else time.time() + stage.max_seconds
+    if capped is not None and (deadline is None or capped < deadline):
+        deadline, finish_early = capped, True  # the stage's own time cap ends it with its result
+    with RunCheckpoints(folder / "checkpoints", keep=2, save_every=config.save_every) as ckpts:
+        if ckpts.latest_step() is not None:
+            abstract = jax.eval_shape(lambda p: trainer.init_state(p, config.seed), params)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+            state, _, _ = ckpts.restore(abstract)
+            print(f"{name}: resumed at step {int(state['step'])}", flush=True)
+        else:
+            state = trainer.init_state(params, config.seed)
+        step = int(state["step"])
+        bar = tqdm(total=stage.steps, initial=step, desc=name, unit="step", disable=not progress)
+        t_last = time.perf_counter()
+        while step < stage.steps:
+            state, metrics = trainer.step(state, next_batch(step))
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == stage.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                row = {"step": step, **m, "step_s": (now - t_last) / config.log_every}
+                t_last = now
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            out_of_time = deadline is not None and time.time() > deadline
+            if step % config.save_every == 0 or step == stage.steps or out_of_time:
+                if step not in ckpts.all_steps():
+                    ckpts.save(step, state, {"step": step}, config.to_dict(), force=True)
+                save_loss_curve(metrics_path, folder / "loss.png") if metrics_path.exists() else None
+            if out_of_time and step < stage.steps:
+                bar.close()
+                if finish_early:
+                    print(f"{name}: the time budget ended it at step {step} of {stage.steps}", flush=True)
+                    return state, step
+                raise StageStopped(f"{name} stopped at step {step} of {stage.steps}; run again to resume")
+        bar.close()
+    return state, step
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------- stages
+def train_vae(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """The autoencoder stage -> vae.npz ({'encoder', 'decoder'} EMA weights) and vae_config.json."""
+    from causal_dit_jax.param_archive import save_params
+    from causal_dit_jax.train.autoencoder import (
+        AutoencoderConfig,
+        AutoencoderObjective,
+        latent_statistics,
+        with_latent_statistics,
+    )
+    from causal_dit_jax.train.procedural import draw_labels, render_batch
+    from causal_dit_jax.train.trainer import Trainer
+
+    _, _, vae = config.configs()
+    objective = AutoencoderObjective(vae.replace(per_frame_stages=0), AutoencoderConfig(kl_weight=config.kl_weight))
+    stage = config.vae_stage
+    trainer = Trainer(objective, stage.optimizer())
+    render = jax.jit(lambda labels: render_batch(labels, config.vae_frames, config.height, config.width))
+
+    def next_batch(step):
+        labels, _ = draw_labels(_stage_rng(config, "vae", step), stage.batch_size, config.height, config.width)
+        return {"frames": render(labels)}
+
+    state, steps = _run_stage(
+        "vae",
+        out,
+        trainer,
+        objective.init(jax.random.key(config.seed)),
+        next_batch,
+        stage,
+        config,
+        deadline,
+        finish_early,
+        progress,
+    )
+    params = state["ema"]
+    render_full = jax.jit(lambda labels: render_batch(labels, config.frames, config.height, config.width))
+    rng = np.random.default_rng([config.seed, 99])
+    clips = (
+        render_full(draw_labels(rng, 32, config.height, config.width)[0]) for _ in range(max(1, config.statistics_clips // 32))
+    )
+    mean, std = latent_statistics(objective.encoder, params["encoder"], clips)
+    save_params(out / "vae.npz", params)
+    _write_json(out / "vae_config.json", {"vae": with_latent_statistics(vae, mean, std).to_dict(), "steps": steps})
+    return {"steps": steps}
+
+
+def _vae_from(out: pathlib.Path):
+    from causal_dit_jax.autoencoders.wan_vae import VAEConfig, WanVAE
+    from causal_dit_jax.autoencoders.wan_vae_encoder import WanVAEEncoder
+    from causal_dit_jax.param_archive import load_params
+
+    vae = VAEConfig.from_dict(json.loads((out / "vae_config.json").read_text())["vae"])
+    encoder, decoder = WanVAEEncoder(vae), WanVAE(vae)
+    abstract = {"encoder": encoder.abstract_params(), "decoder": decoder.abstract_params()}
+    return vae, encoder, decoder, jax.tree.map(jnp.asarray, load_params(out / "vae.npz", abstract))
+
+
+def _tokenizer(config: RecipeConfig):
+    from causal_dit_jax.text.tokenizer import ByteTokenizer
+
+    return ByteTokenizer(max_length=config.configs()[1].text_len)
+
+
+def _captions(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = tokenizer(captions)
+    return np.asarray(ids), np.asarray(mask)
+
+
+def train_teacher(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """Teacher forcing with the umT5 encoder trained jointly -> teacher_dit.npz, text.npz (EMA)."""
+    from causal_dit_jax.model.dit import CausalWanDiT
+    from causal_dit_jax.param_archive import save_params
+    from causal_dit_jax.text.umt5 import UMT5Encoder
+    from causal_dit_jax.train.config import ObjectiveConfig
+    from causal_dit_jax.train.objectives import FlowObjective
+    from causal_dit_jax.train.procedural import draw_labels, render_batch
+    from causal_dit_jax.train.text_conditioning import JointTextObjective, empty_caption
+    from causal_dit_jax.train.trainer import Trainer
+
+    dit_cfg, t5_cfg, _ = config.configs()
+    _, encoder, _, vae_params = _vae_from(out)
+    dit = CausalWanDiT(dit_cfg.replace(param_dtype="float32"))  # float32 master weights, bf16 compute
+    t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
+    tok = _tokenizer(config)
+    objective = JointTextObjective(FlowObjective(dit, ObjectiveConfig()), t5, *empty_caption(tok), config.caption_dropout)
+    stage = config.teacher_stage
+    trainer = Trainer(objective, stage.optimizer())
+
+    @jax.jit
+    def latents_of(labels):
+        frames = render_batch(labels, config.frames, config.height, config.width)
+        return encoder.encode_chunk(
+            vae_params["encoder"], frames, encoder.init_encode_cache(frames.shape[0], config.height, config.width)
+        )[0]
+
+    def next_batch(step):
+        labels, captions = draw_labels(_stage_rng(config, "teacher", step), stage.batch_size, config.height, config.width)
+        ids, mask = _captions(tok, captions)
+        return {"latents": latents_of(labels), "ids": ids, "mask": mask}
+
+    k_dit, k_text = jax.random.split(jax.random.key(config.seed + 1))
+    params = {"dit": dit.init(k_dit), "text": t5.init(k_text)}
+    state, steps = _run_stage("teacher", out, trainer, params, next_batch, stage, config, deadline, finish_early, progress)
+    save_params(out / "teacher_dit.npz", state["ema"]["dit"], dit_cfg.param_dtype)
+    save_params(out / "text.npz", state["ema"]["text"], t5_cfg.param_dtype)
+    _write_json(out / "teacher.json", {"steps": steps})
+    return {"steps": steps}
+
+
+def _teacher_from(out: pathlib.Path, config: RecipeConfig):
+    """(dit, text encoder, their params as float32 device arrays) of the teacher stage's result."""
+    from causal_dit_jax.model.dit import CausalWanDiT
+    from causal_dit_jax.param_archive import load_params
+    from causal_dit_jax.text.umt5 import UMT5Encoder
+
+    dit_cfg, t5_cfg, _ = config.configs()
+    dit, t5 = CausalWanDiT(dit_cfg.replace(param_dtype="float32")), UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
+
+    def f32(tree):
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+    return (
+        dit,
+        t5,
+        f32(load_params(out / "teacher_dit.npz", dit.abstract_params())),
+        f32(load_params(out / "text.npz", t5.abstract_params())),
+    )
+
+
+def teacher_generate(config: RecipeConfig, out: pathlib.Path):
+    """generate(prompts, seed, frames, height, width) -> uint8 [B, F, H, W, 3] with the many-step
+    teacher: its guided streamed ODE (the distillation's targets), decoded by the VAE."""
+    from causal_dit_jax.model.sampler import initial_noise
+    from causal_dit_jax.train.text_conditioning import empty_caption
+
+    dit, t5, dit_params, text_params = _teacher_from(out, config)
+    _, _, decoder, vae_params = _vae_from(out)
+    tok = _tokenizer(config)
+    inference = InferenceConfig()
+    null_ids, null_mask = (a[None] for a in empty_caption(tok))
+
+    @jax.jit
+    def run(ids, mask, noise):
+        text = dit.encode_text(dit_params, t5.text_context(text_params, ids, mask))
+        b = ids.shape[0]
+        neg = dit.encode_text(dit_params, t5.text_context(text_params, jnp.repeat(null_ids, b, 0), jnp.repeat(null_mask, b, 0)))
+        return trajectory_end(dit, dit_params, noise, text, neg, config, inference)
+
+    def generate(prompts, seed, frames, height, width):
+        ids, mask = _captions(tok, list(prompts))
+        latent_frames = 1 + (frames - 1) // 4
+        noise = initial_noise(jax.random.key(seed), len(prompts), latent_frames, height // 8, width // 8, dit.config.in_dim)
+        latents = run(ids, mask, noise)
+        video = decoder.decode(vae_params["decoder"], latents)
+        return np.asarray(jnp.round((jnp.clip(video, -1, 1) + 1) * 127.5)).astype(np.uint8)
+
+    return generate
+
+
+def trajectory_end(dit, params, noise, text, negative_text, config: RecipeConfig, inference: InferenceConfig):
+    """The guided teacher's streamed ODE end (clean latents) from noise."""
+    from causal_dit_jax.train.distill import causal_ode_trajectory
+
+    return causal_ode_trajectory(
+        dit, params, noise, text, inference, config.ode_steps, guidance_scale=config.guidance_scale, negative_text=negative_text
+    )[:, -1]
+
+
+def train_student(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """The trajectory pool, then ODE regression of the 4-step student -> student_dit.npz (EMA)."""
+    from tqdm import tqdm
+
+    from causal_dit_jax.param_archive import save_params
+    from causal_dit_jax.train.distill import OdeRegression, causal_ode_trajectory
+    from causal_dit_jax.train.procedural import draw_labels
+    from causal_dit_jax.train.text_conditioning import empty_caption
+    from causal_dit_jax.train.trainer import Trainer
+
+    dit, t5, dit_params, text_params = _teacher_from(out, config)
+    tok = _tokenizer(config)
+    inference = InferenceConfig()
+    null_ids, null_mask = empty_caption(tok)
+    h, w, f = config.height // 8, config.width // 8, config.latent_frames
+
+    @jax.jit
+    def pool_batch(ids, mask, key):
+        b = ids.shape[0]
+        states = t5.text_context(text_params, ids, mask)
+        empty = t5.text_context(text_params, jnp.broadcast_to(null_ids, ids.shape), jnp.broadcast_to(null_mask, mask.shape))
+        noise = jax.random.normal(key, (b, f, h, w, dit.config.in_dim), jnp.float32)
+        traj = causal_ode_trajectory(
+            dit,
+            dit_params,
+            noise,
+            dit.encode_text(dit_params, states),
+            inference,
+            config.ode_steps,
+            guidance_scale=config.guidance_scale,
+            negative_text=dit.encode_text(dit_params, empty),
+        )
+        return traj, states
+
+    trajectories, texts = [], []
+    n = config.trajectories // config.trajectory_batch
+    for j in tqdm(range(n), desc="trajectories", disable=not progress):
+        _, captions = draw_labels(
+            np.random.default_rng([config.seed, 77, j]), config.trajectory_batch, config.height, config.width
+        )
+        ids, mask = _captions(tok, captions)
+        traj, states = pool_batch(ids, mask, jax.random.fold_in(jax.random.key(config.seed + 2), j))
+        trajectories.append(traj)
+        texts.append(states)
+    pool = {"trajectory": jnp.concatenate(trajectories), "text": jnp.concatenate(texts)}
+    del trajectories, texts
+    stage = config.student_stage
+    trainer = Trainer(OdeRegression(dit, clean_context=True), stage.optimizer())
+    take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
+
+    def next_batch(step):
+        idx = _stage_rng(config, "student", step).integers(0, config.trajectories, stage.batch_size)
+        return take(pool, jnp.asarray(idx))
+
+    state, steps = _run_stage("student", out, trainer, dit_params, next_batch, stage, config, deadline, finish_early, progress)
+    save_params(out / "student_dit.npz", state["ema"], config.configs()[0].param_dtype)
+    _write_json(out / "student.json", {"steps": steps})
+    return {"steps": steps}
+
+
+def export(
+    config: RecipeConfig, out: pathlib.Path, target: pathlib.Path | None = None, notes: dict | None = None
+) -> pathlib.Path:
+    """The shippable embedded model: target (default out/embedded) with dit.npz, text.npz, vae.npz
+    and config.json (the configs, the tokenizer, the default size, the recipe and the steps run)."""
+    import shutil
+
+    dit_cfg, t5_cfg, _ = config.configs()
+    vae = json.loads((out / "vae_config.json").read_text())
+    target = out / "embedded" if target is None else pathlib.Path(target)
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(out / "student_dit.npz", tmp / "dit.npz")
+    shutil.copy(out / "text.npz", tmp / "text.npz")
+    shutil.copy(out / "vae.npz", tmp / "vae.npz")
+    steps = {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("teacher", "student")}
+    steps["vae"] = vae["steps"]
+    meta = {
+        "dit": dit_cfg.to_dict(),
+        "t5": t5_cfg.to_dict(),
+        "vae": vae["vae"],
+        "tokenizer": {"kind": "byte", "max_length": t5_cfg.text_len},
+        "default_size": {"frames": config.frames, "height": config.height, "width": config.width},
+        "recipe": config.to_dict(),
+        "steps_run": steps,
+        **(notes or {}),
+    }
+    _write_json(tmp / "config.json", meta)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    return target
+
+
+def run_recipe(
+    config: RecipeConfig,
+    out: str | pathlib.Path,
+    stages: tuple[str, ...] = STAGES,
+    budget_s: float | None = None,
+    finish_early: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the stages whose results are missing, in order, within budget_s seconds (None: no limit).
+    Returns {stage: {'steps', 'seconds'}} of the stages run now."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "recipe.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(config.to_json()):
+        raise ValueError(f"{out} holds a recipe run with another config ({saved}); use a new folder")
+    _write_json(saved, config.to_dict())
+    deadline = None if budget_s is None else time.time() + budget_s
+    done = {"vae": "vae.npz", "teacher": "text.npz", "student": "student_dit.npz", "export": "embedded/config.json"}
+    runners = {"vae": train_vae, "teacher": train_teacher, "student": train_student}
+    report = {}
+    for stage in stages:
+        if (out / done[stage]).exists():
+            continue
+        start = time.time()
+        if stage == "export":
+            export(config, out)
+            report[stage] = {"seconds": time.time() - start}
+            continue
+        result = runners[stage](config, out, deadline, finish_early, progress)
+        report[stage] = {**result, "seconds": time.time() - start}
+        print(f"{stage}: {result['steps']} steps in {report[stage]['seconds']:.0f} s", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m causal_dit_jax.train.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a RecipeConfig JSON (recipes/embedded_default.json)")
+    p.add_argument("--out", required=True, help="the run folder (resumed when it holds this recipe's run)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
+    p.add_argument("--budget", type=float, default=None, help="seconds for this process; a stage at the limit checkpoints")
+    p.add_argument("--finish-early", action="store_true", help="at the budget, end the stage from its EMA weights so far")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    config = RecipeConfig.from_file(args.config)
+    try:
+        report = run_recipe(
+            config, args.out, tuple(s for s in args.stages.split(",") if s), args.budget, args.finish_early, not args.quiet
+        )
+    except StageStopped as e:
+        print(e, flush=True)
+        return 3
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "STAGES",
+    "RecipeConfig",
+    "StageConfig",
+    "StageStopped",
+    "export",
+    "run_recipe",
+    "teacher_generate",
+    "train_student",
+    "train_teacher",
+    "train_vae",
+]
