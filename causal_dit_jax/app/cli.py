@@ -138,16 +138,23 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, help="output .mp4 path")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and OUT_0.mp4, ... of a batch) if it exists")
     p.add_argument(
-        "--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded untrained demo model)"
+        "--checkpoint",
+        default=None,
+        help="folder from `causal-dit convert` (default: the embedded default, trained on the procedural world)",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="without --checkpoint: the untrained random-weights demo instead of the embedded default (any decoder)",
     )
     p.add_argument(
         "--frames",
         type=int,
         default=None,
-        help="video frames, 1 + 4k with k+1 a multiple of 3 (default 81; 33 for the embedded demo)",
+        help="video frames, 1 + 4k with k+1 a multiple of 3 (default: the model's; 81, or 33 for the embedded default)",
     )
-    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default 480; demo 128)")
-    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default 832; demo 192)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's; 480, embedded 128)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; 832, embedded 192)")
     p.add_argument("--seed", type=int, default=0)
     _add_mesh(p)
     p.add_argument(
@@ -245,7 +252,9 @@ def _add_prepare_data(sub) -> None:
     )
     p.add_argument("--videos", required=True, help="folder of .mp4 clips, each with a same-stem .txt caption")
     p.add_argument("--out", required=True, help="the folder to write (train's 'data')")
-    p.add_argument("--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded demo model)")
+    p.add_argument(
+        "--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded default's umT5 and VAE)"
+    )
     p.add_argument("--frames", type=int, default=None, help="frames per clip, 1 + 4k (default 81; 21 for the demo)")
     _choice(p, "--encoder", ("wan", "taehv"), None, "the frames -> latents encoder (default wan)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -419,7 +428,7 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, plan_request
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, pipeline_default_size, plan_request
     from causal_dit_jax.app.video import Mp4Writer, check_writable
 
     # Everything a user typed is checked before any model work (config.json at most is read).
@@ -433,18 +442,23 @@ def cmd_generate(args) -> int:
     outs = _out_paths(args.out, len(args.prompt))
     for o in outs:
         check_writable(o, overwrite=args.overwrite)
-    demo = args.checkpoint is None
+    if args.random_weights and args.checkpoint is not None:
+        raise ValueError("--random-weights is the demo without a checkpoint; leave out one of it and --checkpoint")
+    random_weights = args.random_weights
     media, clip = _read_start(args)
     frames, height, width = args.frames, args.height, args.width
+    default = pipeline_default_size(args.checkpoint, random_weights)
     if media is None or args.image:  # text or image: the model's default length
-        frames = frames if frames is not None else (33 if demo else 81)
+        frames = frames if frames is not None else default[0]
     if media is None:
-        height = height if height is not None else (128 if demo else 480)
-        width = width if width is not None else (192 if demo else 832)
+        height = height if height is not None else default[1]
+        width = width if width is not None else default[2]
     inference = InferenceConfig(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     kernels = KernelConfig(linear_precision=args.linear_precision)
-    model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder)  # config.json only, no weights
-    plan = plan_request(model_config, decoder_config, inference, len(args.prompt), frames, height, width, **media or {})
+    model_config, decoder_config = pipeline_configs(args.checkpoint, args.decoder, random_weights)  # configs only
+    plan = plan_request(
+        model_config, decoder_config, inference, len(args.prompt), frames, height, width, default_size=default, **media or {}
+    )
     height, width = plan.latent_height * decoder_config.spatial_factor, plan.latent_width * decoder_config.spatial_factor
     mesh = None
     if strategy is not None:
@@ -452,10 +466,19 @@ def cmd_generate(args) -> int:
 
         mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
-    if demo:
+    if args.checkpoint is None and random_weights:
         print(
-            "No --checkpoint: using the embedded demo model. Its weights are random and UNTRAINED: "
-            "the video shows the pipeline working, not a picture of the prompt.",
+            "--random-weights: the demo model's weights are random and UNTRAINED: the video shows the "
+            "pipeline working, not a picture of the prompt.",
+            flush=True,
+        )
+        pipe = TextToVideoPipeline.random_demo(
+            inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
+        )
+    elif args.checkpoint is None:
+        print(
+            "No --checkpoint: the embedded default, a small model trained on procedural clips. It knows "
+            "'a {colour} {shape} moving {direction} [on a {background} background]' (README: its words).",
             flush=True,
         )
         pipe = TextToVideoPipeline.embedded_default(

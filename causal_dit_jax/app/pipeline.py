@@ -36,6 +36,8 @@ from causal_dit_jax.text.umt5 import T5Config, UMT5Encoder, get_t5_preset
 COMPONENTS = ("dit", "t5")
 DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint component
 ENCODERS = {"wan": "vae_encoder", "taehv": "taehv_encoder"}  # --encoder name -> checkpoint component
+DEFAULT_SIZE = (81, 480, 832)  # Self-Forcing's video: frames, height, width
+DEMO_SIZE = (33, 128, 192)  # the random-weights demo's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +94,20 @@ class RequestPlan:
     output_frames: int
 
 
-def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan") -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
-    """The DiT's and the chosen decoder's configs, read without loading any weights: the embedded
-    default's presets (ckpt_dir None) or a checkpoint's config.json."""
+def pipeline_configs(
+    ckpt_dir: str | pathlib.Path | None, decoder: str = "wan", random_weights: bool = False
+) -> tuple[ModelConfig, VAEConfig | TAEHVConfig]:
+    """The DiT's and the chosen decoder's configs, read without loading any weights: a checkpoint's
+    config.json, or with ckpt_dir None the embedded default's (random_weights: the random demo's)."""
     _check_decoder(decoder)
-    if ckpt_dir is None:
+    if ckpt_dir is None and random_weights:
         return get_preset("demo"), get_vae_preset("tiny") if decoder == "wan" else get_taehv_preset("tiny")
+    if ckpt_dir is None:
+        from causal_dit_jax.embedded import read_embedded_config
+
+        _check_embedded_decoders(decoder, None)
+        meta = read_embedded_config()
+        return ModelConfig.from_dict(meta["dit"]), VAEConfig.from_dict(meta["vae"])
     d = pathlib.Path(ckpt_dir).expanduser()
     meta = read_checkpoint_config(d)
     have = meta.get("components", [])
@@ -116,6 +126,29 @@ def pipeline_configs(ckpt_dir: str | pathlib.Path | None, decoder: str = "wan") 
     return ModelConfig.from_dict(meta["dit"]), decoder_config
 
 
+def pipeline_default_size(ckpt_dir: str | pathlib.Path | None, random_weights: bool = False) -> tuple[int, int, int]:
+    """(frames, height, width) of a model's default video: the embedded default's training size, the
+    random demo's 33 x 128 x 192, or a checkpoint's (Self-Forcing's 81 x 480 x 832 unless its config
+    names another)."""
+    if ckpt_dir is None and random_weights:
+        return DEMO_SIZE
+    if ckpt_dir is None:
+        from causal_dit_jax.embedded import default_size
+
+        return default_size()
+    size = read_checkpoint_config(ckpt_dir).get("default_size")
+    return DEFAULT_SIZE if size is None else (int(size["frames"]), int(size["height"]), int(size["width"]))
+
+
+def _check_embedded_decoders(decoder: str, encoder: str | None) -> None:
+    for role, kind in (("decoder", decoder), ("encoder", encoder)):
+        if kind not in (None, "wan"):
+            raise ValueError(
+                f"the embedded default has its own Wan VAE only ({role} {kind!r} asked): give a converted "
+                f"checkpoint, or use the random-weights demo (TextToVideoPipeline.random_demo, --random-weights)"
+            )
+
+
 def plan_request(
     model: ModelConfig,
     decoder: VAEConfig | TAEHVConfig,
@@ -130,9 +163,11 @@ def plan_request(
     video: np.ndarray | None = None,
     strength: float = 0.5,
     context_chunks: int = 2,
+    default_size: tuple[int, int, int] = (81, 480, 832),
 ) -> RequestPlan:
     """Check a request against the configs that own its sizes and size it, with no weights loaded
-    (the CLI runs it before loading the models); the arguments as `TextToVideoPipeline.stream`'s."""
+    (the CLI runs it before loading the models); the arguments as `TextToVideoPipeline.stream`'s.
+    default_size: (frames, height, width) where they are not given (the model's default video)."""
     given = [name for name, x in (("image", image), ("extend", extend), ("video", video)) if x is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of image, extend and video, got {' and '.join(given)}")
@@ -148,7 +183,7 @@ def plan_request(
                 "out to use its size"
             )
         height, width = mh, mw
-    height, width = (480 if height is None else height), (832 if width is None else width)
+    height, width = (default_size[1] if height is None else height), (default_size[2] if width is None else width)
 
     def spec(n: int) -> VideoSpec:
         return video_spec(n, height, width, model, decoder, c)
@@ -156,7 +191,7 @@ def plan_request(
     tf = decoder.temporal_factor
     context_latents = 0
     if mode in ("text", "image"):
-        s = spec(81 if frames is None else frames)
+        s = spec(default_size[0] if frames is None else frames)
         total, out = s.latent_frames, s.frames
         cond = Conditioning("text", None)
         if mode == "image":
@@ -214,6 +249,7 @@ class TextToVideoPipeline:
         vae_latents_per_call: int = 1,
         encoder: WanVAEEncoder | TAEHVEncoder | None = None,
         encoder_params: Params | None = None,
+        default_size: tuple[int, int, int] = DEFAULT_SIZE,
     ):
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
@@ -228,6 +264,7 @@ class TextToVideoPipeline:
         self.encoder, self.encoder_params = encoder, encoder_params
         self.inference = inference
         self.untrained = untrained
+        self.default_size = tuple(int(n) for n in default_size)  # frames, height, width when not asked
         self.vae_latents_per_call = vae_latents_per_call
         self._chunk_decoder = LatentChunkDecoder(vae, vae_latents_per_call)  # checks the count
         self.mesh = mesh
@@ -254,9 +291,9 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
     ) -> TextToVideoPipeline:
-        """Small presets with deterministic random weights (untrained: the video is noise-like).
-        Small enough for a laptop CPU (the README's first command: 33 frames at 128x192); every code
-        path is the real model's.
+        """Small presets with deterministic random weights (untrained: the video is noise-like), for
+        tests and demos of any shape (33 frames at 128x192 by default); every code path is the real
+        model's.
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); encoder: the same
         choice for the frames -> latents half (None: the decoder's kind); kernels: how the DiT's
         kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
@@ -281,6 +318,70 @@ class TextToVideoPipeline:
             untrained=True,
             encoder=frame_encoder,
             encoder_params=random_params(frame_encoder.abstract_params(), seed + 3),
+            default_size=DEMO_SIZE,
+        )
+
+    @classmethod
+    def embedded_default(
+        cls,
+        inference: InferenceConfig = InferenceConfig(),
+        mesh=None,
+        decoder: str = "wan",
+        kernels: KernelConfig = KernelConfig(),
+        encoder: str | None = None,
+    ) -> TextToVideoPipeline:
+        """The model shipped in the package (`causal_dit_jax/embedded.py`): a small DiT, umT5 and Wan VAE
+        trained on the procedural world, 33 frames at 128x192 by default; prompts like
+        'a red circle moving left on a white background'. Only its own VAE decodes and encodes."""
+        return cls.from_embedded(None, inference, mesh, decoder, kernels, encoder)
+
+    @classmethod
+    def from_embedded(
+        cls,
+        folder: str | pathlib.Path | None,
+        inference: InferenceConfig = InferenceConfig(),
+        mesh=None,
+        decoder: str = "wan",
+        kernels: KernelConfig = KernelConfig(),
+        encoder: str | None = None,
+    ) -> TextToVideoPipeline:
+        """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
+        names a window, the KV cache rolls over the number of latent frames the model was trained on
+        (9 for 33 frames: the whole default video), so longer videos stay in what it learnt."""
+        from causal_dit_jax.embedded import embedded_folder, read_embedded_config
+        from causal_dit_jax.param_archive import load_params
+
+        _check_decoder(decoder)
+        _check_embedded_decoders(decoder, encoder)
+        d = embedded_folder(folder)
+        meta = read_embedded_config(d)
+        size = meta["default_size"]
+        if inference.local_attn_size == -1:  # a rolling window of the clip length it learnt
+            inference = inference.replace(local_attn_size=1 + (int(size["frames"]) - 1) // 4)
+        dit_config = ModelConfig.from_dict(meta["dit"])
+        vae_config = VAEConfig.from_dict(meta["vae"])
+        t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))
+        vae, frame_encoder = WanVAE(vae_config), WanVAEEncoder(vae_config)
+        dit = CausalWanDiT(dit_config, kernels)
+        dit_params = dit.quantize(
+            jax.tree.map(jnp.asarray, load_params(d / "dit.npz", CausalWanDiT(dit_config).abstract_params()))
+        )
+        t5_params = jax.tree.map(jnp.asarray, load_params(d / "text.npz", t5.abstract_params()))
+        halves = {"encoder": frame_encoder.abstract_params(), "decoder": vae.abstract_params()}
+        vae_params = jax.tree.map(jnp.asarray, load_params(d / "vae.npz", halves))
+        return cls(
+            dit,
+            dit_params,
+            t5,
+            t5_params,
+            ByteTokenizer(max_length=int(meta["tokenizer"]["max_length"])),
+            vae,
+            vae_params["decoder"],
+            inference,
+            mesh,
+            encoder=frame_encoder,
+            encoder_params=vae_params["encoder"],
+            default_size=(size["frames"], size["height"], size["width"]),
         )
 
     @classmethod
@@ -377,7 +478,9 @@ class TextToVideoPipeline:
     def plan(self, batch: int, *args, **kw) -> RequestPlan:
         """Check a request and size it, before any model work (the arguments as `stream`'s): the
         checks of `plan_request`, and that this pipeline has an encoder that fits them."""
-        plan = plan_request(self.dit.config, self.vae.config, self.inference, batch, *args, **kw)
+        plan = plan_request(
+            self.dit.config, self.vae.config, self.inference, batch, *args, default_size=self.default_size, **kw
+        )
         frames = plan.conditioning.frames
         if frames is None:
             return plan
@@ -427,7 +530,8 @@ class TextToVideoPipeline:
         """Yield uint8 frames [B, n, H, W, 3] as soon as each VAE call decodes them: with one latent per
         call, 1 frame, then 4 per latent frame (with 3, 9 then 12 per chunk).
 
-        frames, height, width: the video's size (default 81 frames at 480x832; an image's or video's
+        frames, height, width: the video's size (default the pipeline's `default_size`: 81 frames at 480x832
+        for a converted Self-Forcing model, 33 at 128x192 for the embedded default; an image's or video's
         own size when one is given). At most one of:
         image: uint8 [H, W, 3] (or one per prompt, [B, H, W, 3]): image-to-video. The image held still
         for 9 frames is encoded (its first latent is the image's alone) and run at t=0 into the KV

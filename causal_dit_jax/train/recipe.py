@@ -68,7 +68,8 @@ class StageConfig(ConfigFields):
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig(ConfigFields):
     """The whole recipe. frames / height / width: the clips (and the default video) the DiT learns;
-    dit / text / vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k);
+    dit / text / vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); latent_pool:
+    clips encoded once for the teacher (0: fresh clips every step);
     trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
     per segment of the 4-step schedule and guidance_scale."""
 
@@ -82,6 +83,7 @@ class RecipeConfig(ConfigFields):
     vae_frames: int = 9
     kl_weight: float = 1e-4
     statistics_clips: int = 256
+    latent_pool: int = 8192
     caption_dropout: float = 0.1
     trajectories: int = 2048
     trajectory_batch: int = 128
@@ -271,8 +273,15 @@ def _captions(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids), np.asarray(mask)
 
 
-def train_teacher(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
-    """Teacher forcing with the umT5 encoder trained jointly -> teacher_dit.npz, text.npz (EMA)."""
+def train_teacher(
+    config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True, extend=False
+) -> dict:
+    """Teacher forcing with the umT5 encoder trained jointly -> teacher_dit.npz, text.npz (EMA).
+
+    The clips of a latent pool (`latent_pool` of them, encoded once: the VAE's encoder costs more per
+    clip than the DiT's step) are drawn at random, or with latent_pool 0 fresh clips every step.
+    extend: continue from the stage's result (its EMA weights, a fresh optimiser) for another
+    teacher_stage round, in its own checkpoint folder; teacher.json lists the rounds' steps."""
     from causal_dit_jax.model.dit import CausalWanDiT
     from causal_dit_jax.param_archive import save_params
     from causal_dit_jax.text.umt5 import UMT5Encoder
@@ -294,22 +303,50 @@ def train_teacher(config: RecipeConfig, out: pathlib.Path, deadline=None, finish
     @jax.jit
     def latents_of(labels):
         frames = render_batch(labels, config.frames, config.height, config.width)
-        return encoder.encode_chunk(
-            vae_params["encoder"], frames, encoder.init_encode_cache(frames.shape[0], config.height, config.width)
-        )[0]
+        cache = encoder.init_encode_cache(frames.shape[0], config.height, config.width)
+        return encoder.encode_chunk(vae_params["encoder"], frames, cache)[0]  # b f h w z
 
-    def next_batch(step):
-        labels, captions = draw_labels(_stage_rng(config, "teacher", step), stage.batch_size, config.height, config.width)
+    def fresh(rng, n):
+        labels, captions = draw_labels(rng, n, config.height, config.width)
         ids, mask = _captions(tok, captions)
         return {"latents": latents_of(labels), "ids": ids, "mask": mask}
 
-    k_dit, k_text = jax.random.split(jax.random.key(config.seed + 1))
-    params = {"dit": dit.init(k_dit), "text": t5.init(k_text)}
-    state, steps = _run_stage("teacher", out, trainer, params, next_batch, stage, config, deadline, finish_early, progress)
+    if config.latent_pool:
+        from tqdm import tqdm
+
+        size = 128
+        parts = [
+            fresh(np.random.default_rng([config.seed, 55, j]), size)
+            for j in tqdm(range(-(-config.latent_pool // size)), desc="latent pool", disable=not progress)
+        ]
+        pool = {k: jnp.concatenate([jnp.asarray(p[k]) for p in parts])[: config.latent_pool] for k in parts[0]}
+        del parts
+        take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
+
+        def next_batch(step):
+            idx = _stage_rng(config, "teacher", step).integers(0, config.latent_pool, stage.batch_size)
+            return take(pool, jnp.asarray(idx))
+    else:
+
+        def next_batch(step):
+            return fresh(_stage_rng(config, "teacher", step), stage.batch_size)
+
+    rounds = []
+    if extend:
+        done = json.loads((out / "teacher.json").read_text())
+        rounds = done.get("rounds", [done["steps"]])
+        _, _, dit_params, text_params = _teacher_from(out, config)
+        params = {"dit": dit_params, "text": text_params}
+    else:
+        k_dit, k_text = jax.random.split(jax.random.key(config.seed + 1))
+        params = {"dit": dit.init(k_dit), "text": t5.init(k_text)}
+    name = "teacher" if not rounds else f"teacher_round{len(rounds) + 1}"
+    state, steps = _run_stage(name, out, trainer, params, next_batch, stage, config, deadline, finish_early, progress)
     save_params(out / "teacher_dit.npz", state["ema"]["dit"], dit_cfg.param_dtype)
     save_params(out / "text.npz", state["ema"]["text"], t5_cfg.param_dtype)
-    _write_json(out / "teacher.json", {"steps": steps})
-    return {"steps": steps}
+    rounds = [*rounds, steps]
+    _write_json(out / "teacher.json", {"steps": sum(rounds), "rounds": rounds})
+    return {"steps": steps, "rounds": rounds}
 
 
 def _teacher_from(out: pathlib.Path, config: RecipeConfig):
@@ -448,6 +485,7 @@ def export(
     shutil.copy(out / "text.npz", tmp / "text.npz")
     shutil.copy(out / "vae.npz", tmp / "vae.npz")
     steps = {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("teacher", "student")}
+    steps["teacher_rounds"] = json.loads((out / "teacher.json").read_text()).get("rounds", [steps["teacher"]])
     steps["vae"] = vae["steps"]
     meta = {
         "dit": dit_cfg.to_dict(),
@@ -473,12 +511,16 @@ def run_recipe(
     budget_s: float | None = None,
     finish_early: bool = False,
     progress: bool = True,
+    extend: tuple[str, ...] = (),
 ) -> dict:
-    """Run the stages whose results are missing, in order, within budget_s seconds (None: no limit).
-    Returns {stage: {'steps', 'seconds'}} of the stages run now."""
-    unknown = [s for s in stages if s not in STAGES]
+    """Run the stages whose results are missing, in order, within budget_s seconds (None: no limit);
+    extend ('teacher'): run that stage another round from its result. The stages after an extended
+    one are run again. Returns {stage: {'steps', 'seconds', ...}} of the stages run now."""
+    unknown = [s for s in (*stages, *extend) if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
+    if any(s != "teacher" for s in extend):
+        raise ValueError(f"only the teacher stage extends, got {list(extend)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
@@ -489,15 +531,23 @@ def run_recipe(
     done = {"vae": "vae.npz", "teacher": "text.npz", "student": "student_dit.npz", "export": "embedded/config.json"}
     runners = {"vae": train_vae, "teacher": train_teacher, "student": train_student}
     report = {}
+    rerun = False
     for stage in stages:
-        if (out / done[stage]).exists():
+        extending = stage in extend and (out / done[stage]).exists()
+        if (out / done[stage]).exists() and not (extending or rerun):
             continue
+        if rerun and not extending and (out / stage).exists():
+            import shutil
+
+            shutil.rmtree(out / stage)  # its checkpoints trained on a stale result
+        rerun = rerun or extending  # what comes after an extended stage is stale
         start = time.time()
         if stage == "export":
             export(config, out)
             report[stage] = {"seconds": time.time() - start}
             continue
-        result = runners[stage](config, out, deadline, finish_early, progress)
+        kw = {"extend": True} if extending else {}
+        result = runners[stage](config, out, deadline, finish_early, progress, **kw)
         report[stage] = {**result, "seconds": time.time() - start}
         print(f"{stage}: {result['steps']} steps in {report[stage]['seconds']:.0f} s", flush=True)
     return report
@@ -512,13 +562,14 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
     p.add_argument("--budget", type=float, default=None, help="seconds for this process; a stage at the limit checkpoints")
     p.add_argument("--finish-early", action="store_true", help="at the budget, end the stage from its EMA weights so far")
+    p.add_argument("--extend", default="", help="'teacher': train that stage another round from its result")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     config = RecipeConfig.from_file(args.config)
     try:
-        report = run_recipe(
-            config, args.out, tuple(s for s in args.stages.split(",") if s), args.budget, args.finish_early, not args.quiet
-        )
+        stages = tuple(s for s in args.stages.split(",") if s)
+        extend = tuple(s for s in args.extend.split(",") if s)
+        report = run_recipe(config, args.out, stages, args.budget, args.finish_early, not args.quiet, extend)
     except StageStopped as e:
         print(e, flush=True)
         return 3
