@@ -297,7 +297,7 @@ class TextToVideoPipeline:
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); encoder: the same
         choice for the frames -> latents half (None: the decoder's kind); kernels: how the DiT's
         kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
-        config, decoder_config = pipeline_configs(None, decoder)
+        config, decoder_config = pipeline_configs(None, decoder, random_weights=True)
         encoder = decoder if encoder is None else encoder
         _check_encoder(encoder)
         frame_encoder = WanVAEEncoder(get_vae_preset("tiny")) if encoder == "wan" else TAEHVEncoder(get_taehv_preset("tiny"))

@@ -7,10 +7,10 @@ generator (any callable, `pipeline_generate` makes one from a `TextToVideoPipeli
 
 How a clip is read (the frame is a torus, as in the world: the object may straddle the edges):
 - background: the nearest of BACKGROUNDS to the clip's per-channel median (the object covers well
-  under a fifth of the frame);
-- object: per frame, the pixels (after a 3x3 box blur, which averages noise away) whose distance from
-  the clip's median colour is over half the object's contrast, then the largest connected component
-  on the torus (stray blobs and noise dropped);
+  under a fifth of the frame), if most pixels lie near it (a noise-like video has no background);
+- object: per frame, the pixels (box-blurred 3x3, which averages noise away) whose distance from the
+  clip's median colour is over half the object's contrast, then the largest connected component on
+  the torus (stray blobs dropped), if it holds most of them (scattered noise is no object);
 - colour: the nearest of COLOURS to the median colour of the objects' interiors (eroded by a pixel);
 - shape: the fill ratio of the object in its bounding box, taken with the object rolled to the frame's
   centre (triangle ~0.5, circle ~0.785, square ~1.0; cut at FILL_THRESHOLDS), median over frames;
@@ -36,6 +36,8 @@ ATTRIBUTES = ("colour", "shape", "direction", "background")
 FILL_THRESHOLDS = (0.66, 0.86)
 MIN_CONTRAST = 40.0  # an object differs from the background by at least this (RGB distance, 0..441)
 MIN_AREA = 0.002  # of the frame: smaller components are no object
+MIN_PLAIN = 0.75  # of the pixels within MIN_CONTRAST of the median colour: fewer, no plain background
+MIN_COMPACT = 0.5  # of a frame's object pixels in its largest component: less is scattered noise
 MIN_SPEED = 0.2  # of the world's SPEED: slower objects have no direction
 
 Generate = Callable[[list[str], int, int, int, int], np.ndarray]
@@ -58,15 +60,17 @@ def _nearest(colour: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
     return names[int(np.argmin(d))]
 
 
-def _box_blur(x: np.ndarray) -> np.ndarray:
-    """A 3x3 box blur over the rows and columns of x [F, H, W, C], on the torus."""
-    return ndimage.uniform_filter(x, size=(1, 3, 3, 1), mode="wrap")
+def distances(frames: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """float32 [F, H, W]: the RGB distance of frames [F, H, W, 3] from background [3], the frames
+    box-blurred 3x3 on the torus first (averaging noise away; an edge, where the colour blends linearly
+    into the background, keeps its place)."""
+    diff = ndimage.uniform_filter(frames.astype(np.float32), size=(1, 3, 3, 1), mode="wrap") - background  # f h w 3
+    return np.sqrt(np.einsum("fhwc,fhwc->fhw", diff, diff))
 
 
-def object_masks(frames: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """bool [F, H, W]: the pixels of frames [F, H, W, 3] that stand out from background [3] by over half
-    the object's contrast (the clip's 99th percentile of the distance, at least MIN_CONTRAST)."""
-    dist = np.linalg.norm(_box_blur(frames.astype(np.float32)) - background, axis=-1)  # f h w
+def object_masks(dist: np.ndarray) -> np.ndarray:
+    """bool [F, H, W]: the pixels whose `distances` dist [F, H, W] are over half the object's contrast
+    (the clip's 99th percentile of the distance), and at least MIN_CONTRAST."""
     level = np.percentile(dist[:, ::2, ::2], 99)  # every 4th pixel is plenty
     return dist > max(0.5 * level, MIN_CONTRAST)
 
@@ -143,19 +147,23 @@ def direction_of(track: np.ndarray, times: np.ndarray, height: int, width: int) 
 
 def read_clip(frames: np.ndarray) -> dict[str, str | None]:
     """What a clip shows: uint8 frames [F, H, W, 3] -> {'colour', 'shape', 'direction', 'background'},
-    vocabulary names (None where nothing can be read: no object, or no motion for the direction)."""
+    vocabulary names (None where nothing can be read: all four without a plain background, the object's
+    three without a compact object, the direction without motion)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise ValueError(f"expected frames [F, H, W, 3] (none empty), got shape {frames.shape}")
     h, w = frames.shape[1:3]
     median = np.median(frames[:, ::2, ::2].reshape(-1, 3), axis=0).astype(np.float32)  # 3, of every 4th pixel
     found: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
+    dist = distances(frames, median)  # f h w
+    if np.mean(dist[:, ::2, ::2] < MIN_CONTRAST) < MIN_PLAIN:
+        return found  # no plain background (e.g. noise): nothing to read
     found["background"] = _nearest(median, BACKGROUNDS)
     track, times, ratios, interior = [], [], [], []
-    for t, mask in enumerate(object_masks(frames, median)):
-        mask = largest_component(mask)
-        if mask.sum() < MIN_AREA * h * w:
-            continue
+    for t, pixels in enumerate(object_masks(dist)):
+        mask = largest_component(pixels)
+        if mask.sum() < max(MIN_AREA * h * w, MIN_COMPACT * pixels.sum()):
+            continue  # no object, or scattered noise
         centre = circular_centre(mask)
         centred = _centred(mask, centre)
         track.append(centre)
@@ -258,6 +266,7 @@ __all__ = [
     "evaluate",
     "fill_ratio",
     "format_table",
+    "distances",
     "largest_component",
     "object_masks",
     "pipeline_generate",

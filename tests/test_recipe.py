@@ -1,0 +1,82 @@
+"""The embedded default's recipe at a toy size on CPU: every stage runs, a stage stopped by the time
+budget resumes from its checkpoint, the teacher extends by another round, and the export loads as a
+pipeline that generates; bad recipe configs are refused before any work."""
+
+import json
+
+import numpy as np
+import pytest
+
+from causal_dit_jax.train.recipe import RecipeConfig, StageStopped, run_recipe
+
+TOY = {
+    "frames": 9,
+    "height": 16,
+    "width": 32,
+    "dit": "tiny",
+    "text": "tiny",
+    "vae": "tiny",
+    "vae_frames": 5,
+    "statistics_clips": 32,
+    "latent_pool": 8,
+    "trajectories": 4,
+    "trajectory_batch": 2,
+    "ode_steps": [1, 1, 1, 2],
+    "save_every": 2,
+    "log_every": 1,
+    "vae_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+}
+
+
+@pytest.mark.filterwarnings("ignore:prompt truncated")  # the tiny umT5 reads 8 bytes
+def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+
+    config = RecipeConfig.from_dict(TOY)
+    out = tmp_path / "run"
+    report = run_recipe(config, out, stages=("vae", "teacher"), progress=False)
+    assert report["vae"]["steps"] == 3 and report["teacher"]["steps"] == 3
+    vae = json.loads((out / "vae_config.json").read_text())["vae"]
+    assert len(vae["latent_mean"]) == 16 and vae["latent_std"] != [1.0] * 16  # its own statistics
+
+    with pytest.raises(StageStopped, match="student stopped at step 1 of 3"):
+        run_recipe(config, out, stages=("student",), budget_s=0.0, progress=False)  # checkpoints, then stops
+    assert not (out / "student_dit.npz").exists()
+    report = run_recipe(config, out, progress=False)
+    assert "student: resumed at step 1" in capsys.readouterr().out and report["student"]["steps"] == 3
+    assert set(report) == {"student", "export"}  # the finished stages were not run again
+    rows = [json.loads(r) for r in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+    meta = json.loads((out / "embedded" / "config.json").read_text())
+    assert meta["steps_run"] == {"teacher": 3, "student": 3, "vae": 3, "teacher_rounds": [3]}
+    assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
+    pipe = TextToVideoPipeline.from_embedded(out / "embedded")
+    assert pipe.default_size == (9, 16, 32) and pipe.inference.local_attn_size == 3  # the trained window
+    video = pipe.generate("a red circle moving left", seed=0)
+    assert video.shape == (1, 9, 16, 32, 3) and video.dtype == np.uint8
+
+    before = (out / "teacher_dit.npz").read_bytes()
+    report = run_recipe(config, out, stages=("teacher", "student", "export"), extend=("teacher",), progress=False)
+    assert report["teacher"]["rounds"] == [3, 3] and report["student"]["steps"] == 3  # the student redone
+    assert "resumed" not in capsys.readouterr().out  # from the new teacher, not the stale checkpoints
+    assert (out / "teacher_dit.npz").read_bytes() != before
+    assert json.loads((out / "embedded" / "config.json").read_text())["steps_run"]["teacher_rounds"] == [3, 3]
+
+
+def test_bad_recipes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="must be 1 \\+ 4k"):
+        RecipeConfig.from_dict({**TOY, "frames": 10})
+    with pytest.raises(ValueError, match="multiples of 16"):
+        RecipeConfig.from_dict({**TOY, "width": 40})
+    with pytest.raises(ValueError, match="unknown RecipeConfig fields"):
+        RecipeConfig.from_dict({**TOY, "lr": 1})
+    with pytest.raises(ValueError, match="presets do not fit"):
+        RecipeConfig.from_dict({**TOY, "text": "procedural"}).configs()
+    with pytest.raises(ValueError, match="unknown stages"):
+        run_recipe(RecipeConfig.from_dict(TOY), tmp_path / "x", stages=("warmup",))
+    run_recipe(RecipeConfig.from_dict(TOY), tmp_path / "y", stages=())
+    with pytest.raises(ValueError, match="another config"):
+        run_recipe(RecipeConfig.from_dict({**TOY, "seed": 1}), tmp_path / "y", stages=())
