@@ -21,17 +21,30 @@ import tempfile
 from causal_dit_jax.bench.prompt_following import evaluate, format_table, pipeline_generate, prompt_pairs
 
 
-def load_pipeline(model: str, inference):
-    """The `TextToVideoPipeline` a --model value names, run with `inference` (an InferenceConfig)."""
+def load_generate(model: str, inference):
+    """The `generate(prompts, seed, frames, height, width)` a --model value names: 'embedded' (the
+    shipped model), 'random' (the random-weights demo: chance), a folder the recipe exported
+    (embedded/), a converted checkpoint folder, or 'teacher:RUN' (the recipe run RUN's many-step
+    teacher: its guided streamed ODE, what the 4-step model was distilled from; `inference` unused)."""
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
 
+    if model.startswith("teacher:"):
+        from causal_dit_jax.train.recipe import RecipeConfig, teacher_generate
+
+        run = pathlib.Path(model.split(":", 1)[1]).expanduser()
+        if not (run / "recipe.json").is_file():
+            raise ValueError(f"--model {model!r}: {run} is not a recipe run folder (no recipe.json)")
+        return teacher_generate(RecipeConfig.from_file(run / "recipe.json"), run)
     if model == "embedded":
-        return TextToVideoPipeline.embedded_default(inference=inference)
+        return pipeline_generate(TextToVideoPipeline.embedded_default(inference=inference))
     if model == "random":
-        return TextToVideoPipeline.random_demo(inference=inference)
-    if not pathlib.Path(model).expanduser().is_dir():
-        raise ValueError(f"--model {model!r} is neither 'embedded', 'random' nor a checkpoint folder")
-    return TextToVideoPipeline.from_checkpoint(model, inference=inference)
+        return pipeline_generate(TextToVideoPipeline.random_demo(inference=inference))
+    folder = pathlib.Path(model).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--model {model!r} is neither 'embedded', 'random', 'teacher:RUN' nor a model folder")
+    if (folder / "dit.npz").is_file():
+        return pipeline_generate(TextToVideoPipeline.from_embedded(folder, inference=inference))
+    return pipeline_generate(TextToVideoPipeline.from_checkpoint(folder, inference=inference))
 
 
 def timesteps(text: str) -> tuple[int, ...]:
@@ -61,7 +74,7 @@ def write_atomic(path: str | os.PathLike, record: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="'embedded', 'random' or a checkpoint folder; repeatable")
+    ap.add_argument("--model", action="append", required=True, help="'embedded', 'random', 'teacher:RUN', or a model folder; repeatable")
     ap.add_argument("--pairs", type=int, default=48, help="prompts (balanced over every attribute)")
     ap.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds")
     ap.add_argument("--frames", type=int, default=33)
@@ -90,11 +103,9 @@ def main(argv=None) -> dict:
     pairs = prompt_pairs(args.pairs, args.seed)
     results = {}
     for model in args.model:
-        pipe = load_pipeline(model, inference)
-        results[model] = evaluate(
-            pipeline_generate(pipe), pairs, args.frames, args.height, args.width, args.batch, progress=not args.quiet
-        )
-        del pipe
+        generate = load_generate(model, inference)
+        results[model] = evaluate(generate, pairs, args.frames, args.height, args.width, args.batch, progress=not args.quiet)
+        del generate
     print(format_table(results))
     settings = {k: getattr(args, k) for k in ("pairs", "seed", "frames", "height", "width", "batch")}
     record = {

@@ -65,6 +65,23 @@ class AutoencoderObjective:
         return loss, {"loss": loss, "l1": l1, "mse": mse, "kl": kl, "psnr": psnr}
 
 
+class DecoderObjective(AutoencoderObjective):
+    """The decoder alone, the encoder frozen (`encoder_params`): params {'decoder'}. For clips longer
+    than the autoencoder was trained on, so the decoder learns its causal caches' steady state while
+    the latents - and every model trained on them - stay as they are."""
+
+    def __init__(self, vae: VAEConfig, encoder_params: Params, config: AutoencoderConfig = AutoencoderConfig()):
+        super().__init__(vae, config)
+        self.encoder_params = encoder_params
+
+    def init(self, key: jax.Array) -> Params:
+        raise ValueError("a decoder fine-tune starts from a trained decoder's params ({'decoder': ...})")
+
+    def __call__(self, params: Params, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        frozen = jax.tree.map(jax.lax.stop_gradient, self.encoder_params)
+        return super().__call__({"encoder": frozen, "decoder": params["decoder"]}, batch, key)
+
+
 def latent_statistics(encoder: WanVAEEncoder, params: Params, clips) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (float64 [z_dim] each) of the posterior means of `clips`, an iterable of
     [B, 1 + 4k, H, W, 3] batches in [-1, 1]: Wan's latent_mean / latent_std for a VAE of one's own."""
@@ -89,4 +106,4 @@ def with_latent_statistics(vae: VAEConfig, mean: np.ndarray, std: np.ndarray) ->
     return dataclasses.replace(vae, latent_mean=tuple(float(m) for m in mean), latent_std=tuple(float(s) for s in std))
 
 
-__all__ = ["AutoencoderConfig", "AutoencoderObjective", "latent_statistics", "with_latent_statistics"]
+__all__ = ["AutoencoderConfig", "AutoencoderObjective", "DecoderObjective", "latent_statistics", "with_latent_statistics"]

@@ -4,6 +4,9 @@ procedural world (`train/procedural.py`), then distilled to the 4-step sampler.
 Stages, each resumable from its own Orbax checkpoints and finished by a result file in the run folder:
   vae      the Wan-architecture VAE as an autoencoder on short clips (`train/autoencoder.py`), then its
            latent statistics measured on full clips -> vae.npz, vae_config.json
+  decoder  the decoder alone on full-length clips, the encoder frozen (`DecoderObjective`): a causal
+           decoder trained on 9 frames never reaches its caches' steady state, and drifts after them;
+           the latents do not change, so the DiT's stages need not wait for it -> vae.npz, decoder.json
   teacher  teacher forcing on the VAE's latents, the umT5 encoder trained jointly through the loss
            with caption dropout (`train/text_conditioning.py`) -> teacher_dit.npz, text.npz
   student  a pool of the teacher's streamed ODE trajectories with classifier-free guidance
@@ -31,7 +34,7 @@ import numpy as np
 
 from causal_dit_jax.model.config import ConfigFields, InferenceConfig
 
-STAGES = ("vae", "teacher", "student", "export")
+STAGES = ("vae", "decoder", "teacher", "student", "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +95,13 @@ class RecipeConfig(ConfigFields):
     save_every: int = 500
     log_every: int = 50
     vae_stage: StageConfig = StageConfig(steps=1500, batch_size=16, learning_rate=1e-3, ema_decay=0.99)
+    decoder_stage: StageConfig = StageConfig(steps=1000, batch_size=8, learning_rate=5e-4, ema_decay=0.99)
     teacher_stage: StageConfig = StageConfig(steps=4000, batch_size=32, learning_rate=3e-4)
     student_stage: StageConfig = StageConfig(steps=2000, batch_size=32, learning_rate=1e-4, warmup_steps=50)
 
     def __post_init__(self):
         object.__setattr__(self, "ode_steps", tuple(int(n) for n in self.ode_steps))
-        for name in ("vae_stage", "teacher_stage", "student_stage"):
+        for name in ("vae_stage", "decoder_stage", "teacher_stage", "student_stage"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, StageConfig.from_dict(value))
@@ -248,6 +252,31 @@ def train_vae(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_ear
     mean, std = latent_statistics(objective.encoder, params["encoder"], clips)
     save_params(out / "vae.npz", params)
     _write_json(out / "vae_config.json", {"vae": with_latent_statistics(vae, mean, std).to_dict(), "steps": steps})
+    return {"steps": steps}
+
+
+def train_decoder(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """The decoder fine-tune on `frames`-frame clips (decoder_stage) -> vae.npz's decoder, decoder.json."""
+    from causal_dit_jax.param_archive import save_params
+    from causal_dit_jax.train.autoencoder import AutoencoderConfig, DecoderObjective
+    from causal_dit_jax.train.procedural import draw_labels, render_batch
+    from causal_dit_jax.train.trainer import Trainer
+
+    vae, _, _, params = _vae_from(out)
+    objective = DecoderObjective(vae.replace(per_frame_stages=0), params["encoder"], AutoencoderConfig(kl_weight=0.0))
+    stage = config.decoder_stage
+    trainer = Trainer(objective, stage.optimizer())
+    render = jax.jit(lambda labels: render_batch(labels, config.frames, config.height, config.width))
+
+    def next_batch(step):
+        labels, _ = draw_labels(_stage_rng(config, "decoder", step), stage.batch_size, config.height, config.width)
+        return {"frames": render(labels)}
+
+    state, steps = _run_stage(
+        "decoder", out, trainer, {"decoder": params["decoder"]}, next_batch, stage, config, deadline, finish_early, progress
+    )
+    save_params(out / "vae.npz", {"encoder": params["encoder"], "decoder": state["ema"]["decoder"]})
+    _write_json(out / "decoder.json", {"steps": steps})
     return {"steps": steps}
 
 
@@ -487,6 +516,7 @@ def export(
     steps = {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("teacher", "student")}
     steps["teacher_rounds"] = json.loads((out / "teacher.json").read_text()).get("rounds", [steps["teacher"]])
     steps["vae"] = vae["steps"]
+    steps["decoder"] = json.loads((out / "decoder.json").read_text())["steps"]
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -528,13 +558,20 @@ def run_recipe(
         raise ValueError(f"{out} holds a recipe run with another config ({saved}); use a new folder")
     _write_json(saved, config.to_dict())
     deadline = None if budget_s is None else time.time() + budget_s
-    done = {"vae": "vae.npz", "teacher": "text.npz", "student": "student_dit.npz", "export": "embedded/config.json"}
-    runners = {"vae": train_vae, "teacher": train_teacher, "student": train_student}
+    done = {
+        "vae": "vae.npz",
+        "decoder": "decoder.json",
+        "teacher": "text.npz",
+        "student": "student_dit.npz",
+        "export": "embedded/config.json",
+    }
+    runners = {"vae": train_vae, "decoder": train_decoder, "teacher": train_teacher, "student": train_student}
     report = {}
     rerun = False
     for stage in stages:
         extending = stage in extend and (out / done[stage]).exists()
-        if (out / done[stage]).exists() and not (extending or rerun):
+        stale = rerun or (stage == "export" and report)  # the export follows whatever ran before it
+        if (out / done[stage]).exists() and not (extending or stale):
             continue
         if rerun and not extending and (out / stage).exists():
             import shutil
