@@ -25,6 +25,7 @@ TOY = {
     "save_every": 2,
     "log_every": 1,
     "vae_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "decoder_stage": {"steps": 2, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 1},
     "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
     "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
 }
@@ -36,8 +37,8 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
 
     config = RecipeConfig.from_dict(TOY)
     out = tmp_path / "run"
-    report = run_recipe(config, out, stages=("vae", "teacher"), progress=False)
-    assert report["vae"]["steps"] == 3 and report["teacher"]["steps"] == 3
+    report = run_recipe(config, out, stages=("vae", "decoder", "teacher"), progress=False)
+    assert report["vae"]["steps"] == 3 and report["decoder"]["steps"] == 2 and report["teacher"]["steps"] == 3
     vae = json.loads((out / "vae_config.json").read_text())["vae"]
     assert len(vae["latent_mean"]) == 16 and vae["latent_std"] != [1.0] * 16  # its own statistics
 
@@ -51,7 +52,13 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
 
     meta = json.loads((out / "embedded" / "config.json").read_text())
-    assert meta["steps_run"] == {"teacher": 3, "student": 3, "vae": 3, "teacher_rounds": [3]}
+    assert meta["steps_run"] == {
+        "vae": 3,
+        "decoder": 2,
+        "teacher": 3,
+        "student": 3,
+        "rounds": {"decoder": [2], "teacher": [3], "student": [3]},
+    }
     assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
     pipe = TextToVideoPipeline.from_embedded(out / "embedded")
     assert pipe.default_size == (9, 16, 32) and pipe.inference.local_attn_size == 3  # the trained window
@@ -59,11 +66,17 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     assert video.shape == (1, 9, 16, 32, 3) and video.dtype == np.uint8
 
     before = (out / "teacher_dit.npz").read_bytes()
-    report = run_recipe(config, out, stages=("teacher", "student", "export"), extend=("teacher",), progress=False)
+    report = run_recipe(config, out, extend=("teacher",), progress=False)
     assert report["teacher"]["rounds"] == [3, 3] and report["student"]["steps"] == 3  # the student redone
+    assert set(report) == {"teacher", "student", "export"}  # not the VAE or the decoder: they do not depend on it
     assert "resumed" not in capsys.readouterr().out  # from the new teacher, not the stale checkpoints
     assert (out / "teacher_dit.npz").read_bytes() != before
-    assert json.loads((out / "embedded" / "config.json").read_text())["steps_run"]["teacher_rounds"] == [3, 3]
+    report = run_recipe(config, out, extend=("decoder",), progress=False)
+    assert set(report) == {"decoder", "export"} and report["decoder"]["rounds"] == [2, 2]  # the DiT's stages stay
+    rounds = json.loads((out / "embedded" / "config.json").read_text())["steps_run"]["rounds"]
+    assert rounds == {"decoder": [2, 2], "teacher": [3, 3], "student": [3]}
+    with pytest.raises(ValueError, match="extend, not"):
+        run_recipe(config, out, extend=("vae",))
 
 
 def test_bad_recipes_are_refused(tmp_path):

@@ -35,6 +35,13 @@ import numpy as np
 from causal_dit_jax.model.config import ConfigFields, InferenceConfig
 
 STAGES = ("vae", "decoder", "teacher", "student", "export")
+DEPENDS = {  # the stages whose results each stage is made from
+    "vae": (),
+    "decoder": ("vae",),
+    "teacher": ("vae",),
+    "student": ("teacher",),
+    "export": ("vae", "decoder", "teacher", "student"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +209,12 @@ def _run_stage(
     return state, step
 
 
+def _rounds(out: pathlib.Path, stage: str) -> list[int]:
+    """The steps of each round a stage's result has had (its {stage}.json)."""
+    done = json.loads((out / f"{stage}.json").read_text())
+    return list(done.get("rounds", [done["steps"]]))
+
+
 def _write_json(path: pathlib.Path, value) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(value, indent=2))
@@ -255,8 +268,11 @@ def train_vae(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_ear
     return {"steps": steps}
 
 
-def train_decoder(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
-    """The decoder fine-tune on `frames`-frame clips (decoder_stage) -> vae.npz's decoder, decoder.json."""
+def train_decoder(
+    config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True, extend=False
+) -> dict:
+    """The decoder fine-tune on `frames`-frame clips (decoder_stage) -> vae.npz's decoder, decoder.json
+    (extend: another round from the fine-tuned decoder)."""
     from causal_dit_jax.param_archive import save_params
     from causal_dit_jax.train.autoencoder import AutoencoderConfig, DecoderObjective
     from causal_dit_jax.train.procedural import draw_labels, render_batch
@@ -272,12 +288,15 @@ def train_decoder(config: RecipeConfig, out: pathlib.Path, deadline=None, finish
         labels, _ = draw_labels(_stage_rng(config, "decoder", step), stage.batch_size, config.height, config.width)
         return {"frames": render(labels)}
 
+    rounds = _rounds(out, "decoder") if extend else []
+    name = "decoder" if not rounds else f"decoder_round{len(rounds) + 1}"
     state, steps = _run_stage(
-        "decoder", out, trainer, {"decoder": params["decoder"]}, next_batch, stage, config, deadline, finish_early, progress
+        name, out, trainer, {"decoder": params["decoder"]}, next_batch, stage, config, deadline, finish_early, progress
     )
     save_params(out / "vae.npz", {"encoder": params["encoder"], "decoder": state["ema"]["decoder"]})
-    _write_json(out / "decoder.json", {"steps": steps})
-    return {"steps": steps}
+    rounds = [*rounds, steps]
+    _write_json(out / "decoder.json", {"steps": sum(rounds), "rounds": rounds})
+    return {"steps": steps, "rounds": rounds}
 
 
 def _vae_from(out: pathlib.Path):
@@ -362,8 +381,7 @@ def train_teacher(
 
     rounds = []
     if extend:
-        done = json.loads((out / "teacher.json").read_text())
-        rounds = done.get("rounds", [done["steps"]])
+        rounds = _rounds(out, "teacher")
         _, _, dit_params, text_params = _teacher_from(out, config)
         params = {"dit": dit_params, "text": text_params}
     else:
@@ -437,8 +455,11 @@ def trajectory_end(dit, params, noise, text, negative_text, config: RecipeConfig
     )[:, -1]
 
 
-def train_student(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
-    """The trajectory pool, then ODE regression of the 4-step student -> student_dit.npz (EMA)."""
+def train_student(
+    config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True, extend=False
+) -> dict:
+    """The trajectory pool, then ODE regression of the 4-step student -> student_dit.npz (EMA)
+    (extend: another round from the student's result, on the same pool)."""
     from tqdm import tqdm
 
     from causal_dit_jax.param_archive import save_params
@@ -491,10 +512,18 @@ def train_student(config: RecipeConfig, out: pathlib.Path, deadline=None, finish
         idx = _stage_rng(config, "student", step).integers(0, config.trajectories, stage.batch_size)
         return take(pool, jnp.asarray(idx))
 
-    state, steps = _run_stage("student", out, trainer, dit_params, next_batch, stage, config, deadline, finish_early, progress)
+    rounds, init = [], dit_params
+    if extend:
+        from causal_dit_jax.param_archive import load_params
+
+        rounds = _rounds(out, "student")
+        init = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_params(out / "student_dit.npz", dit.abstract_params()))
+    name = "student" if not rounds else f"student_round{len(rounds) + 1}"
+    state, steps = _run_stage(name, out, trainer, init, next_batch, stage, config, deadline, finish_early, progress)
     save_params(out / "student_dit.npz", state["ema"], config.configs()[0].param_dtype)
-    _write_json(out / "student.json", {"steps": steps})
-    return {"steps": steps}
+    rounds = [*rounds, steps]
+    _write_json(out / "student.json", {"steps": sum(rounds), "rounds": rounds})
+    return {"steps": steps, "rounds": rounds}
 
 
 def export(
@@ -513,10 +542,9 @@ def export(
     shutil.copy(out / "student_dit.npz", tmp / "dit.npz")
     shutil.copy(out / "text.npz", tmp / "text.npz")
     shutil.copy(out / "vae.npz", tmp / "vae.npz")
-    steps = {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("teacher", "student")}
-    steps["teacher_rounds"] = json.loads((out / "teacher.json").read_text()).get("rounds", [steps["teacher"]])
-    steps["vae"] = vae["steps"]
-    steps["decoder"] = json.loads((out / "decoder.json").read_text())["steps"]
+    steps = {"vae": vae["steps"]}
+    steps |= {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("decoder", "teacher", "student")}
+    steps["rounds"] = {s: _rounds(out, s) for s in ("decoder", "teacher", "student")}
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -544,13 +572,14 @@ def run_recipe(
     extend: tuple[str, ...] = (),
 ) -> dict:
     """Run the stages whose results are missing, in order, within budget_s seconds (None: no limit);
-    extend ('teacher'): run that stage another round from its result. The stages after an extended
-    one are run again. Returns {stage: {'steps', 'seconds', ...}} of the stages run now."""
+    extend (of 'decoder', 'teacher', 'student'): run that stage another round from its result. A
+    stage made from a result made again now (`DEPENDS`) is run again. Returns {stage: {'steps',
+    'seconds', ...}} of the stages run now."""
     unknown = [s for s in (*stages, *extend) if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
-    if any(s != "teacher" for s in extend):
-        raise ValueError(f"only the teacher stage extends, got {list(extend)}")
+    if "vae" in extend or "export" in extend:
+        raise ValueError(f"the decoder, teacher and student stages extend, not {list(extend)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
@@ -567,17 +596,15 @@ def run_recipe(
     }
     runners = {"vae": train_vae, "decoder": train_decoder, "teacher": train_teacher, "student": train_student}
     report = {}
-    rerun = False
     for stage in stages:
         extending = stage in extend and (out / done[stage]).exists()
-        stale = rerun or (stage == "export" and report)  # the export follows whatever ran before it
+        stale = any(d in report for d in DEPENDS[stage])  # what it is made from was made again now
         if (out / done[stage]).exists() and not (extending or stale):
             continue
-        if rerun and not extending and (out / stage).exists():
+        if stale and not extending and (out / stage).exists():
             import shutil
 
             shutil.rmtree(out / stage)  # its checkpoints trained on a stale result
-        rerun = rerun or extending  # what comes after an extended stage is stale
         start = time.time()
         if stage == "export":
             export(config, out)
@@ -599,7 +626,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
     p.add_argument("--budget", type=float, default=None, help="seconds for this process; a stage at the limit checkpoints")
     p.add_argument("--finish-early", action="store_true", help="at the budget, end the stage from its EMA weights so far")
-    p.add_argument("--extend", default="", help="'teacher': train that stage another round from its result")
+    p.add_argument("--extend", default="", help="decoder, teacher or student (comma-separated): another round from its result")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     config = RecipeConfig.from_file(args.config)
