@@ -74,7 +74,9 @@ def write_atomic(path: str | os.PathLike, record: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="'embedded', 'random', 'teacher:RUN', or a model folder; repeatable")
+    ap.add_argument(
+        "--model", action="append", required=True, help="'embedded', 'random', 'teacher:RUN', or a model folder; repeatable"
+    )
     ap.add_argument("--pairs", type=int, default=48, help="prompts (balanced over every attribute)")
     ap.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds")
     ap.add_argument("--frames", type=int, default=33)
