@@ -1,2 +1,3 @@
-"""Training the causal DiT: block attention plans, losses (teacher forcing, diffusion forcing), the
-optax optimiser with EMA, the jitted train step under the mesh, data sources and run checkpoints."""
+"""Training: block attention plans, the causal DiT's losses (teacher forcing, diffusion forcing, ODE
+distillation, Self-Forcing DMD), the VAE's and the text encoder's, the optax trainer under the mesh,
+data sources (the procedural world among them), run checkpoints, and the embedded default's recipe."""
