@@ -82,11 +82,14 @@ def ode_trajectory(
     grid = ode_sigma_grid(record, steps_per_segment)
     time = np.arange(f)
 
+    text = teacher.encode_text(params, context)  # once: every Euler step reads the same prompt
+    negative_text = teacher.encode_text(params, negative_context) if guidance_scale != 1.0 else None
+
     def velocity(x, sigma):
         t = jnp.full((b, f), sigma * num_train_timesteps, jnp.float32)
-        v = sequence_forward(teacher, params, x, t, context, plan, time)
+        v = sequence_forward(teacher, params, x, t, context, plan, time, text=text)
         if guidance_scale != 1.0:
-            v_neg = sequence_forward(teacher, params, x, t, negative_context, plan, time)
+            v_neg = sequence_forward(teacher, params, x, t, negative_context, plan, time, text=negative_text)
             v = v_neg + guidance_scale * (v - v_neg)
         return v
 

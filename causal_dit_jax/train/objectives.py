@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from causal_dit_jax.model.dit import CausalWanDiT, Params
+from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
 from causal_dit_jax.model.scheduler import flow_match_timesteps
 from causal_dit_jax.train.block_attention import (
@@ -45,16 +46,19 @@ def sequence_forward(
     remat: bool = False,
     implementation: str | None = None,
     token_sharding: jax.sharding.NamedSharding | None = None,
+    text: TextKV | None = None,
 ) -> jax.Array:
     """The DiT over a whole sequence: latents x [B, F, H, W, C], timesteps t [B, F], text-encoder states
     context [B, K, text_dim], attention under `plan`, frame_time [F] (static numpy: each frame's RoPE
     time) -> flow [B, F, H, W, C] float32. No KV cache; differentiable in params.
     token_sharding: where the patch tokens [B, L, C] live (e.g. batch over 'data', tokens over 'seq':
-    `sequence_sharding`); XLA partitions the blocks along it and gathers keys/values for attention."""
+    `sequence_sharding`); XLA partitions the blocks along it and gathers keys/values for attention.
+    text: `dit.encode_text(params, context)` made once by a caller that runs many forwards of one
+    prompt (an ODE's Euler steps); context is then not read."""
     frame_time = np.asarray(frame_time, np.int32)
     if frame_time.shape != (x.shape[1],) or plan.num_frames != x.shape[1]:
         raise ValueError(f"{x.shape[1]} frames, {frame_time.shape} frame times, a plan of {plan.num_frames} frames")
-    text = dit.encode_text(params, context)
+    text = dit.encode_text(params, context) if text is None else text
     tokens, grid = latents_to_tokens(dit.config, x, t)
     _, gh, gw = grid
     rope = dit.rope_tables(int(frame_time.max()) + 1, x.shape[2], x.shape[3])
