@@ -64,6 +64,10 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     assert pipe.default_size == (9, 16, 32) and pipe.inference.local_attn_size == 3  # the trained window
     video = pipe.generate("a red circle moving left", seed=0)
     assert video.shape == (1, 9, 16, 32, 3) and video.dtype == np.uint8
+    sheet = _sample_strip().main(["--run", str(out), "--model", "embedded", "--out", str(tmp_path / "sheet.png")])
+    import imageio.v3 as iio
+
+    assert iio.imread(sheet).shape == (6 * 16, 2 * 32, 3)  # six prompts, frames 0 and 8
 
     before = (out / "teacher_dit.npz").read_bytes()
     report = run_recipe(config, out, extend=("teacher",), progress=False)
@@ -79,6 +83,17 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         run_recipe(config, out, extend=("vae",))
 
 
+def _sample_strip():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "recipes" / "sample_strip.py"
+    spec = importlib.util.spec_from_file_location("sample_strip", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bad_recipes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must be 1 \\+ 4k"):
         RecipeConfig.from_dict({**TOY, "frames": 10})
@@ -90,6 +105,13 @@ def test_bad_recipes_are_refused(tmp_path):
         RecipeConfig.from_dict({**TOY, "text": "procedural"}).configs()
     with pytest.raises(ValueError, match="unknown stages"):
         run_recipe(RecipeConfig.from_dict(TOY), tmp_path / "x", stages=("warmup",))
-    run_recipe(RecipeConfig.from_dict(TOY), tmp_path / "y", stages=())
+    from causal_dit_jax.train.recipe import main
+
+    config_file = tmp_path / "toy.json"
+    config_file.write_text(json.dumps(TOY))
+    assert main(["--config", str(config_file), "--out", str(tmp_path / "y"), "--stages", "", "--quiet"]) == 0
+    assert json.loads((tmp_path / "y" / "recipe.json").read_text()) == json.loads(RecipeConfig.from_dict(TOY).to_json())
     with pytest.raises(ValueError, match="another config"):
         run_recipe(RecipeConfig.from_dict({**TOY, "seed": 1}), tmp_path / "y", stages=())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "z")])
