@@ -114,7 +114,7 @@ def test_prepare_data_from_videos_then_train(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     source = LatentTextSource(out)
     assert len(source) == 2 and source.shapes["latents"] == (6, 8, 12, 16)
-    pipe = TextToVideoPipeline.random_demo()
+    pipe = TextToVideoPipeline.embedded_default()  # prepare-data's encoders without --checkpoint
     np.testing.assert_allclose(
         source[0]["latents"], np.asarray(pipe.encode_frames(read_mp4(videos / "clip0.mp4")[None]))[0], atol=1e-5
     )
