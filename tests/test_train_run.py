@@ -96,7 +96,7 @@ def test_cli_train_and_bad_configs(tmp_path, data, capsys):
 
 def test_prepare_data_from_videos_then_train(tmp_path, capsys):
     """`causal-dit prepare-data`: captioned mp4s -> latents + umT5 states (the embedded default's
-    encoders), equal to the pipeline's own encodings; then a run of the demo DiT trains on them."""
+    encoders), equal to the pipeline's own encodings; then a run of a DiT of its shapes trains on them."""
     from causal_dit_jax.app.cli import main
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
     from causal_dit_jax.app.video import Mp4Writer, read_mp4
@@ -124,8 +124,8 @@ def test_prepare_data_from_videos_then_train(tmp_path, capsys):
     (videos / "clip1.txt").unlink()
     assert main(["prepare-data", "--videos", str(videos), "--out", str(tmp_path / "other")]) == 2
     assert "has no caption file" in capsys.readouterr().err and not (tmp_path / "other").exists()
-    # a run of the demo DiT on them, with sample videos from the embedded default's umT5 and VAE
-    run = {"out_dir": str(tmp_path / "run"), "data": str(out), "preset": "demo", "steps": 2, "save_every": 1}
+    # a run of the embedded default's DiT shapes on them, with sample videos from its umT5 and VAE
+    run = {"out_dir": str(tmp_path / "run"), "data": str(out), "preset": "procedural", "steps": 2, "save_every": 1}
     run |= {"sample_prompts": ["a red circle moving left", "a blue square moving up"], "sample_with": "embedded"}
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert main(["train", "--config", str(tmp_path / "run.json"), "--quiet"]) == 0
