@@ -68,6 +68,11 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     import imageio.v3 as iio
 
     assert iio.imread(sheet).shape == (6 * 16, 2 * 32, 3)  # six prompts, frames 0 and 8
+    from causal_dit_jax.train.recipe import teacher_generate
+
+    teacher = teacher_generate(config, out)  # the many-step teacher the evaluation scores as teacher:RUN
+    a, b = teacher(["a red circle moving left"], 0, 9, 16, 32), teacher(["a red circle moving left"], 0, 9, 16, 32)
+    assert a.shape == (1, 9, 16, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)  # seeded
 
     before = (out / "teacher_dit.npz").read_bytes()
     report = run_recipe(config, out, extend=("teacher",), progress=False)
