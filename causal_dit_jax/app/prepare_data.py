@@ -2,8 +2,11 @@
 
 Each `name.mp4` with its `name.txt` caption becomes one `.npz` of `train.data.LatentTextSource`: the
 clip's first `frames` frames encoded by the pipeline's encoder (the Wan VAE's, or TAEHV's) and the
-caption's umT5 states. The folder is written whole under a temporary name and moved into place, so a
-stopped run leaves no half-made dataset.
+caption's umT5 states. `prepare_prompts` makes the data of a distillation run (`ode_regression`,
+`dmd`), which needs prompts alone: one `.npz` of umT5 states per line of a prompt file
+(`train.data.TextStateSource`). Both write the negative prompt's states as negative_text.npy (the
+teacher's classifier-free guidance). The folder is written whole under a temporary name and moved
+into place, so a stopped run leaves no half-made dataset.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ def prepare_latents(
     frames: int = 81,
     overwrite: bool = False,
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> pathlib.Path:
     """Encode every captioned video of `videos` (all of one size) into `out_dir`; returns out_dir.
     frames: 1 + 4k with whole chunks of latents (81 -> 21 latents)."""
     from tqdm import tqdm
 
     from causal_dit_jax.checkpoint import check_output_dir
-    from causal_dit_jax.train.data import VideoCaptionSource, write_latent_text_example
+    from causal_dit_jax.train.data import VideoCaptionSource, write_latent_text_example, write_negative_text
 
     out = check_output_dir(out_dir, overwrite)
     first = sorted(pathlib.Path(videos).expanduser().glob("*.mp4"))
@@ -63,12 +67,46 @@ def prepare_latents(
             latents = np.asarray(pipe.encode_frames(record["frames"][None]))[0]  # f h w c
             text = np.asarray(pipe.text_context(record["caption"]))[0]  # k d
             write_latent_text_example(tmp, i, latents, text, caption=record["caption"])
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
+        write_negative_text(tmp, np.asarray(pipe.text_context(negative_prompt))[0])
+        _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-__all__ = ["prepare_latents", "video_size"]
+def prepare_prompts(
+    pipe: TextToVideoPipeline,
+    prompts: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    negative_prompt: str = "",
+) -> pathlib.Path:
+    """Encode every prompt of a prompt file (one a line; blank and '#' lines skipped) with the
+    pipeline's text encoder into `out_dir`, with the negative prompt's states; returns out_dir."""
+    from tqdm import tqdm
+
+    from causal_dit_jax.checkpoint import check_output_dir
+    from causal_dit_jax.train.data import PromptListSource, write_negative_text, write_text_example
+
+    out = check_output_dir(out_dir, overwrite)
+    source = PromptListSource(prompts)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        for i in tqdm(range(len(source)), unit="prompt", desc="encoding", disable=not progress):
+            prompt = source[i]["prompt"]
+            write_text_example(tmp, i, np.asarray(pipe.text_context(prompt))[0], caption=prompt)
+        write_negative_text(tmp, np.asarray(pipe.text_context(negative_prompt))[0])
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+__all__ = ["prepare_latents", "prepare_prompts", "video_size"]

@@ -25,7 +25,7 @@ class SampleWriter:
         """The writer a `RunConfig` asks for; its DiT shapes must be the run's."""
         from causal_dit_jax.train.run import check_run
 
-        model, source = check_run(config)
+        model, _, (_, h, w) = check_run(config)
         if config.sample_with == "embedded":
             pipe = TextToVideoPipeline.embedded_default()
         else:
@@ -36,7 +36,6 @@ class SampleWriter:
                 f"sample_with={config.sample_with!r} holds a DiT of other shapes than the run's; its text encoder "
                 "must feed the run's DiT (same text_dim, text_len and sizes)"
             )
-        _, h, w, _ = source.shapes["latents"]
         s = pipe.vae.config.spatial_factor
         return cls(pipe, config.sample_prompts, config.sample_frames, h * s, w * s, config.seed)
 

@@ -6,16 +6,21 @@ import dataclasses
 
 from causal_dit_jax.model.config import ConfigFields
 
-OBJECTIVES = ("teacher_forcing", "diffusion_forcing")
+OBJECTIVES = ("teacher_forcing", "diffusion_forcing", "ode_regression", "dmd")
+FLOW_OBJECTIVES = ("teacher_forcing", "diffusion_forcing")  # trained on clean latents
+DISTILL_OBJECTIVES = ("ode_regression", "dmd")  # trained from a teacher on prompts alone
+TEACHER_ATTENTION = ("causal", "bidirectional")
 SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig(ConfigFields):
-    """The flow-matching loss on the causal DiT, in blocks of `frames_per_block` latent frames.
+    """The loss on the causal DiT, in blocks of `frames_per_block` latent frames.
 
-    kind: 'teacher_forcing' (Self-Forcing's: [clean | noisy] sequence, noisy half scored) or
-    'diffusion_forcing' (the noisy sequence alone, block-causal). Timesteps are drawn per block,
+    kind: 'teacher_forcing' (Self-Forcing's: [clean | noisy] sequence, noisy half scored),
+    'diffusion_forcing' (the noisy sequence alone, block-causal), or one of the few-step
+    distillations from a teacher, set by `DistillConfig`: 'ode_regression' (onto the teacher's ODE
+    trajectories) or 'dmd' (Self-Forcing's distribution matching on the generator's rollouts). Timesteps are drawn per block,
     uniformly over the training-table indices [min_timestep, max_timestep) of the shifted schedule
     (Self-Forcing's 0.02 / 0.98 of 1000); `bell_weight` weights each frame's MSE by Self-Forcing's
     bell-shaped timestep weight. clean_timestep: the timestep the clean copy is embedded at (0).
@@ -74,4 +79,65 @@ class OptimizerConfig(ConfigFields):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-__all__ = ["OBJECTIVES", "SCHEDULES", "ObjectiveConfig", "OptimizerConfig"]
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(ConfigFields):
+    """Few-step distillation from a teacher (`ObjectiveConfig.kind` 'ode_regression' or 'dmd').
+
+    teacher_attention: how the teacher checkpoint attends: 'causal' (a causal DiT such as this
+    project's teacher-forcing runs: its ODE streams chunk by chunk with the KV cache, its scores are
+    block-causal) or 'bidirectional' (Wan's base model: the whole clip as one block).
+    guidance_scale: the teacher's classifier-free guidance (the data folder's negative_text.npy is the
+    negative prompt). latent_frames / latent_height / latent_width: the generated video's latent shape
+    (default: the data's latents, when its records hold them).
+    denoising_steps: the student's few-step schedule (`InferenceConfig.denoising_steps`; Self-Forcing's 4).
+    ode_steps_per_segment: Euler steps of the teacher between the schedule's noise levels.
+    critic_steps: DMD critic updates per generator update (Self-Forcing: 5); critic_optimizer: its AdamW.
+    """
+
+    teacher_attention: str = "causal"
+    guidance_scale: float = 3.0
+    latent_frames: int | None = None
+    latent_height: int | None = None
+    latent_width: int | None = None
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    ode_steps_per_segment: int = 12
+    critic_steps: int = 5
+    critic_optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self):
+        if self.teacher_attention not in TEACHER_ATTENTION:
+            raise ValueError(f"unknown teacher_attention {self.teacher_attention!r}; expected one of {list(TEACHER_ATTENTION)}")
+        if self.guidance_scale <= 0:
+            raise ValueError(f"guidance_scale must be > 0 (1: no guidance), got {self.guidance_scale}")
+        if self.ode_steps_per_segment < 1 or self.critic_steps < 1:
+            raise ValueError(
+                f"ode_steps_per_segment and critic_steps must be >= 1, got {self.ode_steps_per_segment}, {self.critic_steps}"
+            )
+        shape = (self.latent_frames, self.latent_height, self.latent_width)
+        if any(v is not None for v in shape) and not all(isinstance(v, int) and v >= 1 for v in shape):
+            raise ValueError(f"latent_frames, latent_height and latent_width go together, each >= 1; got {shape}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        d = dict(d)
+        if isinstance(d.get("critic_optimizer"), dict):
+            d["critic_optimizer"] = OptimizerConfig.from_dict(d["critic_optimizer"])
+        if "denoising_steps" in d:
+            d["denoising_steps"] = tuple(d["denoising_steps"])
+        return super().from_dict(d)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """[F, H, W] of the generated latents, or None (take the data's)."""
+        return None if self.latent_frames is None else (self.latent_frames, self.latent_height, self.latent_width)
+
+
+__all__ = [
+    "DISTILL_OBJECTIVES",
+    "FLOW_OBJECTIVES",
+    "OBJECTIVES",
+    "SCHEDULES",
+    "DistillConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+]

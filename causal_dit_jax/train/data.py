@@ -6,6 +6,8 @@ Sources (each a grain random-access source: `len(src)`, `src[i]` -> one record d
                                  -> {"latents": f32 [F, H, W, C], "text": f32 [K, D]}
     VideoCaptionSource(folder, num_frames, height, width)
                                  *.mp4 + same-stem *.txt -> {"frames": u8 [T, H, W, 3], "caption": str}
+    TextStateSource(folder)      *.npz with `text` [K, D] (latents, if any, are not read)
+                                 -> {"text": f32 [K, D]}: the prompts of a distillation run
     PromptListSource(path)       one prompt a line -> {"prompt": str}
 
 `make_dataset(source, batch_size, seed, ...)` builds the grain pipeline
@@ -79,7 +81,7 @@ def write_latent_text_example(
     written to a hidden temporary file in the same folder, then renamed into place. float16 is stored
     as float16, other floats (bf16, f64) as float32. Creates the folder if needed; returns the path."""
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise ValueError(f"index must be a non-negative int, got {index!r}")
+        raise ValueError(f"index must be a non-negative int, got {index!r}")  # before any array work
     latents, text = np.asarray(latents), np.asarray(text)
     if latents.ndim != 4 or not _is_float(latents.dtype):
         raise ValueError(f"latents must be float [F, H, W, C], got {latents.dtype} {latents.shape}")
@@ -93,6 +95,13 @@ def write_latent_text_example(
     }
     if caption is not None:
         arrays["caption"] = np.array(caption)  # '<U…' scalar: loads without pickle
+    return _write_npz(folder, index, arrays)
+
+
+def _write_npz(folder: str | os.PathLike, index: int, arrays: dict[str, np.ndarray]) -> pathlib.Path:
+    """FOLDER/{index:08d}.npz, written to a hidden temporary file then renamed into place."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}")
     root = pathlib.Path(folder).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{int(index):08d}.npz"
@@ -154,6 +163,89 @@ class LatentTextSource:
 
     def __repr__(self) -> str:
         return f"LatentTextSource({str(self.folder)!r}, {len(self)} records, {self.shapes})"
+
+
+NEGATIVE_TEXT_FILE = "negative_text.npy"  # beside the records: the negative prompt's states [K, D]
+
+
+def write_text_example(folder: str | os.PathLike, index: int, text: Any, caption: str | None = None) -> pathlib.Path:
+    """Write FOLDER/{index:08d}.npz with `text` [K, D] (and `caption`) alone, atomically: a record of
+    `TextStateSource` (a prompt of a distillation run, which needs no video)."""
+    text = np.asarray(text)
+    if text.ndim != 2 or not _is_float(text.dtype):
+        raise ValueError(f"text must be float [K, D], got {text.dtype} {text.shape}")
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"caption must be a str or None, got {type(caption).__name__}")
+    arrays = {"text": text if text.dtype in (np.float16, np.float32) else text.astype(np.float32)}
+    if caption is not None:
+        arrays["caption"] = np.array(caption)
+    return _write_npz(folder, index, arrays)
+
+
+def write_negative_text(folder: str | os.PathLike, text: Any) -> pathlib.Path:
+    """FOLDER/negative_text.npy: the negative prompt's text states [K, D] (float32), atomically; the
+    teacher's classifier-free guidance reads it (not a record: sources list *.npz only)."""
+    text = np.asarray(text)
+    if text.ndim != 2 or not _is_float(text.dtype):
+        raise ValueError(f"negative text must be float [K, D], got {text.dtype} {text.shape}")
+    root = pathlib.Path(folder).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / NEGATIVE_TEXT_FILE
+    tmp = root / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, text.astype(np.float32))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class TextStateSource:
+    """Records {"text": f32 [K, D]} from FOLDER/*.npz (a `write_text_example` folder, or a latents
+    folder whose latents are then not read): the prompts of a distillation run.
+
+    latent_shape: the first file's latents [F, H, W] when it holds them (else None); negative_text:
+    FOLDER/negative_text.npy [K, D] when present (else None)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder, self.files = _folder(folder, "*.npz", "text-state")
+        try:
+            with _NPY_READ, np.load(self.files[0], allow_pickle=False) as f:
+                if "text" not in f.files:
+                    raise ValueError(f"{self.files[0]} lacks 'text' (it holds {f.files})")
+                text = f["text"]
+                self.latent_shape = tuple(f["latents"].shape[:3]) if "latents" in f.files else None
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{self.files[0]} is not a readable .npz file: {e}") from e
+        if text.ndim != 2 or not _is_float(text.dtype):
+            raise ValueError(f"{self.files[0]}: text must be float [K, D], got {text.dtype} {text.shape}")
+        self.shapes = {"text": text.shape}
+        negative = self.folder / NEGATIVE_TEXT_FILE
+        self.negative_text = None
+        if negative.is_file():
+            with _NPY_READ:
+                self.negative_text = np.load(negative, allow_pickle=False).astype(np.float32)
+            if self.negative_text.shape != text.shape:
+                raise ValueError(f"{negative} has shape {self.negative_text.shape}, the records' text {text.shape}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        path = self.files[index]
+        with _NPY_READ, np.load(path, allow_pickle=False) as f:
+            if "text" not in f.files:
+                raise ValueError(f"{path} lacks 'text' (it holds {f.files})")
+            text = np.asarray(f["text"], np.float32)
+        if text.shape != self.shapes["text"]:
+            raise ValueError(
+                f"{path}: text has shape {text.shape}, but {self.files[0].name} (the first file) has {self.shapes['text']}"
+            )
+        return {"text": text}
+
+    def __repr__(self) -> str:
+        return f"TextStateSource({str(self.folder)!r}, {len(self)} records, {self.shapes})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,10 +497,14 @@ __all__ = [
     "DEFAULT_READ_OPTIONS",
     "BatchedDataset",
     "DataIterator",
+    "NEGATIVE_TEXT_FILE",
     "LatentTextSource",
     "PromptListSource",
+    "TextStateSource",
     "VideoCaptionSource",
     "iterate",
     "make_dataset",
     "write_latent_text_example",
+    "write_negative_text",
+    "write_text_example",
 ]

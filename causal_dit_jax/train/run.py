@@ -16,18 +16,20 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from causal_dit_jax.model.config import ConfigFields, ModelConfig, get_preset
-from causal_dit_jax.train.config import ObjectiveConfig, OptimizerConfig
+from causal_dit_jax.train.config import DISTILL_OBJECTIVES, DistillConfig, ObjectiveConfig, OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(ConfigFields):
-    """One training run. data: a folder of .npz latents + text states (`train.data.LatentTextSource`);
+    """One training run. data: a folder of .npz latents + text states (`train.data.LatentTextSource`;
+    for the distillations, 'ode_regression' and 'dmd', text states alone suffice: `TextStateSource`,
+    with the negative prompt's states in negative_text.npy, as `causal-dit prepare-data` writes them);
     init: a converted DiT checkpoint folder to start from (`causal-dit convert`), or None for random
-    weights of `preset` (or of `model`, a ModelConfig dict, when given); mesh: devices (0: one device),
+    weights of `preset` (or of `model`, a ModelConfig dict, when given); teacher: the frozen teacher's
+    checkpoint folder for the distillations (`distill` says how it attends and guides), critic: DMD's
+    critic's starting weights (default the teacher's); mesh: devices (0: one device),
     mesh / seq of them on the data axis and `seq` splitting each sequence's tokens; steps: optimiser
     updates in all (a resumed run continues to it). sample_prompts: at every checkpoint the EMA weights
     make one `sample_frames`-frame video per prompt into samples/, decoded with the text encoder and
@@ -53,6 +55,9 @@ class RunConfig(ConfigFields):
     sample_frames: int = 21
     objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    teacher: str | None = None
+    critic: str | None = None
+    distill: DistillConfig = DistillConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "save_every", "keep", "log_every"):
@@ -67,6 +72,17 @@ class RunConfig(ConfigFields):
             raise ValueError("sample_prompts need sample_with: 'embedded' or a converted checkpoint folder (its umT5 and VAE)")
         if self.seq < 1 or (self.seq > 1 and (not self.mesh or self.mesh % self.seq)):
             raise ValueError(f"seq={self.seq} must divide the mesh's {self.mesh} devices (seq > 1 needs a mesh)")
+        distilling = self.objective.kind in DISTILL_OBJECTIVES
+        if distilling and self.teacher is None:
+            raise ValueError(
+                f"objective {self.objective.kind!r} distils a teacher: set 'teacher' (a converted checkpoint folder)"
+            )
+        if not distilling and (self.teacher is not None or self.critic is not None):
+            raise ValueError(f"'teacher' and 'critic' are read only by {list(DISTILL_OBJECTIVES)}, not {self.objective.kind!r}")
+        if self.critic is not None and self.objective.kind != "dmd":
+            raise ValueError("'critic' is DMD's critic (objective 'dmd')")
+        if distilling and self.seq > 1:
+            raise ValueError(f"objective {self.objective.kind!r} runs on the data axis only (seq=1), got seq={self.seq}")
         data = self.mesh // self.seq if self.mesh else 1
         if (self.batch_size // self.optimizer.accumulate) % data:
             raise ValueError(
@@ -80,7 +96,7 @@ class RunConfig(ConfigFields):
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown RunConfig fields: {sorted(unknown)}")
-        for name, sub in (("objective", ObjectiveConfig), ("optimizer", OptimizerConfig)):
+        for name, sub in (("objective", ObjectiveConfig), ("optimizer", OptimizerConfig), ("distill", DistillConfig)):
             if isinstance(d.get(name), dict):
                 d[name] = sub.from_dict(d[name])
         if "out_dir" not in d or "data" not in d:
@@ -108,25 +124,62 @@ class RunConfig(ConfigFields):
 
 
 def check_run(config: RunConfig):
-    """Every check that needs no compile: the data folder and its shapes against the model, the mesh.
-    Returns (model config, the data source)."""
-    from causal_dit_jax.train.data import LatentTextSource
+    """Every check that needs no compile: the data folder and its shapes against the model (and the
+    teacher's), the mesh. Returns (model config, the data source, the latent shape [F, H, W])."""
+    from causal_dit_jax.train.data import LatentTextSource, TextStateSource
 
     model = config.model_config()
-    source = LatentTextSource(config.data)
-    latents, text = source.shapes["latents"], source.shapes["text"]
-    f, h, w, c = latents
-    if c != model.in_dim or text[-1] != model.text_dim:
+    if config.objective.kind in DISTILL_OBJECTIVES:
+        source = TextStateSource(config.data)
+        shape = config.distill.latent_shape or source.latent_shape
+        if shape is None:
+            raise ValueError(
+                f"the data ({config.data}) holds text states alone: give the video's latent shape as distill's "
+                "latent_frames, latent_height and latent_width"
+            )
+        _check_teacher(config, model)
+        if config.distill.guidance_scale != 1.0 and source.negative_text is None:
+            raise ValueError(
+                f"guidance_scale={config.distill.guidance_scale} needs the negative prompt's states: "
+                f"{config.data}/negative_text.npy (`causal-dit prepare-data` writes it)"
+            )
+    else:
+        source = LatentTextSource(config.data)
+        shape = source.shapes["latents"][:3]
+        c = source.shapes["latents"][3]
+        if c != model.in_dim:
+            raise ValueError(f"the data ({config.data}) holds latents of {c} channels; the model reads {model.in_dim}")
+    f, h, w = shape
+    text = source.shapes["text"]
+    if text[-1] != model.text_dim:
         raise ValueError(
-            f"the data ({config.data}) holds latents [{f}, {h}, {w}, {c}] and text [.., {text[-1]}]; the model reads "
-            f"{model.in_dim} latent channels and text of width {model.text_dim}"
+            f"the data ({config.data}) holds text of width {text[-1]}; the model reads text of width {model.text_dim}"
         )
     if f % config.objective.frames_per_block:
         raise ValueError(f"{f} latent frames are not whole blocks of {config.objective.frames_per_block}")
     model.tokens_per_frame(h, w)
     if config.mesh > jax.device_count():
         raise ValueError(f"mesh={config.mesh} devices, but {jax.device_count()} are visible")
-    return model, source
+    return model, source, (int(f), int(h), int(w))
+
+
+def _check_teacher(config: RunConfig, model: ModelConfig) -> None:
+    """The teacher's (and critic's) checkpoint exists and reads the student's latents and text."""
+    from causal_dit_jax.checkpoint import read_checkpoint_config
+
+    for role in ("teacher", "critic"):
+        folder = getattr(config, role)
+        if folder is None:
+            continue
+        meta = read_checkpoint_config(folder)
+        if "dit" not in meta:
+            raise ValueError(f"{role} {folder}: its config.json has no 'dit' section (not a DiT checkpoint)")
+        other = ModelConfig.from_dict(meta["dit"])
+        if (other.in_dim, other.text_dim, other.patch_size) != (model.in_dim, model.text_dim, model.patch_size):
+            raise ValueError(
+                f"the {role} ({folder}) reads latents of {other.in_dim} channels, text of width {other.text_dim} and "
+                f"patches {other.patch_size}; the model being trained {model.in_dim}, {model.text_dim}, {model.patch_size}"
+            )
 
 
 def save_loss_curve(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
@@ -166,10 +219,10 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
     from causal_dit_jax.model.dit import CausalWanDiT, load_dit
     from causal_dit_jax.train.checkpoints import RunCheckpoints, export_inference_checkpoint
     from causal_dit_jax.train.data import iterate, make_dataset
-    from causal_dit_jax.train.objectives import FlowObjective
-    from causal_dit_jax.train.trainer import Trainer, train_mesh
+    from causal_dit_jax.train.run_objectives import make_run_objective, tokens_per_step
+    from causal_dit_jax.train.trainer import train_mesh
 
-    model, source = check_run(config)  # before any compile
+    model, source, latent_shape = check_run(config)  # before any compile
     out = pathlib.Path(config.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(config.to_dict(), indent=2)
@@ -179,15 +232,13 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
         raise ValueError(f"{out} holds a run with another config ({saved}); use a new out_dir to start another run")
     saved.write_text(config_json)
 
-    master = model.replace(param_dtype="float32")  # float32 master weights, compute in model.dtype
-    dit = CausalWanDiT(master)
     if config.init is not None:
         _, params = load_dit(config.init)
     else:
-        params = dit.init(jax.random.key(config.seed))
+        params = CausalWanDiT(model.replace(param_dtype="float32")).init(jax.random.key(config.seed))
     mesh = train_mesh(config.mesh, seq=config.seq) if config.mesh else None
-    trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat, mesh=mesh), config.optimizer, mesh)
-    state = trainer.init_state(params, config.seed)
+    run = make_run_objective(config, model, mesh, latent_shape, getattr(source, "negative_text", None))
+    state = run.init_state(params, config.seed)
     del params
     dataset = make_dataset(
         source, config.batch_size, config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
@@ -200,21 +251,20 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             state, data_state, _ = ckpts.restore(abstract)
             data.set_state(data_state)
-            resumed_from = int(state["step"])
+            resumed_from = run.step_of(state)
             # the metrics of steps after the checkpoint are logged again by this run
             if metrics_path.exists():
                 rows = [r for r in metrics_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resumed_from]
                 metrics_path.write_text("".join(r + "\n" for r in rows))
             print(f"resumed from step {resumed_from} in {out / 'checkpoints'}", flush=True)
-        step = int(state["step"])
-        tokens = config.batch_size * int(np.prod(source.shapes["latents"][:3])) // (model.patch_size[1] * model.patch_size[2])
+        step = run.step_of(state)
+        tokens = tokens_per_step(config, model, latent_shape)
         last = {}
         bar = tqdm(total=config.steps, initial=step, unit="step", desc="training", disable=not progress)
         t_last = time.perf_counter()
         end = config.steps if stop_after is None else min(config.steps, step + stop_after)
         while step < end:
-            batch = next(data)
-            state, metrics = trainer.step(state, {"latents": jnp.asarray(batch["latents"]), "text": jnp.asarray(batch["text"])})
+            state, metrics = run.step(state, next(data), step)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -231,12 +281,12 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
                 if metrics_path.exists():
                     save_loss_curve(metrics_path, out / "loss.png")
                 if on_checkpoint is not None:
-                    on_checkpoint(step, state["ema"], out)
+                    on_checkpoint(step, run.ema(state), out)
         bar.close()
     if step < config.steps:
         print(f"stopped at step {step} of {config.steps}; run the same config again to resume", flush=True)
         return {"step": step, "loss": last.get("loss"), "resumed_from": resumed_from}
-    export_inference_checkpoint(state["ema"], model, out / "export", overwrite=True)
+    export_inference_checkpoint(run.ema(state), model, out / "export", overwrite=True)
     print(f"trained to step {step}; the EMA weights are in {out / 'export'} (load_dit)", flush=True)
     return {"step": step, "loss": last.get("loss"), "resumed_from": resumed_from}
 
