@@ -71,8 +71,16 @@ def save_checkpoint(
     """
     import orbax.checkpoint as ocp
 
+    # Written by the calling process alone (its arrays host or addressable ones): across hosts, the
+    # caller is one process (e.g. a training run's process 0 with the gathered weights).
+    options = {}
+    if jax.process_count() > 1:
+        me = jax.process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"save{me}"
+        )
     with atomic_dir(out_dir, overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = ocp.StandardCheckpointer(**options)
         for name, tree in components.items():
             ckptr.save(tmp / name, tree)
         ckptr.wait_until_finished()

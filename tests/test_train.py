@@ -259,28 +259,3 @@ def test_ode_trajectory_and_regression(model):
     end = float(evaluate(state["params"]))
     print(f"ODE regression loss under fixed draws: {start:.4f} -> {end:.4f}")
     assert end < 0.5 * start  # a deterministic target: the student fits it
-
-
-def test_the_sequence_axis_splits_tokens_with_the_same_loss_and_gradients(model):
-    """A 2 x 4 mesh (data x seq): the batch over 'data', each sequence's tokens over 'seq' (XLA
-    partitions the blocks, gathering keys and values for attention); the loss and gradients equal one
-    device's."""
-    dit, params = model
-    batch = _batch(9, b=2)
-    one = Trainer(FlowObjective(dit), OptimizerConfig(learning_rate=1e-4))
-    loss1, _, g1 = jax.jit(one.loss_and_grads)(params, batch, jax.random.key(4))
-    mesh = train_mesh(8, seq=4)
-    assert dict(mesh.shape) == {"data": 2, "seq": 4}
-    objective = FlowObjective(dit, mesh=mesh)
-    many = Trainer(objective, OptimizerConfig(learning_rate=1e-4), mesh=mesh)
-    state = many.init_state(params)
-    placed = jax.device_put(batch, many.batch_sharding(batch))
-    step = jax.jit(many.loss_and_grads)
-    hlo = step.lower(state["params"], placed, jax.random.key(4)).as_text()
-    assert '<@mesh, [{"data"}, {"seq"}, {}]>' in hlo  # the tokens [B, L, C] split over data x seq
-    loss8, _, g8 = step(state["params"], placed, jax.random.key(4))
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="seq=3 does not divide 8 devices"):
-        train_mesh(8, seq=3)

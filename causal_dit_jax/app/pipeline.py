@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ DECODERS = {"wan": "vae", "taehv": "taehv"}  # --decoder name -> checkpoint comp
 ENCODERS = {"wan": "vae_encoder", "taehv": "taehv_encoder"}  # --encoder name -> checkpoint component
 DEFAULT_SIZE = (81, 480, 832)  # Self-Forcing's video: frames, height, width
 DEMO_SIZE = (33, 128, 192)  # the random-weights demo's
+# (chunk index, prompt) pairs, or a callable polled before each chunk: chunk index -> prompt or None.
+# A prompt is one string for every video of the batch, or one string per video.
+PromptSchedule = Sequence[tuple[int, str | Sequence[str]]] | Callable[[int], str | Sequence[str] | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +221,45 @@ def plan_request(
         cond = Conditioning("video", clip, first_step_for_strength(strength, len(inference.denoising_steps)))
     f = decoder.spatial_factor
     return RequestPlan(cond, context_latents, total - context_latents, height // f, width // f, out)
+
+
+def switch_prompts(prompt, batch: int, where: str) -> list[str]:
+    """A switch's prompt as the batch's list: one non-empty string for every video, or one per video."""
+    prompts = [prompt] * batch if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, Sequence) or len(prompts) != batch or not all(isinstance(x, str) and x.strip() for x in prompts):
+        raise ValueError(f"{where}: a prompt must be a non-empty string (or {batch} of them, one per video), got {prompt!r}")
+    return list(prompts)
+
+
+def prompt_switches(
+    schedule: Sequence[tuple[int, str | Sequence[str]]], chunks: int, batch: int, name: str = "prompt_schedule"
+) -> dict[int, list[str]]:
+    """A schedule of (chunk index, prompt) pairs checked before any model work: {chunk: the batch's
+    prompts}. Indices are latent chunks of the generated video (`chunks` of them), increasing, from 1
+    (chunk 0 takes the request's prompt). name: what the errors call the schedule."""
+    if isinstance(schedule, str) or not isinstance(schedule, Sequence):
+        raise ValueError(
+            f"{name} must be (chunk index, prompt) pairs or a callable chunk index -> prompt or None, got {schedule!r}"
+        )
+    switches: dict[int, list[str]] = {}
+    last = 0
+    for entry in schedule:
+        if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+            raise ValueError(f"{name} entries are (chunk index, prompt) pairs, got {entry!r}")
+        index, prompt = entry
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ValueError(f"{name}: a chunk index must be an int, got {index!r}")
+        if not 1 <= index < chunks:
+            where = f"chunks 1 .. {chunks - 1}" if chunks > 1 else "no chunk (make the video longer)"
+            raise ValueError(
+                f"{name}: chunk {index} is not a later chunk of this video: it has {chunks} latent "
+                f"chunk{'s' if chunks != 1 else ''} and chunk 0 takes the prompt, so switches go at {where}"
+            )
+        if index <= last:
+            raise ValueError(f"{name}: chunk indices must increase, got {index} after {last}")
+        switches[int(index)] = switch_prompts(prompt, batch, f"{name} at chunk {index}")
+        last = index
+    return switches
 
 
 class TextToVideoPipeline:
@@ -526,6 +568,9 @@ class TextToVideoPipeline:
         video: np.ndarray | None = None,
         strength: float = 0.5,
         context_chunks: int = 2,
+        prompt_schedule: PromptSchedule | None = None,
+        recache: bool = True,
+        recache_chunks: int | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield uint8 frames [B, n, H, W, 3] as soon as each VAE call decodes them: with one latent per
         call, 1 frame, then 4 per latent frame (with 3, 9 then 12 per chunk).
@@ -543,8 +588,19 @@ class TextToVideoPipeline:
         all that make whole chunks) are encoded, noised to the step `strength` selects (int(strength *
         steps) steps run; 1 ignores the video) and denoised chunk by chunk.
 
+        prompt_schedule: switch the prompt at chunk boundaries, without restarting the stream. Either
+        (chunk index, prompt) pairs, indices increasing from 1 (chunk 0 takes `prompts`), or a callable
+        chunk index -> prompt or None (keep the current one), polled before each chunk from chunk 1 on,
+        once the frames before it have been yielded: a live prompt. A prompt is a string for every
+        video or one per video; one equal to the current is no switch. Chunk k is the k-th chunk of
+        generated latents (3 latent frames: 12 video frames, from frame 12 k - 3 of a text-to-video).
+        recache: at a switch, re-run the last clean chunks at t=0 with the new prompt into the KV cache
+        (LongLive's KV re-cache; the attention sink kept), so that the next chunks follow the new prompt
+        at once; False keeps the keys made under the old one. recache_chunks: how many (default: all
+        that the cache attends; 0: a cut, the next chunk starts from the new prompt and the sink alone).
+
         stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
-        'encode_s'.
+        'encode_s'; with a schedule, 'switches': the (chunk index, prompts) of each switch made.
         """
         batch = 1 if isinstance(prompts, str) else len(prompts)
         plan = self.plan(
@@ -560,6 +616,13 @@ class TextToVideoPipeline:
         )
         cond, p, g = plan.conditioning, plan.context_latents, plan.generated_latents
         h, w = plan.latent_height, plan.latent_width
+        text_for_chunk = self._text_schedule(prompts, batch, g, prompt_schedule, stats)
+        if not isinstance(recache, bool):
+            raise ValueError(f"recache must be True or False, got {recache!r}")
+        if recache_chunks is not None and (text_for_chunk is None or not recache):
+            raise ValueError("recache_chunks needs a prompt_schedule with recache=True (it sizes the re-cache at a switch)")
+        if text_for_chunk is not None and recache:
+            self.sampler.recache_limit(p + g, recache_chunks)  # checks it against the cache
         # Prompt-independent setup first (queued on the device while the prompt is encoded).
         rope = self.model.rope_tables(p + g, h, w)
         cache = self.sampler.init_cache(batch, p + g, h, w)
@@ -589,6 +652,9 @@ class TextToVideoPipeline:
                 cache=cache,
                 context=context,
                 first_step=cond.first_step,
+                text_for_chunk=text_for_chunk,
+                recache=recache,
+                recache_chunks=recache_chunks,
             ):
                 yield latents, True
 
@@ -606,8 +672,36 @@ class TextToVideoPipeline:
 
     def generate(self, prompts: str | Sequence[str], frames: int | None = None, *args, **kw) -> np.ndarray:
         """The whole video: uint8 [B, frames, H, W, 3] (with `extend`, the new frames); the arguments as
-        `stream`'s."""
+        `stream`'s (a prompt_schedule too)."""
         return np.concatenate(list(self.stream(prompts, frames, *args, **kw)), axis=1)
+
+    def _text_schedule(
+        self, prompts, batch: int, generated_latents: int, schedule: PromptSchedule | None, stats: dict | None
+    ) -> Callable[[int], TextKV | None] | None:
+        """The sampler's `text_for_chunk` for a prompt schedule (checked here, before any model work; a
+        callable's answers when it is polled): each new prompt encoded when its chunk comes."""
+        if schedule is None:
+            return None
+        if callable(schedule):
+            poll = schedule
+        else:
+            switches = prompt_switches(schedule, generated_latents // self.inference.frames_per_chunk, batch)
+            poll = switches.get
+        current = [prompts] if isinstance(prompts, str) else list(prompts)
+
+        def text_for_chunk(chunk: int) -> TextKV | None:
+            prompt = poll(chunk)
+            if prompt is None:
+                return None
+            new = switch_prompts(prompt, batch, f"prompt_schedule({chunk})")
+            if new == current:
+                return None
+            current[:] = new
+            if stats is not None:
+                stats.setdefault("switches", []).append((chunk, list(new)))
+            return self.encode_prompts(new)
+
+        return text_for_chunk
 
 
 def save_pipeline_checkpoint(pipe: TextToVideoPipeline, out_dir: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
@@ -664,11 +758,14 @@ def _temporal_factor(encoder) -> int:
 __all__ = [
     "DECODERS",
     "ENCODERS",
+    "PromptSchedule",
     "RequestPlan",
     "TextToVideoPipeline",
     "VideoSpec",
     "pipeline_configs",
     "plan_request",
+    "prompt_switches",
     "save_pipeline_checkpoint",
+    "switch_prompts",
     "video_spec",
 ]

@@ -12,12 +12,17 @@ Conditioning on video (`stream`'s `context` and `first_step`): clean context lat
 image or clip) are run chunk by chunk at t=0 into the cache before the first generated chunk, as
 Self-Forcing's `initial_latent` path; video-to-video starts each chunk at a later denoising step from
 an encoded video noised to that step (`noise_to_step`, `first_step_for_strength`).
+
+Prompt switching (`stream`'s `text_for_chunk`): a chunk may attend to a new prompt, and LongLive's KV
+re-cache then re-fills the cache from the last clean chunks with the new text (`kv_recache`), so that
+the next chunk does not read keys made under the old prompt.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +145,61 @@ class SelfForcingSampler:
             cache = self._context_fn(params, context[:, j * c : (j + 1) * c], cache, text, start, rope)
         return cache
 
+    def recache_limit(self, num_frames: int, recache_chunks: int | None = None) -> int:
+        """The chunks a KV re-cache re-fills at most in a stream whose cache holds `num_frames` latent
+        frames (context included): the earlier chunks a chunk attends, the sink not counted (every
+        earlier chunk under global attention). recache_chunks, if given, is checked against it (0: a
+        cut, nothing re-filled) and returned. A sink that is not whole chunks is refused: after a
+        re-cache the re-filled chunks would see the sink chunk's frames that the window has evicted."""
+        layout = self.inference.cache_layout(num_frames)
+        c = self.inference.frames_per_chunk
+        if layout.sink_frames % c:
+            raise ValueError(
+                f"a KV re-cache needs an attention sink of whole chunks (sink_size a multiple of "
+                f"frames_per_chunk={c}), got sink_size={layout.sink_frames}; switch the prompt without it (recache=False)"
+            )
+        limit = max(layout.capacity - layout.sink_chunks - 1, 0)
+        if recache_chunks is None:
+            return limit
+        if isinstance(recache_chunks, bool) or not isinstance(recache_chunks, int) or not 0 <= recache_chunks <= limit:
+            raise ValueError(
+                f"recache_chunks must be an int in [0, {limit}] (the earlier chunks this stream's cache lets a "
+                f"chunk attend{', less the sink' if layout.sink_chunks else ''}; 0 cuts), got {recache_chunks!r}"
+            )
+        return recache_chunks
+
+    def kv_recache(
+        self,
+        params: Params,
+        text: TextKV,
+        recent: Sequence[tuple[int, jax.Array, bool]],
+        cache: KVCache,
+        origin: int,
+        next_start: int,
+        rope: RopeTables,
+    ) -> tuple[KVCache, int]:
+        """LongLive's KV re-cache: the clean chunks `recent` run again into the cache with `text`, in
+        order, each seeing the sink and the re-filled chunks before it (not the later ones, nor what the
+        cache held before); the chunk from frame `next_start` (the next to denoise) then sees the sink
+        and them. recent: (start frame, latents [B, c, H, W, C], whether it is context, run at t=0 as
+        `prefill` does; else at `context_noise` as `fill_cache`), the consecutive chunks just before
+        next_start, oldest first, none of them a sink chunk; empty: a cut (the sink alone is kept).
+        origin: the cache's `origin_frame` as a host int (read nothing back from the device).
+
+        How: keys carry their absolute positions, so the cache's chunk order is free. The origin moves
+        so that the oldest re-filled chunk takes the first slot after the sink: each re-filled chunk
+        then finds the sink and the re-filled chunks before it as the valid slots, the rest of the
+        ring as not yet written (the window's frame mask is unchanged: it counts frames relative to the
+        chunk). Later chunks go on from there. Returns the cache (consumed) and its new origin."""
+        c = self.inference.frames_per_chunk
+        new_origin = next_start - (len(recent) + cache.sink_chunks) * c
+        # the scalar shifted in place, so that it keeps its placement (and the executables their key)
+        cache = cache.replace(origin_frame=cache.origin_frame + (new_origin - origin))
+        for start, latents, is_context in recent:
+            fill = self._context_fn if is_context else self._fill_fn
+            cache = fill(params, latents, cache, text, jnp.asarray(start, jnp.int32), rope)
+        return cache, new_origin
+
     def first_step_for_strength(self, strength: float) -> int:
         """`first_step_for_strength` for this sampler's schedule."""
         return first_step_for_strength(strength, len(self.timesteps))
@@ -162,6 +222,9 @@ class SelfForcingSampler:
         step_noise: jax.Array | None = None,
         context: jax.Array | None = None,
         first_step: int = 0,
+        text_for_chunk: Callable[[int], TextKV | None] | None = None,
+        recache: bool = True,
+        recache_chunks: int | None = None,
     ) -> Iterator[jax.Array]:
         """Yield each finished latent chunk [B, c, H, W, C] as soon as it is denoised.
 
@@ -182,6 +245,18 @@ class SelfForcingSampler:
         are what is yielded; the cache and RoPE tables then cover P + F frames).
         first_step: start every chunk at this step of the schedule, `noise` holding the chunks at its
         noise level (video-to-video: `noise_to_step`); 0 starts from pure noise.
+        text_for_chunk: prompt switching. Called with i = 1, 2, ... once the chunk before has been
+        handed out, before chunk i (counted from the first generated one) is denoised: a new prompt's
+        TextKV (the shape of `text`), from which chunk i on attend to it, or None to keep the current
+        one. A chunk's cache fill runs with the text it was denoised with, so without a re-cache the
+        cache keeps the keys made under the old prompt.
+        recache: at a switch, re-cache (`kv_recache`): the last clean chunks run again at t=0 with the
+        new text into the cache (in place of the plain fill of the chunk before), the sink kept; the
+        cache then holds what a stream with the new prompt from those chunks on would hold, and chunks
+        older than them are dropped. recache_chunks: how many (default, and at most, what a chunk
+        attends: `recache_limit`; fewer where fewer have been made since the sink or the last re-cache;
+        0: a cut, the next chunk sees the sink alone). Only then are the last clean chunks kept (on the
+        device, that many).
         """
         b, f, h, w, ch = noise.shape
         if ch != self.dit.config.in_dim:
@@ -229,8 +304,14 @@ class SelfForcingSampler:
                     f"{expected.sink_frames} / window {expected.window_frames} (make it with init_cache)"
                 )
             cache = cache.replace(origin_frame=jnp.asarray(start_frame, jnp.int32))
+        recaching = text_for_chunk is not None and recache
+        window = self.recache_limit(total, recache_chunks) if recaching else 0  # their clean latents are kept
+        recent: collections.deque[tuple[int, jax.Array, bool]] = collections.deque(maxlen=window)
+        origin = start_frame  # the cache's origin_frame on the host (a re-cache moves it)
         if context is not None:
             cache = self.prefill(params, text, context, cache, start_frame, rope)
+            for j in range(p // c if window else 0):
+                recent.append((start_frame + j * c, context[:, j * c : (j + 1) * c], True))
         for i in range(chunks):
             if step_noise is None:
                 eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
@@ -243,8 +324,26 @@ class SelfForcingSampler:
             # Hand the chunk over before its cache-fill pass is queued: whatever the consumer
             # dispatches now (the VAE decode) runs first, so frames reach the screen one forward sooner.
             yield x0
-            if i + 1 < chunks or fill_last_chunk:
+            new_text = None if text_for_chunk is None or i + 1 == chunks else text_for_chunk(i + 1)
+            if new_text is None:
+                if window:
+                    recent.append((start_frame + p + i * c, x0, False))
+                if i + 1 < chunks or fill_last_chunk:
+                    cache = self._fill_fn(params, x0, cache, text, start, rope)
+                continue
+            if (new_text.k.shape, new_text.v.shape) != (text.k.shape, text.v.shape):
+                raise ValueError(
+                    f"text_for_chunk({i + 1}) gave a TextKV of shape {new_text.k.shape}, the stream's is {text.k.shape}"
+                )
+            recent.append((start_frame + p + i * c, x0, False))
+            next_start = start_frame + p + (i + 1) * c
+            made = (next_start - origin) // c - cache.sink_chunks  # since the sink (or the last re-cache)
+            if recaching and made > 0:
+                redo = list(recent)[len(recent) - min(window, made) :]
+                cache, origin = self.kv_recache(params, new_text, redo, cache, origin, next_start, rope)
+            else:  # no re-cache (or only sink chunks so far): the chunk's keys under its own prompt
                 cache = self._fill_fn(params, x0, cache, text, start, rope)
+            text = new_text
         jax.block_until_ready(cache)  # the stream ends when its last cache fill has run
 
     def generate(self, params: Params, text: TextKV, noise: jax.Array, key: jax.Array | None, *args, **kw) -> jax.Array:

@@ -16,8 +16,10 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from causal_dit_jax.model.attention import dot_product_attention
+from causal_dit_jax.sharding.train_attention import ulysses_sequence_attention
 
 Ranges = tuple[tuple[int, int], ...]  # [start, end) in frames
 
@@ -77,22 +79,33 @@ def bidirectional_plan(num_frames: int) -> BlockAttentionPlan:
     return BlockAttentionPlan(num_frames, ((0, num_frames),), (((0, num_frames),),))
 
 
-def make_block_attention(plan: BlockAttentionPlan, tokens_per_frame: int, implementation: str | None = None):
+def make_block_attention(
+    plan: BlockAttentionPlan, tokens_per_frame: int, implementation: str | None = None, mesh: Mesh | None = None
+):
     """A `SelfAttentionFn` for `CausalWanDiT.forward_tokens` (no cache): q, k, v [B, L, N, D] with
-    L = plan.num_frames * tokens_per_frame -> [B, L, N, D], one dense attention per query block."""
+    L = plan.num_frames * tokens_per_frame -> [B, L, N, D], one dense attention per query block.
+
+    mesh: a training mesh (`train_mesh`); with a 'seq' axis of size > 1 the plan runs as Ulysses
+    attention over it (`sharding.train_attention`): the tokens stay split over 'seq' everywhere but
+    inside the attention, where each device holds the whole sequence for N/seq heads."""
     t = tokens_per_frame
+
+    def dense(q, k, v):  # the whole sequence, any number of heads
+        outs = []
+        for (qs, qe), ranges in zip(plan.query_blocks, plan.key_ranges):
+            kk = jnp.concatenate([k[:, a * t : b * t] for a, b in ranges], axis=1)  # b s n d
+            vv = jnp.concatenate([v[:, a * t : b * t] for a, b in ranges], axis=1)
+            outs.append(dot_product_attention(q[:, qs * t : qe * t], kk, vv, implementation=implementation))
+        return jnp.concatenate(outs, axis=1)
+
+    attention = dense if mesh is None else ulysses_sequence_attention(dense, mesh)
 
     def fn(q, k, v, layer_cache=None, write=None):
         if layer_cache is not None:
             raise ValueError("block attention runs over a whole sequence, without a KV cache")
         if q.shape[1] != plan.num_frames * t:
             raise ValueError(f"{q.shape[1]} tokens, the plan has {plan.num_frames} frames of {t}")
-        outs = []
-        for (qs, qe), ranges in zip(plan.query_blocks, plan.key_ranges):
-            kk = jnp.concatenate([k[:, a * t : b * t] for a, b in ranges], axis=1)  # b s n d
-            vv = jnp.concatenate([v[:, a * t : b * t] for a, b in ranges], axis=1)
-            outs.append(dot_product_attention(q[:, qs * t : qe * t], kk, vv, implementation=implementation))
-        return jnp.concatenate(outs, axis=1), None
+        return attention(q, k, v), None
 
     return fn
 

@@ -215,5 +215,8 @@ def export_inference_checkpoint(
     for (path, x), e in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
         if tuple(np.shape(x)) != e.shape:
             raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {tuple(np.shape(x))}, the config says {e.shape}")
-    cast = jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)
+    if jax.process_count() == 1:
+        cast = jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)
+    else:  # one process of several writes host arrays (Orbax refuses process-local jax.Arrays there)
+        cast = jax.tree.map(lambda x, e: np.asarray(x).astype(e.dtype), params, expected)
     return save_checkpoint(out_dir, {"dit": cast}, {"dit": dit_config.to_dict()}, overwrite=overwrite)

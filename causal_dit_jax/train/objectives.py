@@ -17,6 +17,7 @@ from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
 from causal_dit_jax.model.scheduler import flow_match_timesteps
+from causal_dit_jax.sharding.train_attention import SEQ, check_sequence_split, sequence_size
 from causal_dit_jax.train.block_attention import (
     BlockAttentionPlan,
     block_causal_plan,
@@ -45,14 +46,16 @@ def sequence_forward(
     frame_time: np.ndarray,
     remat: bool = False,
     implementation: str | None = None,
-    token_sharding: jax.sharding.NamedSharding | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     text: TextKV | None = None,
 ) -> jax.Array:
     """The DiT over a whole sequence: latents x [B, F, H, W, C], timesteps t [B, F], text-encoder states
     context [B, K, text_dim], attention under `plan`, frame_time [F] (static numpy: each frame's RoPE
     time) -> flow [B, F, H, W, C] float32. No KV cache; differentiable in params.
-    token_sharding: where the patch tokens [B, L, C] live (e.g. batch over 'data', tokens over 'seq':
-    `sequence_sharding`); XLA partitions the blocks along it and gathers keys/values for attention.
+    mesh: a training mesh (`train_mesh`). With a 'seq' axis, the patch tokens [B, L, C] are split over
+    'data' x 'seq' (`sequence_sharding`), XLA partitions the blocks along them, and the attention runs
+    as Ulysses attention over 'seq' (`make_block_attention(..., mesh=)`: two all-to-alls, no gathered
+    keys and values).
     text: `dit.encode_text(params, context)` made once by a caller that runs many forwards of one
     prompt (an ODE's Euler steps); context is then not read."""
     frame_time = np.asarray(frame_time, np.int32)
@@ -62,7 +65,8 @@ def sequence_forward(
     tokens, grid = latents_to_tokens(dit.config, x, t)
     _, gh, gw = grid
     rope = dit.rope_tables(int(frame_time.max()) + 1, x.shape[2], x.shape[3])
-    attention = make_block_attention(plan, gh * gw, implementation)
+    token_sharding = sequence_sharding(mesh)
+    attention = make_block_attention(plan, gh * gw, implementation, mesh)
     if token_sharding is not None:
         tokens = jax.lax.with_sharding_constraint(tokens, token_sharding)
     out, _ = dit.forward_tokens(
@@ -76,11 +80,11 @@ def sequence_forward(
 def sequence_sharding(mesh: jax.sharding.Mesh | None) -> jax.sharding.NamedSharding | None:
     """Tokens [B, L, C] with the batch over 'data' and the sequence over 'seq', for a mesh that has a
     'seq' axis (None otherwise: the tokens follow the batch)."""
-    if mesh is None or "seq" not in mesh.axis_names:
+    if sequence_size(mesh) == 1:
         return None
     from jax.sharding import NamedSharding, PartitionSpec
 
-    return NamedSharding(mesh, PartitionSpec("data" if "data" in mesh.axis_names else None, "seq", None))
+    return NamedSharding(mesh, PartitionSpec("data" if "data" in mesh.axis_names else None, SEQ, None))
 
 
 class FlowObjective:
@@ -90,7 +94,9 @@ class FlowObjective:
     def __init__(self, dit: CausalWanDiT, config: ObjectiveConfig | None = None, remat: bool = False, mesh=None):
         config = ObjectiveConfig() if config is None else config
         self.dit, self.config, self.remat = dit, config, remat
-        self.token_sharding = sequence_sharding(mesh)  # a mesh with a 'seq' axis splits the sequence
+        if sequence_size(mesh) > 1:  # a mesh with a 'seq' axis splits the sequence: Ulysses attention
+            check_sequence_split(mesh, dit.config.num_heads)
+        self.mesh = mesh
         timesteps, sigmas = flow_match_timesteps(config.shift, config.num_train_timesteps)
         self.timesteps, self.sigmas = timesteps, sigmas
         self.weights = bell_weights(timesteps) if config.bell_weight else np.ones_like(timesteps)
@@ -127,21 +133,11 @@ class FlowObjective:
             ts = jnp.concatenate([jnp.full((b, f), self.config.clean_timestep, jnp.float32), t], axis=1)
             frame_time = np.concatenate([time, time])  # both copies at the same positions
             flow = sequence_forward(
-                self.dit,
-                params,
-                seq,
-                ts,
-                batch["text"],
-                self.plan(f),
-                frame_time,
-                self.remat,
-                token_sharding=self.token_sharding,
+                self.dit, params, seq, ts, batch["text"], self.plan(f), frame_time, self.remat, mesh=self.mesh
             )
             flow = flow[:, f:]
         else:
-            flow = sequence_forward(
-                self.dit, params, xt, t, batch["text"], self.plan(f), time, self.remat, token_sharding=self.token_sharding
-            )
+            flow = sequence_forward(self.dit, params, xt, t, batch["text"], self.plan(f), time, self.remat, mesh=self.mesh)
         per_frame = jnp.mean((flow - target) ** 2, axis=(2, 3, 4))  # b f
         weight = jnp.asarray(self.weights)[idx]
         loss = jnp.mean(per_frame * weight)

@@ -160,6 +160,14 @@ def check_run(config: RunConfig):
     model.tokens_per_frame(h, w)
     if config.mesh > jax.device_count():
         raise ValueError(f"mesh={config.mesh} devices, but {jax.device_count()} are visible")
+    hosts = jax.process_count()
+    if hosts > 1 and config.objective.kind in DISTILL_OBJECTIVES:
+        raise ValueError(f"objective {config.objective.kind!r} runs in one process (of any devices), not across {hosts}")
+    if config.batch_size % hosts or (hosts > 1 and config.mesh != jax.device_count()):
+        raise ValueError(
+            f"across {hosts} processes the batch ({config.batch_size}, global) must split into one part per process "
+            f"and the mesh span all {jax.device_count()} devices (mesh={config.mesh})"
+        )
     return model, source, (int(f), int(h), int(w))
 
 
@@ -180,6 +188,23 @@ def _check_teacher(config: RunConfig, model: ModelConfig) -> None:
                 f"the {role} ({folder}) reads latents of {other.in_dim} channels, text of width {other.text_dim} and "
                 f"patches {other.patch_size}; the model being trained {model.in_dim}, {model.text_dim}, {model.patch_size}"
             )
+
+
+def host_data_state(data_state: dict) -> dict:
+    """A saved data position for this host: Orbax writes JSON items from process 0, and every host
+    takes the same number of batches, so process 0's state with this host's shard index is its own."""
+    if jax.process_count() == 1 or "pipeline" not in data_state:
+        return data_state
+    return {**data_state, "pipeline": {**data_state["pipeline"], "shard_index": jax.process_index()}}
+
+
+def host_copy(params):
+    """The params as host arrays on every process (gathered across hosts when there are several)."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def save_loss_curve(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
@@ -223,14 +248,16 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
     from causal_dit_jax.train.trainer import train_mesh
 
     model, source, latent_shape = check_run(config)  # before any compile
+    hosts, main = jax.process_count(), jax.process_index() == 0  # several: jax.distributed.initialize ran
     out = pathlib.Path(config.out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(config.to_dict(), indent=2)
-    print(config_json, flush=True)
     saved = out / "run_config.json"
     if saved.exists() and json.loads(saved.read_text()) != json.loads(config_json):  # compared as JSON (tuples: lists)
         raise ValueError(f"{out} holds a run with another config ({saved}); use a new out_dir to start another run")
-    saved.write_text(config_json)
+    if main:  # the run folder's files are process 0's; the checkpoints are written by every process
+        print(config_json, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(config_json)
 
     if config.init is not None:
         _, params = load_dit(config.init)
@@ -240,9 +267,8 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
     run = make_run_objective(config, model, mesh, latent_shape, getattr(source, "negative_text", None))
     state = run.init_state(params, config.seed)
     del params
-    dataset = make_dataset(
-        source, config.batch_size, config.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
-    )
+    # each host reads its shard: batch_size / hosts rows of the global batch
+    dataset = make_dataset(source, config.batch_size // hosts, config.seed, shard_index=jax.process_index(), shard_count=hosts)
     data = iterate(dataset)
     metrics_path = out / "metrics.jsonl"
     resumed_from = None
@@ -250,17 +276,18 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
         if ckpts.latest_step() is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             state, data_state, _ = ckpts.restore(abstract)
-            data.set_state(data_state)
+            data.set_state(host_data_state(data_state))
             resumed_from = run.step_of(state)
             # the metrics of steps after the checkpoint are logged again by this run
-            if metrics_path.exists():
+            if main and metrics_path.exists():
                 rows = [r for r in metrics_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resumed_from]
                 metrics_path.write_text("".join(r + "\n" for r in rows))
-            print(f"resumed from step {resumed_from} in {out / 'checkpoints'}", flush=True)
+            if main:
+                print(f"resumed from step {resumed_from} in {out / 'checkpoints'}", flush=True)
         step = run.step_of(state)
         tokens = tokens_per_step(config, model, latent_shape)
         last = {}
-        bar = tqdm(total=config.steps, initial=step, unit="step", desc="training", disable=not progress)
+        bar = tqdm(total=config.steps, initial=step, unit="step", desc="training", disable=not (progress and main))
         t_last = time.perf_counter()
         end = config.steps if stop_after is None else min(config.steps, step + stop_after)
         while step < end:
@@ -272,22 +299,29 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
                 dt = (now - t_last) / config.log_every
                 t_last = now
                 last = {"step": step, **m, "step_s": dt, "tokens_per_s": tokens / dt}
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(last) + "\n")
+                if main:
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(last) + "\n")
                 bar.set_postfix(loss=f"{m['loss']:.4f}", step_s=f"{dt:.2f}", tok_s=f"{tokens / dt:.0f}")
             bar.update(1)
             if step % config.save_every == 0 or step == end:
+                # the data position of every host is process 0's with its own shard (they step together)
                 ckpts.save(step, state, data.get_state(), config.to_dict(), force=True)
-                if metrics_path.exists():
+                if main and metrics_path.exists():
                     save_loss_curve(metrics_path, out / "loss.png")
                 if on_checkpoint is not None:
-                    on_checkpoint(step, run.ema(state), out)
+                    ema = host_copy(run.ema(state))  # every process takes part in the gather
+                    if main:
+                        on_checkpoint(step, ema, out)
         bar.close()
     if step < config.steps:
-        print(f"stopped at step {step} of {config.steps}; run the same config again to resume", flush=True)
+        if main:
+            print(f"stopped at step {step} of {config.steps}; run the same config again to resume", flush=True)
         return {"step": step, "loss": last.get("loss"), "resumed_from": resumed_from}
-    export_inference_checkpoint(run.ema(state), model, out / "export", overwrite=True)
-    print(f"trained to step {step}; the EMA weights are in {out / 'export'} (load_dit)", flush=True)
+    ema = host_copy(run.ema(state))
+    if main:
+        export_inference_checkpoint(ema, model, out / "export", overwrite=True)
+        print(f"trained to step {step}; the EMA weights are in {out / 'export'} (load_dit)", flush=True)
     return {"step": step, "loss": last.get("loss"), "resumed_from": resumed_from}
 
 

@@ -116,7 +116,7 @@ class OdeRun(_FromTeacher):
     def step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
         text = jnp.asarray(batch["text"])
         if self.trainer.mesh is not None:
-            text = jax.device_put(text, self.trainer.batch_sharding(text))
+            text = self.trainer.place_batch(text)
         noise = self.noise(step, text.shape[0])
         traj = self._trajectory(self.teacher_params, text, self.negative_batch(text), noise)
         return self.trainer.step(state, {"trajectory": traj, "text": text})

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -119,6 +120,23 @@ class Trainer:
         """The batch split along its leading axis over the data axis."""
         return jax.tree.map(lambda x: NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)), batch)  # replicated over 'seq'
 
+    def place_batch(self, batch: dict) -> dict:
+        """The global batch on the mesh. One process: `batch` is the whole batch. Several
+        (jax.distributed): each passes its own rows (its host's data shard, `make_dataset(...,
+        shard_index=jax.process_index(), shard_count=jax.process_count())`) and the global batch is
+        their concatenation in the order of the data axis's devices; arrays that are already global
+        pass through."""
+        shardings = self.batch_sharding(batch)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, shardings)
+
+        def place(x, sharding):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+        return jax.tree.map(place, batch, shardings)
+
     # ------------------------------------------------------------------ the step
     def loss_and_grads(self, params: Params, batch: dict, key: jax.Array) -> tuple[jax.Array, dict, Params]:
         """(loss, metrics, grads) of the whole batch, averaged over `accumulate` micro-batches."""
@@ -167,9 +185,10 @@ class Trainer:
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimiser update: (new state, metrics {'loss', 'mse', 'timestep', 'grad_norm',
-        'learning_rate'}). The state is consumed (donated)."""
+        'learning_rate'}). The state is consumed (donated). Over several processes, `batch` is this
+        process's rows of the global batch (`place_batch`)."""
         if self.mesh is not None:
-            batch = jax.device_put(batch, self.batch_sharding(batch))
+            batch = self.place_batch(batch)
         return self._jit_step(state, batch)
 
 
