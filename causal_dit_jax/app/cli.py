@@ -185,6 +185,28 @@ def _add_generate(sub) -> None:
         "wan",
         "wan: the Wan2.1 VAE; taehv: the tiny preview decoder (checkpoint converted with --taehv)",
     )
+    switch = p.add_argument_group("switching the prompt mid-stream (the stream goes on; LongLive's KV re-cache)")
+    switch.add_argument(
+        "--switch",
+        action="append",
+        metavar="CHUNK:PROMPT",
+        default=None,
+        help="from latent chunk CHUNK on (12 video frames each; chunk k starts at frame 12k - 3), follow PROMPT "
+        "(every video of a batch); repeat with increasing chunks, e.g. --switch 4:'a blue square moving right'",
+    )
+    switch.add_argument(
+        "--no-recache",
+        action="store_true",
+        help="at a switch, keep the KV cache made under the old prompt (default: re-run the last chunks into it "
+        "with the new one)",
+    )
+    switch.add_argument(
+        "--recache-chunks",
+        type=int,
+        default=None,
+        help="chunks re-run into the KV cache at a switch (default: all the cache attends; 0: a cut, the video "
+        "starts over from the new prompt)",
+    )
     start = p.add_argument_group(
         "starting from an image or a video (at most one; the video takes its size, so leave --height/--width out)"
     )
@@ -235,7 +257,8 @@ def _add_generate(sub) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train the causal DiT from a run config (teacher or diffusion forcing on precomputed latents)",
+        help="train the causal DiT from a run config (teacher or diffusion forcing on precomputed latents; ODE "
+        "regression or DMD from a teacher on prompts)",
         description="Train (or resume) the run a JSON config describes (causal_dit_jax.train.run.RunConfig): "
         "checkpoints, metrics.jsonl, loss.png and the exported EMA weights go to its out_dir.",
     )
@@ -248,10 +271,17 @@ def _add_train(sub) -> None:
 
 def _add_prepare_data(sub) -> None:
     p = sub.add_parser(
-        "prepare-data", help="training data: captioned videos (name.mp4 + name.txt) -> latents and text states (.npz)"
+        "prepare-data",
+        help="training data: captioned videos (name.mp4 + name.txt) -> latents and text states (.npz), or a prompt "
+        "file -> text states (the data of ode_regression / dmd runs)",
     )
-    p.add_argument("--videos", required=True, help="folder of .mp4 clips, each with a same-stem .txt caption")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", help="folder of .mp4 clips, each with a same-stem .txt caption")
+    source.add_argument("--prompts", help="a text file of prompts, one a line (a distillation run's data)")
     p.add_argument("--out", required=True, help="the folder to write (train's 'data')")
+    p.add_argument(
+        "--negative-prompt", default="", help="the teacher's classifier-free guidance's negative prompt (default: empty)"
+    )
     p.add_argument(
         "--checkpoint", default=None, help="folder from `causal-dit convert` (default: the embedded default's umT5 and VAE)"
     )
@@ -262,16 +292,24 @@ def _add_prepare_data(sub) -> None:
 
 def cmd_prepare_data(args) -> int:
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
-    from causal_dit_jax.app.prepare_data import prepare_latents
+    from causal_dit_jax.app.prepare_data import prepare_latents, prepare_prompts
     from causal_dit_jax.checkpoint import check_output_dir
 
     check_output_dir(args.out, args.overwrite)  # before any model is built
+    if args.prompts is not None:
+        from causal_dit_jax.train.data import PromptListSource
+
+        PromptListSource(args.prompts)  # the file's errors before any model is built
     if args.checkpoint is None:
         pipe = TextToVideoPipeline.embedded_default(encoder=args.encoder)
     else:
         pipe = TextToVideoPipeline.from_checkpoint(args.checkpoint, encoder=args.encoder)
+    if args.prompts is not None:
+        out = prepare_prompts(pipe, args.prompts, args.out, overwrite=args.overwrite, negative_prompt=args.negative_prompt)
+        print(f"wrote {out} ({len(list(out.glob('*.npz')))} prompts)")
+        return 0
     frames = args.frames if args.frames is not None else (21 if args.checkpoint is None else 81)
-    out = prepare_latents(pipe, args.videos, args.out, frames, overwrite=args.overwrite)
+    out = prepare_latents(pipe, args.videos, args.out, frames, overwrite=args.overwrite, negative_prompt=args.negative_prompt)
     print(f"wrote {out} ({len(list(out.glob('*.npz')))} clips)")
     return 0
 
@@ -284,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_prepare_data(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -428,7 +467,7 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from causal_dit_jax.app.pipeline import TextToVideoPipeline, pipeline_configs, pipeline_default_size, plan_request
+    from causal_dit_jax.app.pipeline import pipeline_configs, pipeline_default_size, plan_request, prompt_switches
     from causal_dit_jax.app.video import Mp4Writer, check_writable
 
     # Everything a user typed is checked before any model work (config.json at most is read).
@@ -460,36 +499,29 @@ def cmd_generate(args) -> int:
         model_config, decoder_config, inference, len(args.prompt), frames, height, width, default_size=default, **media or {}
     )
     height, width = plan.latent_height * decoder_config.spatial_factor, plan.latent_width * decoder_config.spatial_factor
+    switches = []  # --switch CHUNK:PROMPT, checked against the video's chunks
+    for value in args.switch or []:
+        index, colon, prompt = value.partition(":")
+        if not colon or not index.strip().isdigit():
+            raise ValueError(f"--switch takes CHUNK:PROMPT (e.g. --switch 4:'a blue square moving right'), got {value!r}")
+        switches.append((int(index), prompt.strip()))
+    if not switches and (args.no_recache or args.recache_chunks is not None):
+        raise ValueError("--no-recache and --recache-chunks set how a --switch re-caches: give a --switch")
+    if args.no_recache and args.recache_chunks is not None:
+        raise ValueError("--recache-chunks sizes the re-cache that --no-recache turns off: give one of them")
+    prompt_switches(switches, plan.generated_latents // inference.frames_per_chunk, len(args.prompt), "--switch")
     mesh = None
     if strategy is not None:
         from causal_dit_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
-    if args.checkpoint is None and random_weights:
-        print(
-            "--random-weights: the demo model's weights are random and UNTRAINED: the video shows the "
-            "pipeline working, not a picture of the prompt.",
-            flush=True,
-        )
-        pipe = TextToVideoPipeline.random_demo(
-            inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
-        )
-    elif args.checkpoint is None:
-        print(
-            "No --checkpoint: the embedded default, a small model trained on procedural clips. It knows "
-            "'a {colour} {shape} moving {direction} [on a {background} background]' (README: its words).",
-            flush=True,
-        )
-        pipe = TextToVideoPipeline.embedded_default(
-            inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
-        )
-    else:
-        pipe = TextToVideoPipeline.from_checkpoint(
-            args.checkpoint, inference, mesh=mesh, decoder=args.decoder, kernels=kernels, encoder=args.encoder
-        )
+    pipe = _load_pipeline(args.checkpoint, random_weights, inference, mesh, args.decoder, kernels, args.encoder)
     if media:
         pipe.plan(len(args.prompt), frames, height, width, **media)  # and that its encoder can take them
+    recache = not args.no_recache
+    if switches and recache:  # against the pipeline's own window (the embedded default's rolls)
+        pipe.sampler.recache_limit(plan.context_latents + plan.generated_latents, args.recache_chunks)
     c = inference.frames_per_chunk
     latents = plan.context_latents + plan.generated_latents
     split = f": {plan.context_latents // c} of context, {plan.generated_latents // c} generated" if plan.context_latents else ""
@@ -500,6 +532,10 @@ def cmd_generate(args) -> int:
         "first chunk includes compilation",
         flush=True,
     )
+    if switches:
+        n = "all attended" if args.recache_chunks is None else args.recache_chunks
+        how = "no re-cache" if not recache else "a cut" if n == 0 else f"re-cache of {n} chunks"
+        print(f"prompt switches ({how}): " + "; ".join(f"chunk {i}: {q!r}" for i, q in switches), flush=True)
     stats: dict = {}
     written = 0
     with contextlib.ExitStack() as stack:  # on any exception (a signal too) the partial mp4s are deleted
@@ -509,7 +545,8 @@ def cmd_generate(args) -> int:
                 w.write(clip)
         t0 = time.perf_counter()
         bar = None
-        for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats, **media or {}):
+        switching = {"prompt_schedule": switches, "recache": recache, "recache_chunks": args.recache_chunks} if switches else {}
+        for chunk in pipe.stream(args.prompt, frames, height, width, args.seed, stats=stats, **switching, **media or {}):
             for w, video in zip(writers, chunk):
                 w.write(video)
             written += chunk.shape[1]
@@ -559,6 +596,102 @@ def _read_start(args) -> tuple[dict | None, object]:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _load_pipeline(checkpoint, random_weights: bool, inference, mesh, decoder: str, kernels, encoder=None):
+    """The pipeline generate and serve run: a checkpoint's, else the embedded default (random_weights:
+    the untrained demo), each announced."""
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+
+    if checkpoint is None and random_weights:
+        print(
+            "--random-weights: the demo model's weights are random and UNTRAINED: the video shows the "
+            "pipeline working, not a picture of the prompt.",
+            flush=True,
+        )
+        return TextToVideoPipeline.random_demo(inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder)
+    if checkpoint is None:
+        print(
+            "No --checkpoint: the embedded default, a small model trained on procedural clips. It knows "
+            "'a {colour} {shape} moving {direction} [on a {background} background]' (README: its words).",
+            flush=True,
+        )
+        return TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder)
+    return TextToVideoPipeline.from_checkpoint(
+        checkpoint, inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder
+    )
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="live text to video in the browser: a page and one WebSocket per session",
+        description="Serve a page that streams videos as they are generated (frames as JPEGs over a WebSocket), "
+        "switches prompts while playing, and offers the finished mp4. Each session's first-frame latency and "
+        "generation fps go to the log.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder from `causal-dit convert` (default: the embedded default, trained on the procedural world)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    _add_mesh(p)
+    _choice(
+        p,
+        "--decoder",
+        ("wan", "taehv"),
+        "wan",
+        "the page's default decoder; the other is offered too if the checkpoint has it (loaded on first use)",
+    )
+    p.add_argument("--max-sessions", type=int, default=4, help="pages served at once; one more is told the server is busy")
+    p.add_argument(
+        "--max-frames", type=int, default=481, help="the longest video a page may ask for (each generation holds its KV cache)"
+    )
+    _choice(
+        p,
+        "--switch-mode",
+        ("recache", "cut", "keep"),
+        "recache",
+        "the page's default for a prompt switch: recache re-runs the recent chunks with the new prompt (LongLive); "
+        "cut starts the next chunk from the new prompt alone (what the embedded default follows); keep leaves the cache",
+    )
+
+
+def cmd_serve(args) -> int:
+    from causal_dit_jax.app.pipeline import DECODERS, pipeline_configs
+    from causal_dit_jax.app.serve import ServerConfig, serve
+
+    strategy = _strategy(args)
+    model_config, _ = pipeline_configs(args.checkpoint, args.decoder)  # it has the decoder, before any model work
+    decoders = [args.decoder]
+    for other in DECODERS:
+        if other != args.decoder:
+            with contextlib.suppress(ValueError):
+                pipeline_configs(args.checkpoint, other)
+                decoders.append(other)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_sessions=args.max_sessions,
+        max_frames=args.max_frames,
+        decoders=tuple(decoders),
+        switch=args.switch_mode,
+    )
+    mesh = None
+    if strategy is not None:
+        from causal_dit_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"listening on {args.host}: anyone who can reach it may use this server (it has no login)", flush=True)
+
+    def pipeline(decoder: str):
+        return _load_pipeline(args.checkpoint, False, InferenceConfig(), mesh, decoder, KernelConfig())
+
+    serve(pipeline, config)
+    return 0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -615,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "train": cmd_train,
         "prepare-data": cmd_prepare_data,
+        "serve": cmd_serve,
     }[args.command]
     try:
         with _signals_interrupt():
