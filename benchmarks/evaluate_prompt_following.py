@@ -6,7 +6,10 @@ direction, background) and scored against its prompt; prints a table of accuraci
     python benchmarks/evaluate_prompt_following.py --model runs/step_4000 --pairs 96 --denoising-steps 1000,500
 
 --model: 'embedded' (the pipeline's embedded default weights), 'random' (random weights: chance level)
-or a checkpoint folder written by `causal-dit convert` or training; repeat it to compare models.
+or a checkpoint folder written by `causal-dit convert` or training; repeat it to compare models. Two
+references bound what a model can score: 'rendered' (the prompt's own clip, drawn by the procedural
+world: the reader's accuracy) and 'vae' (that clip through the embedded default's VAE, encoded and
+decoded: the most a DiT generating in its latent space can show).
 The JSON: {"device", "date", "settings": {...}, "results": {model: {"accuracy", "pairs", "records"}}}.
 """
 
@@ -35,6 +38,8 @@ def load_generate(model: str, inference):
         if not (run / "recipe.json").is_file():
             raise ValueError(f"--model {model!r}: {run} is not a recipe run folder (no recipe.json)")
         return teacher_generate(RecipeConfig.from_file(run / "recipe.json"), run)
+    if model in ("rendered", "vae"):
+        return reference_generate(TextToVideoPipeline.embedded_default(inference=inference) if model == "vae" else None)
     if model == "embedded":
         return pipeline_generate(TextToVideoPipeline.embedded_default(inference=inference))
     if model == "random":
@@ -45,6 +50,21 @@ def load_generate(model: str, inference):
     if (folder / "dit.npz").is_file():
         return pipeline_generate(TextToVideoPipeline.from_embedded(folder, inference=inference))
     return pipeline_generate(TextToVideoPipeline.from_checkpoint(folder, inference=inference))
+
+
+def reference_generate(pipe=None):
+    """A `generate` that draws each prompt's clip from its caption (seeded like a model's video); with a
+    pipeline, the clip goes through its VAE encoder and decoder."""
+    import numpy as np
+
+    from causal_dit_jax.train.procedural import ClipLabels, parse_caption, render_clip
+
+    def generate(prompts, seed, frames, height, width):
+        rng = np.random.default_rng(seed)
+        clips = np.stack([render_clip(ClipLabels(**parse_caption(p)), frames, height, width, rng) for p in prompts])
+        return clips if pipe is None else pipe.decode_latents(pipe.encode_frames(clips))
+
+    return generate
 
 
 def timesteps(text: str) -> tuple[int, ...]:
@@ -75,7 +95,10 @@ def write_atomic(path: str | os.PathLike, record: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--model", action="append", required=True, help="'embedded', 'random', 'teacher:RUN', or a model folder; repeatable"
+        "--model",
+        action="append",
+        required=True,
+        help="'embedded', 'random', 'rendered', 'vae', 'teacher:RUN', or a model folder; repeatable",
     )
     ap.add_argument("--pairs", type=int, default=48, help="prompts (balanced over every attribute)")
     ap.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds")

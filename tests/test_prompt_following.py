@@ -226,3 +226,25 @@ def test_script_end_to_end_on_random_weights(tmp_path):
         assert set(r) == {"prompt", "seed", "want", "got"} and set(r["got"]) == set(ATTRIBUTES)
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "random", "--denoising-steps", "1000,x"])
+
+
+def test_script_references_rendered_and_through_the_vae():
+    """'rendered' (the prompt's own clip) reads back exactly; 'vae' (that clip encoded and decoded by
+    the embedded default's VAE, `decode_latents`) gives frames of the clip's size that stay close to
+    it (mean abs error under 12 of 255) and read as their prompt's colour."""
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_prompt_following", ROOT / "benchmarks" / "evaluate_prompt_following.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from causal_dit_jax.model.config import InferenceConfig
+
+    pairs = prompt_pairs(4)
+    rendered = evaluate(script.load_generate("rendered", InferenceConfig()), pairs, 17, 128, 192, progress=False)
+    assert rendered["accuracy"] == {**dict.fromkeys(ATTRIBUTES, 1.0), "all": 1.0}
+    prompts = [p.prompt for p in pairs]
+    clips = script.load_generate("rendered", InferenceConfig())(prompts, 3, 17, 128, 192)
+    through = script.load_generate("vae", InferenceConfig())(prompts, 3, 17, 128, 192)
+    assert through.shape == clips.shape == (4, 17, 128, 192, 3) and through.dtype == np.uint8
+    assert np.mean(np.abs(through.astype(np.float32) - clips)) < 12
+    assert [read_clip(v)["colour"] for v in through] == [p.labels.colour for p in pairs]

@@ -554,6 +554,18 @@ class TextToVideoPipeline:
             z = self.encoder.jit_encode(self.encoder_params, x)
         return self._to_dit(z)
 
+    def decode_latents(self, latents: jax.Array) -> np.ndarray:
+        """The DiT's latents [B, 1 + k, H/8, W/8, C] -> uint8 frames [B, 1 + 4k, H, W, 3], with this
+        pipeline's decoder streamed chunk by chunk as `stream` does (`encode_frames`'s inverse)."""
+        b, f, h, w, _ = latents.shape
+        c = self.inference.frames_per_chunk
+        cache = self._chunk_decoder.init_cache(b, h, w)
+        out = []
+        for start in range(0, f, c):  # the decoder's causal caches carry over from chunk to chunk
+            pixels, cache = self._chunk_decoder(self.vae_params, latents[:, start : start + c], cache)
+            out.extend(np.asarray(x) for x in pixels)
+        return np.concatenate(out, axis=1)
+
     def stream(
         self,
         prompts: str | Sequence[str],
