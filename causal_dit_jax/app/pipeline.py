@@ -509,6 +509,18 @@ class TextToVideoPipeline:
         tokens = self.tokenizer(prompts)
         return self._encode(self.t5_params, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
 
+    def negative_text_context(self, prompt: str = "") -> jax.Array:
+        """The text-encoder states [1, K, text_dim] of a classifier-free guidance negative prompt; the
+        empty one ("", which prompts refuse) is the end-of-sequence token alone, as in training."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"a negative prompt is a str, got {type(prompt).__name__}")
+        if prompt.strip():
+            return self.text_context(prompt)
+        from causal_dit_jax.train.text_conditioning import empty_caption
+
+        ids, mask = empty_caption(self.tokenizer)
+        return self._encode(self.t5_params, jnp.asarray(ids)[None], jnp.asarray(mask)[None])
+
     def encode_prompts(self, prompts: str | Sequence[str]) -> TextKV:
         """Tokenize, run umT5 once, and build the DiT's cross-attention K/V for the prompts."""
         return self._text_kv(self.dit_params, self._to_dit(self.text_context(prompts)))

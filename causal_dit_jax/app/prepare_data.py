@@ -67,7 +67,7 @@ def prepare_latents(
             latents = np.asarray(pipe.encode_frames(record["frames"][None]))[0]  # f h w c
             text = np.asarray(pipe.text_context(record["caption"]))[0]  # k d
             write_latent_text_example(tmp, i, latents, text, caption=record["caption"])
-        write_negative_text(tmp, np.asarray(pipe.text_context(negative_prompt))[0])
+        write_negative_text(tmp, np.asarray(pipe.negative_text_context(negative_prompt))[0])
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,7 @@ def prepare_prompts(
         for i in tqdm(range(len(source)), unit="prompt", desc="encoding", disable=not progress):
             prompt = source[i]["prompt"]
             write_text_example(tmp, i, np.asarray(pipe.text_context(prompt))[0], caption=prompt)
-        write_negative_text(tmp, np.asarray(pipe.text_context(negative_prompt))[0])
+        write_negative_text(tmp, np.asarray(pipe.negative_text_context(negative_prompt))[0])
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

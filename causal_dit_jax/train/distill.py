@@ -18,6 +18,7 @@ from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
+from causal_dit_jax.sharding.train_attention import check_sequence_split, sequence_size
 from causal_dit_jax.train.block_attention import BlockAttentionPlan, block_causal_plan, teacher_forcing_plan
 from causal_dit_jax.train.objectives import sequence_forward
 
@@ -161,7 +162,8 @@ class OdeRegression:
     clean_context False (Self-Forcing's ODE initialisation): the student sees every block's state
     block-causally at its sigma_k. True: it sees [the clean end | the states] under the teacher-forcing
     mask, each noisy block attending to the clean blocks before it, as the KV cache holds them when
-    the sampler streams (the targets of `causal_ode_trajectory`)."""
+    the sampler streams (the targets of `causal_ode_trajectory`). mesh: a training mesh; with a 'seq'
+    axis the student's sequence is split over it (Ulysses attention, as `FlowObjective`'s)."""
 
     def __init__(
         self,
@@ -171,8 +173,11 @@ class OdeRegression:
         remat: bool = False,
         clean_context: bool = False,
         clean_timestep: float = 0.0,
+        mesh=None,
     ):
-        self.dit, self.frames_per_block, self.remat = dit, frames_per_block, remat
+        if sequence_size(mesh) > 1:  # a 'seq' axis splits the student's sequence: Ulysses attention
+            check_sequence_split(mesh, dit.config.num_heads)
+        self.dit, self.frames_per_block, self.remat, self.mesh = dit, frames_per_block, remat, mesh
         self.clean_context, self.clean_timestep = clean_context, clean_timestep
         self.record = record_sigmas() if record is None else np.asarray(record, np.float32)
 
@@ -198,11 +203,12 @@ class OdeRegression:
             seq = jnp.concatenate([traj[:, -1], x], axis=1)  # b (2 f) h w c: [clean end | states]
             ts = jnp.concatenate([jnp.full((b, f), self.clean_timestep, jnp.float32), t], axis=1)
             plan = teacher_forcing_plan(f, self.frames_per_block)
-            flow = sequence_forward(self.dit, params, seq, ts, batch["text"], plan, np.concatenate([time, time]), self.remat)
+            frame_time = np.concatenate([time, time])
+            flow = sequence_forward(self.dit, params, seq, ts, batch["text"], plan, frame_time, self.remat, mesh=self.mesh)
             flow = flow[:, f:]
         else:
             plan = block_causal_plan(f, self.frames_per_block)
-            flow = sequence_forward(self.dit, params, x, t, batch["text"], plan, time, self.remat)
+            flow = sequence_forward(self.dit, params, x, t, batch["text"], plan, time, self.remat, mesh=self.mesh)
         x0 = x - sigma[:, :, None, None, None] * flow
         loss = jnp.mean((x0 - traj[:, -1]) ** 2)
         return loss, {"loss": loss, "mse": loss, "timestep": jnp.mean(t)}

@@ -81,8 +81,8 @@ class RunConfig(ConfigFields):
             raise ValueError(f"'teacher' and 'critic' are read only by {list(DISTILL_OBJECTIVES)}, not {self.objective.kind!r}")
         if self.critic is not None and self.objective.kind != "dmd":
             raise ValueError("'critic' is DMD's critic (objective 'dmd')")
-        if distilling and self.seq > 1:
-            raise ValueError(f"objective {self.objective.kind!r} runs on the data axis only (seq=1), got seq={self.seq}")
+        if self.objective.kind == "dmd" and self.seq > 1:
+            raise ValueError(f"objective 'dmd' runs on the data axis only (seq=1), got seq={self.seq}")
         data = self.mesh // self.seq if self.mesh else 1
         if (self.batch_size // self.optimizer.accumulate) % data:
             raise ValueError(

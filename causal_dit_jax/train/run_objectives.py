@@ -94,7 +94,9 @@ class OdeRun(_FromTeacher):
         causal = self.distill.teacher_attention == "causal"
         record = record_sigmas(self.inference)
         student = CausalWanDiT(model.replace(param_dtype="float32"))  # float32 master weights
-        objective = OdeRegression(student, record, config.objective.frames_per_block, config.remat, clean_context=causal)
+        objective = OdeRegression(
+            student, record, config.objective.frames_per_block, config.remat, clean_context=causal, mesh=mesh
+        )
         self.trainer = Trainer(objective, config.optimizer, mesh)
         self.place_teacher(self.trainer)
         teacher, inference, g = self.teacher, self.inference, self.distill.guidance_scale
