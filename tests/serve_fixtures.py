@@ -82,7 +82,7 @@ class Client:
     def send(self, message) -> None:
         self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
 
-    def recv(self, timeout: float = 60) -> dict | bytes:
+    def recv(self, timeout: float = 300) -> dict | bytes:  # generous: a busy CI machine
         m = self.ws.recv(timeout)
         if isinstance(m, bytes):
             self.frames.append(m)
@@ -91,7 +91,7 @@ class Client:
         self.statuses.append(status)
         return status
 
-    def until(self, kind: str, timeout: float = 120) -> dict:
+    def until(self, kind: str, timeout: float = 600) -> dict:
         """Receive until a status message of this type (frames and other statuses are kept)."""
         deadline = time.monotonic() + timeout
         while True:

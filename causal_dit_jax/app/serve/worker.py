@@ -98,6 +98,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.finished = threading.Event()  # set when it ends, before its 'done' message is queued
         self._running = threading.Event()
+        self.holding = threading.Event()  # set while a pause holds the generation between pulls
         self._running.set()
         self._lock = threading.Lock()
         self._pending_prompt: str | None = None
@@ -185,7 +186,8 @@ class Generation:
         try:
             while True:
                 while not self._running.wait(0.1):  # paused
-                    pass
+                    self.holding.set()
+                self.holding.clear()
                 if self.cancelled.is_set():
                     self.reason = "stopped"
                     break
