@@ -28,7 +28,22 @@ def _noise(seed: int, step: int, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
 
 
-class FlowRun:
+class _OneTrainer:
+    """A run whose state is one `Trainer`'s (`self.trainer`)."""
+
+    def init_state(self, params: Params, seed: int) -> dict:
+        return self.trainer.init_state(params, seed)
+
+    @staticmethod
+    def ema(state: dict) -> Params:
+        return state["ema"]
+
+    @staticmethod
+    def step_of(state: dict) -> int:
+        return int(state["step"])
+
+
+class FlowRun(_OneTrainer):
     """Teacher forcing or diffusion forcing (`ObjectiveConfig.kind`)."""
 
     def __init__(self, config, model: ModelConfig, mesh):
@@ -38,19 +53,8 @@ class FlowRun:
         dit = CausalWanDiT(model.replace(param_dtype="float32"))  # float32 master weights, compute in model.dtype
         self.trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat, mesh=mesh), config.optimizer, mesh)
 
-    def init_state(self, params: Params, seed: int) -> dict:
-        return self.trainer.init_state(params, seed)
-
     def step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
         return self.trainer.step(state, {"latents": jnp.asarray(batch["latents"]), "text": jnp.asarray(batch["text"])})
-
-    @staticmethod
-    def ema(state: dict) -> Params:
-        return state["ema"]
-
-    @staticmethod
-    def step_of(state: dict) -> int:
-        return int(state["step"])
 
 
 class _FromTeacher:
@@ -83,7 +87,7 @@ class _FromTeacher:
             self.teacher_params = jax.device_put(self.teacher_params, trainer.state_shardings(self.teacher_params))
 
 
-class OdeRun(_FromTeacher):
+class OdeRun(_FromTeacher, _OneTrainer):
     """ODE regression onto the teacher's trajectories, made on the fly from each batch's prompts."""
 
     def __init__(self, config, model: ModelConfig, mesh, latent_shape, negative_text):
@@ -112,9 +116,6 @@ class OdeRun(_FromTeacher):
 
         self._trajectory = jax.jit(trajectory)
 
-    def init_state(self, params: Params, seed: int) -> dict:
-        return self.trainer.init_state(params, seed)
-
     def step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
         text = jnp.asarray(batch["text"])
         if self.trainer.mesh is not None:
@@ -122,14 +123,6 @@ class OdeRun(_FromTeacher):
         noise = self.noise(step, text.shape[0])
         traj = self._trajectory(self.teacher_params, text, self.negative_batch(text), noise)
         return self.trainer.step(state, {"trajectory": traj, "text": text})
-
-    @staticmethod
-    def ema(state: dict) -> Params:
-        return state["ema"]
-
-    @staticmethod
-    def step_of(state: dict) -> int:
-        return int(state["step"])
 
 
 class DmdRun(_FromTeacher):
