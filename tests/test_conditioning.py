@@ -165,6 +165,21 @@ def test_reading_media(tmp_path, image):
         read_video(tmp_path / "bad.png")
 
 
+def test_an_mp4_without_its_ffmpeg_backend_is_refused_before_writing(tmp_path, monkeypatch):
+    """Without imageio-ffmpeg, imageio would hand the .mp4 to another plugin that fails at the first
+    frame (seen on a GPU image: tifffile's `unexpected keyword argument 'fps'`)."""
+    import sys
+
+    from causal_dit_jax.app.video import Mp4Writer, check_writable
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
+    with pytest.raises(RuntimeError, match="needs the imageio-ffmpeg package"):
+        check_writable(tmp_path / "v.mp4")
+    with pytest.raises(RuntimeError, match="needs the imageio-ffmpeg package"):
+        Mp4Writer(tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_image_extend_and_video(tmp_path, image, capsys):
     """`causal-dit generate --image / --extend / --video` on the embedded default: the files, their

@@ -22,6 +22,7 @@ TOY = {
     "trajectories": 4,
     "trajectory_batch": 2,
     "ode_steps": [1, 1, 1, 2],
+    "timestep_shift": 2.0,
     "save_every": 2,
     "log_every": 1,
     "vae_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
@@ -60,8 +61,10 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         "rounds": {"decoder": [2], "teacher": [3], "student": [3]},
     }
     assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
+    assert meta["sampling"] == {"timestep_shift": 2.0}
     pipe = TextToVideoPipeline.from_embedded(out / "embedded")
     assert pipe.default_size == (9, 16, 32) and pipe.inference.local_attn_size == 3  # the trained window
+    assert pipe.inference.timestep_shift == 2.0  # the schedule it was trained on
     video = pipe.generate("a red circle moving left", seed=0)
     assert video.shape == (1, 9, 16, 32, 3) and video.dtype == np.uint8
     sheet = _sample_strip().main(["--run", str(out), "--model", "embedded", "--out", str(tmp_path / "sheet.png")])

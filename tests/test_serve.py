@@ -341,6 +341,17 @@ def test_server_config_is_checked():
         create_app(embedded_pipeline(), ServerConfig(height=120, width=192))
 
 
+def test_recording_without_an_mp4_backend_fails_before_any_model_loads(monkeypatch):
+    import sys
+
+    def factory(decoder):
+        raise AssertionError("no pipeline should be made")
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    with pytest.raises(RuntimeError, match="needs the imageio-ffmpeg package"):
+        create_app(factory, ServerConfig())
+
+
 def test_the_cli_checks_its_options_before_loading_and_passes_them_on(monkeypatch, capsys):
     import causal_dit_jax.app.serve as serve_package
     from causal_dit_jax.app.cli import main

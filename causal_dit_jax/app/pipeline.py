@@ -389,7 +389,8 @@ class TextToVideoPipeline:
     ) -> TextToVideoPipeline:
         """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
         names a window, the KV cache rolls over the number of latent frames the model was trained on
-        (9 for 33 frames: the whole default video), so longer videos stay in what it learnt."""
+        (9 for 33 frames: the whole default video), so longer videos stay in what it learnt. The
+        sampler uses the flow-matching shift the model was trained with (config.json 'sampling')."""
         from causal_dit_jax.embedded import embedded_folder, read_embedded_config
         from causal_dit_jax.param_archive import load_params
 
@@ -400,6 +401,8 @@ class TextToVideoPipeline:
         size = meta["default_size"]
         if inference.local_attn_size == -1:  # a rolling window of the clip length it learnt
             inference = inference.replace(local_attn_size=1 + (int(size["frames"]) - 1) // 4)
+        if "sampling" in meta:  # the schedule belongs to the weights, as their shapes do
+            inference = inference.replace(timestep_shift=float(meta["sampling"]["timestep_shift"]))
         dit_config = ModelConfig.from_dict(meta["dit"])
         vae_config = VAEConfig.from_dict(meta["vae"])
         t5 = UMT5Encoder(T5Config.from_dict(meta["t5"]))

@@ -14,8 +14,24 @@ from causal_dit_jax.ffmpeg import ffmpeg_without_preexec
 SAMPLE_FPS = 16  # Wan2.1's frame rate
 
 
+def check_mp4_backend() -> None:
+    """Fail before any model work if imageio cannot write an mp4: without imageio-ffmpeg it would
+    pick another plugin for the suffix and fail at the first frame with an unrelated error."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise RuntimeError(
+            "writing mp4 needs the imageio-ffmpeg package (a dependency of causal-dit-jax: pip install imageio-ffmpeg)"
+        ) from None
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as e:
+        raise RuntimeError(f"writing mp4 needs an ffmpeg executable: {e}") from None
+
+
 def check_writable(path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
-    """Fail before any model work if `path` cannot be written."""
+    """Fail before any model work if an mp4 cannot be written to `path`."""
+    check_mp4_backend()
     p = pathlib.Path(path).expanduser().absolute()
     if p.is_dir():
         raise ValueError(f"output {p} is a directory; give an .mp4 file path (e.g. {p / 'video.mp4'})")
@@ -43,7 +59,7 @@ class Mp4Writer:
         self.path = check_writable(path)
         self.tmp = self.path.parent / f".{self.path.stem}.partial-{uuid.uuid4().hex[:8]}.mp4"
         self._writer = imageio.get_writer(
-            str(self.tmp), fps=fps, codec="libx264", quality=quality, macro_block_size=1, pixelformat="yuv420p"
+            str(self.tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality, macro_block_size=1, pixelformat="yuv420p"
         )
         self.frames = 0
 

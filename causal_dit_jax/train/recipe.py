@@ -81,7 +81,9 @@ class RecipeConfig(ConfigFields):
     dit / text / vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); latent_pool:
     clips encoded once for the teacher (0: fresh clips every step);
     trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
-    per segment of the 4-step schedule and guidance_scale."""
+    per segment of the 4-step schedule and guidance_scale. timestep_shift: the flow-matching schedule's
+    shift for every stage of the DiT (training table, teacher ODE, the student's 4 steps), exported as
+    the model's sampling shift; Wan's 5 suits 480p latents, a small latent grid wants less."""
 
     frames: int = 33
     height: int = 128
@@ -99,6 +101,7 @@ class RecipeConfig(ConfigFields):
     trajectory_batch: int = 128
     ode_steps: tuple[int, ...] = (2, 2, 4, 16)
     guidance_scale: float = 2.5
+    timestep_shift: float = 5.0
     save_every: int = 500
     log_every: int = 50
     vae_stage: StageConfig = StageConfig(steps=1500, batch_size=16, learning_rate=1e-3, ema_decay=0.99)
@@ -118,6 +121,10 @@ class RecipeConfig(ConfigFields):
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
         if self.trajectories % self.trajectory_batch:
             raise ValueError(f"trajectories ({self.trajectories}) must be whole batches of {self.trajectory_batch}")
+
+    def inference(self) -> InferenceConfig:
+        """The sampler's settings the DiT stages train and distill for (the 4-step list, the shift)."""
+        return InferenceConfig(timestep_shift=self.timestep_shift)
 
     @property
     def latent_frames(self) -> int:
@@ -344,7 +351,9 @@ def train_teacher(
     dit = CausalWanDiT(dit_cfg.replace(param_dtype="float32"))  # float32 master weights, bf16 compute
     t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
     tok = _tokenizer(config)
-    objective = JointTextObjective(FlowObjective(dit, ObjectiveConfig()), t5, *empty_caption(tok), config.caption_dropout)
+    objective = JointTextObjective(
+        FlowObjective(dit, ObjectiveConfig(shift=config.timestep_shift)), t5, *empty_caption(tok), config.caption_dropout
+    )
     stage = config.teacher_stage
     trainer = Trainer(objective, stage.optimizer())
 
@@ -425,7 +434,7 @@ def teacher_generate(config: RecipeConfig, out: pathlib.Path):
     dit, t5, dit_params, text_params = _teacher_from(out, config)
     _, _, decoder, vae_params = _vae_from(out)
     tok = _tokenizer(config)
-    inference = InferenceConfig()
+    inference = config.inference()
     null_ids, null_mask = (a[None] for a in empty_caption(tok))
 
     @jax.jit
@@ -463,14 +472,14 @@ def train_student(
     from tqdm import tqdm
 
     from causal_dit_jax.param_archive import save_params
-    from causal_dit_jax.train.distill import OdeRegression, causal_ode_trajectory
+    from causal_dit_jax.train.distill import OdeRegression, causal_ode_trajectory, record_sigmas
     from causal_dit_jax.train.procedural import draw_labels
     from causal_dit_jax.train.text_conditioning import empty_caption
     from causal_dit_jax.train.trainer import Trainer
 
     dit, t5, dit_params, text_params = _teacher_from(out, config)
     tok = _tokenizer(config)
-    inference = InferenceConfig()
+    inference = config.inference()
     null_ids, null_mask = empty_caption(tok)
     h, w, f = config.height // 8, config.width // 8, config.latent_frames
 
@@ -505,7 +514,7 @@ def train_student(
     pool = {"trajectory": jnp.concatenate(trajectories), "text": jnp.concatenate(texts)}
     del trajectories, texts
     stage = config.student_stage
-    trainer = Trainer(OdeRegression(dit, clean_context=True), stage.optimizer())
+    trainer = Trainer(OdeRegression(dit, record_sigmas(inference), clean_context=True), stage.optimizer())
     take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
 
     def next_batch(step):
@@ -551,6 +560,7 @@ def export(
         "vae": vae["vae"],
         "tokenizer": {"kind": "byte", "max_length": t5_cfg.text_len},
         "default_size": {"frames": config.frames, "height": config.height, "width": config.width},
+        "sampling": {"timestep_shift": config.timestep_shift},
         "recipe": config.to_dict(),
         "steps_run": steps,
         **(notes or {}),

@@ -36,6 +36,10 @@ def create_app(pipelines, config: ServerConfig = ServerConfig()) -> FastAPI:
     """The server's app. pipelines: a `TextToVideoPipeline` (serves its own decoder), or a factory
     `decoder -> TextToVideoPipeline` for the decoders config.decoders names (the first is made now,
     the others on first use). Nothing is global: each app has its own sessions and pipelines."""
+    if config.record_video:
+        from causal_dit_jax.app.video import check_mp4_backend
+
+        check_mp4_backend()  # before any model is loaded, not at a session's first frame
     pool = PipelinePool(pipelines, config.decoders, config.device_users, threads=config.max_sessions)
     config = config.replace(decoders=pool.decoders)
     pipe = pool.get(config.decoders[0])  # the default is loaded before the server listens
