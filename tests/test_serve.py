@@ -370,3 +370,23 @@ def test_the_cli_checks_its_options_before_loading_and_passes_them_on(monkeypatc
     ]:
         assert main(["serve", *argv]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_the_serve_probe_reports_the_servers_own_figures(tmp_path):
+    """benchmarks/serve_probe.py (the GPU report's tool) on the embedded default: one session over a
+    real WebSocket, every frame received, the server's first-frame and fps figures in the JSON."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "benchmarks/serve_probe.py", "--model", "embedded", "--sessions", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (session,) = result["sessions"]
+    done, client = session["done"], session["client"]
+    assert done["reason"] == "finished" and client["jpegs"] == done["frames"] == FRAMES and client["not_jpeg"] == 0
+    assert 0 < session["first_frame_latency_s"] == done["first_frame_s"] <= client["first_jpeg_s"] and done["fps"] > 0
+    assert any("finished" in line for line in session["server_log"])
