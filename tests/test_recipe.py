@@ -1,6 +1,6 @@
-"""The embedded default's recipe at a toy size on CPU: every stage runs, a stage stopped by the time
-budget resumes from its checkpoint, the teacher extends by another round, and the export loads as a
-pipeline that generates; bad recipe configs are refused before any work."""
+"""The embedded default's recipe at a toy size on CPU: every stage runs (DMD included), a stage stopped
+by the time budget resumes from its checkpoint, the teacher extends by another round, and the export
+loads as a pipeline that generates; bad recipe configs are refused before any work."""
 
 import json
 
@@ -29,6 +29,8 @@ TOY = {
     "decoder_stage": {"steps": 2, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 1},
     "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
     "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "dmd_stage": {"steps": 2, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "dmd_critic_steps": 1,
 }
 
 
@@ -46,11 +48,19 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     with pytest.raises(StageStopped, match="student stopped at step 1 of 3"):
         run_recipe(config, out, stages=("student",), budget_s=0.0, progress=False)  # checkpoints, then stops
     assert not (out / "student_dit.npz").exists()
-    report = run_recipe(config, out, progress=False)
+    report = run_recipe(config, out, stages=("student",), progress=False)
     assert "student: resumed at step 1" in capsys.readouterr().out and report["student"]["steps"] == 3
-    assert set(report) == {"student", "export"}  # the finished stages were not run again
     rows = [json.loads(r) for r in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(StageStopped, match="dmd stopped at step 1 of 2"):  # DMD's two train states resume too
+        run_recipe(config, out, stages=("dmd",), budget_s=0.0, progress=False)
+    report = run_recipe(config, out, progress=False)
+    assert "dmd: resumed at step 1" in capsys.readouterr().out and report["dmd"]["steps"] == 2
+    assert set(report) == {"dmd", "export"}  # the finished stages were not run again
+    rows = [json.loads(r) for r in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite([r["generator_loss"], r["critic_loss"], r["dmd_grad_norm"]]).all() for r in rows)
+    assert (out / "embedded" / "dit.npz").read_bytes() == (out / "dmd_dit.npz").read_bytes()  # DMD's generator ships
 
     meta = json.loads((out / "embedded" / "config.json").read_text())
     assert meta["steps_run"] == {
@@ -59,6 +69,7 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         "teacher": 3,
         "student": 3,
         "rounds": {"decoder": [2], "teacher": [3], "student": [3]},
+        "dmd": 2,
     }
     assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
     assert meta["sampling"] == {"timestep_shift": 2.0}
@@ -80,7 +91,7 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     before = (out / "teacher_dit.npz").read_bytes()
     report = run_recipe(config, out, extend=("teacher",), progress=False)
     assert report["teacher"]["rounds"] == [3, 3] and report["student"]["steps"] == 3  # the student redone
-    assert set(report) == {"teacher", "student", "export"}  # not the VAE or the decoder: they do not depend on it
+    assert set(report) == {"teacher", "student", "dmd", "export"}  # not the VAE or the decoder: not made from it
     assert "resumed" not in capsys.readouterr().out  # from the new teacher, not the stale checkpoints
     assert (out / "teacher_dit.npz").read_bytes() != before
     report = run_recipe(config, out, extend=("decoder",), progress=False)
@@ -89,6 +100,8 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     assert rounds == {"decoder": [2, 2], "teacher": [3, 3], "student": [3]}
     with pytest.raises(ValueError, match="extend, not"):
         run_recipe(config, out, extend=("vae",))
+    with pytest.raises(ValueError, match="extend, not"):
+        run_recipe(config, out, extend=("dmd",))
 
 
 def _sample_strip():
@@ -109,6 +122,8 @@ def test_bad_recipes_are_refused(tmp_path):
         RecipeConfig.from_dict({**TOY, "width": 40})
     with pytest.raises(ValueError, match="unknown RecipeConfig fields"):
         RecipeConfig.from_dict({**TOY, "lr": 1})
+    with pytest.raises(ValueError, match="dmd_critic_steps must be >= 1"):
+        RecipeConfig.from_dict({**TOY, "dmd_critic_steps": 0})
     with pytest.raises(ValueError, match="presets do not fit"):
         RecipeConfig.from_dict({**TOY, "text": "procedural"}).configs()
     with pytest.raises(ValueError, match="unknown stages"):

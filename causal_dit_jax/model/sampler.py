@@ -96,14 +96,24 @@ class SelfForcingSampler:
         def step(carry, xs):
             x, cache = carry
             t_k, s_k, s_next, e, last = xs
-            flow, cache = self.dit.forward(params, x, jnp.full((b, c), t_k), text, cache, start_frame, rope)
-            x0 = x - s_k * flow
-            x_next = jnp.where(last, x0, (1 - s_next) * x0 + s_next * e)
-            return (x_next, cache), None
+            x0, cache = self.step_x0(params, x, t_k, s_k, cache, text, start_frame, rope)
+            return (jnp.where(last, x0, self.renoise(x0, s_next, e)), cache), None
 
         is_last = jnp.arange(n) == n - 1
         (x0, cache), _ = jax.lax.scan(step, (noise.astype(jnp.float32), cache), (ts, sig, sig_next, eps, is_last))
         return x0, cache
+
+    def step_x0(self, params, x, t_k, sigma_k, cache: KVCache, text: TextKV, start_frame, rope) -> tuple[jax.Array, KVCache]:
+        """One denoising step of a chunk x [B, c, H, W, C] at timestep t_k / noise level sigma_k: the
+        flow prediction's x0 (float32) and the cache with the chunk's keys in its slot."""
+        b, c = x.shape[:2]
+        flow, cache = self.dit.forward(params, x, jnp.full((b, c), t_k, jnp.float32), text, cache, start_frame, rope)
+        return x - sigma_k * flow, cache
+
+    @staticmethod
+    def renoise(x0: jax.Array, sigma_next, eps: jax.Array) -> jax.Array:
+        """x0 taken back to the next step's noise level with fresh noise eps (the flow-matching path)."""
+        return (1 - sigma_next) * x0 + sigma_next * eps
 
     def fill_cache(
         self,

@@ -23,8 +23,8 @@ import numpy as np
 
 from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
-from causal_dit_jax.model.sampler import draw_step_noise
-from causal_dit_jax.model.scheduler import denoising_timesteps, flow_match_timesteps, sigma_for_timestep
+from causal_dit_jax.model.sampler import SelfForcingSampler, draw_step_noise
+from causal_dit_jax.model.scheduler import flow_match_timesteps
 from causal_dit_jax.train.block_attention import BlockAttentionPlan, bidirectional_plan
 from causal_dit_jax.train.objectives import sequence_forward
 
@@ -41,40 +41,33 @@ def generator_rollout(
     inference: InferenceConfig = InferenceConfig(),
 ) -> jax.Array:
     """The generator's video [B, F, H, W, C] float32 from noise [B, F, H, W, C] and text-encoder states
-    context [B, K, text_dim], with the KV cache as at inference; exit_step (static, 0 .. steps - 1): the
-    step whose x0 is each chunk's output, the only forward with gradients. key draws the re-noising
-    eps as the sampler does (`draw_step_noise`)."""
-    ts = denoising_timesteps(
-        inference.denoising_steps, inference.timestep_shift, inference.num_train_timesteps, inference.warp_denoising_step
-    )
-    sig = sigma_for_timestep(ts, inference.timestep_shift, inference.num_train_timesteps)
+    context [B, K, text_dim], with the KV cache as at inference: the sampler's own step, re-noising and
+    cache fill (`SelfForcingSampler`); exit_step (static, 0 .. steps - 1): the step whose x0 is each
+    chunk's output, the only forward with gradients. key draws the re-noising eps as the sampler does
+    (`draw_step_noise`)."""
+    sampler = SelfForcingSampler(dit, inference)
+    ts, sig = sampler.timesteps, sampler.sigmas
     n = len(ts)
     if not 0 <= exit_step < n:
         raise ValueError(f"exit_step must be in [0, {n - 1}], got {exit_step}")
     b, f, h, w, ch = noise.shape
     c = inference.frames_per_chunk
-    chunks = inference.num_chunks(f)
     text = dit.encode_text(params, context)
     text_sg = sg(text)
     rope = dit.rope_tables(f, h, w)
-    cache = dit.init_cache(inference, b, f, h, w)
-    outs = []
+    cache = sampler.init_cache(b, f, h, w)
+    outs, chunks = [], inference.num_chunks(f)
     for i in range(chunks):
         eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
-        x = noise[:, i * c : (i + 1) * c].astype(jnp.float32)
+        x = noise[:, i * c : (i + 1) * c].astype(jnp.float32)  # b c h w ch
         start = jnp.int32(i * c)
-        for k in range(exit_step + 1):
-            exiting = k == exit_step
-            p, tk = (params, text) if exiting else (sg(params), text_sg)
-            flow, cache = dit.forward(p, x, jnp.full((b, c), float(ts[k])), tk, cache, start, rope)
-            x0 = x - float(sig[k]) * flow
-            if not exiting:
-                x = (1.0 - float(sig[k + 1])) * sg(x0) + float(sig[k + 1]) * eps[k]
+        for k in range(exit_step):  # the steps before the exit: no gradients
+            x0, cache = sampler.step_x0(sg(params), x, float(ts[k]), float(sig[k]), cache, text_sg, start, rope)
+            x = sampler.renoise(sg(x0), float(sig[k + 1]), eps[k])
+        x0, cache = sampler.step_x0(params, x, float(ts[exit_step]), float(sig[exit_step]), cache, text, start, rope)
         outs.append(x0)
         if i + 1 < chunks:  # the cache-fill pass on the clean chunk, without gradients
-            t_ctx = jnp.full((b, c), inference.context_noise, jnp.float32)
-            _, cache = dit.forward(sg(params), sg(x0), t_ctx, text_sg, cache, start, rope)
-            cache = sg(cache)
+            cache = sg(sampler.fill_cache(sg(params), sg(x0), cache, text_sg, start, rope))
     return jnp.concatenate(outs, axis=1)
 
 

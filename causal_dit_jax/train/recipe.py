@@ -12,6 +12,9 @@ Stages, each resumable from its own Orbax checkpoints and finished by a result f
   student  a pool of the teacher's streamed ODE trajectories with classifier-free guidance
            (`causal_ode_trajectory`), then ODE regression of the student (initialised from the teacher)
            onto the 4-step schedule with clean context (`OdeRegression(clean_context=True)`) -> student_dit.npz
+  dmd      Self-Forcing DMD of the student (`train/dmd.py`) on its own KV-cached rollouts, the teacher
+           as the real score and a critic started from it; dmd_stage.steps 0 skips it -> dmd.json
+           (and dmd_dit.npz when it ran)
   export   the shippable model: embedded/{dit,text,vae}.npz + config.json (`embedded.load_embedded`)
 Clips are drawn on the accelerator (`render_batch`) from labels drawn on the host, seeded by (seed,
 stage, step), so a resumed stage sees the batches it would have seen. A stage stopped by the time
@@ -34,13 +37,14 @@ import numpy as np
 
 from causal_dit_jax.model.config import ConfigFields, InferenceConfig
 
-STAGES = ("vae", "decoder", "teacher", "student", "export")
+STAGES = ("vae", "decoder", "teacher", "student", "dmd", "export")
 DEPENDS = {  # the stages whose results each stage is made from
     "vae": (),
     "decoder": ("vae",),
     "teacher": ("vae",),
     "student": ("teacher",),
-    "export": ("vae", "decoder", "teacher", "student"),
+    "dmd": ("student",),
+    "export": ("vae", "decoder", "teacher", "student", "dmd"),
 }
 
 
@@ -83,7 +87,8 @@ class RecipeConfig(ConfigFields):
     trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
     per segment of the 4-step schedule and guidance_scale. timestep_shift: the flow-matching schedule's
     shift for every stage of the DiT (training table, teacher ODE, the student's 4 steps), exported as
-    the model's sampling shift; Wan's 5 suits 480p latents, a small latent grid wants less."""
+    the model's sampling shift (Wan's 5). dmd_*: the DMD stage's critic (its AdamW rate, its updates per
+    generator update: Self-Forcing's 5) and the teacher's guidance as the real score."""
 
     frames: int = 33
     height: int = 128
@@ -108,10 +113,14 @@ class RecipeConfig(ConfigFields):
     decoder_stage: StageConfig = StageConfig(steps=1000, batch_size=8, learning_rate=5e-4, ema_decay=0.99)
     teacher_stage: StageConfig = StageConfig(steps=4000, batch_size=32, learning_rate=3e-4)
     student_stage: StageConfig = StageConfig(steps=2000, batch_size=32, learning_rate=1e-4, warmup_steps=50)
+    dmd_stage: StageConfig = StageConfig(steps=0, batch_size=16, learning_rate=2e-5, warmup_steps=20, ema_decay=0.99)
+    dmd_critic_learning_rate: float = 2e-5
+    dmd_critic_steps: int = 5
+    dmd_guidance_scale: float = 3.0
 
     def __post_init__(self):
         object.__setattr__(self, "ode_steps", tuple(int(n) for n in self.ode_steps))
-        for name in ("vae_stage", "decoder_stage", "teacher_stage", "student_stage"):
+        for name in ("vae_stage", "decoder_stage", "teacher_stage", "student_stage", "dmd_stage"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, StageConfig.from_dict(value))
@@ -119,6 +128,8 @@ class RecipeConfig(ConfigFields):
             raise ValueError(f"frames ({self.frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        if self.dmd_critic_steps < 1:
+            raise ValueError(f"dmd_critic_steps must be >= 1, got {self.dmd_critic_steps}")
         if self.trajectories % self.trajectory_batch:
             raise ValueError(f"trajectories ({self.trajectories}) must be whole batches of {self.trajectory_batch}")
 
@@ -183,10 +194,11 @@ def _run_stage(
             abstract = jax.eval_shape(lambda p: trainer.init_state(p, config.seed), params)
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
             state, _, _ = ckpts.restore(abstract)
-            print(f"{name}: resumed at step {int(state['step'])}", flush=True)
         else:
             state = trainer.init_state(params, config.seed)
-        step = int(state["step"])
+        step = trainer.step_of(state) if hasattr(trainer, "step_of") else int(state["step"])
+        if ckpts.latest_step() is not None:
+            print(f"{name}: resumed at step {step}", flush=True)
         bar = tqdm(total=stage.steps, initial=step, desc=name, unit="step", disable=not progress)
         t_last = time.perf_counter()
         while step < stage.steps:
@@ -535,6 +547,77 @@ def train_student(
     return {"steps": steps, "rounds": rounds}
 
 
+class _DmdStage:
+    """`DMDTrainer` in the stage loop's terms: params {'generator', 'critic'}, a batch of text states,
+    negative states and noise; the result is the generator's EMA."""
+
+    def __init__(self, dmd_trainer, teacher_params, seed: int):
+        self.dmd_trainer, self.teacher_params, self.seed = dmd_trainer, teacher_params, seed
+
+    def init_state(self, params, seed: int) -> dict:
+        return self.dmd_trainer.init_state(params["generator"], params["critic"], seed)
+
+    def step(self, state, batch):
+        state, metrics = self.dmd_trainer.step(state, self.teacher_params, batch, self.seed)
+        return state, {**{k: v for k, v in metrics.items() if k != "exit_step"}, "loss": metrics["generator_loss"]}
+
+    @staticmethod
+    def step_of(state) -> int:
+        return int(state["generator"]["step"])
+
+
+def train_dmd(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """Self-Forcing DMD from the student -> dmd_dit.npz (the generator's EMA), dmd.json. The teacher
+    (causal, block-causal over the clip's chunks) is the real score with dmd_guidance_scale, the critic
+    starts from it; prompts are drawn per step, the text encoder frozen. steps 0: dmd.json alone."""
+    stage = config.dmd_stage
+    if stage.steps == 0:
+        (out / "dmd_dit.npz").unlink(missing_ok=True)
+        _write_json(out / "dmd.json", {"steps": 0})
+        return {"steps": 0}
+    from causal_dit_jax.param_archive import load_params, save_params
+    from causal_dit_jax.train.block_attention import block_causal_plan
+    from causal_dit_jax.train.dmd import DMD, DMDConfig, DMDTrainer
+    from causal_dit_jax.train.procedural import draw_labels
+    from causal_dit_jax.train.text_conditioning import empty_caption
+
+    dit, t5, teacher_params, text_params = _teacher_from(out, config)
+    student = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_params(out / "student_dit.npz", dit.abstract_params()))
+    tok = _tokenizer(config)
+    f, h, w = config.latent_frames, config.height // 8, config.width // 8
+    plan = block_causal_plan(f, config.inference().frames_per_chunk)
+    dmd = DMD(
+        dit,
+        dit,
+        dit,
+        DMDConfig(config.dmd_guidance_scale, shift=config.timestep_shift),
+        config.inference(),
+        teacher_plan=plan,
+        critic_plan=plan,
+    )
+    critic_optimizer = dataclasses.replace(stage.optimizer(), learning_rate=config.dmd_critic_learning_rate)
+    trainer = _DmdStage(
+        DMDTrainer(dmd, stage.optimizer(), critic_optimizer, config.dmd_critic_steps), teacher_params, config.seed
+    )
+    null_ids, null_mask = (a[None] for a in empty_caption(tok))
+    encode = jax.jit(lambda ids, mask: t5.text_context(text_params, ids, mask))
+    negative = encode(null_ids, null_mask)
+
+    def next_batch(step):
+        _, captions = draw_labels(_stage_rng(config, "dmd", step), stage.batch_size, config.height, config.width)
+        text = encode(*_captions(tok, captions))
+        noise = jax.random.normal(
+            jax.random.fold_in(jax.random.key(config.seed + 3), step), (stage.batch_size, f, h, w, dit.config.in_dim)
+        )
+        return {"text": text, "negative_text": jnp.broadcast_to(negative, text.shape), "noise": noise}
+
+    params = {"generator": student, "critic": teacher_params}
+    state, steps = _run_stage("dmd", out, trainer, params, next_batch, stage, config, deadline, finish_early, progress)
+    save_params(out / "dmd_dit.npz", state["generator"]["ema"], config.configs()[0].param_dtype)
+    _write_json(out / "dmd.json", {"steps": steps})
+    return {"steps": steps}
+
+
 def export(
     config: RecipeConfig, out: pathlib.Path, target: pathlib.Path | None = None, notes: dict | None = None
 ) -> pathlib.Path:
@@ -548,12 +631,14 @@ def export(
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy(out / "student_dit.npz", tmp / "dit.npz")
+    dmd_steps = json.loads((out / "dmd.json").read_text())["steps"] if (out / "dmd.json").exists() else 0
+    shutil.copy(out / ("dmd_dit.npz" if dmd_steps else "student_dit.npz"), tmp / "dit.npz")
     shutil.copy(out / "text.npz", tmp / "text.npz")
     shutil.copy(out / "vae.npz", tmp / "vae.npz")
     steps = {"vae": vae["steps"]}
     steps |= {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("decoder", "teacher", "student")}
     steps["rounds"] = {s: _rounds(out, s) for s in ("decoder", "teacher", "student")}
+    steps["dmd"] = dmd_steps
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -588,7 +673,7 @@ def run_recipe(
     unknown = [s for s in (*stages, *extend) if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
-    if "vae" in extend or "export" in extend:
+    if any(s in extend for s in ("vae", "dmd", "export")):
         raise ValueError(f"the decoder, teacher and student stages extend, not {list(extend)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -602,9 +687,10 @@ def run_recipe(
         "decoder": "decoder.json",
         "teacher": "text.npz",
         "student": "student_dit.npz",
+        "dmd": "dmd.json",
         "export": "embedded/config.json",
     }
-    runners = {"vae": train_vae, "decoder": train_decoder, "teacher": train_teacher, "student": train_student}
+    runners = {"vae": train_vae, "decoder": train_decoder, "teacher": train_teacher, "student": train_student, "dmd": train_dmd}
     report = {}
     for stage in stages:
         extending = stage in extend and (out / done[stage]).exists()
@@ -663,6 +749,7 @@ __all__ = [
     "export",
     "run_recipe",
     "teacher_generate",
+    "train_dmd",
     "train_student",
     "train_teacher",
     "train_vae",
