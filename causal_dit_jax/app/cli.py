@@ -63,6 +63,16 @@ def _add_mesh(p) -> None:
     _choice(p, "--strategy", STRATEGIES, None, "sequence-parallel attention, with --mesh (default hybrid)")
 
 
+def _add_banded_decode(p) -> None:
+    p.add_argument(
+        "--no-banded-decode",
+        action="store_true",
+        help="with --mesh: decode every frame on one device (default: the Wan VAE decodes each chunk in bands of "
+        "rows over the mesh's devices, the same frames within one uint8 level; the TAEHV decoder always runs on one "
+        "device)",
+    )
+
+
 def _add_bench(sub) -> None:
     from causal_dit_jax.bench.compare import FIGURES
 
@@ -157,6 +167,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; 832, embedded 192)")
     p.add_argument("--seed", type=int, default=0)
     _add_mesh(p)
+    _add_banded_decode(p)
     p.add_argument(
         "--local-attn-size",
         type=int,
@@ -376,6 +387,26 @@ def _strategy(args) -> str | None:
     return args.strategy or "hybrid"
 
 
+def _banded_decode(args, strategy: str | None) -> bool:
+    """--no-banded-decode checked against --mesh: whether a mesh pipeline may decode in bands of rows."""
+    if args.no_banded_decode and strategy is None:
+        raise ValueError("--no-banded-decode sets how a --mesh decodes: give --mesh N (without it, one device decodes)")
+    return not args.no_banded_decode
+
+
+def _decode_note(pipe, banded_decode: bool) -> str:
+    """Where a pipeline with a mesh decodes, for the log."""
+    from causal_dit_jax.autoencoders.wan_vae import WanVAE
+
+    if pipe.banded_decode:
+        n = pipe.frame_decoder.devices
+        return f"decoding: the Wan VAE in bands of rows over {n} devices (--no-banded-decode: on one device)"
+    if not banded_decode:
+        return "decoding: on one device (--no-banded-decode)"
+    why = "the TAEHV decoder is not split" if not isinstance(pipe.vae, WanVAE) else "one sequence device"
+    return f"decoding: on one device ({why})"
+
+
 def cmd_bench(args) -> int:
     from causal_dit_jax import bench
     from causal_dit_jax.app.pipeline import video_spec
@@ -476,6 +507,7 @@ def cmd_generate(args) -> int:
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be positive, got {value} (leave it out for the model's default)")
     strategy = _strategy(args)
+    banded_decode = _banded_decode(args, strategy)
     if any(not p.strip() for p in args.prompt):
         raise ValueError("the prompt is empty")
     outs = _out_paths(args.out, len(args.prompt))
@@ -516,7 +548,7 @@ def cmd_generate(args) -> int:
 
         mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
     t_load = time.perf_counter()
-    pipe = _load_pipeline(args.checkpoint, random_weights, inference, mesh, args.decoder, kernels, args.encoder)
+    pipe = _load_pipeline(args.checkpoint, random_weights, inference, mesh, args.decoder, kernels, args.encoder, banded_decode)
     if media:
         pipe.plan(len(args.prompt), frames, height, width, **media)  # and that its encoder can take them
     recache = not args.no_recache
@@ -532,6 +564,8 @@ def cmd_generate(args) -> int:
         "first chunk includes compilation",
         flush=True,
     )
+    if mesh is not None:
+        print(_decode_note(pipe, banded_decode), flush=True)
     if switches:
         n = "all attended" if args.recache_chunks is None else args.recache_chunks
         how = "no re-cache" if not recache else "a cut" if n == 0 else f"re-cache of {n} chunks"
@@ -598,10 +632,14 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _load_pipeline(checkpoint, random_weights: bool, inference, mesh, decoder: str, kernels, encoder=None):
+def _load_pipeline(
+    checkpoint, random_weights: bool, inference, mesh, decoder: str, kernels, encoder=None, banded_decode: bool = True
+):
     """The pipeline generate and serve run: a checkpoint's, else the embedded default (random_weights:
-    the untrained demo), each announced."""
+    the untrained demo), each announced; banded_decode: with a mesh, the Wan VAE in bands of rows."""
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
+
+    kw = {"mesh": mesh, "decoder": decoder, "kernels": kernels, "encoder": encoder, "banded_decode": banded_decode}
 
     if checkpoint is None and random_weights:
         print(
@@ -609,17 +647,15 @@ def _load_pipeline(checkpoint, random_weights: bool, inference, mesh, decoder: s
             "pipeline working, not a picture of the prompt.",
             flush=True,
         )
-        return TextToVideoPipeline.random_demo(inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder)
+        return TextToVideoPipeline.random_demo(inference, **kw)
     if checkpoint is None:
         print(
             "No --checkpoint: the embedded default, a small model trained on procedural clips. It knows "
             "'a {colour} {shape} moving {direction} [on a {background} background]' (README: its words).",
             flush=True,
         )
-        return TextToVideoPipeline.embedded_default(inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder)
-    return TextToVideoPipeline.from_checkpoint(
-        checkpoint, inference, mesh=mesh, decoder=decoder, kernels=kernels, encoder=encoder
-    )
+        return TextToVideoPipeline.embedded_default(inference, **kw)
+    return TextToVideoPipeline.from_checkpoint(checkpoint, inference, **kw)
 
 
 def _add_serve(sub) -> None:
@@ -638,6 +674,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     _add_mesh(p)
+    _add_banded_decode(p)
     _choice(
         p,
         "--decoder",
@@ -664,6 +701,7 @@ def cmd_serve(args) -> int:
     from causal_dit_jax.app.serve import ServerConfig, serve
 
     strategy = _strategy(args)
+    banded_decode = _banded_decode(args, strategy)
     model_config, _ = pipeline_configs(args.checkpoint, args.decoder)  # it has the decoder, before any model work
     decoders = [args.decoder]
     for other in DECODERS:
@@ -688,7 +726,9 @@ def cmd_serve(args) -> int:
         print(f"listening on {args.host}: anyone who can reach it may use this server (it has no login)", flush=True)
 
     def pipeline(decoder: str):
-        return _load_pipeline(args.checkpoint, False, InferenceConfig(), mesh, decoder, KernelConfig())
+        return _load_pipeline(
+            args.checkpoint, False, InferenceConfig(), mesh, decoder, KernelConfig(), banded_decode=banded_decode
+        )
 
     serve(pipeline, config)
     return 0

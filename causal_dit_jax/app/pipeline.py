@@ -2,9 +2,10 @@
 TAEHV decoder), streaming.
 
 Each latent chunk is decoded as soon as it is denoised, with the decoder's causal caches carried
-between chunks, so the first frames exist long before the video is done. With an encoder (the Wan VAE
-encoder or TAEHV's), a request may also start from an image, continue a clip, or restyle a video
-(`app/conditioning.py`).
+between chunks, so the first frames exist long before the video is done. Over a mesh the DiT runs
+sequence-parallel and the Wan VAE decodes in bands of rows (`sharding/decode_bands.py`). With an
+encoder (the Wan VAE encoder or TAEHV's), a request may also start from an image, continue a clip,
+or restyle a video (`app/conditioning.py`).
 """
 
 from __future__ import annotations
@@ -269,6 +270,10 @@ class TextToVideoPipeline:
     both stream with carried caches and give the same frame counts.
 
     mesh: a `sharding.make_mesh` mesh; the DiT then runs sequence-parallel over it (params replicated).
+    banded_decode: with a mesh and the Wan VAE, decode each chunk in bands of rows over the mesh's
+    sequence axes (`sharding.decode_bands.BandedWanVAE`; the VAE params replicated on the mesh once,
+    copies over 'data'); the frames come to the host as before. False, the TAEHV decoder (too small to
+    split) or a mesh of one sequence device decodes on one device; `self.banded_decode` says which runs.
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
     and the smallest activation memory; 3 decodes a whole chunk per call (a little more throughput,
     a later first frame and more memory: figures in benchmarks/NOTES.md).
@@ -292,7 +297,10 @@ class TextToVideoPipeline:
         encoder: WanVAEEncoder | TAEHVEncoder | None = None,
         encoder_params: Params | None = None,
         default_size: tuple[int, int, int] = DEFAULT_SIZE,
+        banded_decode: bool = True,
     ):
+        if not isinstance(banded_decode, bool):
+            raise ValueError(f"banded_decode must be True or False, got {banded_decode!r}")
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
         if (encoder is None) != (encoder_params is None):
@@ -308,8 +316,12 @@ class TextToVideoPipeline:
         self.untrained = untrained
         self.default_size = tuple(int(n) for n in default_size)  # frames, height, width when not asked
         self.vae_latents_per_call = vae_latents_per_call
-        self._chunk_decoder = LatentChunkDecoder(vae, vae_latents_per_call)  # checks the count
+        self.banded_decode = banded_decode and isinstance(vae, WanVAE) and _sequence_devices(mesh) > 1
+        self.frame_decoder = _banded_vae(vae, mesh) if self.banded_decode else vae  # what decodes the chunks
+        self._chunk_decoder = LatentChunkDecoder(self.frame_decoder, vae_latents_per_call)  # checks the count
         self.mesh = mesh
+        if self.banded_decode:
+            self.vae_params = self.frame_decoder.place(vae_params)  # once: replicated over the mesh
         model = dit
         if mesh is not None:
             from causal_dit_jax.sharding import SequenceParallelDiT
@@ -332,13 +344,15 @@ class TextToVideoPipeline:
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
+        banded_decode: bool = True,
     ) -> TextToVideoPipeline:
         """Small presets with deterministic random weights (untrained: the video is noise-like), for
         tests and demos of any shape (33 frames at 128x192 by default); every code path is the real
         model's.
         decoder: 'wan' (a narrow Wan VAE) or 'taehv' (a narrow TAEHV decoder); encoder: the same
         choice for the frames -> latents half (None: the decoder's kind); kernels: how the DiT's
-        kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3)."""
+        kernels run (`KernelConfig`; linear_precision='float8' runs its block GEMMs in e4m3);
+        banded_decode: as the constructor's (with a mesh, the Wan VAE in bands of rows)."""
         config, decoder_config = pipeline_configs(None, decoder, random_weights=True)
         encoder = decoder if encoder is None else encoder
         _check_encoder(encoder)
@@ -361,6 +375,7 @@ class TextToVideoPipeline:
             encoder=frame_encoder,
             encoder_params=random_params(frame_encoder.abstract_params(), seed + 3),
             default_size=DEMO_SIZE,
+            banded_decode=banded_decode,
         )
 
     @classmethod
@@ -371,11 +386,12 @@ class TextToVideoPipeline:
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
+        banded_decode: bool = True,
     ) -> TextToVideoPipeline:
         """The model shipped in the package (`causal_dit_jax/embedded.py`): a small DiT, umT5 and Wan VAE
         trained on the procedural world, 33 frames at 128x192 by default; prompts like
         'a red circle moving left on a white background'. Only its own VAE decodes and encodes."""
-        return cls.from_embedded(None, inference, mesh, decoder, kernels, encoder)
+        return cls.from_embedded(None, inference, mesh, decoder, kernels, encoder, banded_decode)
 
     @classmethod
     def from_embedded(
@@ -386,6 +402,7 @@ class TextToVideoPipeline:
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
+        banded_decode: bool = True,
     ) -> TextToVideoPipeline:
         """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
         names a window, the KV cache rolls over the number of latent frames the model was trained on
@@ -427,6 +444,7 @@ class TextToVideoPipeline:
             encoder=frame_encoder,
             encoder_params=vae_params["encoder"],
             default_size=(size["frames"], size["height"], size["width"]),
+            banded_decode=banded_decode,
         )
 
     @classmethod
@@ -438,6 +456,7 @@ class TextToVideoPipeline:
         decoder: str = "wan",
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
+        banded_decode: bool = True,
     ) -> TextToVideoPipeline:
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
@@ -446,7 +465,7 @@ class TextToVideoPipeline:
         encoder: 'wan' or 'taehv', the encoder for image / video requests (None: the decoder's kind,
         loaded when the checkpoint has it; a checkpoint without it serves text-to-video only).
         kernels: how the DiT's kernels run (`KernelConfig`; linear_precision='float8' quantises its block
-        linears to e4m3 after loading)."""
+        linears to e4m3 after loading); banded_decode: as the constructor's."""
         _, decoder_config = pipeline_configs(ckpt_dir, decoder)  # checks the components
         d = pathlib.Path(ckpt_dir).expanduser()
         meta = read_checkpoint_config(d)
@@ -496,6 +515,7 @@ class TextToVideoPipeline:
             untrained=bool(meta.get("untrained", False)),
             encoder=frame_encoder,
             encoder_params=encoder_params,
+            banded_decode=banded_decode,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -772,6 +792,23 @@ _HOW_ENCODER = {
     "wan": "convert with `causal-dit convert --wan-dir ...` from a Wan2.1_VAE.pth that has its encoder.* keys",
     "taehv": "convert with `causal-dit convert ... --taehv taew2_1.pth` (a file with its encoder.* half)",
 }
+
+
+def _sequence_devices(mesh) -> int:
+    """Devices over the mesh's sequence axes (0 without a mesh)."""
+    if mesh is None:
+        return 0
+    from causal_dit_jax.sharding.mesh import mesh_sizes
+
+    _, ring, ulysses = mesh_sizes(mesh)
+    return ring * ulysses
+
+
+def _banded_vae(vae: WanVAE, mesh):
+    """The Wan VAE's decoder in bands of rows over the mesh's sequence axes ('ring', 'ulysses')."""
+    from causal_dit_jax.sharding.decode_bands import BandedWanVAE
+
+    return BandedWanVAE(vae, mesh)
 
 
 def _latent_channels(encoder) -> int:

@@ -67,8 +67,8 @@ class LatentChunkDecoder:
 
     def __call__(self, params, latents: jax.Array, cache) -> tuple[list[jax.Array], object]:
         """latents [B, T, h, w, C] (the next chunk) -> ([uint8 frames [B, T', H, W, 3] on the device, one
-        per call, queued], the new cache). Latents elsewhere (a mesh's output) are first brought to the
-        decoder params' device."""
+        per call, queued], the new cache). Latents elsewhere (a mesh's output) are first brought to where
+        the decoder's params live (one device; the mesh, replicated, for `BandedWanVAE`)."""
         where = jax.tree.leaves(params)[0].sharding
         if latents.sharding != where:
             latents = jax.device_put(latents, where)

@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
@@ -37,38 +38,51 @@ def generator_rollout(
     noise: jax.Array,
     context: jax.Array,
     key: jax.Array,
-    exit_step: int,
+    exit_step: int | jax.Array,
     inference: InferenceConfig = InferenceConfig(),
 ) -> jax.Array:
     """The generator's video [B, F, H, W, C] float32 from noise [B, F, H, W, C] and text-encoder states
     context [B, K, text_dim], with the KV cache as at inference: the sampler's own step, re-noising and
-    cache fill (`SelfForcingSampler`); exit_step (static, 0 .. steps - 1): the step whose x0 is each
-    chunk's output, the only forward with gradients. key draws the re-noising eps as the sampler does
-    (`draw_step_noise`)."""
+    cache fill (`SelfForcingSampler`); exit_step (0 .. steps - 1, a Python int or traced: one program
+    serves every exit step): the step whose x0 is each chunk's output, the only forward with
+    gradients. key draws the re-noising eps as the sampler does (`draw_step_noise`)."""
     sampler = SelfForcingSampler(dit, inference)
-    ts, sig = sampler.timesteps, sampler.sigmas
-    n = len(ts)
-    if not 0 <= exit_step < n:
+    n = len(sampler.timesteps)
+    if isinstance(exit_step, int) and not 0 <= exit_step < n:
         raise ValueError(f"exit_step must be in [0, {n - 1}], got {exit_step}")
+    ts, sig = jnp.asarray(sampler.timesteps, jnp.float32), jnp.asarray(sampler.sigmas, jnp.float32)
+    sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
     b, f, h, w, ch = noise.shape
-    c = inference.frames_per_chunk
+    c, chunks = inference.frames_per_chunk, inference.num_chunks(f)
     text = dit.encode_text(params, context)
-    text_sg = sg(text)
+    text_sg, params_sg = sg(text), sg(params)
     rope = dit.rope_tables(f, h, w)
-    cache = sampler.init_cache(b, f, h, w)
-    outs, chunks = [], inference.num_chunks(f)
-    for i in range(chunks):
+
+    def chunk(cache, xs):  # one chunk as at inference; a scan over the chunks keeps the program one chunk long
+        x, i = xs  # x: b c h w ch, this chunk's noise
         eps = draw_step_noise(key, i, (b, c, h, w, ch), n)
-        x = noise[:, i * c : (i + 1) * c].astype(jnp.float32)  # b c h w ch
-        start = jnp.int32(i * c)
-        for k in range(exit_step):  # the steps before the exit: no gradients
-            x0, cache = sampler.step_x0(sg(params), x, float(ts[k]), float(sig[k]), cache, text_sg, start, rope)
-            x = sampler.renoise(sg(x0), float(sig[k + 1]), eps[k])
-        x0, cache = sampler.step_x0(params, x, float(ts[exit_step]), float(sig[exit_step]), cache, text, start, rope)
-        outs.append(x0)
-        if i + 1 < chunks:  # the cache-fill pass on the clean chunk, without gradients
-            cache = sg(sampler.fill_cache(sg(params), sg(x0), cache, text_sg, start, rope))
-    return jnp.concatenate(outs, axis=1)
+        start = (i * c).astype(jnp.int32)
+
+        def before_exit(k, carry):  # the steps before the exit: no gradients
+            x, cache = carry
+            x0, cache = sampler.step_x0(params_sg, sg(x), ts[k], sig[k], cache, text_sg, start, rope)
+            return sampler.renoise(sg(x0), sig_next[k], eps[k]), cache
+
+        # a traced exit_step makes this a while loop, which nothing differentiable may enter: the
+        # trainer differentiates in the params alone, whose copy here is stop-gradient
+        x, cache = jax.lax.fori_loop(0, exit_step, before_exit, (x, cache))
+        x0, cache = sampler.step_x0(params, x, ts[exit_step], sig[exit_step], cache, text, start, rope)
+        cache = jax.lax.cond(  # the cache-fill pass on the clean chunk, without gradients (none after the last)
+            i + 1 < chunks,
+            lambda cache: sg(sampler.fill_cache(params_sg, sg(x0), cache, text_sg, start, rope)),
+            lambda cache: sg(cache),
+            cache,
+        )
+        return cache, x0
+
+    xs = rearrange(noise.astype(jnp.float32), "b (n c) h w ch -> n b c h w ch", c=c)
+    _, outs = jax.lax.scan(chunk, sampler.init_cache(b, f, h, w), (xs, jnp.arange(chunks)))
+    return rearrange(outs, "n b c h w ch -> b (n c) h w ch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +187,7 @@ class DMDTrainer:
         self.dmd, self.critic_steps = dmd, critic_steps
         self.generator = Trainer(None, generator_optimizer, mesh)
         self.critic = Trainer(None, critic_optimizer, mesh)
-        self._jit = {}
+        self._jit_step = jax.jit(self._step, donate_argnums=(0,))
 
     def init_state(self, generator_params: Params, critic_params: Params, seed: int = 0) -> dict:
         return {
@@ -181,20 +195,26 @@ class DMDTrainer:
             "critic": self.critic.init_state(critic_params, seed + 1),
         }
 
-    def _step(self, state, teacher_params, batch, exit_step: int):
+    def _step(self, state, teacher_params, batch, exit_step: jax.Array):
         critic_state, gen_state = state["critic"], state["generator"]
         critic_grad = jax.value_and_grad(self.dmd.critic_loss, has_aux=True)
-        for _ in range(self.critic_steps):
+
+        def critic_update(_, carry):  # a loop, not unrolled: one critic update in the program
+            critic_state, _ = carry
             key, sub = jax.random.split(jax.random.wrap_key_data(critic_state["rng"]))
-            (_, critic_metrics), grads = critic_grad(critic_state["params"], sg(gen_state["params"]), batch, sub, exit_step)
-            critic_state, _ = self.critic.apply_gradients(critic_state, grads, key)
+            (loss, _), grads = critic_grad(critic_state["params"], sg(gen_state["params"]), batch, sub, exit_step)
+            return self.critic.apply_gradients(critic_state, grads, key)[0], loss
+
+        critic_state, critic_loss = jax.lax.fori_loop(
+            0, self.critic_steps, critic_update, (critic_state, jnp.zeros((), jnp.float32))
+        )
         key, sub = jax.random.split(jax.random.wrap_key_data(gen_state["rng"]))
         gen_grad = jax.value_and_grad(self.dmd.generator_loss, has_aux=True)
         (_, gen_metrics), grads = gen_grad(
             gen_state["params"], teacher_params, sg(critic_state["params"]), batch, sub, exit_step
         )
         gen_state, update = self.generator.apply_gradients(gen_state, grads, key)
-        metrics = {"generator_loss": gen_metrics["loss"], "critic_loss": critic_metrics["loss"], **gen_metrics, **update}
+        metrics = {"generator_loss": gen_metrics["loss"], "critic_loss": critic_loss, **gen_metrics, **update}
         return {"generator": gen_state, "critic": critic_state}, metrics
 
     def step(self, state: dict, teacher_params: Params, batch: dict, seed: int = 0) -> tuple[dict, dict]:
@@ -202,11 +222,9 @@ class DMDTrainer:
         'noise'}. The exit step follows from the generator's step number (`exit_step_for`)."""
         n = len(self.dmd.inference.denoising_steps)
         exit_step = exit_step_for(int(state["generator"]["step"]), seed, n)
-        if exit_step not in self._jit:  # one executable per exit step
-            self._jit[exit_step] = jax.jit(lambda s, t, b, e=exit_step: self._step(s, t, b, e), donate_argnums=(0,))
         if self.generator.mesh is not None:
             batch = jax.device_put(batch, self.generator.batch_sharding(batch))
-        state, metrics = self._jit[exit_step](state, teacher_params, batch)
+        state, metrics = self._jit_step(state, teacher_params, batch, jnp.int32(exit_step))  # one program for every exit step
         return state, {**metrics, "exit_step": exit_step}
 
 

@@ -1,0 +1,125 @@
+"""The pipeline's Wan VAE decode in bands of rows over its mesh (`BandedWanVAE` in `TextToVideoPipeline`
+and `causal-dit generate --mesh`), against the same pipeline decoding every frame on one device.
+
+Both pipelines run the same DiT programs on the same mesh, so their latents are the same; only the
+decode differs. The banded float32 decode is within ~3e-6 of one device's on frames in [-1, 1] (its
+convs sum in another order: tests/test_decode_bands.py), ~4e-4 of a uint8 level, so a value rounds to
+another level only when it lies that close to a rounding boundary. Asserted: uint8 frames of the same
+shape, at most 1 level apart, on at most 1e-3 of the values (measured: 5.8e-6 for the embedded
+default on 8 devices, 2.6e-5 for the random demo on 4).
+"""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from causal_dit_jax.app.cli import main
+from causal_dit_jax.app.pipeline import TextToVideoPipeline
+from causal_dit_jax.app.video import read_mp4
+from causal_dit_jax.sharding import make_mesh
+from causal_dit_jax.sharding.decode_bands import BandedWanVAE
+
+MAX_DIFFERING = 1e-3  # fraction of uint8 values one level apart
+
+
+def assert_same_frames(banded: np.ndarray, one_device: np.ndarray) -> None:
+    assert banded.dtype == one_device.dtype == np.uint8 and banded.shape == one_device.shape
+    diff = np.abs(banded.astype(int) - one_device.astype(int))
+    assert diff.max() <= 1 and np.mean(diff > 0) <= MAX_DIFFERING, (diff.max(), np.mean(diff > 0))
+    assert one_device.std() > 1.0  # pictures, not a blank
+
+
+def assert_banded(pipe: TextToVideoPipeline, mesh, devices: int) -> None:
+    assert pipe.banded_decode and isinstance(pipe.frame_decoder, BandedWanVAE)
+    assert pipe.frame_decoder.devices == devices and pipe.frame_decoder.mesh is mesh
+    assert all(leaf.sharding == NamedSharding(mesh, P()) for leaf in jax.tree.leaves(pipe.vae_params))
+
+
+def assert_one_device(pipe: TextToVideoPipeline) -> None:
+    """Today's path: the decoder itself, its params on one device."""
+    assert not pipe.banded_decode and pipe.frame_decoder is pipe.vae
+    assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(pipe.vae_params))
+
+
+def test_embedded_default_on_8_devices():
+    """The CLI's default video (33 frames at 128x192: 16 latent rows, bands of 2 over ring 8 for the
+    DiT's 5 heads), streamed chunk by chunk; banded_decode=False decodes on one device."""
+    mesh = make_mesh(8, num_heads=5)
+    banded = TextToVideoPipeline.embedded_default(mesh=mesh)
+    one = TextToVideoPipeline.embedded_default(mesh=mesh, banded_decode=False)
+    assert_banded(banded, mesh, 8)
+    assert_one_device(one)
+    prompt = "a red circle moving left on a white background"
+    got, want = banded.generate(prompt), one.generate(prompt)
+    assert got.shape == (1, 33, 128, 192, 3)
+    assert_same_frames(got, want)
+
+
+def test_height_the_mesh_does_not_divide_video_to_video_with_a_switch():
+    """4 devices, 48 pixels = 6 latent rows (bands of 2, the last all padding); a video-to-video request
+    (its encoded clip noised) with a prompt switch at chunk 1 (a re-cache), 2 chunks."""
+    mesh = make_mesh(4, num_heads=12)
+    video = np.random.default_rng(0).integers(0, 256, (21, 48, 64, 3), dtype=np.uint8)
+    request = {"video": video, "seed": 2, "prompt_schedule": [(1, "the sea at night")]}
+    frames = {}
+    for banded in (True, False):
+        pipe = TextToVideoPipeline.random_demo(mesh=mesh, banded_decode=banded)
+        assert_banded(pipe, mesh, 4) if banded else assert_one_device(pipe)
+        frames[banded] = pipe.generate("a lighthouse", **request)
+    assert frames[True].shape == (1, 21, 48, 64, 3)
+    assert_same_frames(frames[True], frames[False])
+
+
+def test_where_bands_do_not_apply_one_device_decodes():
+    """The tiny TAEHV decoder and a mesh without sequence devices (data only) stay on one device; a
+    non-bool switch is refused."""
+    taehv = TextToVideoPipeline.random_demo(mesh=make_mesh(2, num_heads=12), decoder="taehv")
+    assert_one_device(taehv)
+    assert_one_device(TextToVideoPipeline.random_demo(mesh=make_mesh(2, data=2, num_heads=12)))
+    with pytest.raises(ValueError, match="banded_decode must be True or False, got 'no'"):
+        parts = (taehv.dit, taehv.dit_params, taehv.text_encoder, taehv.t5_params, taehv.tokenizer, taehv.vae)
+        TextToVideoPipeline(*parts, taehv.vae_params, banded_decode="no")
+
+
+def test_generate_mesh_decodes_in_bands(tmp_path, monkeypatch, capsys):
+    """`generate --mesh 2` builds the banded pipeline and writes the video; --no-banded-decode the
+    one-device one; without --mesh the flag is refused before any model work."""
+    built = []
+    random_demo = TextToVideoPipeline.random_demo.__func__
+
+    def spy(cls, *args, **kw):
+        built.append(random_demo(cls, *args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(TextToVideoPipeline, "random_demo", classmethod(spy))
+    argv = ["generate", "--random-weights", "--prompt", "a lighthouse", "--frames", "9", "--height", "64", "--width", "64"]
+    assert main([*argv, "--mesh", "2", "--out", str(tmp_path / "banded.mp4")]) == 0
+    assert_banded(built[-1], built[-1].mesh, 2)
+    assert "decoding: the Wan VAE in bands of rows over 2 devices" in capsys.readouterr().out
+    assert read_mp4(tmp_path / "banded.mp4").shape == (9, 64, 64, 3)
+    assert main([*argv, "--mesh", "2", "--no-banded-decode", "--out", str(tmp_path / "one.mp4")]) == 0
+    assert_one_device(built[-1])
+    assert "decoding: on one device (--no-banded-decode)" in capsys.readouterr().out
+    assert read_mp4(tmp_path / "one.mp4").shape == (9, 64, 64, 3)
+    assert main([*argv, "--no-banded-decode", "--out", str(tmp_path / "none.mp4")]) == 2
+    assert "--no-banded-decode sets how a --mesh decodes: give --mesh N" in capsys.readouterr().err
+    assert len(built) == 2 and not (tmp_path / "none.mp4").exists()
+
+
+def test_serve_mesh_pipelines_decode_in_bands(monkeypatch, capsys):
+    """`serve --mesh 2` makes banded pipelines (the embedded default's), `--no-banded-decode` one-device
+    ones; without --mesh the flag is refused before the server starts."""
+    import causal_dit_jax.app.serve as serve_package
+
+    seen = {}
+    monkeypatch.setattr(serve_package, "serve", lambda pipelines, config: seen.update(pipelines=pipelines))
+    assert main(["serve", "--mesh", "2"]) == 0
+    pipe = seen["pipelines"]("wan")
+    assert_banded(pipe, pipe.mesh, 2)
+    assert main(["serve", "--mesh", "2", "--no-banded-decode"]) == 0
+    assert_one_device(seen["pipelines"]("wan"))
+    seen.clear()
+    assert main(["serve", "--no-banded-decode"]) == 2 and not seen
+    assert "--no-banded-decode sets how a --mesh decodes" in capsys.readouterr().err
