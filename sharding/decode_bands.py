@@ -1,8 +1,8 @@
 """The Wan2.1 VAE decoder spatially parallel under `jax.shard_map`: each device of a mesh axis decodes a
 band of rows of every latent frame, and of every activation inside the decoder.
 
-The layers are the decoder's own modules with the same params tree as `WanVAE`; only the composition
-here (a mirror of `Decoder3d.__call__`) differs, in three places:
+The decoder is `WanVAEDecoder` itself, the same params tree and the same composition; its graph for a
+band of rows (`band_graphdef`) sets three of its layers' hooks:
 
 * every causal 3x3x3 conv gets one halo row from each neighbour at its resolution (`row_halo.with_halo`)
   and runs with zero padding in the columns only (`Conv(padding=...)`), so band + 2 rows give the
@@ -34,16 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from causal_dit_jax.autoencoders.chunked_decode import ChunkedDecode
-from causal_dit_jax.autoencoders.wan_vae import (
-    MAX_UNROLLED_FRAMES,
-    Conv,
-    VAEConfig,
-    VAEDecodeCache,
-    WanVAE,
-    WanVAEDecoder,
-    causal_conv,
-    zero_after,
-)
+from causal_dit_jax.autoencoders.wan_vae import AttentionBlock, Conv, Upsample, VAEConfig, VAEDecodeCache, WanVAE, WanVAEDecoder
 from causal_dit_jax.model.config import dtype_from_name
 from causal_dit_jax.sharding.mesh import SEQ_AXES
 from causal_dit_jax.sharding.row_halo import Axis, RowBands, gather_rows, own_rows, with_halo, zero_padding
@@ -51,109 +42,34 @@ from causal_dit_jax.sharding.row_halo import Axis, RowBands, gather_rows, own_ro
 Params = dict
 
 
-# ------------------------------------------------------------------------------ banded composition
-def band_conv(bands: RowBands, conv: Conv, x: jax.Array, cache: jax.Array, newest=None, zero_cache=False):
-    """`causal_conv` on a band: x [B, T, r, W, C], cache [B, 2, r + 2h, W, C] (the conv's last input
-    frames with their halo rows) -> (out [B, T, r, W, C'], the new cache). The conv pads only columns."""
-    h = conv.window[-2] // 2
-    if h and conv.padding != ((0, 0), (conv.window[-1] // 2,) * 2):
-        raise ValueError("a banded conv must pad only its columns; build the model with `band_graphdef`")
-    x = with_halo(bands, zero_padding(bands, x), h)  # b t (h + r + h) w c
-    return causal_conv(conv, x, cache, newest, zero_cache)
+# ------------------------------------------------------------------------------ banded layers
+def _conv_rows(bands: RowBands, halo: int, x: jax.Array) -> jax.Array:
+    """A conv's band x [B, T, r, W, C] -> [B, T, halo + r + halo, W, C]: padding rows zeroed (the image
+    edge's zeros), the neighbours' rows around it; the conv, padding columns only, gives r rows back."""
+    return with_halo(bands, zero_padding(bands, x), halo)
 
 
-def band_res_block(bands, block, x, cache, newest=None, zero_cache=False):
-    """`ResidualBlock.__call__` on a band."""
-    h, c1 = band_conv(bands, block.conv1, jax.nn.silu(block.norm1(x)), cache["conv1"], newest, zero_cache)
-    h, c2 = band_conv(bands, block.conv2, jax.nn.silu(block.norm2(h)), cache["conv2"], newest, zero_cache)
-    skip = block.shortcut(x) if block.shortcut is not None else x
-    return skip + h, {"conv1": c1, "conv2": c2}
+def _crop_upsampled_halo(x: jax.Array) -> jax.Array:
+    """After nearest x2 and the 3x3 conv of a band with one halo row each side: [B, T, 2 + 2r + 2, ...]
+    -> the band's [B, T, 2r, ...] (the conv's own padding only reaches the rows dropped)."""
+    return x[:, :, 2:-2]
 
 
-def band_attention(bands, attn, x):
-    """`AttentionBlock` over whole frames: gather [B, T, height, W, C], attend, keep this band's rows."""
-    return own_rows(bands, attn(gather_rows(bands, x)))
-
-
-def band_upsample(bands, upsample, x):
-    """`Upsample.spatial` on a band: x [B, T, r, W, C] -> [B, T, 2r, 2W, C/2]."""
-    x = with_halo(bands, zero_padding(bands, x), 1)  # b t (1 + r + 1) w c
-    return upsample.spatial(x)[:, :, 2:-2]  # b t (2 + 2r + 2) 2w c -> b t 2r 2w c
-
-
-def band_stage(bands, stage, x, cache, first_chunk, spatial_upsample=True, newest=None):
-    """`Stage.__call__` on a band."""
-    new_cache = {}
-    for name, block in stage.blocks():
-        x, new_cache[name] = band_res_block(bands, block, x, cache[name], newest, first_chunk)
-    if stage.upsample is not None:  # the time conv (3x1x1) is row-local
-        x, new_cache["upsample"] = stage.upsample.temporal(x, cache["upsample"], first_chunk)
-        if spatial_upsample:
-            x = band_upsample(bands, stage.upsample, x)
-    return x, new_cache
-
-
-def band_head(bands, head, x, cache, newest=None, zero_cache=False):
-    return band_conv(bands, head.conv, jax.nn.silu(head.norm(x)), cache, newest, zero_cache)
-
-
-def band_decoder(bands: RowBands, dec, x: jax.Array, cache: dict, first_chunk: bool, tail_newest: int = 1):
-    """`Decoder3d.__call__` on a band: x [B, T, rows, w, C] -> (frames [B, T', 8 rows, 8w, 3], new
-    caches, the new `tail_newest`); the same per-frame tail, ring caches and scan."""
-    new_cache = {}
-    x, new_cache["conv1"] = band_conv(bands, dec.conv1, x, cache["conv1"], zero_cache=first_chunk)
-    m, mc = dec.middle, cache["middle"]
-    x, c0 = band_res_block(bands, m.res0, x, mc["res0"], zero_cache=first_chunk)
-    x, c1 = band_res_block(bands, m.res1, band_attention(bands, m.attn, x), mc["res1"], zero_cache=first_chunk)
-    new_cache["middle"] = {"res0": c0, "res1": c1}
-    split = dec.num_stages - dec.per_frame_stages
-    lead_stages, tail = dec.stages()[:split], dec.stages()[split:]
-    for k, (name, stage) in enumerate(lead_stages):
-        last = tail and k == len(lead_stages) - 1  # leaves its spatial upsample to the tail
-        x, new_cache[name] = band_stage(bands, stage, x, cache[name], first_chunk, spatial_upsample=not last)
-    tail_cache = {name: cache[name] for name, _ in tail} | {"head": cache["head"]}
-    if tail:  # one frame at a time
-        feed = lead_stages[-1][1].upsample if lead_stages else None
-
-        def one_frame(c, y, newest=None, start=False):  # y [B, 1, r, w, C] -> one output frame's band
-            c = dict(c)
-            if feed is not None:
-                y = band_upsample(bands, feed, y)
-            for name, stage in tail:
-                y, c[name] = band_stage(bands, stage, y, c[name], first_chunk=start, newest=newest)
-            y, c["head"] = band_head(bands, dec.head, y, c["head"], newest, zero_cache=start)
-            return c, y
-
-        if x.shape[1] <= MAX_UNROLLED_FRAMES:
-            frames = []
-            for t in range(x.shape[1]):
-                at = t if t == 0 else t + zero_after(frames[-1])
-                y = jax.lax.dynamic_slice_in_dim(x, at, 1, axis=1)  # b 1 r w c
-                tail_cache, y = one_frame(tail_cache, y, tail_newest, start=first_chunk and t == 0)
-                tail_newest = 1 - tail_newest
-                frames.append(y)
-            x = jnp.concatenate(frames, axis=1)  # t x [b 1 r w c] -> b t r w c
-        else:
-            tail_cache, tail_newest = _older_first(tail_cache, tail_newest), 1
-            tail_cache, frames = jax.lax.scan(one_frame, tail_cache, jnp.moveaxis(x[:, :, None], 1, 0))
-            x = jnp.moveaxis(frames[:, :, 0], 0, 1)  # t b 1 r w c -> b t r w c
-    else:
-        tail_cache, tail_newest = _older_first(tail_cache, tail_newest), 1
-        x, tail_cache["head"] = band_head(bands, dec.head, x, tail_cache["head"], zero_cache=first_chunk)
-    return x, new_cache | tail_cache, tail_newest
-
-
-def _older_first(caches: dict, newest: int) -> dict:
-    return caches if newest == 1 else jax.tree.map(lambda c: c[:, ::-1], caches)
-
-
-def band_graphdef(config: VAEConfig) -> tuple[nnx.GraphDef, WanVAEDecoder]:
-    """The graph of `WanVAEDecoder` (same params tree) whose causal 3x3x3 convs pad only their columns,
-    and its abstract model: fed a band plus its halo rows, such a conv gives the band's rows."""
+def band_graphdef(config: VAEConfig, bands: RowBands) -> tuple[nnx.GraphDef, WanVAEDecoder]:
+    """The graph of `WanVAEDecoder` (same params tree, same composition) for a band of rows: every
+    causal 3x3x3 conv pads only its columns and takes its neighbours' rows first (`Conv.rows`), each
+    spatial upsample takes one neighbouring row at the low resolution and crops after (`Upsample.rows`),
+    and the middle attention attends over the gathered frame (`AttentionBlock.whole_frame`).
+    Returns (graphdef, abstract model)."""
     model = nnx.eval_shape(lambda: WanVAEDecoder(config, rngs=nnx.Rngs(0)))
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Conv) and len(module.window) == 3 and module.window[1] > 1:
             module.padding = ((0, 0), (module.window[2] // 2,) * 2)
+            module.rows = functools.partial(_conv_rows, bands, module.window[1] // 2)
+        elif isinstance(module, Upsample):
+            module.rows = (functools.partial(_conv_rows, bands, 1), _crop_upsampled_halo)
+        elif isinstance(module, AttentionBlock):
+            module.whole_frame = (functools.partial(gather_rows, bands), functools.partial(own_rows, bands))
     return nnx.graphdef(model), model
 
 
@@ -251,7 +167,8 @@ class BandedWanVAE(ChunkedDecode):
             raise ValueError(f"axis {axis!r} must name distinct axes of the mesh, whose axes are {mesh.axis_names}")
         self.mesh, self.axis = mesh, axis
         self.devices = math.prod(mesh.shape[a] for a in names)
-        self._graphdef, self._abstract = band_graphdef(self.config)
+        self._abstract = nnx.eval_shape(lambda: WanVAEDecoder(self.config, rngs=nnx.Rngs(0)))
+        self._graphdefs = {}  # latent height -> the banded graph (its layers hold the bands)
 
     def place(self, params: Params) -> Params:
         """Params replicated over the mesh."""
@@ -330,12 +247,16 @@ class BandedWanVAE(ChunkedDecode):
         cache_specs = jax.tree.map(lambda _: rows_spec, cache.convs)
         static = {}  # the new tail_newest: a Python int, known once traced
 
+        if height not in self._graphdefs:
+            self._graphdefs[height] = band_graphdef(cfg, bands)[0]
+        graphdef = self._graphdefs[height]
+
         def shard(params, z, convs):  # z [B, T, rows, w, z_dim]: this device's band
-            model = nnx.merge(self._graphdef, params)
+            model = nnx.merge(graphdef, params)
             mean = jnp.asarray(cfg.latent_mean, jnp.float32)
             std = jnp.asarray(cfg.latent_std, jnp.float32)
             x = model.conv2(z * std + mean).astype(dtype_from_name(cfg.dtype))
-            x, convs, static["newest"] = band_decoder(bands, model.decoder, x, convs, cache.first_chunk, cache.tail_newest)
+            x, convs, static["newest"] = model.decoder(x, convs, cache.first_chunk, cache.tail_newest)
             return jnp.clip(x.astype(jnp.float32), -1.0, 1.0), convs
 
         frames, convs = jax.shard_map(

@@ -182,7 +182,9 @@ class Conv(nnx.Module):
     Conv3d layers (window (t, h, w)) see [B, T, H, W, C] with no time padding (the caller prepends
     the cache); Conv2d layers (window (h, w)) run per frame. Space is zero-padded by k // 2 unless
     `padding` ((top, bottom), (left, right)) says otherwise; `stride` (one per window axis, default 1)
-    is used by the encoder's downsamples (time stride 2, space stride 2).
+    is used by the encoder's downsamples (time stride 2, space stride 2). rows (static, None here): a
+    function `causal_conv` applies to the input first; a banded decode (`sharding/decode_bands.py`)
+    sets it to add the neighbouring bands' rows, which the conv (padding columns only) then consumes.
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class Conv(nnx.Module):
         if len(self.stride) != len(self.window):
             raise ValueError(f"stride {self.stride} needs one entry per window axis {self.window}")
         self.padding = None if padding is None else tuple(tuple(p) for p in padding)
+        self.rows = None
         self.dtype = dtype
         self.kernel = _fan_in_normal(rngs, (*window, c_in, c_out), param_dtype)
         self.bias = nnx.Param(jnp.zeros((c_out,), param_dtype))
@@ -264,6 +267,8 @@ def causal_conv(
     newest (0 or 1; one frame, T = 1): the cache is a ring whose slot `newest` holds the newer frame.
     The frame is written in place over the older one after the conv has read it, so the new cache
     is the donated buffer itself (its newer frame is now in slot 1 - newest), not a new 2-frame copy."""
+    if conv.rows is not None:  # a band of rows: add its neighbours' (the cache keeps them too)
+        x = conv.rows(x)
     skip_taps = zero_cache and x.shape[1] == 1 and len(conv.window) == 3
     if newest is None:
         xin = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # b (2 + t) h w c
@@ -332,15 +337,24 @@ class ResidualBlock(nnx.Module):
 
 
 class AttentionBlock(nnx.Module):
-    """Single-head self-attention over the pixels of each frame (Wan's middle block); no cache."""
+    """Single-head self-attention over the pixels of each frame (Wan's middle block); no cache.
+    whole_frame (static, None here): (gather, keep), for a band of rows: the whole frame is gathered,
+    attended, and the band's rows kept (`sharding/decode_bands.py`)."""
 
     def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = RMSNorm(dim, param_dtype)
         self.to_qkv = Conv(dim, 3 * dim, (1, 1), **kw)
         self.proj = Conv(dim, dim, (1, 1), **kw)
+        self.whole_frame = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.whole_frame is not None:
+            gather, keep = self.whole_frame
+            return keep(self._attend(gather(x)))
+        return self._attend(x)
+
+    def _attend(self, x: jax.Array) -> jax.Array:
         b, t, h, w, c = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)  # b t h w 3c -> (b t) (h w) 3c
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each [(b t), (h w), c]
@@ -362,6 +376,7 @@ class Upsample(nnx.Module):
         self.upsample_conv = upsample_conv
         self.resample = Conv(dim, dim // 2, (3, 3), **kw)
         self.time_conv = Conv(dim, 2 * dim, (3, 1, 1), **kw) if temporal else None
+        self.rows = None
 
     def temporal(self, x: jax.Array, cache: dict, first_chunk: bool) -> tuple[jax.Array, dict]:
         """The time half: 'upsample3d' doubles the frames (after the first), 'upsample2d' is the identity."""
@@ -377,7 +392,14 @@ class Upsample(nnx.Module):
         return x, new_cache
 
     def spatial(self, x: jax.Array) -> jax.Array:
-        """The space half, frame by frame: nearest x2, then the 3x3 conv C -> C/2 (VAEConfig.upsample_conv)."""
+        """The space half, frame by frame: nearest x2, then the 3x3 conv C -> C/2 (VAEConfig.upsample_conv).
+        rows (static, None here): (before, after) around it, for a band of rows (`sharding/decode_bands.py`)."""
+        if self.rows is not None:
+            before, after = self.rows
+            return after(self._spatial(before(x)))
+        return self._spatial(x)
+
+    def _spatial(self, x: jax.Array) -> jax.Array:
         if self.upsample_conv == "repeat":
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest x2: b t (h 2) (w 2) c
             return self.resample(x)
