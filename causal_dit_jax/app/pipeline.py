@@ -705,10 +705,19 @@ class TextToVideoPipeline:
             ):
                 yield latents, True
 
-        for latents, shown in latent_chunks():
+        # Without a live (callable) schedule the stream runs one chunk ahead: chunk i's decode is queued,
+        # then chunk i + 1's DiT work, and only then are chunk i's frames pulled to the host, so the
+        # device is not idle while the host takes them (the device runs them in the order queued, so the
+        # first frames come no later). A callable is polled only after the frames before its chunk.
+        ahead = not callable(prompt_schedule)
+        chunks = latent_chunks()
+        pending = next(chunks, None)
+        while pending is not None:
+            latents, shown = pending
             queued, vae_cache = self._chunk_decoder(self.vae_params, latents, vae_cache)
+            pending = next(chunks, None) if ahead else None
             if not shown:  # decoded only to carry the decoder's caches into the new frames
-                continue
+                queued = []
             for pixels in queued:
                 out = np.asarray(pixels)
                 if stats is not None and first:
@@ -716,6 +725,8 @@ class TextToVideoPipeline:
                     stats["first_frame_s"] = time.perf_counter() - t1
                 first = False
                 yield out
+            if not ahead:
+                pending = next(chunks, None)
 
     def generate(self, prompts: str | Sequence[str], frames: int | None = None, *args, **kw) -> np.ndarray:
         """The whole video: uint8 [B, frames, H, W, 3] (with `extend`, the new frames); the arguments as
