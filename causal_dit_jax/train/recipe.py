@@ -196,7 +196,7 @@ def _run_stage(
             state, _, _ = ckpts.restore(abstract)
         else:
             state = trainer.init_state(params, config.seed)
-        step = trainer.step_of(state) if hasattr(trainer, "step_of") else int(state["step"])
+        step = trainer.step_of(state)
         if ckpts.latest_step() is not None:
             print(f"{name}: resumed at step {step}", flush=True)
         bar = tqdm(total=stage.steps, initial=step, desc=name, unit="step", disable=not progress)

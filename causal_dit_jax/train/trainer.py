@@ -97,6 +97,11 @@ class Trainer:
         self.schedule = learning_rate_schedule(optimizer)
 
     # ------------------------------------------------------------------ state
+    @staticmethod
+    def step_of(state: dict) -> int:
+        """Updates a state has had."""
+        return int(state["step"])
+
     def init_state(self, params: Params, seed: int = 0) -> dict:
         """A fresh train state from (converted or random) params, cast to float32 master weights."""
         params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)  # the step donates its state
