@@ -3,7 +3,8 @@
 For every configuration, `run_dit_bench` (real Wan2.1-1.3B shapes, random bf16 weights, 480x832,
 81 frames = 21 latent frames; --frames counts video frames, as `causal-dit generate` and `bench` do:
 per-chunk times, first chunk, end to end with the tiny and the Wan decoder, a profile of one
-full-cache forward with its collective time), then the N-GPU latents against the one-GPU latents of
+full-cache forward with its collective time; on N GPUs the Wan VAE decodes in bands of rows over
+them, as the pipeline does, unless --no-banded-decode), then the N-GPU latents against the one-GPU latents of
 the same seed, and the speed-ups. Writes one JSON.
 
     python benchmarks/multi_gpu.py --gpus 2 --json benchmarks/DATE_h200x2_multi_gpu.json
@@ -84,7 +85,7 @@ def run_one(args, cfg, strategy: str) -> dict:
             latent_height=args.height // down,
             latent_width=args.width // down,
         )
-        res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, **kw)
+        res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, banded_decode=not args.no_banded_decode, **kw)
         config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
     print(res.table(), flush=True)
     np.save(args.latents_out, res.latents)
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--no-banded-decode", action="store_true", help="on N GPUs, decode on the first GPU (not in bands of rows)")
     ap.add_argument(
         "--linear-precision",
         default="bfloat16",
@@ -138,28 +140,32 @@ def main() -> None:
     def child(strategy: str) -> tuple[dict, np.ndarray]:
         """Each configuration in a fresh process: its peak memory is its own, nothing is shared."""
         part, lat = os.path.join(work, f"{strategy}.json"), os.path.join(work, f"{strategy}.npy")
-        cmd = [
-            sys.executable,
-            __file__,
-            "--only",
-            strategy,
-            "--json",
-            part,
-            "--latents-out",
-            lat,
-            "--gpus",
-            str(args.gpus),
-            "--preset",
-            args.preset,
-            "--frames",
-            str(args.frames),
-            "--height",
-            str(args.height),
-            "--width",
-            str(args.width),
-            "--linear-precision",
-            args.linear_precision,
-        ] + (["--no-e2e"] if args.no_e2e else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--only",
+                strategy,
+                "--json",
+                part,
+                "--latents-out",
+                lat,
+                "--gpus",
+                str(args.gpus),
+                "--preset",
+                args.preset,
+                "--frames",
+                str(args.frames),
+                "--height",
+                str(args.height),
+                "--width",
+                str(args.width),
+                "--linear-precision",
+                args.linear_precision,
+            ]
+            + (["--no-e2e"] if args.no_e2e else [])
+            + (["--no-banded-decode"] if args.no_banded_decode else [])
+        )
         subprocess.run(cmd, check=True)
         with open(part) as f:
             return json.load(f), np.load(lat)
@@ -187,6 +193,9 @@ def main() -> None:
                 "speedup_first_chunk": single["first_chunk_ms"] / entry["first_chunk_ms"],
             }
         )
+        if single.get("vae") and entry.get("vae"):  # the Wan VAE's decode, banded over the GPUs or not
+            entry["speedup_vae_decode"] = single["vae"]["decode_total_s"] / entry["vae"]["decode_total_s"]
+            entry["speedup_e2e_wan"] = entry["vae"]["e2e_fps"] / single["vae"]["e2e_fps"]
         print({k: entry[k] for k in ("config", "latents_vs_1_gpu", "speedup_dit_total", "speedup_first_chunk")}, flush=True)
         runs.append(entry)
         save()

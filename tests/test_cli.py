@@ -158,18 +158,24 @@ def test_bench_cli_sequence_parallel(tmp_path):
             "8",
             "--strategy",
             "hybrid",
+            "--e2e",
+            "--vae-preset",
+            "tiny",
             "--json",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_devices"] == 8 and result["strategy"] == "hybrid"
     assert result["comm_bytes_per_chunk"] > 0
+    # the product loop over the mesh: the Wan VAE in bands of rows on all 8 devices, every frame made
+    assert result["vae"]["banded_decode_devices"] == 8 and result["vae"]["frames"] == 21
+    assert result["tiny_vae"]["banded_decode_devices"] == 1  # the TAEHV decoder runs on one device
 
 
 def test_convert_cli_taehv_needs_a_wan_folder(tmp_path, capsys):

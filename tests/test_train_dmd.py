@@ -84,7 +84,7 @@ def test_dmd_gradient_and_losses_by_hand(models):
     g = dmd.dmd_gradient(teacher, critic, video, batch, jax.random.key(9))
     xt, t, sigma, _ = dmd._noised(jax.random.key(9), video)
     x0 = {
-        name: dmd._x0(dit, p, None, xt, t, sigma, batch[ctx])
+        name: dmd._x0(dit, p, xt, t, sigma, video, batch[ctx])
         for name, p, ctx in [("cond", teacher, "text"), ("uncond", teacher, "negative_text"), ("fake", critic, "text")]
     }
     real = x0["uncond"] + 3.0 * (x0["cond"] - x0["uncond"])
@@ -99,6 +99,38 @@ def test_dmd_gradient_and_losses_by_hand(models):
     np.testing.assert_allclose(gv * video.size, g, rtol=1e-5, atol=1e-7)
     closs, _ = dmd.critic_loss(critic, gen, batch, jax.random.key(11), 1)
     assert np.isfinite(float(closs)) and float(closs) > 0
+
+
+def test_causal_scores_read_each_chunk_after_the_clean_chunks_before_it(models):
+    """score_attention 'causal': a chunk's score equals the teacher's KV-cached forward of that noised
+    chunk after the clean video's earlier chunks were run into the cache at t=0 (float32, 1e-5), as
+    the teacher's inference reads it; the critic's flow-matching loss uses the same layout."""
+    dit, gen, teacher, critic = models
+    dmd = DMD(dit, dit, dit, DMDConfig(score_attention="causal"), INF)
+    batch = _batch(21)
+    video = generator_rollout(dit, gen, batch["noise"], batch["text"], jax.random.key(22), 2, INF)
+    xt, t, sigma, eps = dmd._noised(jax.random.key(23), video)
+    flow = dmd._flow(dit, teacher, xt, t, video, batch["text"])
+    sampler = SelfForcingSampler(dit, INF)
+    text, rope = dit.encode_text(teacher, batch["text"]), dit.rope_tables(6, H, W)
+    for i in range(2):
+        cache = sampler.init_cache(1, 6, H, W)
+        if i:
+            cache = sampler.prefill(teacher, text, video[:, :3], cache, 0, rope)
+        out, _ = dit.forward(teacher, xt[:, 3 * i : 3 * i + 3], t[:, 3 * i : 3 * i + 3], text, cache, 3 * i, rope)
+        np.testing.assert_allclose(flow[:, 3 * i : 3 * i + 3], out, atol=1e-5)
+    # the clean context matters (not the noised chunk before): another clean chunk 0, another score
+    other = dmd._flow(dit, teacher, xt, t, video.at[:, :3].multiply(-1.0), batch["text"])
+    np.testing.assert_allclose(other[:, :3], flow[:, :3], atol=1e-6)
+    assert float(jnp.abs(other[:, 3:] - flow[:, 3:]).max()) > 1e-3
+    k_roll, k_noise = jax.random.split(jax.random.key(24))
+    closs, _ = dmd.critic_loss(critic, gen, batch, jax.random.key(24), 2)
+    v = generator_rollout(dit, gen, batch["noise"], batch["text"], k_roll, 2, INF)
+    xt, t, _, eps = dmd._noised(k_noise, v)
+    by_hand = jnp.mean((dmd._flow(dit, critic, xt, t, v, batch["text"]) - (eps - v)) ** 2)
+    np.testing.assert_allclose(closs, by_hand, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown score_attention"):
+        DMDConfig(score_attention="block")
 
 
 def test_alternating_update_and_eight_devices(models):

@@ -87,6 +87,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     _add_mesh(p)
+    _add_banded_decode(p)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="profile one forward (GPU): matmul/attention/other")
     p.add_argument(
@@ -471,6 +472,7 @@ def cmd_bench(args) -> int:
         e2e_vae=args.vae_preset if args.e2e else None,
         vae_latents_per_call=args.vae_latents_per_call,
         per_layer_weights=args.per_layer_weights,
+        banded_decode=bool(args.mesh) and not args.no_banded_decode,
     )
     print(result.table())
     ours = bench.measured_figures(result)

@@ -138,6 +138,7 @@ def run_dit_bench(
     vae_latents_per_call: int = 1,
     keep_latents: bool = False,
     per_layer_weights: bool = False,
+    banded_decode: bool = False,
 ) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout).
 
@@ -146,7 +147,8 @@ def run_dit_bench(
     (`run_e2e`) also runs, after the TAEHV decoder's of the same size.
     per_layer_weights: run on `unstack_blocks(params)`.
     dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
-    mesh and the decoders of `e2e_vae` run on the first device, as in the pipeline)."""
+    mesh and the decoders of `e2e_vae` run on the first device, or with banded_decode the Wan VAE in
+    bands of rows over the mesh, as the pipeline does by default)."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = (
         preset
@@ -218,7 +220,10 @@ def run_dit_bench(
             "taehv" if e2e_vae == "wan2.1" else "taehv-tiny",
             latents_per_call=vae_latents_per_call,
         )
-        vae_result = run_e2e(sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call)
+        decode_mesh = getattr(dit, "mesh", None) if banded_decode else None
+        vae_result = run_e2e(
+            sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call, decode_mesh=decode_mesh
+        )
     total = sum(best) / 1e3
     n_chunks = len(best)
     tpc = inference.frames_per_chunk * config.tokens_per_frame(lh, lw)
@@ -300,10 +305,13 @@ def run_e2e(
     vae_preset: str = "wan2.1",
     vae_dtype: str = "bfloat16",
     latents_per_call: int = 3,
+    decode_mesh=None,
 ) -> dict:
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
     latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
-    preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny'). Random
+    preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny').
+    decode_mesh: a sequence-parallel mesh over which a Wan VAE decodes in bands of rows
+    (`sharding.decode_bands.BandedWanVAE`, as the pipeline does with a mesh); None: one device. Random
     decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end), one
     that waits for each chunk's latents (decode_ms: each chunk's decode alone). first_frame_s: stream
     start (the prompt encoded; the KV cache and RoPE tables made ahead, as `TextToVideoPipeline.stream`
@@ -321,6 +329,12 @@ def run_e2e(
     else:
         vae = WanVAE(get_vae_preset(vae_preset).replace(dtype=vae_dtype, param_dtype=vae_dtype))
     vae_params = random_params(vae.abstract_params(), 7)
+    banded = decode_mesh is not None and isinstance(vae, WanVAE)
+    if banded:
+        from causal_dit_jax.sharding.decode_bands import BandedWanVAE
+
+        vae = BandedWanVAE(vae, decode_mesh)
+        vae_params = vae.place(vae_params)  # replicated on the mesh once
     decoder = LatentChunkDecoder(vae, latents_per_call)
     b, f, h, w, _ = noise.shape
     rope = sampler.dit.rope_tables(f, h, w)
@@ -350,6 +364,7 @@ def run_e2e(
     return {
         "vae_preset": vae_preset,
         "vae_dtype": vae_dtype,
+        "banded_decode_devices": vae.devices if banded else 1,
         "latents_per_call": latents_per_call,
         "decode_ms": dec,
         "decode_total_s": sum(dec) / 1e3,

@@ -84,8 +84,9 @@ class DistillConfig(ConfigFields):
     """Few-step distillation from a teacher (`ObjectiveConfig.kind` 'ode_regression' or 'dmd').
 
     teacher_attention: how the teacher checkpoint attends: 'causal' (a causal DiT such as this
-    project's teacher-forcing runs: its ODE streams chunk by chunk with the KV cache, its scores are
-    block-causal) or 'bidirectional' (Wan's base model: the whole clip as one block).
+    project's teacher-forcing runs: its ODE streams chunk by chunk with the KV cache, its DMD scores
+    read each chunk after the clean generated chunks before it) or 'bidirectional' (Wan's base
+    model: the whole clip as one block).
     guidance_scale: the teacher's classifier-free guidance (the data folder's negative_text.npy is the
     negative prompt). latent_frames / latent_height / latent_width: the generated video's latent shape
     (default: the data's latents, when its records hold them).

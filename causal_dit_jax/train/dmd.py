@@ -8,8 +8,12 @@ one forward per chunk reading a cache of clean, gradient-free keys.
 
 Two score models judge the video at a random noise level: the frozen teacher ("real score", with
 classifier-free guidance) and the trainable critic ("fake score", trained by flow matching on the
-generator's videos, `critic_loss`). Both may be bidirectional (Wan's base model: the whole clip one
-block). The generator's loss is 0.5 * MSE(x, stopgrad(x - g)) with the normalised DMD gradient
+generator's videos, `critic_loss`). They attend as the teacher was trained (`score_attention`):
+'bidirectional' (Wan's base model, as in Self-Forcing: the noised clip as one block) or 'causal' (a
+causal teacher such as a teacher-forcing run: block i of the noised clip is scored after the clean
+generated blocks before it, the [clean | noisy] layout of teacher forcing, so each block's score is
+the teacher's conditional one, as at its inference). The generator's loss is
+0.5 * MSE(x, stopgrad(x - g)) with the normalised DMD gradient
 g = (x0_fake - x0_real) / mean|x - x0_real| (per video), whose gradient in x is g itself.
 """
 
@@ -26,7 +30,7 @@ from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.sampler import SelfForcingSampler, draw_step_noise
 from causal_dit_jax.model.scheduler import flow_match_timesteps
-from causal_dit_jax.train.block_attention import BlockAttentionPlan, bidirectional_plan
+from causal_dit_jax.train.block_attention import bidirectional_plan, teacher_forcing_plan
 from causal_dit_jax.train.objectives import sequence_forward
 
 sg = jax.lax.stop_gradient
@@ -85,20 +89,30 @@ def generator_rollout(
     return rearrange(outs, "n b c h w ch -> b (n c) h w ch")
 
 
+SCORE_ATTENTION = ("bidirectional", "causal")
+
+
 @dataclasses.dataclass(frozen=True)
 class DMDConfig:
     """guidance_scale: the teacher's classifier-free guidance (Self-Forcing: 3.0); timesteps of the
-    score models drawn per video from the table indices [min_timestep, max_timestep)."""
+    score models drawn per video from the table indices [min_timestep, max_timestep); score_attention:
+    how the teacher and critic attend (`SCORE_ATTENTION`, module docstring)."""
 
     guidance_scale: float = 3.0
     min_timestep: int = 20
     max_timestep: int = 980
     shift: float = 5.0
+    score_attention: str = "bidirectional"
+
+    def __post_init__(self):
+        if self.score_attention not in SCORE_ATTENTION:
+            raise ValueError(f"unknown score_attention {self.score_attention!r}; expected one of {list(SCORE_ATTENTION)}")
 
 
 class DMD:
     """The generator's and the critic's losses. generator: the causal DiT being trained; teacher and
-    critic: score models (`teacher_plan` / `critic_plan` their attention; default bidirectional)."""
+    critic: score models, attending as `config.score_attention` says (causal: in the chunks of
+    `inference.frames_per_chunk`)."""
 
     def __init__(
         self,
@@ -107,12 +121,9 @@ class DMD:
         critic: CausalWanDiT,
         config: DMDConfig = DMDConfig(),
         inference: InferenceConfig = InferenceConfig(),
-        teacher_plan: BlockAttentionPlan | None = None,
-        critic_plan: BlockAttentionPlan | None = None,
     ):
         self.generator, self.teacher, self.critic = generator, teacher, critic
         self.config, self.inference = config, inference
-        self.teacher_plan, self.critic_plan = teacher_plan, critic_plan
         self.timesteps, self.sigmas = flow_match_timesteps(config.shift)
 
     def _noised(self, key: jax.Array, x: jax.Array):
@@ -126,19 +137,29 @@ class DMD:
         eps = jax.random.normal(k_eps, x.shape, jnp.float32)
         return (1.0 - sigma) * x + sigma * eps, t, sigma, eps
 
-    def _x0(self, dit, params, plan, xt, t, sigma, context):
-        f = xt.shape[1]
-        plan = bidirectional_plan(f) if plan is None else plan
-        return xt - sigma * sequence_forward(dit, params, xt, t, context, plan, np.arange(f))
+    def _flow(self, dit, params, xt, t, clean, context):
+        """A score model's flow [B, F, H, W, C] at x_t [B, F, H, W, C] (t [B, F]); clean: the clean
+        video x_t was noised from, the context of the causal layout (unused when bidirectional)."""
+        b, f = xt.shape[:2]
+        if self.config.score_attention == "bidirectional":
+            return sequence_forward(dit, params, xt, t, context, bidirectional_plan(f), np.arange(f))
+        seq = jnp.concatenate([sg(clean), xt], axis=1)  # b (2 f) h w c: [clean | noisy]
+        ts = jnp.concatenate([jnp.zeros((b, f), jnp.float32), t], axis=1)  # the clean copy at t = 0
+        time = np.arange(f)
+        plan = teacher_forcing_plan(f, self.inference.frames_per_chunk)
+        return sequence_forward(dit, params, seq, ts, context, plan, np.concatenate([time, time]))[:, f:]
+
+    def _x0(self, dit, params, xt, t, sigma, clean, context):
+        return xt - sigma * self._flow(dit, params, xt, t, clean, context)
 
     def dmd_gradient(self, teacher_params, critic_params, video, batch, key) -> jax.Array:
         """The normalised DMD gradient g [B, F, H, W, C] at a random noise level (no gradients)."""
         video = sg(video)
         xt, t, sigma, _ = self._noised(key, video)
-        cond = self._x0(self.teacher, teacher_params, self.teacher_plan, xt, t, sigma, batch["text"])
-        uncond = self._x0(self.teacher, teacher_params, self.teacher_plan, xt, t, sigma, batch["negative_text"])
+        cond = self._x0(self.teacher, teacher_params, xt, t, sigma, video, batch["text"])
+        uncond = self._x0(self.teacher, teacher_params, xt, t, sigma, video, batch["negative_text"])
         real = uncond + self.config.guidance_scale * (cond - uncond)
-        fake = self._x0(self.critic, critic_params, self.critic_plan, xt, t, sigma, batch["text"])
+        fake = self._x0(self.critic, critic_params, xt, t, sigma, video, batch["text"])
         norm = jnp.mean(jnp.abs(video - real), axis=(1, 2, 3, 4), keepdims=True)
         return sg(jnp.nan_to_num((fake - real) / norm))
 
@@ -160,9 +181,7 @@ class DMD:
             )
         )
         xt, t, _, eps = self._noised(k_noise, video)
-        f = video.shape[1]
-        plan = bidirectional_plan(f) if self.critic_plan is None else self.critic_plan
-        flow = sequence_forward(self.critic, critic_params, xt, t, batch["text"], plan, np.arange(f))
+        flow = self._flow(self.critic, critic_params, xt, t, video, batch["text"])
         loss = jnp.mean((flow - (eps - video)) ** 2)
         return loss, {"loss": loss}
 
@@ -228,4 +247,4 @@ class DMDTrainer:
         return state, {**metrics, "exit_step": exit_step}
 
 
-__all__ = ["DMD", "DMDConfig", "DMDTrainer", "exit_step_for", "generator_rollout"]
+__all__ = ["DMD", "DMDConfig", "SCORE_ATTENTION", "DMDTrainer", "exit_step_for", "generator_rollout"]

@@ -568,15 +568,15 @@ class _DmdStage:
 
 def train_dmd(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
     """Self-Forcing DMD from the student -> dmd_dit.npz (the generator's EMA), dmd.json. The teacher
-    (causal, block-causal over the clip's chunks) is the real score with dmd_guidance_scale, the critic
-    starts from it; prompts are drawn per step, the text encoder frozen. steps 0: dmd.json alone."""
+    (causal: each chunk scored after the clean generated chunks before it, as teacher forcing trained
+    it) is the real score with dmd_guidance_scale, the critic starts from it; prompts are drawn per
+    step, the text encoder frozen. steps 0: dmd.json alone."""
     stage = config.dmd_stage
     if stage.steps == 0:
         (out / "dmd_dit.npz").unlink(missing_ok=True)
         _write_json(out / "dmd.json", {"steps": 0})
         return {"steps": 0}
     from causal_dit_jax.param_archive import load_params, save_params
-    from causal_dit_jax.train.block_attention import block_causal_plan
     from causal_dit_jax.train.dmd import DMD, DMDConfig, DMDTrainer
     from causal_dit_jax.train.procedural import draw_labels
     from causal_dit_jax.train.text_conditioning import empty_caption
@@ -585,16 +585,8 @@ def train_dmd(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_ear
     student = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_params(out / "student_dit.npz", dit.abstract_params()))
     tok = _tokenizer(config)
     f, h, w = config.latent_frames, config.height // 8, config.width // 8
-    plan = block_causal_plan(f, config.inference().frames_per_chunk)
-    dmd = DMD(
-        dit,
-        dit,
-        dit,
-        DMDConfig(config.dmd_guidance_scale, shift=config.timestep_shift),
-        config.inference(),
-        teacher_plan=plan,
-        critic_plan=plan,
-    )
+    scores = DMDConfig(config.dmd_guidance_scale, shift=config.timestep_shift, score_attention="causal")
+    dmd = DMD(dit, dit, dit, scores, config.inference())
     critic_optimizer = dataclasses.replace(stage.optimizer(), learning_rate=config.dmd_critic_learning_rate)
     trainer = _DmdStage(
         DMDTrainer(dmd, stage.optimizer(), critic_optimizer, config.dmd_critic_steps), teacher_params, config.seed

@@ -129,24 +129,24 @@ class DmdRun(_FromTeacher):
     """Self-Forcing DMD: the critic starts from `config.critic` (default: the teacher's weights)."""
 
     def __init__(self, config, model: ModelConfig, mesh, latent_shape, negative_text):
-        from causal_dit_jax.train.block_attention import block_causal_plan
         from causal_dit_jax.train.dmd import DMD, DMDConfig, DMDTrainer
 
         objective, distill = config.objective, config.distill
         super().__init__(config, model, latent_shape, negative_text)
         critic_dit, critic_params = load_dit(config.critic) if config.critic else (self.teacher, None)
         self.critic_init = critic_params
-        plan = None
-        if distill.teacher_attention == "causal":
-            plan = block_causal_plan(latent_shape[0], objective.frames_per_block)
         dmd = DMD(
             CausalWanDiT(model.replace(param_dtype="float32")),
             self.teacher,
             CausalWanDiT(critic_dit.config.replace(param_dtype="float32")),
-            DMDConfig(distill.guidance_scale, objective.min_timestep, objective.max_timestep, objective.shift),
+            DMDConfig(
+                distill.guidance_scale,
+                objective.min_timestep,
+                objective.max_timestep,
+                objective.shift,
+                score_attention=distill.teacher_attention,
+            ),
             self.inference,
-            teacher_plan=plan,
-            critic_plan=plan,
         )
         self.dmd_trainer = DMDTrainer(dmd, config.optimizer, distill.critic_optimizer, distill.critic_steps, mesh)
         self.place_teacher(self.dmd_trainer.generator)
