@@ -1,7 +1,8 @@
 """Training over a ('data', 'seq') mesh: Ulysses attention (`sharding.train_attention`) gives one
 device's teacher-forcing and diffusion-forcing loss and gradients on 2 x 4 and 1 x 8 meshes with
 FSDP-sharded params, exchanges q/k/v by all-to-all (no all-gathered keys or values in the compiled
-step), refuses splits that do not divide, and drives `train(RunConfig(mesh=8, seq=4))`."""
+step), refuses splits that do not divide (heads that do not divide take ring attention instead:
+tests/test_train_ring_attention.py), and drives `train(RunConfig(mesh=8, seq=4))`."""
 
 import json
 import re
@@ -92,8 +93,9 @@ def test_ulysses_training_equals_one_device(model, one_device, kind, seq):
 
 
 def test_ulysses_attention_equals_the_plan_and_refuses_bad_splits(model):
-    """The wrapped plan equals the plain one (float32, 1e-6) outside any train step; heads, tokens and
-    batch that do not split are refused before any work, with the sizes that would."""
+    """The wrapped plan equals the plain one (float32, 1e-6) outside any train step; heads (for Ulysses
+    asked for by name; 'auto' takes the ring), tokens and batch that do not split are refused before
+    any work, with the sizes that would."""
     plan = teacher_forcing_plan(6, 3)
     mesh = train_mesh(8, seq=4)
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 12 * 8, 8, D)) for i in range(3))
@@ -106,9 +108,13 @@ def test_ulysses_attention_equals_the_plan_and_refuses_bad_splits(model):
     dit, params = model
     with pytest.raises(ValueError, match=r"needs the 8 heads divisible by 3; 'seq' sizes that divide them: \[1, 2, 4, 8\]"):
         check_sequence_split(jax.make_mesh((2, 3), ("data", "seq"), devices=jax.devices()[:6]), 8)
-    twelve = CausalWanDiT(get_preset("tiny"))
+    FlowObjective(CausalWanDiT(get_preset("tiny")), mesh=train_mesh(8, seq=8))  # 12 heads over 8: ring attention
+    twelve = jax.ShapeDtypeStruct((8, 12 * 8, 12, D), np.float32)
+    ulysses = make_block_attention(plan, 8, mesh=train_mesh(8, seq=8), sequence_attention="ulysses")
     with pytest.raises(ValueError, match="needs the 12 heads divisible by 8"):
-        FlowObjective(twelve, mesh=train_mesh(8, seq=8))
+        jax.eval_shape(ulysses, twelve, twelve, twelve)
+    with pytest.raises(ValueError, match="unknown sequence_attention 'tree'"):
+        make_block_attention(plan, 8, mesh=mesh, sequence_attention="tree")
     objective = FlowObjective(dit, ObjectiveConfig(kind="diffusion_forcing"), mesh=train_mesh(8, seq=8))
     odd = _batch(1, h=4, w=6)  # 6 frames of 6 tokens: 36 tokens over 8 devices
     with pytest.raises(ValueError, match=r"36 tokens do not split over the 'seq' axis of 8 devices.*\[1, 2, 3, 4, 6, 9"):

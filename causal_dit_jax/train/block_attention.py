@@ -7,7 +7,9 @@ itself), or none at all (a bidirectional teacher: the whole clip is one block). 
 per query block, a few contiguous ranges of key frames; the plan lists them, built once per shape in
 Python (no per-step host work, nothing traced). Each query block then runs one dense attention over
 its gathered keys with the backend's fast kernel (cuDNN on GPUs): no [L, L] mask is ever built, and
-the masked-out blocks cost no FLOPs.
+the masked-out blocks cost no FLOPs. Over a mesh's 'seq' axis the plan runs as Ulysses attention, or
+as ring attention under its per-frame mask when the heads do not divide by the 'seq' size
+(`make_block_attention`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from causal_dit_jax.model.attention import dot_product_attention
-from causal_dit_jax.sharding.train_attention import ulysses_sequence_attention
+from causal_dit_jax.sharding.train_attention import ring_sequence_attention, sequence_size, ulysses_sequence_attention
 
 Ranges = tuple[tuple[int, int], ...]  # [start, end) in frames
+SEQUENCE_ATTENTION = ("auto", "ulysses", "ring")  # how a plan runs over a 'seq' axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +83,23 @@ def bidirectional_plan(num_frames: int) -> BlockAttentionPlan:
 
 
 def make_block_attention(
-    plan: BlockAttentionPlan, tokens_per_frame: int, implementation: str | None = None, mesh: Mesh | None = None
+    plan: BlockAttentionPlan,
+    tokens_per_frame: int,
+    implementation: str | None = None,
+    mesh: Mesh | None = None,
+    sequence_attention: str = "auto",
 ):
     """A `SelfAttentionFn` for `CausalWanDiT.forward_tokens` (no cache): q, k, v [B, L, N, D] with
     L = plan.num_frames * tokens_per_frame -> [B, L, N, D], one dense attention per query block.
 
-    mesh: a training mesh (`train_mesh`); with a 'seq' axis of size > 1 the plan runs as Ulysses
-    attention over it (`sharding.train_attention`): the tokens stay split over 'seq' everywhere but
-    inside the attention, where each device holds the whole sequence for N/seq heads."""
+    mesh: a training mesh (`train_mesh`); with a 'seq' axis of size > 1 the tokens stay split over
+    'seq' through the attention too (`sharding.train_attention`), as `sequence_attention` says:
+    'ulysses': two all-to-alls, each device running the plan over the whole sequence for N/seq heads
+    (the heads must divide by seq); 'ring': the K/V blocks travel around the 'seq' ring under the
+    plan's per-frame mask, any number of heads (float32 einsum attention: `implementation` is not
+    read); 'auto' (default): Ulysses when the heads divide by seq, else ring."""
+    if sequence_attention not in SEQUENCE_ATTENTION:
+        raise ValueError(f"unknown sequence_attention {sequence_attention!r}; expected one of {SEQUENCE_ATTENTION}")
     t = tokens_per_frame
 
     def dense(q, k, v):  # the whole sequence, any number of heads
@@ -98,7 +110,17 @@ def make_block_attention(
             outs.append(dot_product_attention(q[:, qs * t : qe * t], kk, vv, implementation=implementation))
         return jnp.concatenate(outs, axis=1)
 
-    attention = dense if mesh is None else ulysses_sequence_attention(dense, mesh)
+    seq = sequence_size(mesh)
+    if seq == 1:
+        attention = dense
+    else:
+        ulysses = ulysses_sequence_attention(dense, mesh)  # checks the heads, tokens and batch split
+        ring = ring_sequence_attention(plan.frame_mask(), t, mesh)  # checks the tokens and batch split
+
+        def attention(q, k, v):  # the head count is known here
+            heads = q.shape[2]
+            use_ring = sequence_attention == "ring" or (sequence_attention == "auto" and heads % seq)
+            return ring(q, k, v) if use_ring else ulysses(q, k, v)
 
     def fn(q, k, v, layer_cache=None, write=None):
         if layer_cache is not None:
@@ -117,6 +139,7 @@ def attended_pairs(plan: BlockAttentionPlan, tokens_per_frame: int) -> int:
 
 
 __all__ = [
+    "SEQUENCE_ATTENTION",
     "BlockAttentionPlan",
     "attended_pairs",
     "bidirectional_plan",

@@ -18,7 +18,6 @@ from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.scheduler import denoising_timesteps, sigma_for_timestep
-from causal_dit_jax.sharding.train_attention import check_sequence_split, sequence_size
 from causal_dit_jax.train.block_attention import BlockAttentionPlan, block_causal_plan, teacher_forcing_plan
 from causal_dit_jax.train.objectives import sequence_forward
 
@@ -163,7 +162,7 @@ class OdeRegression:
     block-causally at its sigma_k. True: it sees [the clean end | the states] under the teacher-forcing
     mask, each noisy block attending to the clean blocks before it, as the KV cache holds them when
     the sampler streams (the targets of `causal_ode_trajectory`). mesh: a training mesh; with a 'seq'
-    axis the student's sequence is split over it (Ulysses attention, as `FlowObjective`'s)."""
+    axis the student's sequence is split over it (Ulysses or ring attention, as `FlowObjective`'s)."""
 
     def __init__(
         self,
@@ -175,8 +174,6 @@ class OdeRegression:
         clean_timestep: float = 0.0,
         mesh=None,
     ):
-        if sequence_size(mesh) > 1:  # a 'seq' axis splits the student's sequence: Ulysses attention
-            check_sequence_split(mesh, dit.config.num_heads)
         self.dit, self.frames_per_block, self.remat, self.mesh = dit, frames_per_block, remat, mesh
         self.clean_context, self.clean_timestep = clean_context, clean_timestep
         self.record = record_sigmas() if record is None else np.asarray(record, np.float32)

@@ -17,7 +17,7 @@ from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.kv_cache import TextKV
 from causal_dit_jax.model.patchify import latents_to_tokens, tokens_to_latents
 from causal_dit_jax.model.scheduler import flow_match_timesteps
-from causal_dit_jax.sharding.train_attention import SEQ, check_sequence_split, sequence_size
+from causal_dit_jax.sharding.train_attention import SEQ, sequence_size
 from causal_dit_jax.train.block_attention import (
     BlockAttentionPlan,
     block_causal_plan,
@@ -54,8 +54,9 @@ def sequence_forward(
     time) -> flow [B, F, H, W, C] float32. No KV cache; differentiable in params.
     mesh: a training mesh (`train_mesh`). With a 'seq' axis, the patch tokens [B, L, C] are split over
     'data' x 'seq' (`sequence_sharding`), XLA partitions the blocks along them, and the attention runs
-    as Ulysses attention over 'seq' (`make_block_attention(..., mesh=)`: two all-to-alls, no gathered
-    keys and values).
+    over 'seq' without gathered keys and values (`make_block_attention(..., mesh=)`): Ulysses (two
+    all-to-alls) when the heads divide by the 'seq' size, else ring attention (any number of heads).
+    The tokens must split over 'seq' (checked when traced).
     text: `dit.encode_text(params, context)` made once by a caller that runs many forwards of one
     prompt (an ODE's Euler steps); context is then not read."""
     frame_time = np.asarray(frame_time, np.int32)
@@ -94,9 +95,7 @@ class FlowObjective:
     def __init__(self, dit: CausalWanDiT, config: ObjectiveConfig | None = None, remat: bool = False, mesh=None):
         config = ObjectiveConfig() if config is None else config
         self.dit, self.config, self.remat = dit, config, remat
-        if sequence_size(mesh) > 1:  # a mesh with a 'seq' axis splits the sequence: Ulysses attention
-            check_sequence_split(mesh, dit.config.num_heads)
-        self.mesh = mesh
+        self.mesh = mesh  # with a 'seq' axis: Ulysses or ring attention, any heads (`sequence_forward`)
         timesteps, sigmas = flow_match_timesteps(config.shift, config.num_train_timesteps)
         self.timesteps, self.sigmas = timesteps, sigmas
         self.weights = bell_weights(timesteps) if config.bell_weight else np.ones_like(timesteps)
