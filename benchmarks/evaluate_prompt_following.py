@@ -107,6 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     ap.add_argument("--denoising-steps", type=timesteps, default=(1000, 750, 500, 250), help="e.g. 1000,750,500,250")
+    ap.add_argument(
+        "--local-attn-size",
+        type=int,
+        default=-1,
+        help="the rolling window in latent frames (-1: the pipeline's default, for the embedded default the clip it learnt)",
+    )
+    ap.add_argument("--sink-size", type=int, default=None, help="attention-sink latent frames (default: the pipeline's)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -124,7 +131,9 @@ def main(argv=None) -> dict:
     from causal_dit_jax.model.config import InferenceConfig
 
     args = parse_args(argv)
-    inference = InferenceConfig(denoising_steps=args.denoising_steps)
+    inference = InferenceConfig(denoising_steps=args.denoising_steps, local_attn_size=args.local_attn_size)
+    if args.sink_size is not None:
+        inference = inference.replace(sink_size=args.sink_size)
     pairs = prompt_pairs(args.pairs, args.seed)
     results = {}
     for model in args.model:
@@ -132,7 +141,9 @@ def main(argv=None) -> dict:
         results[model] = evaluate(generate, pairs, args.frames, args.height, args.width, args.batch, progress=not args.quiet)
         del generate
     print(format_table(results))
-    settings = {k: getattr(args, k) for k in ("pairs", "seed", "frames", "height", "width", "batch")}
+    settings = {
+        k: getattr(args, k) for k in ("pairs", "seed", "frames", "height", "width", "batch", "local_attn_size", "sink_size")
+    }
     record = {
         "device": device_kind(),
         "date": utc_date(),

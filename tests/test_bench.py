@@ -143,3 +143,16 @@ def test_probe_parses_its_arguments(probe):
     proc = subprocess.run([sys.executable, str(probe), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_device_idle_is_the_span_not_covered_by_kernels():
+    from causal_dit_jax.bench.profile import busy_and_idle
+
+    # two streams: [0, 10) and [5, 20) overlap (busy 0..20), a gap of 5 ns, then [25, 30) and [40, 41)
+    got = busy_and_idle([(25, 30), (0, 10), (40, 41), (5, 20)])
+    assert got == {"busy_ms": 26e-6, "span_ms": 41e-6, "idle_ms": 15e-6, "gaps": 2, "longest_gap_ms": 10e-6}
+    assert busy_and_idle([(3, 7)])["idle_ms"] == 0 and busy_and_idle([(3, 7)])["gaps"] == 0
+    with pytest.raises(ValueError, match="no kernel intervals"):
+        busy_and_idle([])
+    with pytest.raises(ValueError, match="ends before it starts"):
+        busy_and_idle([(5, 4)])

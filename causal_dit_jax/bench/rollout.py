@@ -114,6 +114,12 @@ class BenchResult:
             )
             rows.append((f"first frame with {label} (encoded prompt -> host)", f"{1e3 * v['first_frame_s']:.1f} ms"))
             rows.append((f"end to end, DiT + {label}", f"{v['e2e_s']:.3f} s = {v['e2e_fps']:.1f} frames/s"))
+            if v.get("e2e_fps_sequential") is not None:
+                rows.append(("  without running a chunk ahead", f"{v['e2e_fps_sequential']:.1f} frames/s"))
+            for loop, d in (v.get("device_idle_ms") or {}).items():
+                rows.append(
+                    (f"  device idle, {loop} loop", f"{d['idle_ms']:.1f} ms of {d['span_ms']:.1f} ms ({d['gaps']:.0f} gaps)")
+                )
             if v.get("peak_memory_gb") is not None:
                 rows.append((f"peak device memory, DiT + {label}", f"{v['peak_memory_gb']:.2f} GB"))
         if self.comm_bytes_per_chunk is not None:
@@ -306,16 +312,21 @@ def run_e2e(
     vae_dtype: str = "bfloat16",
     latents_per_call: int = 3,
     decode_mesh=None,
+    idle: bool | None = None,
 ) -> dict:
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
     latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
     preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny').
     decode_mesh: a sequence-parallel mesh over which a Wan VAE decodes in bands of rows
     (`sharding.decode_bands.BandedWanVAE`, as the pipeline does with a mesh); None: one device. Random
-    decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end), one
-    that waits for each chunk's latents (decode_ms: each chunk's decode alone). first_frame_s: stream
-    start (the prompt encoded; the KV cache and RoPE tables made ahead, as `TextToVideoPipeline.stream`
-    does) to the first frames on the host."""
+    decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end: one
+    chunk ahead, chunk i + 1's DiT queued before chunk i's frames are pulled, as
+    `TextToVideoPipeline.stream` does), one timed without running ahead (e2e_fps_sequential: the host
+    pulls each chunk's frames before it queues the next chunk), one that waits for each chunk's
+    latents (decode_ms: each chunk's decode alone). first_frame_s: stream start (the prompt encoded;
+    the KV cache and RoPE tables made ahead, as the pipeline does) to the first frames on the host.
+    idle (default: on GPUs): profile one stream of each loop and report the device's idle time between
+    its first and last kernel (`device_idle_ms`: 'ahead', 'sequential'), the overlap's effect."""
     import numpy as np
 
     from causal_dit_jax.autoencoders.chunked_decode import LatentChunkDecoder
@@ -339,28 +350,44 @@ def run_e2e(
     b, f, h, w, _ = noise.shape
     rope = sampler.dit.rope_tables(f, h, w)
 
-    def one_stream(sync: bool):
-        """sync=False: the product's loop (`TextToVideoPipeline.stream`), no host waits but for the
-        frames; sync=True waits for each chunk's latents, to time its decode alone."""
+    def one_stream(sync: bool = False, ahead: bool = True):
+        """The product's loop (`TextToVideoPipeline.stream`): no host waits but for the frames, and with
+        `ahead` chunk i + 1's DiT queued before chunk i's frames are pulled; sync waits for each chunk's
+        latents (no overlap), to time its decode alone."""
         cache = decoder.init_cache(b, h, w)
         kv_cache = jax.block_until_ready(sampler.init_cache(b, f, h, w))  # made before the prompt, as the pipeline does
         t0 = time.perf_counter()
         first, dec, frames = None, [], 0
-        for latents in sampler.stream(params, text, noise, key, rope=rope, cache=kv_cache):
+        chunks = sampler.stream(params, text, noise, key, rope=rope, cache=kv_cache)
+        run_ahead = ahead and not sync
+        pending = next(chunks, None)
+        while pending is not None:
+            latents = pending
             if sync:
                 jax.block_until_ready(latents)
             td = time.perf_counter()
             queued, cache = decoder(vae_params, latents, cache)
+            if run_ahead:
+                pending = next(chunks, None)  # the next chunk's DiT queued before these frames are pulled
             for pixels in queued:
                 frames += np.asarray(pixels).shape[1]
                 if first is None:
                     first = time.perf_counter() - t0
             dec.append((time.perf_counter() - td) * 1e3)
+            if not run_ahead:
+                pending = next(chunks, None)
         return first, dec, time.perf_counter() - t0, frames
 
-    one_stream(sync=False)  # compile
-    first, _, total, frames = one_stream(sync=False)
+    one_stream()  # compile
+    first, _, total, frames = one_stream()
+    _, _, total_seq, _ = one_stream(ahead=False)
     _, dec, _, _ = one_stream(sync=True)
+    idle_ms = None
+    if idle or (idle is None and jax.default_backend() == "gpu"):
+        from causal_dit_jax.bench.profile import device_idle
+
+        loops = (("ahead", True), ("sequential", False))
+        idle_ms = {name: device_idle(lambda a=a: one_stream(ahead=a)[2]) for name, a in loops}
     return {
         "vae_preset": vae_preset,
         "vae_dtype": vae_dtype,
@@ -371,6 +398,8 @@ def run_e2e(
         "first_frame_s": first,
         "e2e_s": total,
         "e2e_fps": frames / total,
+        "e2e_fps_sequential": frames / total_seq,
+        "device_idle_ms": idle_ms,
         "frames": frames,
         "peak_memory_gb": peak_memory_gb(),
     }
