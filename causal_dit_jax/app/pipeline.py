@@ -406,8 +406,10 @@ class TextToVideoPipeline:
     ) -> TextToVideoPipeline:
         """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
         names a window, the KV cache rolls over the number of latent frames the model was trained on
-        (9 for 33 frames: the whole default video), so longer videos stay in what it learnt. The
-        sampler uses the flow-matching shift the model was trained with (config.json 'sampling')."""
+        (9 for 33 frames: the whole default video) with the stream's first chunk as the attention sink,
+        so that a longer video's every chunk attends as in training: after the first chunk and its
+        nearest predecessors. The sampler uses the flow-matching shift the model was trained with
+        (config.json 'sampling')."""
         from causal_dit_jax.embedded import embedded_folder, read_embedded_config
         from causal_dit_jax.param_archive import load_params
 
@@ -416,8 +418,10 @@ class TextToVideoPipeline:
         d = embedded_folder(folder)
         meta = read_embedded_config(d)
         size = meta["default_size"]
-        if inference.local_attn_size == -1:  # a rolling window of the clip length it learnt
-            inference = inference.replace(local_attn_size=1 + (int(size["frames"]) - 1) // 4)
+        if inference.local_attn_size == -1:  # a rolling window of the clip length it learnt, its first chunk kept
+            trained = 1 + (int(size["frames"]) - 1) // 4  # latent frames
+            sink = inference.frames_per_chunk if trained > 2 * inference.frames_per_chunk else 0
+            inference = inference.replace(local_attn_size=trained, sink_size=sink)
         if "sampling" in meta:  # the schedule belongs to the weights, as their shapes do
             inference = inference.replace(timestep_shift=float(meta["sampling"]["timestep_shift"]))
         dit_config = ModelConfig.from_dict(meta["dit"])
@@ -644,7 +648,7 @@ class TextToVideoPipeline:
         recache: at a switch, re-run the last clean chunks at t=0 with the new prompt into the KV cache
         (LongLive's KV re-cache; the attention sink kept), so that the next chunks follow the new prompt
         at once; False keeps the keys made under the old one. recache_chunks: how many (default: all
-        that the cache attends; 0: a cut, the next chunk starts from the new prompt and the sink alone).
+        that the cache attends; 0: a cut, the next chunk starts a new stream from the new prompt alone, sink included).
 
         stats, if given, receives 'first_frame_s' (prompt encoded -> first frames on the host) and
         'encode_s'; with a schedule, 'switches': the (chunk index, prompts) of each switch made.

@@ -187,22 +187,29 @@ class SelfForcingSampler:
         origin: int,
         next_start: int,
         rope: RopeTables,
+        cut: bool = False,
     ) -> tuple[KVCache, int]:
         """LongLive's KV re-cache: the clean chunks `recent` run again into the cache with `text`, in
         order, each seeing the sink and the re-filled chunks before it (not the later ones, nor what the
         cache held before); the chunk from frame `next_start` (the next to denoise) then sees the sink
         and them. recent: (start frame, latents [B, c, H, W, C], whether it is context, run at t=0 as
         `prefill` does; else at `context_noise` as `fill_cache`), the consecutive chunks just before
-        next_start, oldest first, none of them a sink chunk; empty: a cut (the sink alone is kept).
+        next_start, oldest first, none of them a sink chunk (empty: the sink alone is kept).
+        cut: nothing re-filled and the sink dropped too (`recent` must be empty): the chunk from
+        next_start starts a new stream, it sees nothing before it and becomes the sink.
         origin: the cache's `origin_frame` as a host int (read nothing back from the device).
 
         How: keys carry their absolute positions, so the cache's chunk order is free. The origin moves
         so that the oldest re-filled chunk takes the first slot after the sink: each re-filled chunk
         then finds the sink and the re-filled chunks before it as the valid slots, the rest of the
         ring as not yet written (the window's frame mask is unchanged: it counts frames relative to the
-        chunk). Later chunks go on from there. Returns the cache (consumed) and its new origin."""
+        chunk). After a cut the origin is next_start itself. Later chunks go on from there. Returns the
+        cache (consumed) and its new origin."""
         c = self.inference.frames_per_chunk
-        new_origin = next_start - (len(recent) + cache.sink_chunks) * c
+        if cut and recent:
+            raise ValueError(f"a cut re-fills no chunks, got {len(recent)} to re-fill")
+        kept_sink = 0 if cut else cache.sink_chunks  # a cut keeps no sink: the old prompt's content would go on
+        new_origin = next_start - (len(recent) + kept_sink) * c
         # the scalar shifted in place, so that it keeps its placement (and the executables their key)
         cache = cache.replace(origin_frame=cache.origin_frame + (new_origin - origin))
         for start, latents, is_context in recent:
@@ -265,7 +272,8 @@ class SelfForcingSampler:
         cache then holds what a stream with the new prompt from those chunks on would hold, and chunks
         older than them are dropped. recache_chunks: how many (default, and at most, what a chunk
         attends: `recache_limit`; fewer where fewer have been made since the sink or the last re-cache;
-        0: a cut, the next chunk sees the sink alone). Only then are the last clean chunks kept (on the
+        0: a cut, the next chunk starts afresh: it sees nothing earlier, not even the sink, and is the
+        new stream's sink). Only then are the last clean chunks kept (on the
         device, that many).
         """
         b, f, h, w, ch = noise.shape
@@ -348,7 +356,9 @@ class SelfForcingSampler:
             recent.append((start_frame + p + i * c, x0, False))
             next_start = start_frame + p + (i + 1) * c
             made = (next_start - origin) // c - cache.sink_chunks  # since the sink (or the last re-cache)
-            if recaching and made > 0:
+            if recaching and recache_chunks == 0:  # a cut: a new stream from the next chunk
+                cache, origin = self.kv_recache(params, new_text, [], cache, origin, next_start, rope, cut=True)
+            elif recaching and made > 0:
                 redo = list(recent)[len(recent) - min(window, made) :]
                 cache, origin = self.kv_recache(params, new_text, redo, cache, origin, next_start, rope)
             else:  # no re-cache (or only sink chunks so far): the chunk's keys under its own prompt

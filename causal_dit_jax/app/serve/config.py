@@ -10,7 +10,7 @@ MAX_SEED = 2**31 - 1
 # what a prompt switch does to the KV cache: the stream's (recache, recache_chunks)
 SWITCH_MODES = {
     "recache": (True, None),  # re-run the chunks the cache attends with the new prompt (LongLive)
-    "cut": (True, 0),  # the next chunk starts from the new prompt (and the sink) alone
+    "cut": (True, 0),  # the next chunk starts a new stream from the new prompt alone (a new sink)
     "keep": (False, None),  # the keys made under the old prompt stay
 }
 
