@@ -140,7 +140,10 @@ def test_bench_cli_per_layer_weights(tmp_path, capsys):
     assert json.loads(out.read_text())["linear_precision"] == "float8"
 
 
-def test_bench_cli_sequence_parallel(tmp_path):
+@pytest.mark.parametrize("decode_devices", [0, 2])
+def test_bench_cli_sequence_parallel(tmp_path, decode_devices):
+    """--mesh 8: the DiT over 8 devices and the Wan VAE in bands over them; with --decode-devices 2 the
+    DiT over 6 and the decoders on the last 2 of their own (the Wan VAE in bands over both)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
@@ -163,6 +166,8 @@ def test_bench_cli_sequence_parallel(tmp_path):
             "--e2e",
             "--vae-preset",
             "tiny",
+            "--decode-devices",
+            str(decode_devices),
             "--json",
             str(out),
         ],
@@ -173,11 +178,18 @@ def test_bench_cli_sequence_parallel(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["num_devices"] == 8 and result["strategy"] == "hybrid"
+    dit_devices = 8 - decode_devices
+    assert result["num_devices"] == dit_devices and result["strategy"] == "hybrid"
     assert result["comm_bytes_per_chunk"] > 0
-    # the product loop over the mesh: the Wan VAE in bands of rows on all 8 devices, every frame made
-    assert result["vae"]["banded_decode_devices"] == 8 and result["vae"]["frames"] == 21
-    assert result["tiny_vae"]["banded_decode_devices"] == 1  # the TAEHV decoder runs on one device
+    # the product loop: the Wan VAE in bands of rows (over the mesh, or over its own devices), every frame made
+    vae, tiny = result["vae"], result["tiny_vae"]
+    assert vae["frames"] == 21 and tiny["frames"] == 21
+    if decode_devices:
+        assert vae["banded_decode_devices"] == 2 and vae["decode_devices"] == [6, 7]
+        assert tiny["banded_decode_devices"] == 1 and tiny["decode_devices"] == [6]  # TAEHV: the first of its own
+    else:
+        assert vae["banded_decode_devices"] == 8 and vae["decode_devices"] == list(range(8))
+        assert tiny["banded_decode_devices"] == 1 and tiny["decode_devices"] == [0]  # the TAEHV decoder on one device
 
 
 def test_convert_cli_taehv_needs_a_wan_folder(tmp_path, capsys):

@@ -9,6 +9,8 @@ shape, at most 1 level apart, on at most 1e-3 of the values (measured: 5.8e-6 fo
 default on 8 devices, 2.6e-5 for the random demo on 4).
 """
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -123,3 +125,80 @@ def test_serve_mesh_pipelines_decode_in_bands(monkeypatch, capsys):
     seen.clear()
     assert main(["serve", "--no-banded-decode"]) == 2 and not seen
     assert "--no-banded-decode sets how a --mesh decodes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the decoder on its own devices
+def _devices_of(tree) -> set[int]:
+    return {d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()}
+
+
+def test_decoder_on_devices_of_its_own_gives_the_same_frames():
+    """A 6 + 2 split (the DiT over devices 0-5, the Wan VAE in bands over 6 and 7) against the same DiT
+    mesh decoding in bands over its own 6 devices: the same latents, the decode on other devices. And a
+    1 + 1 split without a mesh (the DiT on device 0, the decoder on device 1), the TAEHV decoder too:
+    the one-device pipeline's frames exactly."""
+    devices = jax.devices()
+    mesh = make_mesh(devices=devices[:6], num_heads=12)
+    split = TextToVideoPipeline.random_demo(mesh=mesh, decode_devices=devices[6:])
+    assert split.banded_decode and split.frame_decoder.devices == 2 and split.decode_devices == tuple(devices[6:])
+    assert _devices_of(split.vae_params) == {6, 7} and _devices_of(split.dit_params) == set(range(6))
+    same_mesh = TextToVideoPipeline.random_demo(mesh=mesh)
+    request = {"frames": 21, "height": 48, "width": 64, "seed": 4}
+    assert_same_frames(split.generate("a lighthouse", **request), same_mesh.generate("a lighthouse", **request))
+    request["frames"] = 9  # one chunk: where each half runs is the point here
+    for decoder in ("wan", "taehv"):
+        apart = TextToVideoPipeline.random_demo(decoder=decoder, decode_devices=[devices[1]])
+        assert not apart.banded_decode and _devices_of(apart.vae_params) == {1}
+        want = TextToVideoPipeline.random_demo(decoder=decoder).generate("a lighthouse", **request)
+        np.testing.assert_array_equal(apart.generate("a lighthouse", **request), want)
+
+
+def test_decode_devices_must_be_devices_of_their_own():
+    devices = jax.devices()
+    mesh = make_mesh(devices=devices[:4], num_heads=12)
+    bad = [
+        ({"mesh": mesh, "decode_devices": devices[3:5]}, "decode_devices must be devices of their own, but"),
+        ({"decode_devices": [devices[0]]}, "also run the DiT"),  # no mesh: the DiT runs on the default device
+        ({"decode_devices": []}, "decode_devices must be a non-empty sequence of jax devices"),
+        ({"decode_devices": [5]}, "a non-empty sequence of jax devices, got [5]"),
+        ({"decode_devices": [devices[5], devices[5]]}, "decode_devices names a device twice"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            TextToVideoPipeline.random_demo(**kw)
+
+
+def test_generate_and_serve_split_the_mesh_for_the_decoder(tmp_path, monkeypatch, capsys):
+    """`generate --mesh 8 --decode-devices 2`: the DiT over 6, the Wan VAE in bands over the last 2;
+    `serve` builds the same split; bad counts are refused before any model work."""
+    import causal_dit_jax.app.serve as serve_package
+
+    built = []
+    random_demo = TextToVideoPipeline.random_demo.__func__
+
+    def spy(cls, *args, **kw):
+        built.append(random_demo(cls, *args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(TextToVideoPipeline, "random_demo", classmethod(spy))
+    argv = ["generate", "--random-weights", "--prompt", "a lighthouse", "--frames", "9", "--height", "64", "--width", "64"]
+    assert main([*argv, "--mesh", "8", "--decode-devices", "2", "--out", str(tmp_path / "split.mp4")]) == 0
+    pipe = built[-1]
+    assert pipe.mesh.devices.size == 6 and _devices_of(pipe.vae_params) == {6, 7}
+    out = capsys.readouterr().out
+    note = "decoding: the Wan VAE in bands of rows over 2 devices of its own (--decode-devices 2); the DiT over the other 6"
+    assert note in out
+    assert read_mp4(tmp_path / "split.mp4").shape == (9, 64, 64, 3)
+    for extra, msg in (
+        (["--decode-devices", "1"], "--decode-devices splits a --mesh's devices: give --mesh N"),
+        (["--mesh", "2", "--decode-devices", "2"], "--decode-devices 2 leaves none of the --mesh 2 devices to the DiT"),
+        (["--mesh", "4", "--decode-devices", "-1"], "--decode-devices must be >= 0, got -1"),
+    ):
+        assert main([*argv, *extra, "--out", str(tmp_path / "bad.mp4")]) == 2
+        assert msg in capsys.readouterr().err
+    assert len(built) == 1 and not (tmp_path / "bad.mp4").exists()
+    seen = {}
+    monkeypatch.setattr(serve_package, "serve", lambda pipelines, config: seen.update(pipelines=pipelines))
+    assert main(["serve", "--mesh", "8", "--decode-devices", "1"]) == 0
+    served = seen["pipelines"]("wan")
+    assert served.mesh.devices.size == 7 and not served.banded_decode and _devices_of(served.vae_params) == {7}

@@ -71,6 +71,13 @@ def _add_banded_decode(p) -> None:
         "rows over the mesh's devices, the same frames within one uint8 level; the TAEHV decoder always runs on one "
         "device)",
     )
+    p.add_argument(
+        "--decode-devices",
+        type=int,
+        default=0,
+        help="with --mesh N: the last K of the N devices decode, on their own (a 7 + 1 split: --mesh 8 "
+        "--decode-devices 1), while the DiT runs over the other N - K (default 0: the decoder on the DiT's devices)",
+    )
 
 
 def _add_bench(sub) -> None:
@@ -395,10 +402,50 @@ def _banded_decode(args, strategy: str | None) -> bool:
     return not args.no_banded_decode
 
 
+def _decode_devices(args, strategy: str | None) -> int:
+    """--decode-devices checked against --mesh: how many of the mesh's devices decode on their own."""
+    k = args.decode_devices
+    if k < 0:
+        raise ValueError(f"--decode-devices must be >= 0, got {k}")
+    if k and strategy is None:
+        raise ValueError("--decode-devices splits a --mesh's devices: give --mesh N (N > K)")
+    if k and k >= args.mesh:
+        raise ValueError(f"--decode-devices {k} leaves none of the --mesh {args.mesh} devices to the DiT")
+    return k
+
+
+def _meshes(args, strategy: str | None, num_heads: int, decode_devices: int):
+    """(the DiT's mesh or None, the decoder's own devices or None) for --mesh N --decode-devices K: the
+    DiT over the first N - K devices, the decoder on the last K."""
+    if strategy is None:
+        return None, None
+    import jax
+
+    from causal_dit_jax.sharding import make_mesh
+
+    devices = jax.devices()
+    if args.mesh > len(devices):
+        make_mesh(args.mesh, strategy=strategy, num_heads=num_heads)  # its error names the visible devices
+    dit = args.mesh - decode_devices
+    mesh = make_mesh(devices=devices[:dit], strategy=strategy, num_heads=num_heads)
+    return mesh, _own_decode_devices(args.mesh, decode_devices)
+
+
+def _own_decode_devices(mesh: int, decode_devices: int) -> tuple | None:
+    """The last `decode_devices` of the first `mesh` devices (None for 0)."""
+    import jax
+
+    return tuple(jax.devices()[mesh - decode_devices : mesh]) if decode_devices else None
+
+
 def _decode_note(pipe, banded_decode: bool) -> str:
     """Where a pipeline with a mesh decodes, for the log."""
     from causal_dit_jax.autoencoders.wan_vae import WanVAE
 
+    if pipe.decode_devices:
+        k, n = len(pipe.decode_devices), pipe.mesh.devices.size
+        how = f"the Wan VAE in bands of rows over {k} devices" if pipe.banded_decode else "on one device"
+        return f"decoding: {how} of its own (--decode-devices {k}); the DiT over the other {n}"
     if pipe.banded_decode:
         n = pipe.frame_decoder.devices
         return f"decoding: the Wan VAE in bands of rows over {n} devices (--no-banded-decode: on one device)"
@@ -415,6 +462,7 @@ def cmd_bench(args) -> int:
     from causal_dit_jax.model.config import get_preset
 
     mesh_strategy = _strategy(args)
+    decode_devices = _decode_devices(args, mesh_strategy)
     config = get_preset(args.preset)
     # --frames counts video frames, as in generate; the rollout runs their latent frames
     latent_frames = video_spec(
@@ -450,7 +498,7 @@ def cmd_bench(args) -> int:
         down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
         dit, comm = sequence_parallel_dit(
             dit,
-            args.mesh,
+            args.mesh - decode_devices,
             mesh_strategy,
             InferenceConfig(),
             num_frames=latent_frames,
@@ -473,6 +521,7 @@ def cmd_bench(args) -> int:
         vae_latents_per_call=args.vae_latents_per_call,
         per_layer_weights=args.per_layer_weights,
         banded_decode=bool(args.mesh) and not args.no_banded_decode,
+        decode_devices=_own_decode_devices(args.mesh, decode_devices),
     )
     print(result.table())
     ours = bench.measured_figures(result)
@@ -510,6 +559,7 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--{name} must be positive, got {value} (leave it out for the model's default)")
     strategy = _strategy(args)
     banded_decode = _banded_decode(args, strategy)
+    decode_devices = _decode_devices(args, strategy)
     if any(not p.strip() for p in args.prompt):
         raise ValueError("the prompt is empty")
     outs = _out_paths(args.out, len(args.prompt))
@@ -544,13 +594,11 @@ def cmd_generate(args) -> int:
     if args.no_recache and args.recache_chunks is not None:
         raise ValueError("--recache-chunks sizes the re-cache that --no-recache turns off: give one of them")
     prompt_switches(switches, plan.generated_latents // inference.frames_per_chunk, len(args.prompt), "--switch")
-    mesh = None
-    if strategy is not None:
-        from causal_dit_jax.sharding import make_mesh
-
-        mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
+    mesh, decode_on = _meshes(args, strategy, model_config.num_heads, decode_devices)
     t_load = time.perf_counter()
-    pipe = _load_pipeline(args.checkpoint, random_weights, inference, mesh, args.decoder, kernels, args.encoder, banded_decode)
+    pipe = _load_pipeline(
+        args.checkpoint, random_weights, inference, mesh, args.decoder, kernels, args.encoder, banded_decode, decode_on
+    )
     if media:
         pipe.plan(len(args.prompt), frames, height, width, **media)  # and that its encoder can take them
     recache = not args.no_recache
@@ -635,13 +683,23 @@ def _plural(n: int, word: str) -> str:
 
 
 def _load_pipeline(
-    checkpoint, random_weights: bool, inference, mesh, decoder: str, kernels, encoder=None, banded_decode: bool = True
+    checkpoint,
+    random_weights: bool,
+    inference,
+    mesh,
+    decoder: str,
+    kernels,
+    encoder=None,
+    banded_decode: bool = True,
+    decode_devices=None,
 ):
     """The pipeline generate and serve run: a checkpoint's, else the embedded default (random_weights:
-    the untrained demo), each announced; banded_decode: with a mesh, the Wan VAE in bands of rows."""
+    the untrained demo), each announced; banded_decode: with a mesh, the Wan VAE in bands of rows;
+    decode_devices: the decoder's own devices (None: the DiT's)."""
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
 
     kw = {"mesh": mesh, "decoder": decoder, "kernels": kernels, "encoder": encoder, "banded_decode": banded_decode}
+    kw["decode_devices"] = decode_devices
 
     if checkpoint is None and random_weights:
         print(
@@ -704,6 +762,7 @@ def cmd_serve(args) -> int:
 
     strategy = _strategy(args)
     banded_decode = _banded_decode(args, strategy)
+    decode_devices = _decode_devices(args, strategy)
     model_config, _ = pipeline_configs(args.checkpoint, args.decoder)  # it has the decoder, before any model work
     decoders = [args.decoder]
     for other in DECODERS:
@@ -719,17 +778,20 @@ def cmd_serve(args) -> int:
         decoders=tuple(decoders),
         switch=args.switch_mode,
     )
-    mesh = None
-    if strategy is not None:
-        from causal_dit_jax.sharding import make_mesh
-
-        mesh = make_mesh(args.mesh, strategy=strategy, num_heads=model_config.num_heads)
+    mesh, decode_on = _meshes(args, strategy, model_config.num_heads, decode_devices)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"listening on {args.host}: anyone who can reach it may use this server (it has no login)", flush=True)
 
     def pipeline(decoder: str):
         return _load_pipeline(
-            args.checkpoint, False, InferenceConfig(), mesh, decoder, KernelConfig(), banded_decode=banded_decode
+            args.checkpoint,
+            False,
+            InferenceConfig(),
+            mesh,
+            decoder,
+            KernelConfig(),
+            banded_decode=banded_decode,
+            decode_devices=decode_on,
         )
 
     serve(pipeline, config)

@@ -274,6 +274,10 @@ class TextToVideoPipeline:
     sequence axes (`sharding.decode_bands.BandedWanVAE`; the VAE params replicated on the mesh once,
     copies over 'data'); the frames come to the host as before. False, the TAEHV decoder (too small to
     split) or a mesh of one sequence device decodes on one device; `self.banded_decode` says which runs.
+    decode_devices: devices of their own for the decoder (e.g. the 8th GPU beside a 7-GPU mesh: a 7 + 1
+    split), none of them the DiT's: each chunk's latents are copied there and decoded while the DiT
+    goes on with the next chunk (the Wan VAE in bands of rows over them when there are several and
+    banded_decode). None: the decoder runs on the DiT's devices.
     vae_latents_per_call: latent frames per VAE decode call. 1 (default) gives the first frame soonest
     and the smallest activation memory; 3 decodes a whole chunk per call (a little more throughput,
     a later first frame and more memory: figures in benchmarks/NOTES.md).
@@ -298,9 +302,11 @@ class TextToVideoPipeline:
         encoder_params: Params | None = None,
         default_size: tuple[int, int, int] = DEFAULT_SIZE,
         banded_decode: bool = True,
+        decode_devices: Sequence[jax.Device] | None = None,
     ):
         if not isinstance(banded_decode, bool):
             raise ValueError(f"banded_decode must be True or False, got {banded_decode!r}")
+        decode_devices = _check_decode_devices(decode_devices, mesh)
         if text_encoder.config.dim != dit.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.config.dim} != DiT text_dim {dit.config.text_dim}")
         if (encoder is None) != (encoder_params is None):
@@ -316,12 +322,18 @@ class TextToVideoPipeline:
         self.untrained = untrained
         self.default_size = tuple(int(n) for n in default_size)  # frames, height, width when not asked
         self.vae_latents_per_call = vae_latents_per_call
-        self.banded_decode = banded_decode and isinstance(vae, WanVAE) and _sequence_devices(mesh) > 1
-        self.frame_decoder = _banded_vae(vae, mesh) if self.banded_decode else vae  # what decodes the chunks
+        self.decode_devices = decode_devices
+        decode_mesh = mesh if decode_devices is None else _decode_mesh(decode_devices)
+        self.banded_decode = banded_decode and isinstance(vae, WanVAE) and _sequence_devices(decode_mesh) > 1
+        self.frame_decoder = _banded_vae(vae, decode_mesh) if self.banded_decode else vae  # what decodes the chunks
         self._chunk_decoder = LatentChunkDecoder(self.frame_decoder, vae_latents_per_call)  # checks the count
         self.mesh = mesh
+        self._decoder_device = None  # the one device of a decoder of its own (its caches are made there)
         if self.banded_decode:
             self.vae_params = self.frame_decoder.place(vae_params)  # once: replicated over the mesh
+        elif decode_devices is not None:
+            self._decoder_device = jax.sharding.SingleDeviceSharding(decode_devices[0])
+            self.vae_params = jax.device_put(vae_params, self._decoder_device)
         model = dit
         if mesh is not None:
             from causal_dit_jax.sharding import SequenceParallelDiT
@@ -345,6 +357,7 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
         banded_decode: bool = True,
+        decode_devices: Sequence[jax.Device] | None = None,
     ) -> TextToVideoPipeline:
         """Small presets with deterministic random weights (untrained: the video is noise-like), for
         tests and demos of any shape (33 frames at 128x192 by default); every code path is the real
@@ -376,6 +389,7 @@ class TextToVideoPipeline:
             encoder_params=random_params(frame_encoder.abstract_params(), seed + 3),
             default_size=DEMO_SIZE,
             banded_decode=banded_decode,
+            decode_devices=decode_devices,
         )
 
     @classmethod
@@ -387,11 +401,12 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
         banded_decode: bool = True,
+        decode_devices: Sequence[jax.Device] | None = None,
     ) -> TextToVideoPipeline:
         """The model shipped in the package (`causal_dit_jax/embedded.py`): a small DiT, umT5 and Wan VAE
         trained on the procedural world, 33 frames at 128x192 by default; prompts like
         'a red circle moving left on a white background'. Only its own VAE decodes and encodes."""
-        return cls.from_embedded(None, inference, mesh, decoder, kernels, encoder, banded_decode)
+        return cls.from_embedded(None, inference, mesh, decoder, kernels, encoder, banded_decode, decode_devices)
 
     @classmethod
     def from_embedded(
@@ -403,6 +418,7 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
         banded_decode: bool = True,
+        decode_devices: Sequence[jax.Device] | None = None,
     ) -> TextToVideoPipeline:
         """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
         names a window, the KV cache rolls over the number of latent frames the model was trained on
@@ -449,6 +465,7 @@ class TextToVideoPipeline:
             encoder_params=vae_params["encoder"],
             default_size=(size["frames"], size["height"], size["width"]),
             banded_decode=banded_decode,
+            decode_devices=decode_devices,
         )
 
     @classmethod
@@ -461,6 +478,7 @@ class TextToVideoPipeline:
         kernels: KernelConfig = KernelConfig(),
         encoder: str | None = None,
         banded_decode: bool = True,
+        decode_devices: Sequence[jax.Device] | None = None,
     ) -> TextToVideoPipeline:
         """Load a folder written by `causal-dit convert` (DiT, umT5, VAE and the tokenizer).
 
@@ -520,6 +538,7 @@ class TextToVideoPipeline:
             encoder=frame_encoder,
             encoder_params=encoder_params,
             banded_decode=banded_decode,
+            decode_devices=decode_devices,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -593,12 +612,17 @@ class TextToVideoPipeline:
             z = self.encoder.jit_encode(self.encoder_params, x)
         return self._to_dit(z)
 
+    def _decoder_cache(self, batch: int, latent_height: int, latent_width: int):
+        """A new video's decoder caches, where the decoder runs."""
+        cache = self._chunk_decoder.init_cache(batch, latent_height, latent_width)
+        return cache if self._decoder_device is None else jax.device_put(cache, self._decoder_device)
+
     def decode_latents(self, latents: jax.Array) -> np.ndarray:
         """The DiT's latents [B, 1 + k, H/8, W/8, C] -> uint8 frames [B, 1 + 4k, H, W, 3], with this
         pipeline's decoder streamed chunk by chunk as `stream` does (`encode_frames`'s inverse)."""
         b, f, h, w, _ = latents.shape
         c = self.inference.frames_per_chunk
-        cache = self._chunk_decoder.init_cache(b, h, w)
+        cache = self._decoder_cache(b, h, w)
         out = []
         for start in range(0, f, c):  # the decoder's causal caches carry over from chunk to chunk
             pixels, cache = self._chunk_decoder(self.vae_params, latents[:, start : start + c], cache)
@@ -688,7 +712,7 @@ class TextToVideoPipeline:
             context = self.encode_frames(cond.frames)
         elif cond.mode == "video":
             noise = self.sampler.noise_to_step(self.encode_frames(cond.frames), noise, cond.first_step)
-        vae_cache = self._chunk_decoder.init_cache(batch, h, w)
+        vae_cache = self._decoder_cache(batch, h, w)
         first = True
 
         def latent_chunks():
@@ -817,6 +841,33 @@ def _sequence_devices(mesh) -> int:
 
     _, ring, ulysses = mesh_sizes(mesh)
     return ring * ulysses
+
+
+def _check_decode_devices(decode_devices, mesh) -> tuple | None:
+    """decode_devices as a tuple of distinct devices, none of them the DiT's (the mesh's, or the
+    default device without one); None stays None."""
+    if decode_devices is None:
+        return None
+    devices = tuple(decode_devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"decode_devices must be a non-empty sequence of jax devices, got {decode_devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"decode_devices names a device twice: {list(devices)}")
+    dit_devices = set(mesh.devices.flat) if mesh is not None else {jax.devices()[0]}
+    shared = [d for d in devices if d in dit_devices]
+    if shared:
+        raise ValueError(
+            f"decode_devices must be devices of their own, but {shared} also run the DiT; "
+            "without decode_devices the decoder runs on the DiT's devices"
+        )
+    return devices
+
+
+def _decode_mesh(devices: tuple):
+    """A mesh over a decoder's own devices whose sequence axis spans them all (the bands of rows)."""
+    from causal_dit_jax.sharding.mesh import make_mesh
+
+    return make_mesh(devices=devices, num_heads=1, strategy="ring")
 
 
 def _banded_vae(vae: WanVAE, mesh):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +146,7 @@ def run_dit_bench(
     keep_latents: bool = False,
     per_layer_weights: bool = False,
     banded_decode: bool = False,
+    decode_devices: Sequence[jax.Device] | None = None,
 ) -> BenchResult:
     """Roll out a video with random weights and time each chunk (after a warm-up rollout).
 
@@ -154,7 +156,9 @@ def run_dit_bench(
     per_layer_weights: run on `unstack_blocks(params)`.
     dit: a CausalWanDiT, or a sharding.SequenceParallelDiT (its inputs are then replicated over its
     mesh and the decoders of `e2e_vae` run on the first device, or with banded_decode the Wan VAE in
-    bands of rows over the mesh, as the pipeline does by default)."""
+    bands of rows over the mesh, as the pipeline does by default). decode_devices: the decoders' own
+    devices, none of the DiT's (the pipeline's `decode_devices`: a 7 + 1 split); the Wan VAE in bands
+    of rows over them with banded_decode and several of them, else on the first."""
     config = get_preset(preset) if isinstance(preset, str) else preset
     name = (
         preset
@@ -225,10 +229,26 @@ def run_dit_bench(
             key,
             "taehv" if e2e_vae == "wan2.1" else "taehv-tiny",
             latents_per_call=vae_latents_per_call,
+            decode_device=decode_devices[0] if decode_devices else None,
         )
-        decode_mesh = getattr(dit, "mesh", None) if banded_decode else None
+        decode_mesh, decode_device = (getattr(dit, "mesh", None) if banded_decode else None), None
+        if decode_devices:
+            from causal_dit_jax.sharding.mesh import make_mesh
+
+            if banded_decode and len(decode_devices) > 1:
+                decode_mesh = make_mesh(devices=decode_devices, num_heads=1, strategy="ring")
+            else:
+                decode_mesh, decode_device = None, decode_devices[0]
         vae_result = run_e2e(
-            sampler, params, text, noise, key, e2e_vae, latents_per_call=vae_latents_per_call, decode_mesh=decode_mesh
+            sampler,
+            params,
+            text,
+            noise,
+            key,
+            e2e_vae,
+            latents_per_call=vae_latents_per_call,
+            decode_mesh=decode_mesh,
+            decode_device=decode_device,
         )
     total = sum(best) / 1e3
     n_chunks = len(best)
@@ -313,12 +333,14 @@ def run_e2e(
     latents_per_call: int = 3,
     decode_mesh=None,
     idle: bool | None = None,
+    decode_device: jax.Device | None = None,
 ) -> dict:
     """The product's loop: each latent chunk decoded as soon as it is denoised (`latents_per_call`
     latents per decode call, `LatentChunkDecoder`), frames copied to the host. vae_preset: a Wan VAE
     preset ('wan2.1', 'tiny') or the TAEHV decoder ('taehv' = taew2_1's shapes, 'taehv-tiny').
     decode_mesh: a sequence-parallel mesh over which a Wan VAE decodes in bands of rows
-    (`sharding.decode_bands.BandedWanVAE`, as the pipeline does with a mesh); None: one device. Random
+    (`sharding.decode_bands.BandedWanVAE`, as the pipeline does with a mesh); None: one device,
+    `decode_device` (a device of its own, beside the DiT's) or else the default one. Random
     decoder weights; one warm-up stream, one timed as the product runs (first frame, end to end: one
     chunk ahead, chunk i + 1's DiT queued before chunk i's frames are pulled, as
     `TextToVideoPipeline.stream` does), one timed without running ahead (e2e_fps_sequential: the host
@@ -346,6 +368,8 @@ def run_e2e(
 
         vae = BandedWanVAE(vae, decode_mesh)
         vae_params = vae.place(vae_params)  # replicated on the mesh once
+    elif decode_device is not None:
+        vae_params = jax.device_put(vae_params, decode_device)
     decoder = LatentChunkDecoder(vae, latents_per_call)
     b, f, h, w, _ = noise.shape
     rope = sampler.dit.rope_tables(f, h, w)
@@ -355,6 +379,8 @@ def run_e2e(
         `ahead` chunk i + 1's DiT queued before chunk i's frames are pulled; sync waits for each chunk's
         latents (no overlap), to time its decode alone."""
         cache = decoder.init_cache(b, h, w)
+        if decode_device is not None and not banded:
+            cache = jax.device_put(cache, decode_device)
         kv_cache = jax.block_until_ready(sampler.init_cache(b, f, h, w))  # made before the prompt, as the pipeline does
         t0 = time.perf_counter()
         first, dec, frames = None, [], 0
@@ -392,6 +418,7 @@ def run_e2e(
         "vae_preset": vae_preset,
         "vae_dtype": vae_dtype,
         "banded_decode_devices": vae.devices if banded else 1,
+        "decode_devices": sorted(d.id for d in jax.tree.leaves(vae_params)[0].devices()),
         "latents_per_call": latents_per_call,
         "decode_ms": dec,
         "decode_total_s": sum(dec) / 1e3,
