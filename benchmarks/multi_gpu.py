@@ -9,6 +9,7 @@ the same seed, and the speed-ups. Writes one JSON.
 
     python benchmarks/multi_gpu.py --gpus 2 --json benchmarks/DATE_h200x2_multi_gpu.json
     python benchmarks/multi_gpu.py --gpus 2 --strategies ulysses --linear-precision float8 --json ...
+    python benchmarks/multi_gpu.py --gpus 8 --decode-devices 1 --json ...   # the DiT on 7 GPUs, the decoders on the 8th
 
 Tolerance of the latents: both runs are bf16; sharding changes the matmul shapes (cuBLAS picks other
 tilings) and, for a ring, the order of the softmax merge, so the two rollouts differ by bf16
@@ -74,19 +75,32 @@ def run_one(args, cfg, strategy: str) -> dict:
         res = run_dit_bench(dit=dit, **kw)
         config = "1 GPU"
     else:
-        sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
+        n = args.gpus - args.decode_devices  # the DiT's GPUs; the decoders' own are the last
+        sizes = split_sequence_devices(n, strategy, cfg.num_heads)
         down = get_vae_preset("wan2.1").spatial_factor  # run_dit_bench's latents
         sp, comm = sequence_parallel_dit(
             dit,
-            args.gpus,
+            n,
             strategy,
             kw["inference"],
             num_frames=kw["latent_frames"],
             latent_height=args.height // down,
             latent_width=args.width // down,
         )
-        res = run_dit_bench(dit=sp, strategy=strategy, comm_bytes_per_chunk=comm, banded_decode=not args.no_banded_decode, **kw)
-        config = f"{args.gpus} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
+        import jax
+
+        own = tuple(jax.devices()[n : args.gpus]) if args.decode_devices else None
+        res = run_dit_bench(
+            dit=sp,
+            strategy=strategy,
+            comm_bytes_per_chunk=comm,
+            banded_decode=not args.no_banded_decode,
+            decode_devices=own,
+            **kw,
+        )
+        config = f"{n} GPUs {strategy} (ring {sizes[0]} x all-to-all {sizes[1]})"
+        if own:
+            config += f" + {len(own)} decoding"
     print(res.table(), flush=True)
     np.save(args.latents_out, res.latents)
     return {"config": config, **res.as_dict()}
@@ -103,6 +117,13 @@ def main() -> None:
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--no-banded-decode", action="store_true", help="on N GPUs, decode on the first GPU (not in bands of rows)")
     ap.add_argument(
+        "--decode-devices",
+        type=int,
+        default=0,
+        help="of the N GPUs, the last K decode on their own and the DiT runs over N - K (a 7 + 1 split: --gpus 8 "
+        "--decode-devices 1)",
+    )
+    ap.add_argument(
         "--linear-precision",
         default="bfloat16",
         choices=LINEAR_PRECISIONS,
@@ -117,6 +138,8 @@ def main() -> None:
         latent_frames(args, cfg)  # a bad --frames / size fails here, before any child starts
     except ValueError as e:
         ap.error(str(e))
+    if not 0 <= args.decode_devices < args.gpus:
+        ap.error(f"--decode-devices must be in [0, {args.gpus - 1}] (some of the --gpus {args.gpus} run the DiT)")
     if args.only:  # the child: measure one configuration, write its JSON
         write_json(args.json, **run_one(args, cfg, args.only))
         return
@@ -165,6 +188,7 @@ def main() -> None:
             ]
             + (["--no-e2e"] if args.no_e2e else [])
             + (["--no-banded-decode"] if args.no_banded_decode else [])
+            + ["--decode-devices", str(args.decode_devices)]
         )
         subprocess.run(cmd, check=True)
         with open(part) as f:
@@ -176,7 +200,7 @@ def main() -> None:
     seen = set()
     for strategy in args.strategies.split(","):
         try:
-            sizes = split_sequence_devices(args.gpus, strategy, cfg.num_heads)
+            sizes = split_sequence_devices(args.gpus - args.decode_devices, strategy, cfg.num_heads)
         except ValueError as e:
             runs.append({"config": f"{args.gpus} GPUs {strategy}", "error": str(e)})
             continue

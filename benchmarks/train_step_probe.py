@@ -4,6 +4,8 @@ FLOPs utilisation against the measured matmul peak, peak memory; then the larges
 (batches tried in order until one runs out of memory). Random weights and latents of the real shapes.
 
     python benchmarks/train_step_probe.py [--json out.json] [--latent-frames 21] [--batches 1 2 4]
+    python benchmarks/train_step_probe.py --preset procedural --latent-frames 9 --height 16 --width 24 \
+        --batches 64 128 --no-remat --profile    # the embedded default's teacher step
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import numpy as np
 
 from causal_dit_jax.bench import matmul_peak_tflops, peak_memory_gb, timed_ms, write_json
-from causal_dit_jax.model.config import get_preset
+from causal_dit_jax.model.config import KernelConfig, get_preset
 from causal_dit_jax.model.dit import CausalWanDiT
 from causal_dit_jax.model.random_params import random_params
 from causal_dit_jax.train.block_attention import attended_pairs, teacher_forcing_plan
@@ -45,11 +47,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-remat", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile one step: device time by kernel class")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer loop (KernelConfig)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = get_preset(args.preset)
     master = model.replace(param_dtype="float32")
-    dit = CausalWanDiT(master)
+    dit = CausalWanDiT(master, KernelConfig(scan_unroll=args.scan_unroll))
     params = random_params(dit.abstract_params(), 0)
     trainer = Trainer(FlowObjective(dit, ObjectiveConfig(), remat=not args.no_remat), OptimizerConfig(learning_rate=1e-5))
     tpf = model.tokens_per_frame(args.height, args.width)
@@ -78,6 +82,18 @@ def main() -> None:
             break
         ms = float(np.median(times))
         flops = model_flops(model, args.latent_frames, tpf, batch_size)
+        breakdown = None
+        if args.profile:
+            from causal_dit_jax.bench.profile import profile_breakdown
+
+            held = [state]
+
+            def one_step(held=held, batch=batch):
+                held[0], m = trainer.step(held[0], batch)
+                return m
+
+            breakdown = profile_breakdown(one_step, repeats=3, top=15)
+            state = held[0]
         row = {
             "batch": batch_size,
             "fits": True,
@@ -88,6 +104,7 @@ def main() -> None:
             "mfu_vs_measured_peak": flops / (ms / 1e3) / (peak * 1e12),
             "peak_memory_gb": peak_memory_gb(),
             "loss": float(metrics["loss"]),
+            "profile_ms": breakdown,
         }
         print(row)
         results.append(row)
@@ -100,6 +117,7 @@ def main() -> None:
         latent_height=args.height,
         latent_width=args.width,
         remat=not args.no_remat,
+        scan_unroll=args.scan_unroll,
         objective="teacher_forcing",
         matmul_peak_tflops=peak,
         results=results,

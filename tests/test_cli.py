@@ -245,6 +245,9 @@ def test_multi_gpu_benchmark_script(tmp_path):
         # float32 on CPU: the sharded rollout equals one device's up to summation order
         assert r["latents_vs_1_gpu"]["rel_l2"] <= 1e-4
         assert r["speedup_dit_total"] > 0
+    bad = [sys.executable, str(root / "benchmarks" / "multi_gpu.py"), "--gpus", "4", "--decode-devices", "4"]
+    proc = subprocess.run(bad, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2 and "--decode-devices must be in [0, 3]" in proc.stderr
 
 
 def test_profile_kernel_classes():
