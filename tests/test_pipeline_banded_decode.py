@@ -85,9 +85,11 @@ def test_where_bands_do_not_apply_one_device_decodes():
         TextToVideoPipeline(*parts, taehv.vae_params, banded_decode="no")
 
 
-def test_generate_mesh_decodes_in_bands(tmp_path, monkeypatch, capsys):
-    """`generate --mesh 2` builds the banded pipeline and writes the video; --no-banded-decode the
-    one-device one; without --mesh the flag is refused before any model work."""
+GENERATE = ["generate", "--random-weights", "--prompt", "a lighthouse", "--frames", "9", "--height", "64", "--width", "64"]
+
+
+def _record_pipelines(monkeypatch) -> list[TextToVideoPipeline]:
+    """The pipelines `random_demo` builds from now on, in order (the CLI's, for `--random-weights`)."""
     built = []
     random_demo = TextToVideoPipeline.random_demo.__func__
 
@@ -96,7 +98,14 @@ def test_generate_mesh_decodes_in_bands(tmp_path, monkeypatch, capsys):
         return built[-1]
 
     monkeypatch.setattr(TextToVideoPipeline, "random_demo", classmethod(spy))
-    argv = ["generate", "--random-weights", "--prompt", "a lighthouse", "--frames", "9", "--height", "64", "--width", "64"]
+    return built
+
+
+def test_generate_mesh_decodes_in_bands(tmp_path, monkeypatch, capsys):
+    """`generate --mesh 2` builds the banded pipeline and writes the video; --no-banded-decode the
+    one-device one; without --mesh the flag is refused before any model work."""
+    built = _record_pipelines(monkeypatch)
+    argv = GENERATE
     assert main([*argv, "--mesh", "2", "--out", str(tmp_path / "banded.mp4")]) == 0
     assert_banded(built[-1], built[-1].mesh, 2)
     assert "decoding: the Wan VAE in bands of rows over 2 devices" in capsys.readouterr().out
@@ -173,15 +182,8 @@ def test_generate_and_serve_split_the_mesh_for_the_decoder(tmp_path, monkeypatch
     `serve` builds the same split; bad counts are refused before any model work."""
     import causal_dit_jax.app.serve as serve_package
 
-    built = []
-    random_demo = TextToVideoPipeline.random_demo.__func__
-
-    def spy(cls, *args, **kw):
-        built.append(random_demo(cls, *args, **kw))
-        return built[-1]
-
-    monkeypatch.setattr(TextToVideoPipeline, "random_demo", classmethod(spy))
-    argv = ["generate", "--random-weights", "--prompt", "a lighthouse", "--frames", "9", "--height", "64", "--width", "64"]
+    built = _record_pipelines(monkeypatch)
+    argv = GENERATE
     assert main([*argv, "--mesh", "8", "--decode-devices", "2", "--out", str(tmp_path / "split.mp4")]) == 0
     pipe = built[-1]
     assert pipe.mesh.devices.size == 6 and _devices_of(pipe.vae_params) == {6, 7}
