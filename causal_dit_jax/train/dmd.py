@@ -15,6 +15,11 @@ generated blocks before it, the [clean | noisy] layout of teacher forcing, so ea
 the teacher's conditional one, as at its inference). The generator's loss is
 0.5 * MSE(x, stopgrad(x - g)) with the normalised DMD gradient
 g = (x0_fake - x0_real) / mean|x - x0_real| (per video), whose gradient in x is g itself.
+
+Over a training mesh with a 'seq' axis (`DMD(..., mesh=)`), both parts split each sequence's tokens
+over 'seq' and the batch over 'data': the score models through `sequence_forward`, the rollout's
+cached chunk forwards through `SequenceRolloutModel` (the KV-cached attention under shard_map). The
+same step gives one device's losses and gradients.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+from jax.sharding import Mesh
 
 from causal_dit_jax.model.config import InferenceConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 from causal_dit_jax.model.sampler import SelfForcingSampler, draw_step_noise
 from causal_dit_jax.model.scheduler import flow_match_timesteps
+from causal_dit_jax.sharding.train_attention import sequence_size
 from causal_dit_jax.train.block_attention import bidirectional_plan, teacher_forcing_plan
 from causal_dit_jax.train.objectives import sequence_forward
+from causal_dit_jax.train.sequence_rollout import SequenceRolloutModel
 
 sg = jax.lax.stop_gradient
 
@@ -44,13 +52,16 @@ def generator_rollout(
     key: jax.Array,
     exit_step: int | jax.Array,
     inference: InferenceConfig = InferenceConfig(),
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """The generator's video [B, F, H, W, C] float32 from noise [B, F, H, W, C] and text-encoder states
     context [B, K, text_dim], with the KV cache as at inference: the sampler's own step, re-noising and
     cache fill (`SelfForcingSampler`); exit_step (0 .. steps - 1, a Python int or traced: one program
     serves every exit step): the step whose x0 is each chunk's output, the only forward with
-    gradients. key draws the re-noising eps as the sampler does (`draw_step_noise`)."""
-    sampler = SelfForcingSampler(dit, inference)
+    gradients. key draws the re-noising eps as the sampler does (`draw_step_noise`). mesh: a training
+    mesh; with a 'seq' axis each chunk's tokens split over it (`SequenceRolloutModel`)."""
+    chunk_model = SequenceRolloutModel(dit, mesh) if sequence_size(mesh) > 1 else dit
+    sampler = SelfForcingSampler(chunk_model, inference)
     n = len(sampler.timesteps)
     if isinstance(exit_step, int) and not 0 <= exit_step < n:
         raise ValueError(f"exit_step must be in [0, {n - 1}], got {exit_step}")
@@ -112,7 +123,8 @@ class DMDConfig:
 class DMD:
     """The generator's and the critic's losses. generator: the causal DiT being trained; teacher and
     critic: score models, attending as `config.score_attention` says (causal: in the chunks of
-    `inference.frames_per_chunk`)."""
+    `inference.frames_per_chunk`). mesh: a training mesh (`train_mesh`); with a 'seq' axis the rollout
+    and the score models split each sequence's tokens over it (any number of heads)."""
 
     def __init__(
         self,
@@ -121,9 +133,10 @@ class DMD:
         critic: CausalWanDiT,
         config: DMDConfig = DMDConfig(),
         inference: InferenceConfig = InferenceConfig(),
+        mesh: Mesh | None = None,
     ):
         self.generator, self.teacher, self.critic = generator, teacher, critic
-        self.config, self.inference = config, inference
+        self.config, self.inference, self.mesh = config, inference, mesh
         self.timesteps, self.sigmas = flow_match_timesteps(config.shift)
 
     def _noised(self, key: jax.Array, x: jax.Array):
@@ -142,12 +155,17 @@ class DMD:
         video x_t was noised from, the context of the causal layout (unused when bidirectional)."""
         b, f = xt.shape[:2]
         if self.config.score_attention == "bidirectional":
-            return sequence_forward(dit, params, xt, t, context, bidirectional_plan(f), np.arange(f))
+            return sequence_forward(dit, params, xt, t, context, bidirectional_plan(f), np.arange(f), mesh=self.mesh)
         seq = jnp.concatenate([sg(clean), xt], axis=1)  # b (2 f) h w c: [clean | noisy]
         ts = jnp.concatenate([jnp.zeros((b, f), jnp.float32), t], axis=1)  # the clean copy at t = 0
         time = np.arange(f)
         plan = teacher_forcing_plan(f, self.inference.frames_per_chunk)
-        return sequence_forward(dit, params, seq, ts, context, plan, np.concatenate([time, time]))[:, f:]
+        frame_time = np.concatenate([time, time])
+        return sequence_forward(dit, params, seq, ts, context, plan, frame_time, mesh=self.mesh)[:, f:]
+
+    def _rollout(self, params, batch, key, exit_step):
+        noise, text = batch["noise"], batch["text"]
+        return generator_rollout(self.generator, params, noise, text, key, exit_step, self.inference, self.mesh)
 
     def _x0(self, dit, params, xt, t, sigma, clean, context):
         return xt - sigma * self._flow(dit, params, xt, t, clean, context)
@@ -167,7 +185,7 @@ class DMD:
         """(loss, metrics) for the generator; batch {'text', 'negative_text': [B, K, text_dim], 'noise':
         [B, F, H, W, C]}."""
         k_roll, k_score = jax.random.split(key)
-        video = generator_rollout(self.generator, params, batch["noise"], batch["text"], k_roll, exit_step, self.inference)
+        video = self._rollout(params, batch, k_roll, exit_step)
         g = self.dmd_gradient(teacher_params, critic_params, video, batch, k_score)
         loss = 0.5 * jnp.mean((video - sg(video - g)) ** 2)
         return loss, {"loss": loss, "dmd_grad_norm": jnp.sqrt(jnp.mean(g**2))}
@@ -175,11 +193,7 @@ class DMD:
     def critic_loss(self, critic_params, generator_params, batch: dict, key: jax.Array, exit_step: int):
         """(loss, metrics) for the critic: flow matching (target eps - x0) on the generator's video."""
         k_roll, k_noise = jax.random.split(key)
-        video = sg(
-            generator_rollout(
-                self.generator, generator_params, batch["noise"], batch["text"], k_roll, exit_step, self.inference
-            )
-        )
+        video = sg(self._rollout(generator_params, batch, k_roll, exit_step))
         xt, t, _, eps = self._noised(k_noise, video)
         flow = self._flow(self.critic, critic_params, xt, t, video, batch["text"])
         loss = jnp.mean((flow - (eps - video)) ** 2)
@@ -227,6 +241,7 @@ class DMDTrainer:
         critic_state, critic_loss = jax.lax.fori_loop(
             0, self.critic_steps, critic_update, (critic_state, jnp.zeros((), jnp.float32))
         )
+        critic_state = self._pin(critic_state)
         key, sub = jax.random.split(jax.random.wrap_key_data(gen_state["rng"]))
         gen_grad = jax.value_and_grad(self.dmd.generator_loss, has_aux=True)
         (_, gen_metrics), grads = gen_grad(
@@ -234,15 +249,25 @@ class DMDTrainer:
         )
         gen_state, update = self.generator.apply_gradients(gen_state, grads, key)
         metrics = {"generator_loss": gen_metrics["loss"], "critic_loss": critic_loss, **gen_metrics, **update}
-        return {"generator": gen_state, "critic": critic_state}, metrics
+        return self._pin({"generator": gen_state, "critic": critic_state}), metrics
+
+    def _pin(self, state):
+        """`state` kept on the trainers' state shardings (FSDP) inside the step: XLA's propagation through
+        the critic loop would otherwise move it, and the next step would compile again (across
+        processes, into another program)."""
+        if self.generator.mesh is None:
+            return state
+        return jax.lax.with_sharding_constraint(state, self.generator.state_shardings(state))
 
     def step(self, state: dict, teacher_params: Params, batch: dict, seed: int = 0) -> tuple[dict, dict]:
         """One generator update after `critic_steps` critic updates; batch {'text', 'negative_text',
-        'noise'}. The exit step follows from the generator's step number (`exit_step_for`)."""
+        'noise'}: the global batch, or across processes (jax.distributed) this process's rows of it or
+        global arrays (`Trainer.place_batch`). The exit step follows from the generator's step number
+        (`exit_step_for`)."""
         n = len(self.dmd.inference.denoising_steps)
         exit_step = exit_step_for(int(state["generator"]["step"]), seed, n)
         if self.generator.mesh is not None:
-            batch = jax.device_put(batch, self.generator.batch_sharding(batch))
+            batch = self.generator.place_batch(batch)
         state, metrics = self._jit_step(state, teacher_params, batch, jnp.int32(exit_step))  # one program for every exit step
         return state, {**metrics, "exit_step": exit_step}
 

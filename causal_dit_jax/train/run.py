@@ -81,8 +81,6 @@ class RunConfig(ConfigFields):
             raise ValueError(f"'teacher' and 'critic' are read only by {list(DISTILL_OBJECTIVES)}, not {self.objective.kind!r}")
         if self.critic is not None and self.objective.kind != "dmd":
             raise ValueError("'critic' is DMD's critic (objective 'dmd')")
-        if self.objective.kind == "dmd" and self.seq > 1:
-            raise ValueError(f"objective 'dmd' runs on the data axis only (seq=1), got seq={self.seq}")
         data = self.mesh // self.seq if self.mesh else 1
         if (self.batch_size // self.optimizer.accumulate) % data:
             raise ValueError(
@@ -161,8 +159,6 @@ def check_run(config: RunConfig):
     if config.mesh > jax.device_count():
         raise ValueError(f"mesh={config.mesh} devices, but {jax.device_count()} are visible")
     hosts = jax.process_count()
-    if hosts > 1 and config.objective.kind in DISTILL_OBJECTIVES:
-        raise ValueError(f"objective {config.objective.kind!r} runs in one process (of any devices), not across {hosts}")
     if config.batch_size % hosts or (hosts > 1 and config.mesh != jax.device_count()):
         raise ValueError(
             f"across {hosts} processes the batch ({config.batch_size}, global) must split into one part per process "
@@ -241,10 +237,10 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
         raise ValueError(f"stop_after must be >= 1 steps, got {stop_after}")
     from tqdm import tqdm
 
-    from causal_dit_jax.model.dit import CausalWanDiT, load_dit
+    from causal_dit_jax.model.dit import CausalWanDiT
     from causal_dit_jax.train.checkpoints import RunCheckpoints, export_inference_checkpoint
     from causal_dit_jax.train.data import iterate, make_dataset
-    from causal_dit_jax.train.run_objectives import make_run_objective, tokens_per_step
+    from causal_dit_jax.train.run_objectives import load_weights, make_run_objective, tokens_per_step
     from causal_dit_jax.train.trainer import train_mesh
 
     model, source, latent_shape = check_run(config)  # before any compile
@@ -259,12 +255,12 @@ def train(config: RunConfig, progress: bool = True, stop_after: int | None = Non
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(config_json)
 
-    if config.init is not None:
-        _, params = load_dit(config.init)
-    else:
-        params = CausalWanDiT(model.replace(param_dtype="float32")).init(jax.random.key(config.seed))
     mesh = train_mesh(config.mesh, seq=config.seq) if config.mesh else None
     run = make_run_objective(config, model, mesh, latent_shape, getattr(source, "negative_text", None))
+    if config.init is not None:  # read onto the train state's shardings (the global mesh across processes)
+        params = load_weights(config.init, getattr(run, "trainer", None) or run.dmd_trainer.generator)
+    else:
+        params = CausalWanDiT(model.replace(param_dtype="float32")).init(jax.random.key(config.seed))
     state = run.init_state(params, config.seed)
     del params
     # each host reads its shard: batch_size / hosts rows of the global batch
