@@ -269,6 +269,14 @@ class BandedWanVAE(ChunkedDecode):
         return frames, VAEDecodeCache(convs=convs, first_chunk=False, tail_newest=static["newest"])
 
 
+def decoder_mesh(devices) -> Mesh:
+    """A mesh over a decoder's own devices (none of the DiT's) whose sequence axes span them all: the
+    bands of rows of a `BandedWanVAE` on devices of its own."""
+    from causal_dit_jax.sharding.mesh import make_mesh
+
+    return make_mesh(devices=list(devices), num_heads=1, strategy="ring")
+
+
 def banded_decode(
     vae: WanVAE | VAEConfig,
     params: Params,
@@ -285,4 +293,4 @@ def banded_decode(
     return decoder.decode(decoder.place(params), latents, frames_per_chunk)
 
 
-__all__ = ["BandedWanVAE", "DecodeTraffic", "band_graphdef", "banded_decode", "decode_traffic"]
+__all__ = ["BandedWanVAE", "DecodeTraffic", "band_graphdef", "banded_decode", "decode_traffic", "decoder_mesh"]

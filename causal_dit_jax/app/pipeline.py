@@ -323,7 +323,12 @@ class TextToVideoPipeline:
         self.default_size = tuple(int(n) for n in default_size)  # frames, height, width when not asked
         self.vae_latents_per_call = vae_latents_per_call
         self.decode_devices = decode_devices
-        decode_mesh = mesh if decode_devices is None else _decode_mesh(decode_devices)
+        if decode_devices is None:
+            decode_mesh = mesh
+        else:
+            from causal_dit_jax.sharding.decode_bands import decoder_mesh
+
+            decode_mesh = decoder_mesh(decode_devices)
         self.banded_decode = banded_decode and isinstance(vae, WanVAE) and _sequence_devices(decode_mesh) > 1
         self.frame_decoder = _banded_vae(vae, decode_mesh) if self.banded_decode else vae  # what decodes the chunks
         self._chunk_decoder = LatentChunkDecoder(self.frame_decoder, vae_latents_per_call)  # checks the count
@@ -861,13 +866,6 @@ def _check_decode_devices(decode_devices, mesh) -> tuple | None:
             "without decode_devices the decoder runs on the DiT's devices"
         )
     return devices
-
-
-def _decode_mesh(devices: tuple):
-    """A mesh over a decoder's own devices whose sequence axis spans them all (the bands of rows)."""
-    from causal_dit_jax.sharding.mesh import make_mesh
-
-    return make_mesh(devices=devices, num_heads=1, strategy="ring")
 
 
 def _banded_vae(vae: WanVAE, mesh):

@@ -233,10 +233,10 @@ def run_dit_bench(
         )
         decode_mesh, decode_device = (getattr(dit, "mesh", None) if banded_decode else None), None
         if decode_devices:
-            from causal_dit_jax.sharding.mesh import make_mesh
+            from causal_dit_jax.sharding.decode_bands import decoder_mesh
 
             if banded_decode and len(decode_devices) > 1:
-                decode_mesh = make_mesh(devices=decode_devices, num_heads=1, strategy="ring")
+                decode_mesh = decoder_mesh(decode_devices)
             else:
                 decode_mesh, decode_device = None, decode_devices[0]
         vae_result = run_e2e(
