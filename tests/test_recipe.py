@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from causal_dit_jax.train.recipe import RecipeConfig, StageStopped, run_recipe
+from causal_dit_jax.train.recipe import RecipeConfig, StageStopped, run_recipe, stage_seconds
 
 TOY = {
     "frames": 9,
@@ -27,8 +27,8 @@ TOY = {
     "log_every": 1,
     "vae_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
     "decoder_stage": {"steps": 2, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 1},
-    "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
-    "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
+    "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1, "scan_unroll": 2},
+    "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1, "scan_unroll": 2},
     "dmd_stage": {"steps": 2, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
     "dmd_critic_steps": 1,
 }
@@ -48,8 +48,10 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     with pytest.raises(StageStopped, match="student stopped at step 1 of 3"):
         run_recipe(config, out, stages=("student",), budget_s=0.0, progress=False)  # checkpoints, then stops
     assert not (out / "student_dit.npz").exists()
+    stopped = stage_seconds(out)["student"]
     report = run_recipe(config, out, stages=("student",), progress=False)
     assert "student: resumed at step 1" in capsys.readouterr().out and report["student"]["steps"] == 3
+    assert stage_seconds(out)["student"] == pytest.approx(stopped + report["student"]["seconds"], abs=0.2)  # both processes
     rows = [json.loads(r) for r in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     with pytest.raises(StageStopped, match="dmd stopped at step 1 of 2"):  # DMD's two train states resume too
@@ -71,6 +73,8 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         "rounds": {"decoder": [2], "teacher": [3], "student": [3]},
         "dmd": 2,
     }
+    assert set(meta["stage_seconds"]) == {"vae", "decoder", "teacher", "student", "dmd"}
+    assert all(t > 0 for t in meta["stage_seconds"].values())
     assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
     assert meta["sampling"] == {"timestep_shift": 2.0}
     pipe = TextToVideoPipeline.from_embedded(out / "embedded")
@@ -124,6 +128,10 @@ def test_bad_recipes_are_refused(tmp_path):
         RecipeConfig.from_dict({**TOY, "lr": 1})
     with pytest.raises(ValueError, match="dmd_critic_steps must be >= 1"):
         RecipeConfig.from_dict({**TOY, "dmd_critic_steps": 0})
+    with pytest.raises(ValueError, match="scan_unroll must be 1: the VAE has no layer loop"):
+        RecipeConfig.from_dict({**TOY, "vae_stage": {**TOY["vae_stage"], "scan_unroll": 2}})
+    with pytest.raises(ValueError, match="scan_unroll must be a positive int"):
+        RecipeConfig.from_dict({**TOY, "teacher_stage": {**TOY["teacher_stage"], "scan_unroll": 0}})
     with pytest.raises(ValueError, match="presets do not fit"):
         RecipeConfig.from_dict({**TOY, "text": "procedural"}).configs()
     with pytest.raises(ValueError, match="unknown stages"):

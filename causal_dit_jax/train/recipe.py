@@ -52,7 +52,9 @@ DEPENDS = {  # the stages whose results each stage is made from
 class StageConfig(ConfigFields):
     """One stage's optimisation: AdamW (b1 0.9, b2 0.99) with warmup then a constant rate, clipping,
     an EMA of the weights (the result). max_seconds: the stage also ends (with its result) after that
-    much training time, whichever comes first (None: steps alone)."""
+    much training time, whichever comes first (None: steps alone). scan_unroll: the DiT stages' layer
+    loop, layers per iteration (`KernelConfig.scan_unroll`; the DiT's num_layers unrolls it: a small
+    model's steps run faster in less memory, without the scan's stacked residuals); 1 for the VAE's."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -62,6 +64,11 @@ class StageConfig(ConfigFields):
     clip_norm: float = 1.0
     weight_decay: float = 0.01
     max_seconds: float | None = None
+    scan_unroll: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
 
     def optimizer(self):
         from causal_dit_jax.train.config import OptimizerConfig
@@ -128,6 +135,9 @@ class RecipeConfig(ConfigFields):
             raise ValueError(f"frames ({self.frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        for name in ("vae_stage", "decoder_stage"):
+            if getattr(self, name).scan_unroll != 1:
+                raise ValueError(f"{name}.scan_unroll must be 1: the VAE has no layer loop (the DiT stages' setting)")
         if self.dmd_critic_steps < 1:
             raise ValueError(f"dmd_critic_steps must be >= 1, got {self.dmd_critic_steps}")
         if self.trajectories % self.trajectory_batch:
@@ -232,6 +242,20 @@ def _rounds(out: pathlib.Path, stage: str) -> list[int]:
     """The steps of each round a stage's result has had (its {stage}.json)."""
     done = json.loads((out / f"{stage}.json").read_text())
     return list(done.get("rounds", [done["steps"]]))
+
+
+def stage_seconds(out: pathlib.Path) -> dict[str, float]:
+    """Wall seconds each stage of a run folder has taken so far, summed over the processes that ran it
+    (compilation, pools and checkpoints included; the stage's rounds added up)."""
+    path = pathlib.Path(out) / "seconds.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_seconds(out: pathlib.Path, stage: str, seconds: float, restart: bool) -> None:
+    """Add a process's time on a stage to seconds.json (restart: the stage began afresh, its old time dropped)."""
+    totals = stage_seconds(out)
+    totals[stage] = (0.0 if restart else totals.get(stage, 0.0)) + round(seconds, 1)
+    _write_json(out / "seconds.json", totals)
 
 
 def _write_json(path: pathlib.Path, value) -> None:
@@ -349,7 +373,6 @@ def train_teacher(
     clip than the DiT's step) are drawn at random, or with latent_pool 0 fresh clips every step.
     extend: continue from the stage's result (its EMA weights, a fresh optimiser) for another
     teacher_stage round, in its own checkpoint folder; teacher.json lists the rounds' steps."""
-    from causal_dit_jax.model.dit import CausalWanDiT
     from causal_dit_jax.param_archive import save_params
     from causal_dit_jax.text.umt5 import UMT5Encoder
     from causal_dit_jax.train.config import ObjectiveConfig
@@ -360,13 +383,13 @@ def train_teacher(
 
     dit_cfg, t5_cfg, _ = config.configs()
     _, encoder, _, vae_params = _vae_from(out)
-    dit = CausalWanDiT(dit_cfg.replace(param_dtype="float32"))  # float32 master weights, bf16 compute
+    stage = config.teacher_stage
+    dit = _dit(dit_cfg, stage)  # float32 master weights, bf16 compute
     t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
     tok = _tokenizer(config)
     objective = JointTextObjective(
         FlowObjective(dit, ObjectiveConfig(shift=config.timestep_shift)), t5, *empty_caption(tok), config.caption_dropout
     )
-    stage = config.teacher_stage
     trainer = Trainer(objective, stage.optimizer())
 
     @jax.jit
@@ -417,14 +440,23 @@ def train_teacher(
     return {"steps": steps, "rounds": rounds}
 
 
-def _teacher_from(out: pathlib.Path, config: RecipeConfig):
-    """(dit, text encoder, their params as float32 device arrays) of the teacher stage's result."""
+def _dit(dit_cfg, stage: StageConfig | None = None):
+    """The DiT a stage trains or reads: float32 master weights, the stage's layer-loop unroll."""
+    from causal_dit_jax.model.config import KernelConfig
     from causal_dit_jax.model.dit import CausalWanDiT
+
+    unroll = 1 if stage is None else stage.scan_unroll
+    return CausalWanDiT(dit_cfg.replace(param_dtype="float32"), KernelConfig(scan_unroll=unroll))
+
+
+def _teacher_from(out: pathlib.Path, config: RecipeConfig, stage: StageConfig | None = None):
+    """(dit, text encoder, their params as float32 device arrays) of the teacher stage's result; the
+    DiT runs with `stage`'s layer-loop unroll."""
     from causal_dit_jax.param_archive import load_params
     from causal_dit_jax.text.umt5 import UMT5Encoder
 
     dit_cfg, t5_cfg, _ = config.configs()
-    dit, t5 = CausalWanDiT(dit_cfg.replace(param_dtype="float32")), UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
+    dit, t5 = _dit(dit_cfg, stage), UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
 
     def f32(tree):
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
@@ -489,7 +521,7 @@ def train_student(
     from causal_dit_jax.train.text_conditioning import empty_caption
     from causal_dit_jax.train.trainer import Trainer
 
-    dit, t5, dit_params, text_params = _teacher_from(out, config)
+    dit, t5, dit_params, text_params = _teacher_from(out, config, config.student_stage)
     tok = _tokenizer(config)
     inference = config.inference()
     null_ids, null_mask = empty_caption(tok)
@@ -581,7 +613,7 @@ def train_dmd(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_ear
     from causal_dit_jax.train.procedural import draw_labels
     from causal_dit_jax.train.text_conditioning import empty_caption
 
-    dit, t5, teacher_params, text_params = _teacher_from(out, config)
+    dit, t5, teacher_params, text_params = _teacher_from(out, config, stage)
     student = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_params(out / "student_dit.npz", dit.abstract_params()))
     tok = _tokenizer(config)
     f, h, w = config.latent_frames, config.height // 8, config.width // 8
@@ -640,6 +672,7 @@ def export(
         "sampling": {"timestep_shift": config.timestep_shift},
         "recipe": config.to_dict(),
         "steps_run": steps,
+        "stage_seconds": stage_seconds(out),  # wall time per stage, summed over the processes that ran it
         **(notes or {}),
     }
     _write_json(tmp / "config.json", meta)
@@ -699,7 +732,11 @@ def run_recipe(
             report[stage] = {"seconds": time.time() - start}
             continue
         kw = {"extend": True} if extending else {}
-        result = runners[stage](config, out, deadline, finish_early, progress, **kw)
+        fresh = not extending and not (out / stage).exists()  # no checkpoints: its earlier time is not in it
+        try:
+            result = runners[stage](config, out, deadline, finish_early, progress, **kw)
+        finally:  # a stopped stage's time counts too: the recipe's cost summed over its processes
+            _add_seconds(out, stage, time.time() - start, restart=fresh)
         report[stage] = {**result, "seconds": time.time() - start}
         print(f"{stage}: {result['steps']} steps in {report[stage]['seconds']:.0f} s", flush=True)
     return report
@@ -726,6 +763,8 @@ def main(argv=None) -> int:
         print(e, flush=True)
         return 3
     print(json.dumps(report), flush=True)
+    totals = stage_seconds(args.out)
+    print(f"stage seconds so far: {json.dumps(totals)}, {sum(totals.values()):.0f} s in all", flush=True)
     return 0
 
 
@@ -740,6 +779,7 @@ __all__ = [
     "StageStopped",
     "export",
     "run_recipe",
+    "stage_seconds",
     "teacher_generate",
     "train_dmd",
     "train_student",

@@ -34,7 +34,10 @@ class RunConfig(ConfigFields):
     updates in all (a resumed run continues to it). sample_prompts: at every checkpoint the EMA weights
     make one `sample_frames`-frame video per prompt into samples/, decoded with the text encoder and
     VAE of `sample_with` ('embedded': the embedded default's; or a `causal-dit convert` folder), at
-    the data's size; `causal-dit train` wires this up (the library's `train` takes an `on_checkpoint`)."""
+    the data's size; `causal-dit train` wires this up (the library's `train` takes an `on_checkpoint`).
+    remat: recompute each block in the backward pass; scan_unroll: layers per iteration of the DiT's
+    layer loop, for every DiT of the run (`KernelConfig.scan_unroll`: num_layers unrolls it, which
+    speeds a small model's steps and drops the scan's stacked residuals, at a larger program)."""
 
     out_dir: str
     data: str
@@ -47,6 +50,7 @@ class RunConfig(ConfigFields):
     mesh: int = 0
     seq: int = 1
     remat: bool = False
+    scan_unroll: int = 1
     save_every: int = 50
     keep: int = 3
     log_every: int = 10
@@ -60,7 +64,7 @@ class RunConfig(ConfigFields):
     distill: DistillConfig = DistillConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "save_every", "keep", "log_every"):
+        for name in ("batch_size", "steps", "save_every", "keep", "log_every", "scan_unroll"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mesh < 0:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from causal_dit_jax.model.config import InferenceConfig, ModelConfig
+from causal_dit_jax.model.config import InferenceConfig, KernelConfig, ModelConfig
 from causal_dit_jax.model.dit import CausalWanDiT, Params
 
 
@@ -32,14 +32,24 @@ def _noise(seed: int, step, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def checkpoint_dit(folder) -> CausalWanDiT:
-    """The DiT of a converted checkpoint folder (its config.json; no weights read)."""
+def checkpoint_dit(folder, kernels: KernelConfig = KernelConfig()) -> CausalWanDiT:
+    """The DiT of a converted checkpoint folder (its config.json; no weights read), run with `kernels`."""
     from causal_dit_jax.checkpoint import read_checkpoint_config
 
     meta = read_checkpoint_config(folder)
     if "dit" not in meta:
         raise ValueError(f"{folder}: its config.json has no 'dit' section (not a DiT checkpoint)")
-    return CausalWanDiT(ModelConfig.from_dict(meta["dit"]))
+    return CausalWanDiT(ModelConfig.from_dict(meta["dit"]), kernels)
+
+
+def run_dit(config, model: ModelConfig) -> CausalWanDiT:
+    """The DiT a run trains: float32 master weights (compute in model.dtype), the run's layer-loop unroll."""
+    return CausalWanDiT(model.replace(param_dtype="float32"), run_kernels(config))
+
+
+def run_kernels(config) -> KernelConfig:
+    """The kernel settings of every DiT in a run (`RunConfig.scan_unroll`)."""
+    return KernelConfig(scan_unroll=config.scan_unroll)
 
 
 def load_weights(folder, trainer) -> Params:
@@ -83,7 +93,7 @@ class FlowRun(_OneTrainer):
         from causal_dit_jax.train.objectives import FlowObjective
         from causal_dit_jax.train.trainer import Trainer
 
-        dit = CausalWanDiT(model.replace(param_dtype="float32"))  # float32 master weights, compute in model.dtype
+        dit = run_dit(config, model)
         self.trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat, mesh=mesh), config.optimizer, mesh)
 
     def step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
@@ -97,7 +107,7 @@ class _FromTeacher:
         self.config, self.model = config, model
         self.distill = config.distill
         self.latent_shape = latent_shape  # F H W
-        self.teacher = checkpoint_dit(config.teacher)
+        self.teacher = checkpoint_dit(config.teacher, run_kernels(config))
         self.negative_text = None if negative_text is None else np.asarray(negative_text, np.float32)  # K D
         self.inference = InferenceConfig(
             frames_per_chunk=config.objective.frames_per_block, denoising_steps=config.distill.denoising_steps
@@ -149,7 +159,7 @@ class OdeRun(_FromTeacher, _OneTrainer):
         super().__init__(config, model, latent_shape, negative_text)
         causal = self.distill.teacher_attention == "causal"
         record = record_sigmas(self.inference)
-        student = CausalWanDiT(model.replace(param_dtype="float32"))  # float32 master weights
+        student = run_dit(config, model)
         objective = OdeRegression(
             student, record, config.objective.frames_per_block, config.remat, clean_context=causal, mesh=mesh
         )
@@ -184,9 +194,9 @@ class DmdRun(_FromTeacher):
         super().__init__(config, model, latent_shape, negative_text)
         critic_dit = checkpoint_dit(config.critic) if config.critic else self.teacher
         dmd = DMD(
-            CausalWanDiT(model.replace(param_dtype="float32")),
+            run_dit(config, model),
             self.teacher,
-            CausalWanDiT(critic_dit.config.replace(param_dtype="float32")),
+            run_dit(config, critic_dit.config),
             DMDConfig(
                 distill.guidance_scale,
                 objective.min_timestep,
