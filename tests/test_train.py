@@ -66,6 +66,38 @@ def test_plans_equal_self_forcings_masks(frames, block):
         block_causal_plan(frames + 1, 3 if block == 1 else block)
 
 
+def _rolling_mask(num_frames: int, frame_seqlen: int, block: int, window: int, sink: int, teacher: bool) -> np.ndarray:
+    """Token-level reference of training under the rolling cache: Self-Forcing's eviction rule (a key
+    frame f is held at a query block ending at frame E iff f < sink or f >= E - (window - sink)) laid
+    over its teacher-forcing (or block-causal) predicate."""
+    full = (_self_forcing_teacher_forcing_mask if teacher else _block_causal_mask)(num_frames, frame_seqlen, block)
+    n = full.shape[0]
+    q, kv = np.arange(n)[:, None], np.arange(n)[None, :]
+    total = num_frames * frame_seqlen
+    end = ((q % total) // (block * frame_seqlen) + 1) * block  # the query block's end frame
+    f = (kv % total) // frame_seqlen  # the key's frame (clean or noisy copy)
+    held = (f < sink) | (f >= end - (window - sink))
+    own = (kv // total == q // total) & (f >= end - block)  # a block always sees its own frames
+    return full & (held | own)
+
+
+@pytest.mark.parametrize("frames, block, window, sink", [(12, 3, 9, 3), (12, 3, 6, 0), (15, 3, 7, 1), (8, 2, 4, 2)])
+def test_rolling_plans_equal_the_rolling_caches_view(frames, block, window, sink):
+    seqlen = 2
+    ones = np.ones((seqlen, seqlen), bool)
+    tf = teacher_forcing_plan(frames, block, window, sink)
+    ref = _rolling_mask(frames, seqlen, block, window, sink, teacher=True)
+    np.testing.assert_array_equal(np.kron(tf.frame_mask(), ones) | np.eye(len(ref), dtype=bool), ref)
+    bc = block_causal_plan(frames, block, window, sink)
+    np.testing.assert_array_equal(np.kron(bc.frame_mask(), ones), _rolling_mask(frames, seqlen, block, window, sink, False))
+    assert attended_pairs(tf, seqlen) < attended_pairs(teacher_forcing_plan(frames, block), seqlen)  # fewer FLOPs
+    assert teacher_forcing_plan(frames, block, frames, 0) == teacher_forcing_plan(frames, block)  # a window of it all
+    with pytest.raises(ValueError, match="must hold a block"):
+        teacher_forcing_plan(frames, block, sink + block - 1, sink)
+    with pytest.raises(ValueError, match="with no sink"):
+        block_causal_plan(frames, block, -1, 1)
+
+
 def test_block_attention_equals_masked_dense_attention():
     """The plan's per-block dense attentions equal one attention under the dense mask (float32, 1e-5)."""
     plan = teacher_forcing_plan(6, 3)
@@ -122,6 +154,41 @@ def test_teacher_forcing_noisy_block_equals_the_cached_inference_forward(model):
     _, cache = dit.forward(params, xt[:, :3], t_noisy[:, :3], text, sampler.init_cache(1, 6, H, W), 0, rope)
     out, _ = dit.forward(params, xt[:, 3:], t_noisy[:, 3:], text, cache, 3, rope)
     np.testing.assert_allclose(dflow[:, 3:], out, atol=1e-5)
+
+
+def test_rolling_teacher_forcing_equals_the_rolling_cache_inference(model):
+    """Teacher forcing with a 9-frame window and a 3-frame sink over 12 frames (4 blocks): the noisy
+    output of each block equals the KV-cached forward of that block after the clean blocks before it
+    ran through a rolling cache of the same window and sink, which evicted block 1 before block 3
+    (float32, 1e-5); the objective builds that plan from ObjectiveConfig."""
+    from causal_dit_jax import InferenceConfig
+    from causal_dit_jax.model.sampler import SelfForcingSampler
+
+    dit, params = model
+    f = 12
+    batch = _batch(4, b=1, f=f)
+    x0, context = batch["latents"], batch["text"]
+    xt = jax.random.normal(jax.random.key(5), x0.shape)
+    t_noisy = jnp.asarray([[800.0] * 3 + [600.0] * 3 + [400.0] * 3 + [200.0] * 3])
+    plan = teacher_forcing_plan(f, 3, 9, 3)
+    objective = FlowObjective(dit, ObjectiveConfig(local_attn_size=9, sink_size=3))
+    assert objective.plan(f) == plan
+    time = np.arange(f)
+    seq, ts = jnp.concatenate([x0, xt], 1), jnp.concatenate([jnp.zeros((1, f)), t_noisy], 1)
+    flow = sequence_forward(dit, params, seq, ts, context, plan, np.concatenate([time, time]))
+    sampler = SelfForcingSampler(dit, InferenceConfig(cache_dtype="float32", local_attn_size=9, sink_size=3))
+    text, rope = dit.encode_text(params, context), dit.rope_tables(f, H, W)
+    assert sampler.init_cache(1, f, H, W).capacity == 3  # the sink's slot and a ring of 2: block 1 goes at block 3
+    for i in range(4):
+        cache = sampler.init_cache(1, f, H, W)
+        if i:
+            cache = sampler.prefill(params, text, x0[:, : 3 * i], cache, 0, rope)
+        out, _ = dit.forward(params, xt[:, 3 * i : 3 * i + 3], t_noisy[:, 3 * i : 3 * i + 3], text, cache, 3 * i, rope)
+        np.testing.assert_allclose(flow[:, f + 3 * i : f + 3 * i + 3], out, atol=1e-5)
+    full = sequence_forward(dit, params, seq, ts, context, teacher_forcing_plan(f, 3), np.concatenate([time, time]))
+    assert float(jnp.abs(full[:, f + 9 :] - flow[:, f + 9 :]).max()) > 1e-3  # the window changed block 3
+    with pytest.raises(ValueError, match="train teacher or diffusion forcing"):
+        ObjectiveConfig(kind="dmd", local_attn_size=9, sink_size=3)
 
 
 @pytest.mark.parametrize("kind", ["teacher_forcing", "diffusion_forcing"])

@@ -61,19 +61,48 @@ def _blocks(num_frames: int, block: int) -> list[tuple[int, int]]:
     return [(s, s + block) for s in range(0, num_frames, block)]
 
 
-def block_causal_plan(num_frames: int, block: int = 3) -> BlockAttentionPlan:
-    """Diffusion forcing: block i attends blocks 0..i (bidirectional inside a block)."""
+def check_window(block: int, window: int, sink: int) -> None:
+    """A rolling view's sizes, in frames, as `InferenceConfig` takes them: window -1 (everything) or a
+    window whose non-sink part holds a whole block; a sink only inside a window."""
+    if sink < 0 or (window == -1 and sink) or (window != -1 and window - sink < block):
+        raise ValueError(
+            f"window={window} with sink={sink} frames: the window minus the sink must hold a block of {block} "
+            "frames (window -1 attends everything, with no sink)"
+        )
+
+
+def context_ranges(end: int, window: int = -1, sink: int = 0) -> Ranges:
+    """The frames [0, end) that a block ending at frame `end` attends under a rolling view: all of them
+    (window -1), else the first `sink` frames and the last `window - sink` (Self-Forcing's eviction: a
+    frame f is kept iff f < sink or f >= end - (window - sink))."""
+    first = 0 if window == -1 else max(end - (window - sink), 0)
+    if first <= sink:
+        return ((0, end),)
+    return (((0, sink),) if sink else ()) + ((first, end),)
+
+
+def block_causal_plan(num_frames: int, block: int = 3, window: int = -1, sink: int = 0) -> BlockAttentionPlan:
+    """Diffusion forcing: block i attends blocks 0..i (bidirectional inside a block); with a window
+    (frames, -1: none) and a sink, only the frames the rolling KV cache would hold (`context_ranges`)."""
+    check_window(block, window, sink)
     qb = _blocks(num_frames, block)
-    return BlockAttentionPlan(num_frames, tuple(qb), tuple(((0, e),) for _, e in qb))
+    return BlockAttentionPlan(num_frames, tuple(qb), tuple(context_ranges(e, window, sink) for _, e in qb))
 
 
-def teacher_forcing_plan(num_frames: int, block: int = 3) -> BlockAttentionPlan:
+def teacher_forcing_plan(num_frames: int, block: int = 3, window: int = -1, sink: int = 0) -> BlockAttentionPlan:
     """The sequence [clean (F frames) | noisy (F frames)]: clean block i attends clean frames [0, end_i);
-    noisy block i attends clean frames [0, start_i) and its own noisy frames."""
+    noisy block i attends clean frames [0, start_i) and its own noisy frames. With a window (frames,
+    -1: none) and a sink, each block attends what the rolling KV cache holds at inference
+    (`context_ranges`): the sink and the latest window - sink frames up to its end, its own frames
+    noisy for a noisy block."""
+    check_window(block, window, sink)
     f = num_frames
     qb = _blocks(f, block)
-    clean = [((0, e),) for _, e in qb]
-    noisy = [(((0, s),) if s else ()) + ((f + s, f + e),) for s, e in qb]
+    clean = [context_ranges(e, window, sink) for _, e in qb]
+    noisy = []
+    for s, e in qb:
+        before = tuple((a, min(b, s)) for a, b in context_ranges(e, window, sink) if a < s)  # the clean context
+        noisy.append(before + ((f + s, f + e),))
     return BlockAttentionPlan(2 * f, tuple(qb) + tuple((f + s, f + e) for s, e in qb), tuple(clean + noisy))
 
 
@@ -144,6 +173,8 @@ __all__ = [
     "attended_pairs",
     "bidirectional_plan",
     "block_causal_plan",
+    "check_window",
+    "context_ranges",
     "make_block_attention",
     "teacher_forcing_plan",
 ]

@@ -24,6 +24,11 @@ class ObjectiveConfig(ConfigFields):
     uniformly over the training-table indices [min_timestep, max_timestep) of the shifted schedule
     (Self-Forcing's 0.02 / 0.98 of 1000); `bell_weight` weights each frame's MSE by Self-Forcing's
     bell-shaped timestep weight. clean_timestep: the timestep the clean copy is embedded at (0).
+    local_attn_size / sink_size: train under the rolling KV cache's view (latent frames, as
+    `InferenceConfig`'s): each block attends only the first sink_size frames and the latest
+    local_attn_size - sink_size up to its end, what the rolling cache holds at inference; -1 / 0 (the
+    default): every earlier frame. On clips longer than the window this trains the view that
+    inference reaches past the trained length.
     """
 
     kind: str = "teacher_forcing"
@@ -34,6 +39,8 @@ class ObjectiveConfig(ConfigFields):
     num_train_timesteps: int = 1000
     bell_weight: bool = True
     clean_timestep: float = 0.0
+    local_attn_size: int = -1
+    sink_size: int = 0
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -45,6 +52,11 @@ class ObjectiveConfig(ConfigFields):
             )
         if self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be >= 1, got {self.frames_per_block}")
+        from causal_dit_jax.train.block_attention import check_window
+
+        check_window(self.frames_per_block, self.local_attn_size, self.sink_size)
+        if self.local_attn_size != -1 and self.kind not in FLOW_OBJECTIVES:
+            raise ValueError(f"local_attn_size / sink_size train teacher or diffusion forcing, not {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,10 +101,11 @@ class FlowObjective:
         self.weights = bell_weights(timesteps) if config.bell_weight else np.ones_like(timesteps)
 
     def plan(self, num_frames: int) -> BlockAttentionPlan:
-        block = self.config.frames_per_block
-        if self.config.kind == "teacher_forcing":
-            return teacher_forcing_plan(num_frames, block)
-        return block_causal_plan(num_frames, block)
+        cfg = self.config
+        view = (cfg.frames_per_block, cfg.local_attn_size, cfg.sink_size)  # block, rolling window, sink
+        if cfg.kind == "teacher_forcing":
+            return teacher_forcing_plan(num_frames, *view)
+        return block_causal_plan(num_frames, *view)
 
     def draw(self, key: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Per-block table indices [B, F] (equal inside a block) and the noise eps like x0."""
