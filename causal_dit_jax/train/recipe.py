@@ -67,8 +67,9 @@ class StageConfig(ConfigFields):
     scan_unroll: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
-            raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
+        from causal_dit_jax.model.config import KernelConfig
+
+        KernelConfig(scan_unroll=self.scan_unroll)  # its check, before any stage runs
 
     def optimizer(self):
         from causal_dit_jax.train.config import OptimizerConfig
@@ -378,13 +379,14 @@ def train_teacher(
     from causal_dit_jax.train.config import ObjectiveConfig
     from causal_dit_jax.train.objectives import FlowObjective
     from causal_dit_jax.train.procedural import draw_labels, render_batch
+    from causal_dit_jax.train.run_objectives import training_dit
     from causal_dit_jax.train.text_conditioning import JointTextObjective, empty_caption
     from causal_dit_jax.train.trainer import Trainer
 
     dit_cfg, t5_cfg, _ = config.configs()
     _, encoder, _, vae_params = _vae_from(out)
     stage = config.teacher_stage
-    dit = _dit(dit_cfg, stage)  # float32 master weights, bf16 compute
+    dit = training_dit(dit_cfg, stage.scan_unroll)  # float32 master weights, bf16 compute
     t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
     tok = _tokenizer(config)
     objective = JointTextObjective(
@@ -440,23 +442,15 @@ def train_teacher(
     return {"steps": steps, "rounds": rounds}
 
 
-def _dit(dit_cfg, stage: StageConfig | None = None):
-    """The DiT a stage trains or reads: float32 master weights, the stage's layer-loop unroll."""
-    from causal_dit_jax.model.config import KernelConfig
-    from causal_dit_jax.model.dit import CausalWanDiT
-
-    unroll = 1 if stage is None else stage.scan_unroll
-    return CausalWanDiT(dit_cfg.replace(param_dtype="float32"), KernelConfig(scan_unroll=unroll))
-
-
-def _teacher_from(out: pathlib.Path, config: RecipeConfig, stage: StageConfig | None = None):
+def _teacher_from(out: pathlib.Path, config: RecipeConfig, scan_unroll: int = 1):
     """(dit, text encoder, their params as float32 device arrays) of the teacher stage's result; the
-    DiT runs with `stage`'s layer-loop unroll."""
+    DiT runs `scan_unroll` layers per iteration (the reading stage's setting)."""
     from causal_dit_jax.param_archive import load_params
     from causal_dit_jax.text.umt5 import UMT5Encoder
+    from causal_dit_jax.train.run_objectives import training_dit
 
     dit_cfg, t5_cfg, _ = config.configs()
-    dit, t5 = _dit(dit_cfg, stage), UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
+    dit, t5 = training_dit(dit_cfg, scan_unroll), UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
 
     def f32(tree):
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
@@ -521,7 +515,7 @@ def train_student(
     from causal_dit_jax.train.text_conditioning import empty_caption
     from causal_dit_jax.train.trainer import Trainer
 
-    dit, t5, dit_params, text_params = _teacher_from(out, config, config.student_stage)
+    dit, t5, dit_params, text_params = _teacher_from(out, config, config.student_stage.scan_unroll)
     tok = _tokenizer(config)
     inference = config.inference()
     null_ids, null_mask = empty_caption(tok)
@@ -613,7 +607,7 @@ def train_dmd(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_ear
     from causal_dit_jax.train.procedural import draw_labels
     from causal_dit_jax.train.text_conditioning import empty_caption
 
-    dit, t5, teacher_params, text_params = _teacher_from(out, config, stage)
+    dit, t5, teacher_params, text_params = _teacher_from(out, config, stage.scan_unroll)
     student = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), load_params(out / "student_dit.npz", dit.abstract_params()))
     tok = _tokenizer(config)
     f, h, w = config.latent_frames, config.height // 8, config.width // 8

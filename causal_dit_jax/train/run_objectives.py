@@ -42,14 +42,10 @@ def checkpoint_dit(folder, kernels: KernelConfig = KernelConfig()) -> CausalWanD
     return CausalWanDiT(ModelConfig.from_dict(meta["dit"]), kernels)
 
 
-def run_dit(config, model: ModelConfig) -> CausalWanDiT:
-    """The DiT a run trains: float32 master weights (compute in model.dtype), the run's layer-loop unroll."""
-    return CausalWanDiT(model.replace(param_dtype="float32"), run_kernels(config))
-
-
-def run_kernels(config) -> KernelConfig:
-    """The kernel settings of every DiT in a run (`RunConfig.scan_unroll`)."""
-    return KernelConfig(scan_unroll=config.scan_unroll)
+def training_dit(model: ModelConfig, scan_unroll: int = 1) -> CausalWanDiT:
+    """A DiT to train: float32 master weights (compute in model.dtype), `scan_unroll` layers per
+    iteration of its layer loop (a run's `RunConfig.scan_unroll`, a recipe stage's)."""
+    return CausalWanDiT(model.replace(param_dtype="float32"), KernelConfig(scan_unroll=scan_unroll))
 
 
 def load_weights(folder, trainer) -> Params:
@@ -93,7 +89,7 @@ class FlowRun(_OneTrainer):
         from causal_dit_jax.train.objectives import FlowObjective
         from causal_dit_jax.train.trainer import Trainer
 
-        dit = run_dit(config, model)
+        dit = training_dit(model, config.scan_unroll)
         self.trainer = Trainer(FlowObjective(dit, config.objective, remat=config.remat, mesh=mesh), config.optimizer, mesh)
 
     def step(self, state: dict, batch: dict, step: int) -> tuple[dict, dict]:
@@ -107,7 +103,7 @@ class _FromTeacher:
         self.config, self.model = config, model
         self.distill = config.distill
         self.latent_shape = latent_shape  # F H W
-        self.teacher = checkpoint_dit(config.teacher, run_kernels(config))
+        self.teacher = checkpoint_dit(config.teacher, KernelConfig(scan_unroll=config.scan_unroll))
         self.negative_text = None if negative_text is None else np.asarray(negative_text, np.float32)  # K D
         self.inference = InferenceConfig(
             frames_per_chunk=config.objective.frames_per_block, denoising_steps=config.distill.denoising_steps
@@ -159,7 +155,7 @@ class OdeRun(_FromTeacher, _OneTrainer):
         super().__init__(config, model, latent_shape, negative_text)
         causal = self.distill.teacher_attention == "causal"
         record = record_sigmas(self.inference)
-        student = run_dit(config, model)
+        student = training_dit(model, config.scan_unroll)
         objective = OdeRegression(
             student, record, config.objective.frames_per_block, config.remat, clean_context=causal, mesh=mesh
         )
@@ -194,9 +190,9 @@ class DmdRun(_FromTeacher):
         super().__init__(config, model, latent_shape, negative_text)
         critic_dit = checkpoint_dit(config.critic) if config.critic else self.teacher
         dmd = DMD(
-            run_dit(config, model),
+            training_dit(model, config.scan_unroll),
             self.teacher,
-            run_dit(config, critic_dit.config),
+            training_dit(critic_dit.config, config.scan_unroll),
             DMDConfig(
                 distill.guidance_scale,
                 objective.min_timestep,
@@ -248,4 +244,13 @@ def tokens_per_step(config, model: ModelConfig, latent_shape) -> int:
     return config.batch_size * int(np.prod((f, h, w))) // (model.patch_size[1] * model.patch_size[2])
 
 
-__all__ = ["DmdRun", "FlowRun", "OdeRun", "checkpoint_dit", "load_weights", "make_run_objective", "tokens_per_step"]
+__all__ = [
+    "DmdRun",
+    "FlowRun",
+    "OdeRun",
+    "checkpoint_dit",
+    "load_weights",
+    "make_run_objective",
+    "tokens_per_step",
+    "training_dit",
+]
