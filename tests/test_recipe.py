@@ -108,6 +108,49 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         run_recipe(config, out, extend=("dmd",))
 
 
+@pytest.mark.filterwarnings("ignore:prompt truncated")
+def test_recipe_trains_clips_past_the_window_and_exports_it(tmp_path):
+    """train_frames longer than the default video under a rolling view (6 latent frames, a 3-frame
+    sink: the clips' third chunk sees the sink, a gap, then itself): the teacher's latent pool holds
+    clips of train_frames and is kept for a resumed process (not encoded again), the student's
+    trajectories are as long, and the export carries the window the pipeline then rolls over."""
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+
+    long = {
+        **TOY,
+        "train_frames": 33,
+        "local_attn_size": 6,
+        "sink_size": 3,
+        "decoder_stage": {**TOY["decoder_stage"], "steps": 1},
+        "dmd_stage": {**TOY["dmd_stage"], "steps": 0},
+    }
+    config = RecipeConfig.from_dict(long)
+    assert config.dit_latent_frames == 9 and config.latent_frames == 3
+    out = tmp_path / "run"
+    run_recipe(config, out, stages=("vae",), progress=False)
+    with pytest.raises(StageStopped, match="teacher stopped at step 1 of 3"):
+        run_recipe(config, out, stages=("teacher",), budget_s=0.0, progress=False)
+    pool = out / "teacher" / "latent_pool.npz"
+    with np.load(pool) as saved:
+        assert saved["latents"].shape == (8, 9, 2, 4, 16) and saved["ids"].shape[0] == 8
+    built = pool.stat().st_mtime_ns
+    report = run_recipe(config, out, progress=False)
+    assert pool.stat().st_mtime_ns == built  # read back, not encoded again
+    assert report["teacher"]["steps"] == 3 and report["student"]["steps"] == 3
+    meta = json.loads((out / "embedded" / "config.json").read_text())
+    assert meta["rolling"] == {"local_attn_size": 6, "sink_size": 3}
+    pipe = TextToVideoPipeline.from_embedded(out / "embedded")
+    assert (pipe.inference.local_attn_size, pipe.inference.sink_size) == (6, 3)
+    video = pipe.generate("a red circle moving left", seed=0, frames=33)
+    assert video.shape == (1, 33, 16, 32, 3)
+    with pytest.raises(ValueError, match="must be at least frames"):
+        RecipeConfig.from_dict({**TOY, "train_frames": 5})
+    with pytest.raises(ValueError, match="must be 1 \\+ 4k"):
+        RecipeConfig.from_dict({**TOY, "train_frames": 35})
+    with pytest.raises(ValueError, match="must hold a block"):
+        RecipeConfig.from_dict({**TOY, "local_attn_size": 4, "sink_size": 3})
+
+
 def _sample_strip():
     import importlib.util
     import pathlib

@@ -85,6 +85,30 @@ def test_causal_trajectory_streams_like_the_sampler(model):
     assert float(loss_noisy) > 1e-6
 
 
+def test_rolling_trajectories_and_regression_agree(model):
+    """Under a rolling cache (a 6-frame window with a 3-frame sink, 4 chunks: chunks 2 and 3 see the
+    sink, a gap, then their predecessor), the streamed trajectory and the clean-context regression
+    with the same window read the same context: a student equal to the teacher, asked at the last
+    recorded step, has zero loss (float32, 1e-9); the regression without the window (every earlier
+    frame) does not; bad windows are refused."""
+    dit, params = model
+    noise = jax.random.normal(jax.random.key(7), (1, 12, H, W, CFG.in_dim))
+    context = jax.random.normal(jax.random.key(8), (1, CFG.text_len, CFG.text_dim))
+    inference = InferenceConfig(cache_dtype="float32", local_attn_size=6, sink_size=3)
+    traj = causal_ode_trajectory(dit, params, noise, dit.encode_text(params, context), inference, steps_per_segment=1)
+
+    class AtTheLastStep(OdeRegression):
+        def draw(self, key, batch, frames):
+            return jnp.full((batch, frames), len(self.record) - 1, jnp.int32)
+
+    data = {"trajectory": traj, "text": context}
+    rolling = AtTheLastStep(dit, clean_context=True, local_attn_size=6, sink_size=3)
+    assert float(rolling(params, data, jax.random.key(0))[0]) < 1e-9
+    assert float(AtTheLastStep(dit, clean_context=True)(params, data, jax.random.key(0))[0]) > 1e-6
+    with pytest.raises(ValueError, match="must hold a block"):
+        OdeRegression(dit, local_attn_size=5, sink_size=3)
+
+
 def test_clean_context_regression_learns(model):
     """The clean-context student's loss by hand for random steps, and it falls when trained."""
     from causal_dit_jax.train.block_attention import teacher_forcing_plan

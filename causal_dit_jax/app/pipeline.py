@@ -426,8 +426,9 @@ class TextToVideoPipeline:
         decode_devices: Sequence[jax.Device] | None = None,
     ) -> TextToVideoPipeline:
         """A model folder exported by `train/recipe.py` (None: the package's own). Unless `inference`
-        names a window, the KV cache rolls over the number of latent frames the model was trained on
-        (9 for 33 frames: the whole default video) with the stream's first chunk as the attention sink,
+        names a window, the KV cache rolls over the window the model was trained under (config.json
+        'rolling'), or for a model trained without one over the number of latent frames it learnt (9
+        for 33 frames: the whole default video) with the stream's first chunk as the attention sink,
         so that a longer video's every chunk attends as in training: after the first chunk and its
         nearest predecessors. The sampler uses the flow-matching shift the model was trained with
         (config.json 'sampling')."""
@@ -439,7 +440,10 @@ class TextToVideoPipeline:
         d = embedded_folder(folder)
         meta = read_embedded_config(d)
         size = meta["default_size"]
-        if inference.local_attn_size == -1:  # a rolling window of the clip length it learnt, its first chunk kept
+        if inference.local_attn_size == -1 and "rolling" in meta:  # the window it was trained under
+            rolling = meta["rolling"]
+            inference = inference.replace(local_attn_size=int(rolling["local_attn_size"]), sink_size=int(rolling["sink_size"]))
+        elif inference.local_attn_size == -1:  # a rolling window of the clip length it learnt, its first chunk kept
             trained = 1 + (int(size["frames"]) - 1) // 4  # latent frames
             sink = inference.frames_per_chunk if trained > 2 * inference.frames_per_chunk else 0
             inference = inference.replace(local_attn_size=trained, sink_size=sink)

@@ -161,8 +161,11 @@ class OdeRegression:
     clean_context False (Self-Forcing's ODE initialisation): the student sees every block's state
     block-causally at its sigma_k. True: it sees [the clean end | the states] under the teacher-forcing
     mask, each noisy block attending to the clean blocks before it, as the KV cache holds them when
-    the sampler streams (the targets of `causal_ode_trajectory`). mesh: a training mesh; with a 'seq'
-    axis the student's sequence is split over it (Ulysses or ring attention, as `FlowObjective`'s)."""
+    the sampler streams (the targets of `causal_ode_trajectory`). local_attn_size / sink_size (latent
+    frames; -1 / 0: every earlier frame): each block attends only what a rolling KV cache of that
+    window and sink holds at inference (`block_attention.context_ranges`), for trajectories longer
+    than the window. mesh: a training mesh; with a 'seq' axis the student's sequence is split over it
+    (Ulysses or ring attention, as `FlowObjective`'s)."""
 
     def __init__(
         self,
@@ -173,8 +176,14 @@ class OdeRegression:
         clean_context: bool = False,
         clean_timestep: float = 0.0,
         mesh=None,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
     ):
+        from causal_dit_jax.train.block_attention import check_window
+
+        check_window(frames_per_block, local_attn_size, sink_size)
         self.dit, self.frames_per_block, self.remat, self.mesh = dit, frames_per_block, remat, mesh
+        self.window = (local_attn_size, sink_size)
         self.clean_context, self.clean_timestep = clean_context, clean_timestep
         self.record = record_sigmas() if record is None else np.asarray(record, np.float32)
 
@@ -199,12 +208,12 @@ class OdeRegression:
         if self.clean_context:
             seq = jnp.concatenate([traj[:, -1], x], axis=1)  # b (2 f) h w c: [clean end | states]
             ts = jnp.concatenate([jnp.full((b, f), self.clean_timestep, jnp.float32), t], axis=1)
-            plan = teacher_forcing_plan(f, self.frames_per_block)
+            plan = teacher_forcing_plan(f, self.frames_per_block, *self.window)
             frame_time = np.concatenate([time, time])
             flow = sequence_forward(self.dit, params, seq, ts, batch["text"], plan, frame_time, self.remat, mesh=self.mesh)
             flow = flow[:, f:]
         else:
-            plan = block_causal_plan(f, self.frames_per_block)
+            plan = block_causal_plan(f, self.frames_per_block, *self.window)
             flow = sequence_forward(self.dit, params, x, t, batch["text"], plan, time, self.remat, mesh=self.mesh)
         x0 = x - sigma[:, :, None, None, None] * flow
         loss = jnp.mean((x0 - traj[:, -1]) ** 2)

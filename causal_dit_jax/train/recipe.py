@@ -89,9 +89,13 @@ class StageConfig(ConfigFields):
 
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig(ConfigFields):
-    """The whole recipe. frames / height / width: the clips (and the default video) the DiT learns;
-    dit / text / vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); latent_pool:
-    clips encoded once for the teacher (0: fresh clips every step);
+    """The whole recipe. frames / height / width: the default video (and the decoder's and DMD's
+    clips); train_frames: the teacher's and student's clips (None: frames), longer than the window to
+    learn what a rolling cache shows past it; local_attn_size / sink_size: that rolling view in latent
+    frames (Self-Forcing's; -1 / 0: every earlier frame), trained by teacher forcing and the student's
+    regression, used by the teacher's trajectories and exported as the model's window; dit / text /
+    vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); latent_pool: clips encoded
+    once for the teacher (0: fresh clips every step);
     trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
     per segment of the 4-step schedule and guidance_scale. timestep_shift: the flow-matching schedule's
     shift for every stage of the DiT (training table, teacher ODE, the student's 4 steps), exported as
@@ -99,6 +103,9 @@ class RecipeConfig(ConfigFields):
     generator update: Self-Forcing's 5) and the teacher's guidance as the real score."""
 
     frames: int = 33
+    train_frames: int | None = None
+    local_attn_size: int = -1
+    sink_size: int = 0
     height: int = 128
     width: int = 192
     dit: str = "procedural"
@@ -132,8 +139,15 @@ class RecipeConfig(ConfigFields):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, StageConfig.from_dict(value))
-        if (self.frames - 1) % 4 or (self.vae_frames - 1) % 4:
-            raise ValueError(f"frames ({self.frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k")
+        if (self.frames - 1) % 4 or (self.vae_frames - 1) % 4 or (self.dit_frames - 1) % 4:
+            raise ValueError(
+                f"frames ({self.frames}), train_frames ({self.train_frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k"
+            )
+        if self.dit_frames < self.frames:
+            raise ValueError(f"train_frames ({self.train_frames}) must be at least frames ({self.frames})")
+        from causal_dit_jax.train.block_attention import check_window
+
+        check_window(InferenceConfig().frames_per_chunk, self.local_attn_size, self.sink_size)  # before the sampler's own check
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
         for name in ("vae_stage", "decoder_stage"):
@@ -146,11 +160,22 @@ class RecipeConfig(ConfigFields):
 
     def inference(self) -> InferenceConfig:
         """The sampler's settings the DiT stages train and distill for (the 4-step list, the shift)."""
-        return InferenceConfig(timestep_shift=self.timestep_shift)
+        return InferenceConfig(
+            timestep_shift=self.timestep_shift, local_attn_size=self.local_attn_size, sink_size=self.sink_size
+        )
 
     @property
     def latent_frames(self) -> int:
         return 1 + (self.frames - 1) // 4
+
+    @property
+    def dit_frames(self) -> int:
+        """The teacher's and student's clip length in frames (train_frames, else frames)."""
+        return self.frames if self.train_frames is None else self.train_frames
+
+    @property
+    def dit_latent_frames(self) -> int:
+        return 1 + (self.dit_frames - 1) // 4
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> RecipeConfig:
@@ -370,8 +395,10 @@ def train_teacher(
 ) -> dict:
     """Teacher forcing with the umT5 encoder trained jointly -> teacher_dit.npz, text.npz (EMA).
 
-    The clips of a latent pool (`latent_pool` of them, encoded once: the VAE's encoder costs more per
-    clip than the DiT's step) are drawn at random, or with latent_pool 0 fresh clips every step.
+    Clips of train_frames under the rolling view (local_attn_size / sink_size). The clips of a latent
+    pool (`latent_pool` of them, encoded once: the VAE's encoder costs more per clip than the DiT's
+    step; kept in the stage's folder for a resumed process) are drawn at random, or with latent_pool 0
+    fresh clips every step.
     extend: continue from the stage's result (its EMA weights, a fresh optimiser) for another
     teacher_stage round, in its own checkpoint folder; teacher.json lists the rounds' steps."""
     from causal_dit_jax.param_archive import save_params
@@ -390,13 +417,19 @@ def train_teacher(
     t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
     tok = _tokenizer(config)
     objective = JointTextObjective(
-        FlowObjective(dit, ObjectiveConfig(shift=config.timestep_shift)), t5, *empty_caption(tok), config.caption_dropout
+        FlowObjective(
+            dit,
+            ObjectiveConfig(shift=config.timestep_shift, local_attn_size=config.local_attn_size, sink_size=config.sink_size),
+        ),
+        t5,
+        *empty_caption(tok),
+        config.caption_dropout,
     )
     trainer = Trainer(objective, stage.optimizer())
 
     @jax.jit
     def latents_of(labels):
-        frames = render_batch(labels, config.frames, config.height, config.width)
+        frames = render_batch(labels, config.dit_frames, config.height, config.width)
         cache = encoder.init_encode_cache(frames.shape[0], config.height, config.width)
         return encoder.encode_chunk(vae_params["encoder"], frames, cache)[0]  # b f h w z
 
@@ -406,15 +439,7 @@ def train_teacher(
         return {"latents": latents_of(labels), "ids": ids, "mask": mask}
 
     if config.latent_pool:
-        from tqdm import tqdm
-
-        size = 128
-        parts = [
-            fresh(np.random.default_rng([config.seed, 55, j]), size)
-            for j in tqdm(range(-(-config.latent_pool // size)), desc="latent pool", disable=not progress)
-        ]
-        pool = {k: jnp.concatenate([jnp.asarray(p[k]) for p in parts])[: config.latent_pool] for k in parts[0]}
-        del parts
+        pool = _latent_pool(config, out / "teacher" / "latent_pool.npz", fresh, progress)  # goes with a stale teacher
         take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
 
         def next_batch(step):
@@ -440,6 +465,30 @@ def train_teacher(
     rounds = [*rounds, steps]
     _write_json(out / "teacher.json", {"steps": sum(rounds), "rounds": rounds})
     return {"steps": steps, "rounds": rounds}
+
+
+def _latent_pool(config: RecipeConfig, path: pathlib.Path, fresh, progress: bool) -> dict:
+    """The teacher's pool {'latents' [N, F, h, w, z], 'ids', 'mask'} as device arrays: read from `path`
+    when an earlier process of this run built it, else encoded 128 clips at a time and saved there
+    (written whole, then renamed: a stopped process leaves no partial pool)."""
+    from tqdm import tqdm
+
+    if path.exists():
+        with np.load(path) as saved:
+            return {k: jnp.asarray(saved[k]) for k in saved.files}
+    size = 128
+    parts = [
+        jax.device_get(fresh(np.random.default_rng([config.seed, 55, j]), size))
+        for j in tqdm(range(-(-config.latent_pool // size)), desc="latent pool", disable=not progress)
+    ]
+    pool = {k: np.concatenate([p[k] for p in parts])[: config.latent_pool] for k in parts[0]}
+    del parts
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **pool)
+    tmp.replace(path)
+    return {k: jnp.asarray(v) for k, v in pool.items()}
 
 
 def _teacher_from(out: pathlib.Path, config: RecipeConfig, scan_unroll: int = 1):
@@ -519,7 +568,7 @@ def train_student(
     tok = _tokenizer(config)
     inference = config.inference()
     null_ids, null_mask = empty_caption(tok)
-    h, w, f = config.height // 8, config.width // 8, config.latent_frames
+    h, w, f = config.height // 8, config.width // 8, config.dit_latent_frames  # trajectories of train_frames
 
     @jax.jit
     def pool_batch(ids, mask, key):
@@ -552,7 +601,10 @@ def train_student(
     pool = {"trajectory": jnp.concatenate(trajectories), "text": jnp.concatenate(texts)}
     del trajectories, texts
     stage = config.student_stage
-    trainer = Trainer(OdeRegression(dit, record_sigmas(inference), clean_context=True), stage.optimizer())
+    regression = OdeRegression(
+        dit, record_sigmas(inference), clean_context=True, local_attn_size=config.local_attn_size, sink_size=config.sink_size
+    )
+    trainer = Trainer(regression, stage.optimizer())
     take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
 
     def next_batch(step):
@@ -657,6 +709,7 @@ def export(
     steps |= {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("decoder", "teacher", "student")}
     steps["rounds"] = {s: _rounds(out, s) for s in ("decoder", "teacher", "student")}
     steps["dmd"] = dmd_steps
+    rolling = {"local_attn_size": config.local_attn_size, "sink_size": config.sink_size}
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -664,6 +717,7 @@ def export(
         "tokenizer": {"kind": "byte", "max_length": t5_cfg.text_len},
         "default_size": {"frames": config.frames, "height": config.height, "width": config.width},
         "sampling": {"timestep_shift": config.timestep_shift},
+        **({"rolling": rolling} if config.local_attn_size != -1 else {}),  # the window it trained under
         "recipe": config.to_dict(),
         "steps_run": steps,
         "stage_seconds": stage_seconds(out),  # wall time per stage, summed over the processes that ran it
