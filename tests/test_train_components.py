@@ -25,6 +25,13 @@ CFG = get_preset("tiny").replace(param_dtype="float32", dtype="float32")  # floa
 H, W = 4, 6  # latent frame: 2 x 3 patches
 
 
+class AtTheLastStep(OdeRegression):
+    """The regression asked at the last recorded step for every block."""
+
+    def draw(self, key, batch, frames):
+        return jnp.full((batch, frames), len(self.record) - 1, jnp.int32)
+
+
 @pytest.fixture(scope="module")
 def model():
     dit = CausalWanDiT(CFG)
@@ -73,10 +80,6 @@ def test_causal_trajectory_streams_like_the_sampler(model):
 
     one_step = causal_ode_trajectory(dit, params, noise, text, inference, steps_per_segment=1)
 
-    class AtTheLastStep(OdeRegression):
-        def draw(self, key, batch, frames):
-            return jnp.full((batch, frames), len(self.record) - 1, jnp.int32)
-
     student = AtTheLastStep(dit, clean_context=True)
     loss, _ = student(params, {"trajectory": one_step, "text": context}, jax.random.key(0))
     assert float(loss) < 1e-9
@@ -96,10 +99,6 @@ def test_rolling_trajectories_and_regression_agree(model):
     context = jax.random.normal(jax.random.key(8), (1, CFG.text_len, CFG.text_dim))
     inference = InferenceConfig(cache_dtype="float32", local_attn_size=6, sink_size=3)
     traj = causal_ode_trajectory(dit, params, noise, dit.encode_text(params, context), inference, steps_per_segment=1)
-
-    class AtTheLastStep(OdeRegression):
-        def draw(self, key, batch, frames):
-            return jnp.full((batch, frames), len(self.record) - 1, jnp.int32)
 
     data = {"trajectory": traj, "text": context}
     rolling = AtTheLastStep(dit, clean_context=True, local_attn_size=6, sink_size=3)

@@ -160,9 +160,12 @@ class RecipeConfig(ConfigFields):
 
     def inference(self) -> InferenceConfig:
         """The sampler's settings the DiT stages train and distill for (the 4-step list, the shift)."""
-        return InferenceConfig(
-            timestep_shift=self.timestep_shift, local_attn_size=self.local_attn_size, sink_size=self.sink_size
-        )
+        return InferenceConfig(timestep_shift=self.timestep_shift, **self.window)
+
+    @property
+    def window(self) -> dict[str, int]:
+        """The rolling view the DiT's stages train under, as the configs take it (local_attn_size, sink_size)."""
+        return {"local_attn_size": self.local_attn_size, "sink_size": self.sink_size}
 
     @property
     def latent_frames(self) -> int:
@@ -417,10 +420,7 @@ def train_teacher(
     t5 = UMT5Encoder(t5_cfg.replace(param_dtype="float32"))
     tok = _tokenizer(config)
     objective = JointTextObjective(
-        FlowObjective(
-            dit,
-            ObjectiveConfig(shift=config.timestep_shift, local_attn_size=config.local_attn_size, sink_size=config.sink_size),
-        ),
+        FlowObjective(dit, ObjectiveConfig(shift=config.timestep_shift, **config.window)),
         t5,
         *empty_caption(tok),
         config.caption_dropout,
@@ -601,10 +601,7 @@ def train_student(
     pool = {"trajectory": jnp.concatenate(trajectories), "text": jnp.concatenate(texts)}
     del trajectories, texts
     stage = config.student_stage
-    regression = OdeRegression(
-        dit, record_sigmas(inference), clean_context=True, local_attn_size=config.local_attn_size, sink_size=config.sink_size
-    )
-    trainer = Trainer(regression, stage.optimizer())
+    trainer = Trainer(OdeRegression(dit, record_sigmas(inference), clean_context=True, **config.window), stage.optimizer())
     take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
 
     def next_batch(step):
@@ -709,7 +706,6 @@ def export(
     steps |= {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("decoder", "teacher", "student")}
     steps["rounds"] = {s: _rounds(out, s) for s in ("decoder", "teacher", "student")}
     steps["dmd"] = dmd_steps
-    rolling = {"local_attn_size": config.local_attn_size, "sink_size": config.sink_size}
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -717,7 +713,7 @@ def export(
         "tokenizer": {"kind": "byte", "max_length": t5_cfg.text_len},
         "default_size": {"frames": config.frames, "height": config.height, "width": config.width},
         "sampling": {"timestep_shift": config.timestep_shift},
-        **({"rolling": rolling} if config.local_attn_size != -1 else {}),  # the window it trained under
+        **({"rolling": config.window} if config.local_attn_size != -1 else {}),  # the window it trained under
         "recipe": config.to_dict(),
         "steps_run": steps,
         "stage_seconds": stage_seconds(out),  # wall time per stage, summed over the processes that ran it
