@@ -189,3 +189,28 @@ def test_bad_recipes_are_refused(tmp_path):
         run_recipe(RecipeConfig.from_dict({**TOY, "seed": 1}), tmp_path / "y", stages=())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "z")])
+
+
+def test_the_kept_rolling_run_resumes_at_the_student(tmp_path):
+    """benchmarks/runs/2026-12-03_h200_rolling (the rolling recipe's finished vae, decoder and teacher
+    from one H200) is a run folder of today's recipe config: its parameters load at the presets' shapes,
+    finite, and a run over it skips the three stages, so a device job goes on at the student stage."""
+    import pathlib
+    import shutil
+
+    import jax
+
+    from causal_dit_jax.train.recipe import _teacher_from, _vae_from
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    config = RecipeConfig.from_file(root / "recipes" / "embedded_default_rolling.json")
+    run = tmp_path / "run"
+    shutil.copytree(root / "benchmarks" / "runs" / "2026-12-03_h200_rolling", run)
+    vae, _, _, vae_params = _vae_from(run)
+    _, _, dit_params, text_params = _teacher_from(run, config)
+    assert vae.z_dim == 16 and len(vae.latent_mean) == 16 and len(vae.latent_std) == 16
+    assert sum(np.size(a) for a in jax.tree.leaves(dit_params)) == 6_896_000  # the procedural DiT preset (dim 320, 4 layers)
+    for tree in (vae_params, dit_params, text_params):
+        assert all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree.leaves(tree))
+    assert run_recipe(config, run, ("vae", "decoder", "teacher"), progress=False) == {}
+    assert stage_seconds(run) == {"vae": 201.6, "decoder": 181.8, "teacher": 626.6}
