@@ -151,6 +151,74 @@ def test_recipe_trains_clips_past_the_window_and_exports_it(tmp_path):
         RecipeConfig.from_dict({**TOY, "local_attn_size": 4, "sink_size": 3})
 
 
+@pytest.mark.filterwarnings("ignore:prompt truncated")
+def test_the_dit_stages_mix_long_clips_with_their_first_frames(tmp_path, monkeypatch):
+    """long_every 2 with short_batch_size 3: the teacher's and student's odd steps train on train_frames
+    clips at batch_size, the even ones on the first `frames` of pool clips at short_batch_size; those
+    crops are what the shorter clips give: the causal VAE's latents of the clip's first 9 frames and
+    the streamed trajectory of the noise's first chunk (float32, 1e-5)."""
+    import jax
+    import jax.numpy as jnp
+
+    from causal_dit_jax.train import trainer as trainer_module
+    from causal_dit_jax.train.distill import causal_ode_trajectory
+    from causal_dit_jax.train.procedural import draw_labels, render_batch
+    from causal_dit_jax.train.recipe import _teacher_from, _vae_from
+
+    mixed = {"long_every": 2, "short_batch_size": 3, "steps": 4}
+    config = RecipeConfig.from_dict(
+        {
+            **TOY,
+            "train_frames": 21,
+            "local_attn_size": 6,
+            "sink_size": 3,
+            "teacher_stage": {**TOY["teacher_stage"], **mixed},
+            "student_stage": {**TOY["student_stage"], **mixed},
+            "dmd_stage": {**TOY["dmd_stage"], "steps": 0},
+        }
+    )
+    assert [config.teacher_stage.clips(s, 3, 6) for s in range(4)] == [(3, 3), (2, 6), (3, 3), (2, 6)]
+    seen = []
+    step = trainer_module.Trainer.step
+
+    def recording(self, state, batch):
+        key = next((k for k in ("latents", "trajectory") if k in batch), None)  # the VAE's batches: frames
+        seen.append(tuple(batch[key].shape[:3]) if key else None)
+        return step(self, state, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording)
+    out = tmp_path / "run"
+    report = run_recipe(config, out, stages=("vae", "teacher", "student"), progress=False)
+    assert report["teacher"]["steps"] == 4 and report["student"]["steps"] == 4
+    teacher, student = seen[-8:-4], seen[-4:]
+    assert [s[:2] for s in teacher] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # b f of the latents
+    assert [(s[0], s[2]) for s in student] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # b, f of [b, steps, f, ...]
+    for name in ("teacher", "student"):
+        rows = [json.loads(r) for r in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+
+    _, encoder, _, vae_params = _vae_from(out)
+    labels, _ = draw_labels(np.random.default_rng(5), 2, 16, 32)
+
+    def latents(frames):
+        clip = render_batch(labels, frames, 16, 32)
+        return encoder.encode_chunk(vae_params["encoder"], clip, encoder.init_encode_cache(2, 16, 32))[0]
+
+    np.testing.assert_allclose(latents(21)[:, :3], latents(9), atol=1e-5)
+    dit, t5, dit_params, text_params = _teacher_from(out, config)
+    text = dit.encode_text(dit_params, t5.text_context(text_params, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), bool)))
+    noise = jax.random.normal(jax.random.key(1), (2, 6, 2, 4, 16))
+    long = causal_ode_trajectory(dit, dit_params, noise, text, config.inference(), (1, 1, 1, 2))
+    short = causal_ode_trajectory(dit, dit_params, noise[:, :3], text, config.inference(), (1, 1, 1, 2))
+    np.testing.assert_allclose(long[:, :, :3], short, atol=1e-5)
+    with pytest.raises(ValueError, match="set train_frames longer than frames"):
+        RecipeConfig.from_dict({**TOY, "teacher_stage": {**TOY["teacher_stage"], "long_every": 2}})
+    with pytest.raises(ValueError, match="decoder_stage has one clip length"):
+        RecipeConfig.from_dict({**TOY, "decoder_stage": {**TOY["decoder_stage"], "short_batch_size": 2}})
+    with pytest.raises(ValueError, match="long_every must be a positive int"):
+        RecipeConfig.from_dict({**TOY, "train_frames": 21, "student_stage": {**TOY["student_stage"], "long_every": 0}})
+
+
 def _sample_strip():
     import importlib.util
     import pathlib

@@ -27,6 +27,7 @@ writes its result from the EMA weights so far; the steps run are recorded in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -54,7 +55,11 @@ class StageConfig(ConfigFields):
     an EMA of the weights (the result). max_seconds: the stage also ends (with its result) after that
     much training time, whichever comes first (None: steps alone). scan_unroll: the DiT stages' layer
     loop, layers per iteration (`KernelConfig.scan_unroll`; the DiT's num_layers unrolls it: a small
-    model's steps run faster in less memory, without the scan's stacked residuals); 1 for the VAE's."""
+    model's steps run faster in less memory, without the scan's stacked residuals); 1 for the VAE's.
+    long_every / short_batch_size: the teacher's and student's mix of clip lengths: every long_every-th
+    step trains on train_frames clips at batch_size, the steps between on the first `frames` of the
+    same clips (the default video's length; a causal VAE's latents and a streamed trajectory crop
+    exactly) at short_batch_size (None: batch_size); 1: every step long."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -65,11 +70,24 @@ class StageConfig(ConfigFields):
     weight_decay: float = 0.01
     max_seconds: float | None = None
     scan_unroll: int = 1
+    long_every: int = 1
+    short_batch_size: int | None = None
 
     def __post_init__(self):
         from causal_dit_jax.model.config import KernelConfig
 
         KernelConfig(scan_unroll=self.scan_unroll)  # its check, before any stage runs
+        if not isinstance(self.long_every, int) or self.long_every < 1:
+            raise ValueError(f"long_every must be a positive int (1: every step on train_frames), got {self.long_every!r}")
+        if self.short_batch_size is not None and self.short_batch_size < 1:
+            raise ValueError(f"short_batch_size must be >= 1 (or None: batch_size), got {self.short_batch_size}")
+
+    def clips(self, step: int, frames: int, long_frames: int) -> tuple[int, int]:
+        """(batch, latent frames) of step `step`: long_frames at batch_size on every long_every-th step,
+        else frames at short_batch_size."""
+        if step % self.long_every == self.long_every - 1:
+            return self.batch_size, long_frames
+        return (self.batch_size if self.short_batch_size is None else self.short_batch_size), frames
 
     def optimizer(self):
         from causal_dit_jax.train.config import OptimizerConfig
@@ -153,6 +171,15 @@ class RecipeConfig(ConfigFields):
         for name in ("vae_stage", "decoder_stage"):
             if getattr(self, name).scan_unroll != 1:
                 raise ValueError(f"{name}.scan_unroll must be 1: the VAE has no layer loop (the DiT stages' setting)")
+        for name in ("vae_stage", "decoder_stage", "dmd_stage"):
+            stage = getattr(self, name)
+            if stage.long_every != 1 or stage.short_batch_size is not None:
+                raise ValueError(f"{name} has one clip length: long_every and short_batch_size are the teacher's and student's")
+        for name in ("teacher_stage", "student_stage"):
+            if getattr(self, name).long_every > 1 and self.dit_frames == self.frames:
+                raise ValueError(
+                    f"{name}.long_every mixes train_frames clips with shorter ones: set train_frames longer than frames"
+                )
         if self.dmd_critic_steps < 1:
             raise ValueError(f"dmd_critic_steps must be >= 1, got {self.dmd_critic_steps}")
         if self.trajectories % self.trajectory_batch:
@@ -427,28 +454,35 @@ def train_teacher(
     )
     trainer = Trainer(objective, stage.optimizer())
 
-    @jax.jit
-    def latents_of(labels):
-        frames = render_batch(labels, config.dit_frames, config.height, config.width)
+    @functools.partial(jax.jit, static_argnums=1)
+    def latents_of(labels, num_frames):
+        frames = render_batch(labels, num_frames, config.height, config.width)
         cache = encoder.init_encode_cache(frames.shape[0], config.height, config.width)
         return encoder.encode_chunk(vae_params["encoder"], frames, cache)[0]  # b f h w z
 
-    def fresh(rng, n):
+    def fresh(rng, n, latent_frames=config.dit_latent_frames):
         labels, captions = draw_labels(rng, n, config.height, config.width)
         ids, mask = _captions(tok, captions)
-        return {"latents": latents_of(labels), "ids": ids, "mask": mask}
+        return {"latents": latents_of(labels, 1 + 4 * (latent_frames - 1)), "ids": ids, "mask": mask}
+
+    def clips(step):  # (batch, latent frames) of the step
+        return stage.clips(step, config.latent_frames, config.dit_latent_frames)
 
     if config.latent_pool:
         pool = _latent_pool(config, out / "teacher" / "latent_pool.npz", fresh, progress)  # goes with a stale teacher
-        take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
+
+        @functools.partial(jax.jit, static_argnums=2)
+        def take(pool, idx, latent_frames):  # the first latent_frames of each clip: its shorter clip's latents
+            return {**jax.tree.map(lambda a: a[idx], pool), "latents": pool["latents"][idx, :latent_frames]}
 
         def next_batch(step):
-            idx = _stage_rng(config, "teacher", step).integers(0, config.latent_pool, stage.batch_size)
-            return take(pool, jnp.asarray(idx))
+            batch, latent_frames = clips(step)
+            idx = _stage_rng(config, "teacher", step).integers(0, config.latent_pool, batch)
+            return take(pool, jnp.asarray(idx), latent_frames)
     else:
 
         def next_batch(step):
-            return fresh(_stage_rng(config, "teacher", step), stage.batch_size)
+            return fresh(_stage_rng(config, "teacher", step), *clips(step))
 
     rounds = []
     if extend:
@@ -602,11 +636,15 @@ def train_student(
     del trajectories, texts
     stage = config.student_stage
     trainer = Trainer(OdeRegression(dit, record_sigmas(inference), clean_context=True, **config.window), stage.optimizer())
-    take = jax.jit(lambda pool, idx: jax.tree.map(lambda a: a[idx], pool))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def take(pool, idx, latent_frames):  # a streamed trajectory's first frames: the shorter clip's trajectory
+        return {"trajectory": pool["trajectory"][idx, :, :latent_frames], "text": pool["text"][idx]}
 
     def next_batch(step):
-        idx = _stage_rng(config, "student", step).integers(0, config.trajectories, stage.batch_size)
-        return take(pool, jnp.asarray(idx))
+        batch, latent_frames = stage.clips(step, config.latent_frames, config.dit_latent_frames)
+        idx = _stage_rng(config, "student", step).integers(0, config.trajectories, batch)
+        return take(pool, jnp.asarray(idx), latent_frames)
 
     rounds, init = [], dit_params
     if extend:
@@ -747,7 +785,7 @@ def run_recipe(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(config.to_json()):
+    if saved.exists() and RecipeConfig.from_dict(json.loads(saved.read_text())) != config:  # fields added since: defaults
         raise ValueError(f"{out} holds a recipe run with another config ({saved}); use a new folder")
     _write_json(saved, config.to_dict())
     deadline = None if budget_s is None else time.time() + budget_s
