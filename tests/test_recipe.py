@@ -109,114 +109,85 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:prompt truncated")
-def test_recipe_trains_clips_past_the_window_and_exports_it(tmp_path):
+def test_recipe_trains_clips_past_the_window_and_exports_it(tmp_path, monkeypatch):
     """train_frames longer than the default video under a rolling view (6 latent frames, a 3-frame
     sink: the clips' third chunk sees the sink, a gap, then itself): the teacher's latent pool holds
     clips of train_frames and is kept for a resumed process (not encoded again), the student's
-    trajectories are as long, and the export carries the window the pipeline then rolls over."""
-    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+    trajectories are as long, and the export carries the window the pipeline then rolls over.
+    long_every 2 with short_batch_size 3 mixes the lengths: the teacher's and student's odd steps
+    train on train_frames clips at batch_size, the even ones on the first `frames` of pool clips at
+    short_batch_size; those crops are what the shorter clips give: the streamed trajectory of the
+    noise's first chunk (float32, 1e-5; for the causal VAE's latents of a clip's first frames,
+    `test_vae_encoder.test_chunks_equal_the_whole_encode`)."""
+    import jax
+    import jax.numpy as jnp
 
+    from causal_dit_jax.app.pipeline import TextToVideoPipeline
+    from causal_dit_jax.train import trainer as trainer_module
+    from causal_dit_jax.train.distill import causal_ode_trajectory
+    from causal_dit_jax.train.recipe import _teacher_from
+
+    mixed = {"steps": 4, "long_every": 2, "short_batch_size": 3}
     long = {
         **TOY,
-        "train_frames": 33,
+        "train_frames": 21,
         "local_attn_size": 6,
         "sink_size": 3,
         "decoder_stage": {**TOY["decoder_stage"], "steps": 1},
+        "teacher_stage": {**TOY["teacher_stage"], **mixed},
+        "student_stage": {**TOY["student_stage"], **mixed},
         "dmd_stage": {**TOY["dmd_stage"], "steps": 0},
     }
     config = RecipeConfig.from_dict(long)
-    assert config.dit_latent_frames == 9 and config.latent_frames == 3
+    assert config.dit_latent_frames == 6 and config.latent_frames == 3
+    assert [config.teacher_stage.clips(s, 3, 6) for s in range(4)] == [(3, 3), (2, 6), (3, 3), (2, 6)]
+    seen = {"latents": [], "trajectory": []}  # the DiT stages' batch shapes, step by step
+    step = trainer_module.Trainer.step
+
+    def recording(self, state, batch):
+        for key in seen.keys() & batch.keys():
+            seen[key].append(batch[key].shape)
+        return step(self, state, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording)
     out = tmp_path / "run"
     run_recipe(config, out, stages=("vae",), progress=False)
-    with pytest.raises(StageStopped, match="teacher stopped at step 1 of 3"):
+    with pytest.raises(StageStopped, match="teacher stopped at step 1 of 4"):
         run_recipe(config, out, stages=("teacher",), budget_s=0.0, progress=False)
     pool = out / "teacher" / "latent_pool.npz"
     with np.load(pool) as saved:
-        assert saved["latents"].shape == (8, 9, 2, 4, 16) and saved["ids"].shape[0] == 8
+        assert saved["latents"].shape == (8, 6, 2, 4, 16) and saved["ids"].shape[0] == 8
     built = pool.stat().st_mtime_ns
     report = run_recipe(config, out, progress=False)
     assert pool.stat().st_mtime_ns == built  # read back, not encoded again
-    assert report["teacher"]["steps"] == 3 and report["student"]["steps"] == 3
+    assert report["teacher"]["steps"] == 4 and report["student"]["steps"] == 4
+    assert [s[:2] for s in seen["latents"]] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # b f; the stopped step, then resumed
+    assert [(s[0], s[2]) for s in seen["trajectory"]] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # [b, steps, f, ...]
+
+    dit, t5, dit_params, text_params = _teacher_from(out, config)
+    text = dit.encode_text(dit_params, t5.text_context(text_params, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), bool)))
+    noise = jax.random.normal(jax.random.key(1), (2, 6, 2, 4, 16))
+    whole = causal_ode_trajectory(dit, dit_params, noise, text, config.inference(), (1, 1, 1, 2))
+    first = causal_ode_trajectory(dit, dit_params, noise[:, :3], text, config.inference(), (1, 1, 1, 2))
+    np.testing.assert_allclose(whole[:, :, :3], first, atol=1e-5)
     meta = json.loads((out / "embedded" / "config.json").read_text())
     assert meta["rolling"] == {"local_attn_size": 6, "sink_size": 3}
     pipe = TextToVideoPipeline.from_embedded(out / "embedded")
     assert (pipe.inference.local_attn_size, pipe.inference.sink_size) == (6, 3)
     video = pipe.generate("a red circle moving left", seed=0, frames=33)
     assert video.shape == (1, 33, 16, 32, 3)
+    with pytest.raises(ValueError, match="set train_frames longer than frames"):
+        RecipeConfig.from_dict({**TOY, "teacher_stage": {**TOY["teacher_stage"], "long_every": 2}})
+    with pytest.raises(ValueError, match="decoder_stage has one clip length"):
+        RecipeConfig.from_dict({**TOY, "decoder_stage": {**TOY["decoder_stage"], "short_batch_size": 2}})
+    with pytest.raises(ValueError, match="long_every must be a positive int"):
+        RecipeConfig.from_dict({**long, "student_stage": {**TOY["student_stage"], "long_every": 0}})
     with pytest.raises(ValueError, match="must be at least frames"):
         RecipeConfig.from_dict({**TOY, "train_frames": 5})
     with pytest.raises(ValueError, match="must be 1 \\+ 4k"):
         RecipeConfig.from_dict({**TOY, "train_frames": 35})
     with pytest.raises(ValueError, match="must hold a block"):
         RecipeConfig.from_dict({**TOY, "local_attn_size": 4, "sink_size": 3})
-
-
-@pytest.mark.filterwarnings("ignore:prompt truncated")
-def test_the_dit_stages_mix_long_clips_with_their_first_frames(tmp_path, monkeypatch):
-    """long_every 2 with short_batch_size 3: the teacher's and student's odd steps train on train_frames
-    clips at batch_size, the even ones on the first `frames` of pool clips at short_batch_size; those
-    crops are what the shorter clips give: the causal VAE's latents of the clip's first 9 frames and
-    the streamed trajectory of the noise's first chunk (float32, 1e-5)."""
-    import jax
-    import jax.numpy as jnp
-
-    from causal_dit_jax.train import trainer as trainer_module
-    from causal_dit_jax.train.distill import causal_ode_trajectory
-    from causal_dit_jax.train.procedural import draw_labels, render_batch
-    from causal_dit_jax.train.recipe import _teacher_from, _vae_from
-
-    mixed = {"long_every": 2, "short_batch_size": 3, "steps": 4}
-    config = RecipeConfig.from_dict(
-        {
-            **TOY,
-            "train_frames": 21,
-            "local_attn_size": 6,
-            "sink_size": 3,
-            "teacher_stage": {**TOY["teacher_stage"], **mixed},
-            "student_stage": {**TOY["student_stage"], **mixed},
-            "dmd_stage": {**TOY["dmd_stage"], "steps": 0},
-        }
-    )
-    assert [config.teacher_stage.clips(s, 3, 6) for s in range(4)] == [(3, 3), (2, 6), (3, 3), (2, 6)]
-    seen = []
-    step = trainer_module.Trainer.step
-
-    def recording(self, state, batch):
-        key = next((k for k in ("latents", "trajectory") if k in batch), None)  # the VAE's batches: frames
-        seen.append(tuple(batch[key].shape[:3]) if key else None)
-        return step(self, state, batch)
-
-    monkeypatch.setattr(trainer_module.Trainer, "step", recording)
-    out = tmp_path / "run"
-    report = run_recipe(config, out, stages=("vae", "teacher", "student"), progress=False)
-    assert report["teacher"]["steps"] == 4 and report["student"]["steps"] == 4
-    teacher, student = seen[-8:-4], seen[-4:]
-    assert [s[:2] for s in teacher] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # b f of the latents
-    assert [(s[0], s[2]) for s in student] == [(3, 3), (2, 6), (3, 3), (2, 6)]  # b, f of [b, steps, f, ...]
-    for name in ("teacher", "student"):
-        rows = [json.loads(r) for r in (out / name / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-
-    _, encoder, _, vae_params = _vae_from(out)
-    labels, _ = draw_labels(np.random.default_rng(5), 2, 16, 32)
-
-    def latents(frames):
-        clip = render_batch(labels, frames, 16, 32)
-        return encoder.encode_chunk(vae_params["encoder"], clip, encoder.init_encode_cache(2, 16, 32))[0]
-
-    np.testing.assert_allclose(latents(21)[:, :3], latents(9), atol=1e-5)
-    dit, t5, dit_params, text_params = _teacher_from(out, config)
-    text = dit.encode_text(dit_params, t5.text_context(text_params, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), bool)))
-    noise = jax.random.normal(jax.random.key(1), (2, 6, 2, 4, 16))
-    long = causal_ode_trajectory(dit, dit_params, noise, text, config.inference(), (1, 1, 1, 2))
-    short = causal_ode_trajectory(dit, dit_params, noise[:, :3], text, config.inference(), (1, 1, 1, 2))
-    np.testing.assert_allclose(long[:, :, :3], short, atol=1e-5)
-    with pytest.raises(ValueError, match="set train_frames longer than frames"):
-        RecipeConfig.from_dict({**TOY, "teacher_stage": {**TOY["teacher_stage"], "long_every": 2}})
-    with pytest.raises(ValueError, match="decoder_stage has one clip length"):
-        RecipeConfig.from_dict({**TOY, "decoder_stage": {**TOY["decoder_stage"], "short_batch_size": 2}})
-    with pytest.raises(ValueError, match="long_every must be a positive int"):
-        RecipeConfig.from_dict({**TOY, "train_frames": 21, "student_stage": {**TOY["student_stage"], "long_every": 0}})
 
 
 def _sample_strip():
