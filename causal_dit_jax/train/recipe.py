@@ -473,7 +473,7 @@ def train_teacher(
 
         @functools.partial(jax.jit, static_argnums=2)
         def take(pool, idx, latent_frames):  # the first latent_frames of each clip: its shorter clip's latents
-            return {**jax.tree.map(lambda a: a[idx], pool), "latents": pool["latents"][idx, :latent_frames]}
+            return {"latents": pool["latents"][idx, :latent_frames], "ids": pool["ids"][idx], "mask": pool["mask"][idx]}
 
         def next_batch(step):
             batch, latent_frames = clips(step)
