@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from dit_fixtures import SMALL, save_self_forcing_pt, torch_model
+from xla_flags import cpu_flags
 
 from causal_dit_jax.app.cli import build_parser, main
 from causal_dit_jax.model.dit import load_dit
@@ -174,7 +175,7 @@ def test_bench_cli_sequence_parallel(tmp_path, decode_devices):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**os.environ, "XLA_FLAGS": cpu_flags(8)},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -229,7 +230,7 @@ def test_multi_gpu_benchmark_script(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env={**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": cpu_flags(4)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
@@ -332,13 +333,7 @@ def test_generate_refuses_bad_input_in_one_line(args, parts, tmp_path):
     before = _listing(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = _run_cli(
-        "generate",
-        "--prompt",
-        "a red fox",
-        "--out",
-        str(tmp_path / "new.mp4"),
-        *args,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        "generate", "--prompt", "a red fox", "--out", str(tmp_path / "new.mp4"), *args, env={"XLA_FLAGS": cpu_flags(2)}
     )
     _assert_one_line_error(proc, "generate", *(p.replace("{tmp}", str(tmp_path)) for p in parts))
     assert "UNTRAINED" not in proc.stdout  # no model was built
