@@ -9,7 +9,8 @@ direction, background) and scored against its prompt; prints a table of accuraci
 or a checkpoint folder written by `causal-dit convert` or training; repeat it to compare models. Two
 references bound what a model can score: 'rendered' (the prompt's own clip, drawn by the procedural
 world: the reader's accuracy) and 'vae' (that clip through the embedded default's VAE, encoded and
-decoded: the most a DiT generating in its latent space can show).
+decoded: the most a DiT generating in its latent space can show; 'vae:FOLDER' through an exported
+model folder's VAE).
 The JSON: {"device", "date", "settings": {...}, "results": {model: {"accuracy", "pairs", "records"}}}.
 """
 
@@ -27,7 +28,8 @@ from causal_dit_jax.bench.prompt_following import evaluate, format_table, pipeli
 def load_generate(model: str, inference):
     """The `generate(prompts, seed, frames, height, width)` a --model value names: 'embedded' (the
     shipped model), 'random' (the random-weights demo: chance), a folder the recipe exported
-    (embedded/), a converted checkpoint folder, or 'teacher:RUN' (the recipe run RUN's many-step
+    (embedded/), a converted checkpoint folder, 'rendered' / 'vae' / 'vae:FOLDER' (the references),
+    or 'teacher:RUN' (the recipe run RUN's many-step
     teacher: its guided streamed ODE, what the 4-step model was distilled from; `inference` unused)."""
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
 
@@ -38,6 +40,11 @@ def load_generate(model: str, inference):
         if not (run / "recipe.json").is_file():
             raise ValueError(f"--model {model!r}: {run} is not a recipe run folder (no recipe.json)")
         return teacher_generate(RecipeConfig.from_file(run / "recipe.json"), run)
+    if model.startswith("vae:"):
+        folder = pathlib.Path(model.split(":", 1)[1]).expanduser()
+        if not (folder / "vae.npz").is_file():
+            raise ValueError(f"--model {model!r}: {folder} is not an exported model folder (no vae.npz)")
+        return reference_generate(TextToVideoPipeline.from_embedded(folder, inference=inference))
     if model in ("rendered", "vae"):
         return reference_generate(TextToVideoPipeline.embedded_default(inference=inference) if model == "vae" else None)
     if model == "embedded":
@@ -98,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model",
         action="append",
         required=True,
-        help="'embedded', 'random', 'rendered', 'vae', 'teacher:RUN', or a model folder; repeatable",
+        help="'embedded', 'random', 'rendered', 'vae', 'vae:FOLDER', 'teacher:RUN', or a model folder; repeatable",
     )
     ap.add_argument("--pairs", type=int, default=48, help="prompts (balanced over every attribute)")
     ap.add_argument("--seed", type=int, default=0, help="draws the prompts and their seeds")

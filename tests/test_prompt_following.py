@@ -248,3 +248,23 @@ def test_script_references_rendered_and_through_the_vae():
     assert through.shape == clips.shape == (4, 17, 128, 192, 3) and through.dtype == np.uint8
     assert np.mean(np.abs(through.astype(np.float32) - clips)) < 12
     assert [read_clip(v)["colour"] for v in through] == [p.labels.colour for p in pairs]
+    package = ROOT / "causal_dit_jax" / "embedded_default"
+    named = script.load_generate(f"vae:{package}", InferenceConfig())(prompts, 3, 17, 128, 192)
+    np.testing.assert_array_equal(named, through)  # an exported folder's VAE: here the package's own
+    with pytest.raises(ValueError, match="not an exported model folder"):
+        script.load_generate(f"vae:{ROOT / 'recipes'}", InferenceConfig())
+
+
+def test_vae_long_drift_script_reads_each_window(tmp_path):
+    """benchmarks/vae_long_drift.py on the embedded default within the clip length it trained on
+    (25 frames, 4 pairs, windows of 8): every window of the round trip reads as its prompt's colour
+    (`read_clip`, exact); the JSON holds the same table; a clip shorter than a window is refused."""
+    spec = importlib.util.spec_from_file_location("vae_long_drift", ROOT / "benchmarks" / "vae_long_drift.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "drift.json"
+    result = script.main(["--pairs", "4", "--frames", "25", "--window", "8", "--json", str(out)])
+    assert result["colour_by_window"] == {"0": 1.0, "8": 1.0, "16": 1.0}  # three whole windows of 8 in 25 frames
+    assert json.loads(out.read_text())["colour_by_window"] == result["colour_by_window"]
+    with pytest.raises(SystemExit):
+        script.main(["--frames", "21", "--window", "32"])

@@ -27,6 +27,8 @@ TOY = {
     "log_every": 1,
     "vae_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
     "decoder_stage": {"steps": 2, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 1},
+    "decoder_long_frames": 17,
+    "decoder_long_stage": {"steps": 2, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 1},
     "teacher_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1, "scan_unroll": 2},
     "student_stage": {"steps": 3, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1, "scan_unroll": 2},
     "dmd_stage": {"steps": 2, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 1},
@@ -40,8 +42,14 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
 
     config = RecipeConfig.from_dict(TOY)
     out = tmp_path / "run"
-    report = run_recipe(config, out, stages=("vae", "decoder", "teacher"), progress=False)
-    assert report["vae"]["steps"] == 3 and report["decoder"]["steps"] == 2 and report["teacher"]["steps"] == 3
+    report = run_recipe(config, out, stages=("vae", "decoder"), progress=False)
+    assert report["vae"]["steps"] == 3 and report["decoder"]["steps"] == 2
+    decoder = (out / "vae.npz").read_bytes()
+    report = run_recipe(config, out, stages=("vae", "decoder", "decoder_long", "teacher"), progress=False)
+    assert set(report) == {"decoder_long", "teacher"} and report["decoder_long"]["steps"] == 2
+    assert (out / "vae.npz").read_bytes() != decoder  # the long clips' round trained the decoder again
+    assert json.loads((out / "decoder_long.json").read_text()) == {"steps": 2, "frames": 17}
+    assert report["teacher"]["steps"] == 3
     vae = json.loads((out / "vae_config.json").read_text())["vae"]
     assert len(vae["latent_mean"]) == 16 and vae["latent_std"] != [1.0] * 16  # its own statistics
 
@@ -72,8 +80,9 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         "student": 3,
         "rounds": {"decoder": [2], "teacher": [3], "student": [3]},
         "dmd": 2,
+        "decoder_long": 2,
     }
-    assert set(meta["stage_seconds"]) == {"vae", "decoder", "teacher", "student", "dmd"}
+    assert set(meta["stage_seconds"]) == {"vae", "decoder", "decoder_long", "teacher", "student", "dmd"}
     assert all(t > 0 for t in meta["stage_seconds"].values())
     assert meta["default_size"] == {"frames": 9, "height": 16, "width": 32}
     assert meta["sampling"] == {"timestep_shift": 2.0}
@@ -99,7 +108,7 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
     assert "resumed" not in capsys.readouterr().out  # from the new teacher, not the stale checkpoints
     assert (out / "teacher_dit.npz").read_bytes() != before
     report = run_recipe(config, out, extend=("decoder",), progress=False)
-    assert set(report) == {"decoder", "export"} and report["decoder"]["rounds"] == [2, 2]  # the DiT's stages stay
+    assert set(report) == {"decoder", "decoder_long", "export"} and report["decoder"]["rounds"] == [2, 2]  # the DiT's stay
     rounds = json.loads((out / "embedded" / "config.json").read_text())["steps_run"]["rounds"]
     assert rounds == {"decoder": [2, 2], "teacher": [3, 3], "student": [3]}
     with pytest.raises(ValueError, match="extend, not"):
@@ -204,6 +213,10 @@ def _sample_strip():
 def test_bad_recipes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must be 1 \\+ 4k"):
         RecipeConfig.from_dict({**TOY, "frames": 10})
+    with pytest.raises(ValueError, match="decoder_long_frames \\(9\\) must be 1 \\+ 4k and longer than frames"):
+        RecipeConfig.from_dict({**TOY, "decoder_long_frames": 9})
+    with pytest.raises(ValueError, match="decoder_long_stage has one clip length"):
+        RecipeConfig.from_dict({**TOY, "decoder_long_stage": {**TOY["decoder_long_stage"], "long_every": 2}})
     with pytest.raises(ValueError, match="multiples of 16"):
         RecipeConfig.from_dict({**TOY, "width": 40})
     with pytest.raises(ValueError, match="unknown RecipeConfig fields"):

@@ -7,6 +7,10 @@ Stages, each resumable from its own Orbax checkpoints and finished by a result f
   decoder  the decoder alone on full-length clips, the encoder frozen (`DecoderObjective`): a causal
            decoder trained on 9 frames never reaches its caches' steady state, and drifts after them;
            the latents do not change, so the DiT's stages need not wait for it -> vae.npz, decoder.json
+  decoder_long  another decoder round on decoder_long_frames clips, several times the default video:
+           the rolling cache streams past the trained length, and a decoder that only saw `frames`
+           drifts over a long stream (its colours warm); decoder_long_stage.steps 0 skips it
+           -> vae.npz, decoder_long.json
   teacher  teacher forcing on the VAE's latents, the umT5 encoder trained jointly through the loss
            with caption dropout (`train/text_conditioning.py`) -> teacher_dit.npz, text.npz
   student  a pool of the teacher's streamed ODE trajectories with classifier-free guidance
@@ -38,14 +42,16 @@ import numpy as np
 
 from causal_dit_jax.model.config import ConfigFields, InferenceConfig
 
-STAGES = ("vae", "decoder", "teacher", "student", "dmd", "export")
+STAGES = ("vae", "decoder", "decoder_long", "teacher", "student", "dmd", "export")
+STAGE_SEEDS = {"vae": 0, "decoder": 1, "teacher": 2, "student": 3, "dmd": 4, "export": 5, "decoder_long": 6}  # data streams
 DEPENDS = {  # the stages whose results each stage is made from
     "vae": (),
     "decoder": ("vae",),
+    "decoder_long": ("decoder",),
     "teacher": ("vae",),
     "student": ("teacher",),
     "dmd": ("student",),
-    "export": ("vae", "decoder", "teacher", "student", "dmd"),
+    "export": ("vae", "decoder", "decoder_long", "teacher", "student", "dmd"),
 }
 
 
@@ -112,7 +118,9 @@ class RecipeConfig(ConfigFields):
     learn what a rolling cache shows past it; local_attn_size / sink_size: that rolling view in latent
     frames (Self-Forcing's; -1 / 0: every earlier frame), trained by teacher forcing and the student's
     regression, used by the teacher's trajectories and exported as the model's window; dit / text /
-    vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); latent_pool: clips encoded
+    vae: preset names; vae_frames: the autoencoder's clip length (1 + 4k); decoder_long_frames: the
+    decoder_long stage's clips (1 + 4k, longer than frames; its decoder_long_stage.steps 0: no such
+    round); latent_pool: clips encoded
     once for the teacher (0: fresh clips every step);
     trajectories: the distillation pool, drawn trajectory_batch at a time with ode_steps Euler steps
     per segment of the 4-step schedule and guidance_scale. timestep_shift: the flow-matching schedule's
@@ -144,6 +152,8 @@ class RecipeConfig(ConfigFields):
     log_every: int = 50
     vae_stage: StageConfig = StageConfig(steps=1500, batch_size=16, learning_rate=1e-3, ema_decay=0.99)
     decoder_stage: StageConfig = StageConfig(steps=1000, batch_size=8, learning_rate=5e-4, ema_decay=0.99)
+    decoder_long_frames: int = 129
+    decoder_long_stage: StageConfig = StageConfig(steps=0, batch_size=2, learning_rate=2e-4, warmup_steps=20, ema_decay=0.99)
     teacher_stage: StageConfig = StageConfig(steps=4000, batch_size=32, learning_rate=3e-4)
     student_stage: StageConfig = StageConfig(steps=2000, batch_size=32, learning_rate=1e-4, warmup_steps=50)
     dmd_stage: StageConfig = StageConfig(steps=0, batch_size=16, learning_rate=2e-5, warmup_steps=20, ema_decay=0.99)
@@ -153,13 +163,17 @@ class RecipeConfig(ConfigFields):
 
     def __post_init__(self):
         object.__setattr__(self, "ode_steps", tuple(int(n) for n in self.ode_steps))
-        for name in ("vae_stage", "decoder_stage", "teacher_stage", "student_stage", "dmd_stage"):
+        for name in ("vae_stage", "decoder_stage", "decoder_long_stage", "teacher_stage", "student_stage", "dmd_stage"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, StageConfig.from_dict(value))
         if (self.frames - 1) % 4 or (self.vae_frames - 1) % 4 or (self.dit_frames - 1) % 4:
             raise ValueError(
                 f"frames ({self.frames}), train_frames ({self.train_frames}) and vae_frames ({self.vae_frames}) must be 1 + 4k"
+            )
+        if self.decoder_long_stage.steps and ((self.decoder_long_frames - 1) % 4 or self.decoder_long_frames <= self.frames):
+            raise ValueError(
+                f"decoder_long_frames ({self.decoder_long_frames}) must be 1 + 4k and longer than frames ({self.frames})"
             )
         if self.dit_frames < self.frames:
             raise ValueError(f"train_frames ({self.train_frames}) must be at least frames ({self.frames})")
@@ -168,10 +182,10 @@ class RecipeConfig(ConfigFields):
         check_window(InferenceConfig().frames_per_chunk, self.local_attn_size, self.sink_size)  # before the sampler's own check
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
-        for name in ("vae_stage", "decoder_stage"):
+        for name in ("vae_stage", "decoder_stage", "decoder_long_stage"):
             if getattr(self, name).scan_unroll != 1:
                 raise ValueError(f"{name}.scan_unroll must be 1: the VAE has no layer loop (the DiT stages' setting)")
-        for name in ("vae_stage", "decoder_stage", "dmd_stage"):
+        for name in ("vae_stage", "decoder_stage", "decoder_long_stage", "dmd_stage"):
             stage = getattr(self, name)
             if stage.long_every != 1 or stage.short_batch_size is not None:
                 raise ValueError(f"{name} has one clip length: long_every and short_batch_size are the teacher's and student's")
@@ -235,7 +249,7 @@ class StageStopped(Exception):
 
 
 def _stage_rng(config: RecipeConfig, stage: str, step: int) -> np.random.Generator:
-    return np.random.default_rng([config.seed, STAGES.index(stage), step])
+    return np.random.default_rng([config.seed, STAGE_SEEDS[stage], step])
 
 
 def _run_stage(
@@ -372,6 +386,30 @@ def train_decoder(
 ) -> dict:
     """The decoder fine-tune on `frames`-frame clips (decoder_stage) -> vae.npz's decoder, decoder.json
     (extend: another round from the fine-tuned decoder)."""
+    rounds = _rounds(out, "decoder") if extend else []
+    name = "decoder" if not rounds else f"decoder_round{len(rounds) + 1}"
+    steps = _decoder_round(config, out, name, "decoder", config.decoder_stage, config.frames, deadline, finish_early, progress)
+    rounds = [*rounds, steps]
+    _write_json(out / "decoder.json", {"steps": sum(rounds), "rounds": rounds})
+    return {"steps": steps, "rounds": rounds}
+
+
+def train_decoder_long(config: RecipeConfig, out: pathlib.Path, deadline=None, finish_early=False, progress=True) -> dict:
+    """The decoder's round on decoder_long_frames clips (decoder_long_stage), from the decoder stage's
+    result -> vae.npz's decoder, decoder_long.json; steps 0: decoder_long.json alone."""
+    stage = config.decoder_long_stage
+    steps = 0
+    if stage.steps:
+        steps = _decoder_round(
+            config, out, "decoder_long", "decoder_long", stage, config.decoder_long_frames, deadline, finish_early, progress
+        )
+    _write_json(out / "decoder_long.json", {"steps": steps, "frames": config.decoder_long_frames})
+    return {"steps": steps}
+
+
+def _decoder_round(config, out, name, stream, stage: StageConfig, frames: int, deadline, finish_early, progress) -> int:
+    """Train vae.npz's decoder on `frames`-frame clips for `stage` (checkpoints in out/name, batches
+    from the `stream` stage's data seed), the encoder frozen; write the EMA decoder back; its steps."""
     from causal_dit_jax.param_archive import save_params
     from causal_dit_jax.train.autoencoder import AutoencoderConfig, DecoderObjective
     from causal_dit_jax.train.procedural import draw_labels, render_batch
@@ -379,23 +417,18 @@ def train_decoder(
 
     vae, _, _, params = _vae_from(out)
     objective = DecoderObjective(vae.replace(per_frame_stages=0), params["encoder"], AutoencoderConfig(kl_weight=0.0))
-    stage = config.decoder_stage
     trainer = Trainer(objective, stage.optimizer())
-    render = jax.jit(lambda labels: render_batch(labels, config.frames, config.height, config.width))
+    render = jax.jit(lambda labels: render_batch(labels, frames, config.height, config.width))  # [B, frames, H, W, 3]
 
     def next_batch(step):
-        labels, _ = draw_labels(_stage_rng(config, "decoder", step), stage.batch_size, config.height, config.width)
+        labels, _ = draw_labels(_stage_rng(config, stream, step), stage.batch_size, config.height, config.width)
         return {"frames": render(labels)}
 
-    rounds = _rounds(out, "decoder") if extend else []
-    name = "decoder" if not rounds else f"decoder_round{len(rounds) + 1}"
     state, steps = _run_stage(
         name, out, trainer, {"decoder": params["decoder"]}, next_batch, stage, config, deadline, finish_early, progress
     )
     save_params(out / "vae.npz", {"encoder": params["encoder"], "decoder": state["ema"]["decoder"]})
-    rounds = [*rounds, steps]
-    _write_json(out / "decoder.json", {"steps": sum(rounds), "rounds": rounds})
-    return {"steps": steps, "rounds": rounds}
+    return steps
 
 
 def _vae_from(out: pathlib.Path):
@@ -744,6 +777,8 @@ def export(
     steps |= {s: json.loads((out / f"{s}.json").read_text())["steps"] for s in ("decoder", "teacher", "student")}
     steps["rounds"] = {s: _rounds(out, s) for s in ("decoder", "teacher", "student")}
     steps["dmd"] = dmd_steps
+    long = out / "decoder_long.json"
+    steps["decoder_long"] = json.loads(long.read_text())["steps"] if long.exists() else 0
     meta = {
         "dit": dit_cfg.to_dict(),
         "t5": t5_cfg.to_dict(),
@@ -792,12 +827,20 @@ def run_recipe(
     done = {
         "vae": "vae.npz",
         "decoder": "decoder.json",
+        "decoder_long": "decoder_long.json",
         "teacher": "text.npz",
         "student": "student_dit.npz",
         "dmd": "dmd.json",
         "export": "embedded/config.json",
     }
-    runners = {"vae": train_vae, "decoder": train_decoder, "teacher": train_teacher, "student": train_student, "dmd": train_dmd}
+    runners = {
+        "vae": train_vae,
+        "decoder": train_decoder,
+        "decoder_long": train_decoder_long,
+        "teacher": train_teacher,
+        "student": train_student,
+        "dmd": train_dmd,
+    }
     report = {}
     for stage in stages:
         extending = stage in extend and (out / done[stage]).exists()
