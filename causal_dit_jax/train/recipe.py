@@ -906,6 +906,8 @@ __all__ = [
     "run_recipe",
     "stage_seconds",
     "teacher_generate",
+    "train_decoder",
+    "train_decoder_long",
     "train_dmd",
     "train_student",
     "train_teacher",
