@@ -137,7 +137,9 @@ def test_the_page_plays_follows_a_switch_stops_and_starts_again(context, server)
     assert received(page) < FRAMES and page.is_enabled("#start") and not page.is_enabled("#stop")
     page.click("#start")
     wait_state(page, "done")
-    assert received(page) == FRAMES and colour(canvas(page)) == "red"
+    assert received(page) == FRAMES
+    want = embedded_pipeline().generate(RED, FRAMES, seed=0)[0][-1].astype(np.float32)
+    assert np.abs(canvas(page).astype(np.float32) - want).mean() < 8  # the stream's last frame, through JPEG
     assert not page.errors and page.is_hidden("#error")
 
 
