@@ -115,6 +115,8 @@ def test_recipe_stages_resume_extend_and_export(tmp_path, capsys):
         run_recipe(config, out, extend=("vae",))
     with pytest.raises(ValueError, match="extend, not"):
         run_recipe(config, out, extend=("dmd",))
+    with pytest.raises(ValueError, match="extend, not"):
+        run_recipe(config, out, extend=("decoder_long",))  # its one round follows the decoder's last
 
 
 @pytest.mark.filterwarnings("ignore:prompt truncated")

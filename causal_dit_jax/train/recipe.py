@@ -815,7 +815,7 @@ def run_recipe(
     unknown = [s for s in (*stages, *extend) if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected some of {list(STAGES)}")
-    if any(s in extend for s in ("vae", "dmd", "export")):
+    if any(s in extend for s in ("vae", "decoder_long", "dmd", "export")):
         raise ValueError(f"the decoder, teacher and student stages extend, not {list(extend)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
