@@ -22,7 +22,7 @@ import os
 import pathlib
 import tempfile
 
-from causal_dit_jax.bench.prompt_following import evaluate, format_table, pipeline_generate, prompt_pairs
+from causal_dit_jax.bench.prompt_following import evaluate, format_table, pipeline_generate, prompt_pairs, reference_generate
 
 
 def load_generate(model: str, inference):
@@ -57,21 +57,6 @@ def load_generate(model: str, inference):
     if (folder / "dit.npz").is_file():
         return pipeline_generate(TextToVideoPipeline.from_embedded(folder, inference=inference))
     return pipeline_generate(TextToVideoPipeline.from_checkpoint(folder, inference=inference))
-
-
-def reference_generate(pipe=None):
-    """A `generate` that draws each prompt's clip from its caption (seeded like a model's video); with a
-    pipeline, the clip goes through its VAE encoder and decoder."""
-    import numpy as np
-
-    from causal_dit_jax.train.procedural import ClipLabels, parse_caption, render_clip
-
-    def generate(prompts, seed, frames, height, width):
-        rng = np.random.default_rng(seed)
-        clips = np.stack([render_clip(ClipLabels(**parse_caption(p)), frames, height, width, rng) for p in prompts])
-        return clips if pipe is None else pipe.decode_latents(pipe.encode_frames(clips))
-
-    return generate
 
 
 def timesteps(text: str) -> tuple[int, ...]:

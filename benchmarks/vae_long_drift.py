@@ -26,9 +26,8 @@ def window_colours(video: np.ndarray, window: int) -> list[str | None]:
 
 def main(argv=None) -> dict:
     from causal_dit_jax.app.pipeline import TextToVideoPipeline
-    from causal_dit_jax.bench.prompt_following import prompt_pairs
+    from causal_dit_jax.bench.prompt_following import prompt_pairs, reference_generate
     from causal_dit_jax.bench.results import device_kind, utc_date
-    from causal_dit_jax.train.procedural import ClipLabels, parse_caption, render_clip
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="'embedded' or a model folder the recipe exported")
@@ -45,14 +44,12 @@ def main(argv=None) -> dict:
     by_seed = collections.defaultdict(list)
     for pair in prompt_pairs(args.pairs, 0):
         by_seed[pair.seed].append(pair)
+    round_trip = reference_generate(pipe)  # the rendered clips, encoded and decoded
     for seed, pairs in by_seed.items():
-        rng = np.random.default_rng(seed)  # as evaluate_prompt_following's 'rendered' draws them
-        labels = [ClipLabels(**parse_caption(p.prompt)) for p in pairs]
-        clips = np.stack([render_clip(lab, args.frames, height, width, rng) for lab in labels])  # [B, T, H, W, 3]
-        videos = pipe.decode_latents(pipe.encode_frames(clips))  # [B, T, H, W, 3]
-        for lab, video in zip(labels, videos):
+        videos = round_trip([p.prompt for p in pairs], seed, args.frames, height, width)  # [B, T, H, W, 3]
+        for pair, video in zip(pairs, videos):
             for i, got in enumerate(window_colours(video, args.window)):
-                right[i * args.window].append(got == lab.colour)
+                right[i * args.window].append(got == pair.labels.colour)
     table = {str(start): float(np.mean(v)) for start, v in sorted(right.items())}
     print(f"colour accuracy of the round trip by window of {args.window} frames (the window's first frame):")
     print("  " + "  ".join(f"{s:>3}: {100 * a:5.1f}%" for s, a in table.items()))

@@ -27,7 +27,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from causal_dit_jax.train.procedural import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SPEED, ClipLabels
+from causal_dit_jax.train.procedural import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SPEED,
+    ClipLabels,
+    parse_caption,
+    render_clip,
+)
 
 ATTRIBUTES = ("colour", "shape", "direction", "background")
 # Shape cuts of the fill ratio: triangle < 0.66 < circle < 0.86 < square (ideal 0.5, 0.785, 1.0). Blur rounds
@@ -205,6 +214,18 @@ def prompt_pairs(n: int = 48, seed: int = 0, per_seed: int = 8) -> list[PromptPa
 
 
 # ---------------------------------------------------------------------------------------- scoring
+def reference_generate(pipe=None) -> Generate:
+    """A `generate` that draws each prompt's clip from its caption (`render_clip`, seeded like a
+    model's video); with a pipeline, the clip goes through its VAE encoder and decoder."""
+
+    def generate(prompts: list[str], seed: int, frames: int, height: int, width: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        clips = np.stack([render_clip(ClipLabels(**parse_caption(p)), frames, height, width, rng) for p in prompts])
+        return clips if pipe is None else pipe.decode_latents(pipe.encode_frames(clips))
+
+    return generate
+
+
 def pipeline_generate(pipe) -> Generate:
     """A `generate(prompts, seed, frames, height, width) -> uint8 [B, F, H, W, 3]` from a
     `TextToVideoPipeline`."""
@@ -272,5 +293,6 @@ __all__ = [
     "pipeline_generate",
     "prompt_pairs",
     "read_clip",
+    "reference_generate",
     "shape_of",
 ]
