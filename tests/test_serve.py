@@ -205,6 +205,7 @@ def test_two_sessions_at_once_each_get_their_own_frames(server):
             run(c, prompt=prompt, seed=seed, frames=FRAMES)
             return [decode_jpeg(f) for f in c.frames]
 
+    server.wait_sessions(0)  # an earlier test's closed session is cleaned up asynchronously: both places free
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         a, b = pool.submit(session, RED, 3), pool.submit(session, BLUE, 4)
         a, b = np.stack(a.result(900)), np.stack(b.result(900))  # one device user: one after the other, on a busy CI
